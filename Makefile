@@ -1,0 +1,32 @@
+# heloco-p2p: environment, tests and the main job.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+
+# One pip command so the resolver sees the torch pin together with everything else:
+# - torch==2.13.0 takes the local CPU build; an unpinned torch pulls several GB of CUDA packages.
+# - numpy<2.4: hivemind 1.1.12 fails to decode its 8-bit compressions with numpy >= 2.4,
+#   and inside averaging that failure is silent.
+PINS := "torch==2.13.0" "numpy<2.4"
+
+.PHONY: venv test train clean-venv
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet $(PINS) -e ".[dev]"
+	touch $@
+
+test: venv
+	$(PY) -m pytest -q tests
+
+# Solo training of the tiny model on the built-in corpus (German Bible, Elberfelder 1932).
+TRAIN_OUT ?= runs/train-$(shell date +%Y%m%d-%H%M%S)
+train: venv
+	$(VENV)/bin/heloco-peer train --config configs/tiny.yaml --region de --max-steps 300 --out $(TRAIN_OUT)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,216 @@
+"""Run configuration: YAML files in configs/, validated by a schema at load time.
+
+A run config says which model to train, on which regional data, with which inner and outer
+optimizers. Every section forbids unknown keys and checks types and ranges, so a typo or an
+impossible value fails at load with the file, the key and what is allowed::
+
+    cfg = load_config("configs/tiny.yaml")
+    cfg.model.hidden_size, cfg.inner.lr, cfg.outer.optimizer
+
+Overrides use dotted keys: ``load_config(path, overrides={"inner.lr": 1e-3})``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+REPO_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message names the file and the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=False, validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """A LlamaForCausalLM shape. ``nominal_params`` is the size the config declares (embeddings
+    included); tests check the built model is within 20% of it."""
+
+    arch: Literal["llama"] = "llama"
+    nominal_params: int = Field(gt=0)
+    vocab_size: int = Field(4096, gt=0)
+    hidden_size: int = Field(gt=0)
+    intermediate_size: int = Field(gt=0)
+    num_layers: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    num_kv_heads: int | None = Field(None, gt=0)
+    max_seq_len: int = Field(512, gt=0)
+    tie_embeddings: bool = True
+    rope_theta: float = Field(10000.0, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        kv = self.num_kv_heads or self.num_heads
+        if self.num_heads % kv:
+            raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({kv})")
+        return self
+
+
+class DataConfig(_Section):
+    """Where each region's text comes from and how it is cut into token blocks.
+
+    ``regions`` maps a region name to a source spec (see heloco_p2p.data.sources):
+    ``bible:<lang>[:<translation>]``, ``files:<glob>`` or ``hf:<dataset>[:<config>]``.
+    A region not listed falls back to ``bible:<region>``.
+    """
+
+    tokenizer: str = "builtin"  # "builtin" (trained on the built-in corpus, cached) or a path
+    vocab_size: int = Field(4096, gt=256)
+    seq_len: int = Field(128, gt=1)
+    regions: dict[str, str] = Field(default_factory=dict)
+    val_blocks: int = Field(32, gt=0)  # validation blocks per language (fixed, same every time)
+
+
+class InnerConfig(_Section):
+    """The inner loop: AdamW (or bitsandbytes 8-bit AdamW), warmup + cosine, clipping."""
+
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    warmup_steps: int = Field(50, ge=0)
+    total_steps: int = Field(10_000, gt=0)  # horizon of the cosine schedule
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
+    batch_size: int = Field(16, gt=0)
+    steps_per_round: int = Field(50, gt=0)  # H
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: str = "auto"
+    threads: int = Field(0, ge=0)  # torch.set_num_threads; 0 leaves torch's default
+
+    @model_validator(mode="after")
+    def _betas_in_range(self) -> "InnerConfig":
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must each be in [0, 1), got {self.betas}")
+        if self.warmup_steps >= self.total_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < total_steps ({self.total_steps})")
+        return self
+
+
+class OuterConfig(_Section):
+    """The outer optimizer and the correction of incoming pseudo-gradients, chosen by name from
+    the registries in heloco_p2p.outer (e.g. ``optimizer: lookahead``, ``correction: heloco``).
+    ``optimizer_args`` / ``correction_args`` go to the chosen class and are checked against it."""
+
+    optimizer: str = "lookahead"
+    optimizer_args: dict[str, Any] = Field(default_factory=dict)
+    correction: str = "none"
+    correction_args: dict[str, Any] = Field(default_factory=dict)
+    dylu: bool = False
+    dylu_min_steps: int = Field(1, gt=0)
+
+
+class RunConfig(_Section):
+    name: str = "run"
+    model: ModelConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    inner: InnerConfig = Field(default_factory=InnerConfig)
+    outer: OuterConfig = Field(default_factory=OuterConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RunConfig":
+        if self.model.vocab_size != self.data.vocab_size:
+            raise ValueError(
+                f"model.vocab_size ({self.model.vocab_size}) must equal data.vocab_size ({self.data.vocab_size})"
+            )
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ValueError(f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
+        return self
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON of this config: part of a run's identity."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A path as given, or a bare name (``tiny``, ``tiny.yaml``) looked up in the repository's configs/."""
+    p = Path(path)
+    if p.exists():
+        return p
+    for candidate in (REPO_CONFIG_DIR / p.name, REPO_CONFIG_DIR / f"{p.name}.yaml"):
+        if candidate.exists():
+            return candidate
+    raise ConfigError(f"{path}: no such config file (also looked in {REPO_CONFIG_DIR})")
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for e in err.errors():
+        key = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (check the spelling; allowed keys are the fields of its section)")
+        else:
+            allowed = ""
+            ctx = e.get("ctx") or {}
+            if "expected" in ctx:
+                allowed = f" (allowed: {ctx['expected']})"
+            lines.append(f"  {key}: {e['msg']}{allowed}; got {e.get('input')!r}")
+    return "\n".join(lines)
+
+
+def config_from_dict(tree: dict, source: str = "<dict>") -> RunConfig:
+    """Validate a config tree; raise ConfigError naming ``source`` and each bad key."""
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source}: a config must be a mapping at the top level, got {type(tree).__name__}")
+    tree = _lists_to_tuples(tree)
+    try:
+        cfg = RunConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(source, err)) from None
+    _check_outer_names(cfg, source)
+    return cfg
+
+
+def _lists_to_tuples(tree: dict) -> dict:
+    # YAML has no tuples; strict mode would refuse a list where a pair is expected.
+    inner = tree.get("inner")
+    if isinstance(inner, dict) and isinstance(inner.get("betas"), list):
+        tree = {**tree, "inner": {**inner, "betas": tuple(inner["betas"])}}
+    return tree
+
+
+def _check_outer_names(cfg: RunConfig, source: str) -> None:
+    from heloco_p2p.outer import registry  # outer/ is pure math; importing it here is downward
+
+    try:
+        registry.check_args("optimizer", cfg.outer.optimizer, cfg.outer.optimizer_args)
+        registry.check_args("correction", cfg.outer.correction, cfg.outer.correction_args)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: outer.{exc}") from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Load and validate a YAML run config (see module docstring)."""
+    p = resolve_config_path(path)
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    for key, value in (overrides or {}).items():
+        _set_dotted(tree, key, value)
+    return config_from_dict(tree, source=str(p))

@@ -1,0 +1,217 @@
+"""Tables and plots for people: the simulator's results.md and its PNG figures.
+
+    write_sim_report("runs/sim-quick")   # reads results.json, curves.jsonl, commits.jsonl there
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no screen
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _mean_spread(values: list[float]) -> tuple[float, float]:
+    """Mean and half the range over seeds (0 for one seed)."""
+    mean = statistics.fmean(values)
+    return mean, (max(values) - min(values)) / 2 if len(values) > 1 else 0.0
+
+
+def _rel(baseline: float | None, value: float) -> str:
+    if baseline is None:
+        return "–"
+    return f"{100 * (baseline - value) / baseline:+.1f}%"
+
+
+def sim_table(results: dict) -> str:
+    """Markdown: algorithms as rows, heterogeneity levels as columns, one table per (data, budget),
+    with mean ± spread over seeds and the relative difference to async and sync DiLoCo
+    ((baseline − method)/baseline: positive means the method is better)."""
+    runs = results["runs"]
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    lrs: dict[tuple, float] = {}
+    for r in runs:
+        groups[(r["data"], r["budget"], r["algorithm"], r["heterogeneity"])].append(r["val_loss"]["mean"])
+        lrs[(r["data"], r["algorithm"], r["heterogeneity"])] = r.get("outer_lr")
+    algos = list(dict.fromkeys(r["algorithm"] for r in runs))
+    levels = list(dict.fromkeys(r["heterogeneity"] for r in runs))
+    out = []
+    for data in dict.fromkeys(r["data"] for r in runs):
+        for budget in ("tokens", "time"):
+            present = [h for h in levels if any((data, budget, a, h) in groups for a in algos)]
+            if not present:
+                continue
+            label = "fixed token budget" if budget == "tokens" else "fixed virtual wall-clock budget"
+            out.append(f"### {data}, {label}: mean validation loss over languages (± half-range over seeds)\n")
+            out.append("| algorithm | " + " | ".join(f"{h} | vs async | vs sync" for h in present) + " |")
+            out.append("|---|" + "---|---|---|" * len(present))
+            for a in algos:
+                cells = []
+                for h in present:
+                    vals = groups.get((data, budget, a, h))
+                    if not vals:
+                        cells += ["", "", ""]
+                        continue
+                    m, s = _mean_spread(vals)
+                    base_a = groups.get((data, budget, "async_diloco", h))
+                    base_s = groups.get((data, budget, "sync_diloco", h))
+                    lr = lrs.get((data, a, h))
+                    cells += [f"{m:.3f} ± {s:.3f} (lr {lr:g}, n={len(vals)})" if lr is not None else f"{m:.3f} ± {s:.3f}",
+                              _rel(statistics.fmean(base_a) if base_a else None, m),
+                              _rel(statistics.fmean(base_s) if base_s else None, m)]
+                out.append(f"| {a} | " + " | ".join(cells) + " |")
+            out.append("")
+    return "\n".join(out)
+
+
+def _plot_curves(curves: list[dict], out: Path) -> list[str]:
+    files = []
+    by_cell = defaultdict(lambda: defaultdict(list))
+    for c in curves:
+        by_cell[(c["heterogeneity"], c["data"])][c["algorithm"]].append(c)
+    for (het, data), algos in by_cell.items():
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        for algo, points in algos.items():
+            for ax, xkey in zip(axes, ("tokens", "virtual_seconds")):
+                seeds = defaultdict(list)
+                for p in points:
+                    seeds[p["seed"]].append(p)
+                for i, (seed, pts) in enumerate(sorted(seeds.items())):
+                    pts = sorted(pts, key=lambda p: p[xkey])
+                    ax.plot([p[xkey] for p in pts], [p["val_loss"]["mean"] for p in pts], marker="o", ms=3,
+                            label=algo if i == 0 else None, alpha=0.85,
+                            color=f"C{list(algos).index(algo) % 10}")
+        axes[0].set_xlabel("tokens processed")
+        axes[1].set_xlabel("virtual seconds")
+        for ax in axes:
+            ax.set_ylabel("mean validation loss")
+            ax.grid(alpha=0.3)
+        axes[1].legend(fontsize=8)
+        fig.suptitle(f"validation loss, heterogeneity={het}, data={data}")
+        fig.tight_layout()
+        name = f"loss_{het}_{data}.png"
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        files.append(name)
+    return files
+
+
+def _plot_per_language(runs: list[dict], out: Path) -> list[str]:
+    files = []
+    cells = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for r in runs:
+        if r["budget"] == "time":
+            for lang, v in r["val_loss"]["per_language"].items():
+                cells[(r["heterogeneity"], r["data"])][r["algorithm"]][lang].append(v)
+    for (het, data), algos in cells.items():
+        langs = sorted({lang for a in algos.values() for lang in a})
+        fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(langs) * len(algos) / 3), 4.5))
+        width = 0.8 / max(1, len(algos))
+        for i, (algo, per) in enumerate(algos.items()):
+            xs = [j + i * width for j in range(len(langs))]
+            ax.bar(xs, [statistics.fmean(per[lang]) for lang in langs], width=width, label=algo)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(langs))], langs)
+        ax.set_ylabel("validation loss at the time budget")
+        lo = min(statistics.fmean(v) for per in algos.values() for v in per.values())
+        ax.set_ylim(bottom=max(0.0, lo - 0.5))
+        ax.legend(fontsize=7, ncol=2)
+        ax.set_title(f"per-language loss, heterogeneity={het}, data={data}")
+        fig.tight_layout()
+        name = f"per_language_{het}_{data}.png"
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        files.append(name)
+    return files
+
+
+def _plot_staleness(commits: list[dict], out: Path) -> list[str]:
+    files = []
+    cells = defaultdict(lambda: defaultdict(list))
+    for c in commits:
+        if c["algorithm"] != "sync_diloco":
+            cells[(c["algorithm"], c["heterogeneity"], c["data"])][c["worker"]].append(c["staleness"])
+    wanted = [k for k in cells if k[0] in ("heloco", "async_diloco")]
+    for algo, het, data in wanted:
+        per_worker = cells[(algo, het, data)]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        top = max(max(v) for v in per_worker.values())
+        bins = range(0, top + 2)
+        for w, vals in sorted(per_worker.items()):
+            ax.hist(vals, bins=bins, alpha=0.5, label=f"worker {w}")
+        ax.set_xlabel("staleness τ (commits)")
+        ax.set_ylabel("commits")
+        ax.legend(fontsize=8)
+        ax.set_title(f"staleness, {algo}, heterogeneity={het}, {data}")
+        fig.tight_layout()
+        name = f"staleness_{algo}_{het}_{data}.png"
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        files.append(name)
+    return files
+
+
+def _plot_branches(commits: list[dict], out: Path) -> list[str]:
+    files = []
+    cells = defaultdict(list)
+    for c in commits:
+        if c.get("branches"):
+            cells[(c["algorithm"], c["heterogeneity"], c["data"])].append(c)
+    for (algo, het, data), cs in cells.items():
+        if not algo.startswith("heloco"):
+            continue
+        cs = sorted(cs, key=lambda c: c["t"])
+        names = sorted({b for c in cs for b in c["branches"]})
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+        ts = [c["t"] for c in cs]
+        for b in names:
+            axes[0].plot(ts, [c["branches"].get(b, 0) for c in cs], label=b, marker=".", lw=0.8)
+        axes[0].set_xlabel("virtual seconds")
+        axes[0].set_ylabel("tensors per commit")
+        axes[0].legend(fontsize=8)
+        axes[0].set_title("HeLoCo branch per tensor, per commit")
+        axes[1].scatter(ts, [c["cosine"] if c["cosine"] is not None else float("nan") for c in cs], s=6)
+        axes[1].axhline(0, color="grey", lw=0.8)
+        axes[1].set_xlabel("virtual seconds")
+        axes[1].set_ylabel("mean cosine(Δ, momentum)")
+        axes[1].set_title("alignment with the momentum")
+        fig.suptitle(f"{algo}, heterogeneity={het}, {data}")
+        fig.tight_layout()
+        name = f"branches_{algo}_{het}_{data}.png"
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        files.append(name)
+    return files
+
+
+def write_sim_report(out_dir: str | Path, command: str | None = None) -> Path:
+    """Write results.md and the PNG plots next to results.json; returns results.md's path."""
+    out = Path(out_dir)
+    results = json.loads((out / "results.json").read_text())
+    curves = _read_jsonl(out / "curves.jsonl")
+    commits = _read_jsonl(out / "commits.jsonl")
+    cfg = results["config"]
+    plots = (_plot_curves(curves, out) + _plot_per_language(results["runs"], out)
+             + _plot_staleness(commits, out) + _plot_branches(commits, out))
+    lines = [f"# Simulator results: {cfg['name']}", ""]
+    if command:
+        lines += [f"Command: `{command}`", ""]
+    lines += [f"Base config `{cfg['base']}` with overrides `{cfg['overrides']}`; workers/regions {cfg['regions']}; "
+              f"H={cfg['steps_per_round']}; seeds {cfg['seeds']}; token budget {cfg['token_budget']:,}; "
+              f"virtual time budget {cfg['time_budget']:g} s; wall time {results.get('wall_seconds', 0):.0f} s.", ""]
+    if cfg.get("lr_grid"):
+        lines += ["Outer learning rates were swept per algorithm on seed "
+                  f"{cfg['seeds'][0]} ({cfg['lr_grid']}); each algorithm is shown at its best lr.", ""]
+    lines += [sim_table(results), "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    path = out / "results.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

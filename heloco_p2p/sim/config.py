@@ -1,0 +1,114 @@
+"""Simulator configs (configs/sim-*.yaml): which algorithms, heterogeneity levels, data splits,
+seeds and budgets to run, on top of a base run config that gives the model and inner loop."""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from heloco_p2p.algorithms import ALGORITHMS, AlgorithmPreset
+from heloco_p2p.config import ConfigError, RunConfig, _format_errors, load_config, resolve_config_path
+
+# Relative step times (1 = the fastest worker) for 4 workers. moderate follows the Async
+# Local-SGD study (Liu et al. 2024); severe is one fast worker and three 15x slower ones.
+HETEROGENEITY_LEVELS: dict[str, list[float]] = {
+    "none": [1.0, 1.0, 1.0, 1.0],
+    "slight": [1.0, 1.1, 1.2, 1.4],
+    "moderate": [1.0, 1.3, 2.6, 5.7],
+    "very": [1.0, 2.0, 5.0, 10.0],
+    "severe": [1.0, 15.0, 15.0, 15.0],
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Experiment(_Strict):
+    """A grid block: every algorithm × heterogeneity level × data split listed here is run."""
+
+    algorithms: list[str]
+    heterogeneity: list[str]
+    data: list[Literal["non-iid", "iid"]] = ["non-iid"]
+
+
+class Variant(_Strict):
+    """A new algorithm name made from a built-in one with other arguments (for ablations)."""
+
+    base: str
+    optimizer_args: dict[str, Any] = Field(default_factory=dict)
+    correction_args: dict[str, Any] = Field(default_factory=dict)
+    dylu: bool | None = None
+
+
+class SimConfig(_Strict):
+    name: str
+    base: str  # run config giving model, data and inner loop, e.g. configs/tiny.yaml
+    overrides: dict[str, Any] = Field(default_factory=dict)  # dotted keys into the base config
+    regions: list[str] = Field(min_length=1)  # one worker per region
+    steps_per_round: int = Field(gt=0)  # H (DyLU scales it down for slower workers)
+    step_time: float = Field(1.0, gt=0)  # virtual seconds per inner step of the fastest worker
+    bandwidth: float | None = Field(None, gt=0)  # bytes per virtual second; None: free communication
+    experiments: list[Experiment] = Field(min_length=1)
+    heterogeneity_levels: dict[str, list[float]] = Field(default_factory=dict)
+    variants: dict[str, Variant] = Field(default_factory=dict)
+    seeds: list[int] = Field(min_length=1)
+    token_budget: int = Field(gt=0)
+    time_budget: float = Field(gt=0)  # virtual seconds
+    eval_points: int = Field(5, gt=0)
+    lr_grid: dict[str, list[float]] = Field(default_factory=dict)  # algorithm -> outer lrs to sweep on seeds[0]
+    processes: int = Field(2, gt=0)
+    threads_per_process: int = Field(1, gt=0)
+
+    @model_validator(mode="after")
+    def _names_exist(self) -> "SimConfig":
+        levels = self.levels()
+        algos = self.algorithms()
+        for exp in self.experiments:
+            for a in exp.algorithms:
+                if a not in algos:
+                    raise ValueError(f"experiments: unknown algorithm {a!r}; known: {', '.join(algos)}")
+            for h in exp.heterogeneity:
+                if h not in levels:
+                    raise ValueError(f"experiments: unknown heterogeneity {h!r}; known: {', '.join(levels)}")
+                if len(levels[h]) != len(self.regions):
+                    raise ValueError(f"heterogeneity {h!r} has {len(levels[h])} speeds but there are "
+                                     f"{len(self.regions)} regions (one worker per region)")
+                if min(levels[h]) < 1.0:
+                    raise ValueError(f"heterogeneity {h!r}: relative step times must be >= 1 (1 = the fastest)")
+        for a in self.lr_grid:
+            if a not in algos:
+                raise ValueError(f"lr_grid: unknown algorithm {a!r}")
+        return self
+
+    def levels(self) -> dict[str, list[float]]:
+        return {**HETEROGENEITY_LEVELS, **self.heterogeneity_levels}
+
+    def algorithms(self) -> dict[str, AlgorithmPreset]:
+        algos = dict(ALGORITHMS)
+        for name, v in self.variants.items():
+            if v.base not in ALGORITHMS:
+                raise ValueError(f"variants.{name}.base: unknown algorithm {v.base!r}; known: {', '.join(ALGORITHMS)}")
+            preset = ALGORITHMS[v.base].with_args(v.optimizer_args, v.correction_args)
+            algos[name] = replace(preset, name=name, dylu=preset.dylu if v.dylu is None else v.dylu)
+        return algos
+
+    def run_config(self) -> RunConfig:
+        return load_config(self.base, overrides=self.overrides)
+
+
+def load_sim_config(path: str | Path) -> SimConfig:
+    p = resolve_config_path(path)
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    try:
+        cfg = SimConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(str(p), err)) from None
+    cfg.run_config()  # the base config and its overrides must be valid too
+    return cfg

@@ -1,0 +1,221 @@
+"""A virtual-clock simulator of a heterogeneous swarm (after the HALoS simulator, Kim et al. 2025:
+a heap of worker finish times is all it needs).
+
+Worker w's round of H_w inner steps takes ``H_w × step_time × slowness_w + comm_w`` virtual
+seconds. The training is real: each worker is the same ``local.InnerTrainer`` a swarm peer runs,
+with its own model and inner optimizer state, and every commit goes through the same
+``outer.OuterEngine`` the coordinator uses. Rounds run one at a time on this machine, in the
+order the virtual clock says they finish.
+
+A worker's model holds the global parameters it started its round from until its finish event is
+popped, so running the round lazily at that moment gives exactly what running it at its start
+would have: its result depends only on its start parameters, its data and its optimizer state.
+"""
+from __future__ import annotations
+
+import heapq
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from heloco_p2p.algorithms import AlgorithmPreset
+from heloco_p2p.config import RunConfig
+from heloco_p2p.local import InnerTrainer, build_model, evaluate_regions
+from heloco_p2p.local.model import trainable_params
+from heloco_p2p.outer import DyLU
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SimSpec:
+    """One simulated run. ``slowness[w]`` is worker w's relative step time (1 = the fastest)."""
+
+    algorithm: AlgorithmPreset
+    lr: float
+    heterogeneity: str
+    slowness: list[float]
+    data: str  # "non-iid" | "iid"
+    seed: int
+    steps_per_round: int
+    step_time: float  # virtual seconds per inner step at slowness 1
+    comm_seconds: list[float]  # per worker, per round (2 × model bytes / bandwidth)
+    token_budget: int
+    time_budget: float
+    eval_points: int = 5  # evaluations along each budget axis
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.algorithm.name}|{self.heterogeneity}|{self.data}|seed{self.seed}|lr{self.lr:g}"
+
+
+@dataclass
+class Worker:
+    index: int
+    region: str  # the worker's language ("mix" for IID)
+    slowness: float
+    trainer: InnerTrainer
+    steps: int = 0  # H for the round in flight
+    base_version: int = 0
+    rounds: int = 0
+    tokens: int = 0
+    staleness: list[int] = field(default_factory=list)
+
+
+@dataclass
+class SimResult:
+    spec: SimSpec
+    at_tokens: dict  # {"tokens", "virtual_seconds", "val_loss": {...}} at the token budget
+    at_time: dict  # the same at the virtual-time budget
+    curve: list[dict]  # evaluations along the way
+    commits: list[dict]  # one per commit: time, worker, staleness, branches, cosine
+    workers: list[dict]  # per worker: region, slowness, rounds, tokens, staleness_mean
+
+
+def mixture_batches(streams: list[Iterator[torch.Tensor]], batch_size: int, offset: int) -> Iterator[torch.Tensor]:
+    """IID control: each batch takes its blocks from every language in turn (starting at ``offset``
+    so workers do not all start on the same language)."""
+    i = offset
+    while True:
+        rows = []
+        for _ in range(batch_size):
+            rows.append(next(streams[i % len(streams)]))
+            i += 1
+        yield torch.stack(rows)
+
+
+class Simulation:
+    """Runs one ``SimSpec``. ``block_streams(region, seed)`` gives an endless iterator of token
+    blocks of one language; ``val_blocks`` maps every language to its fixed validation blocks."""
+
+    def __init__(self, cfg: RunConfig, spec: SimSpec, regions: list[str],
+                 block_streams: Callable[[str, int], Iterator[torch.Tensor]],
+                 val_blocks: dict[str, torch.Tensor], tokenizer=None):
+        if len(spec.slowness) != len(regions):
+            raise ValueError(f"heterogeneity {spec.heterogeneity!r} has {len(spec.slowness)} speeds for {len(regions)} workers")
+        self.cfg, self.spec, self.val_blocks = cfg, spec, val_blocks
+        batch = cfg.inner.batch_size
+        self.workers: list[Worker] = []
+        for w, (region, slow) in enumerate(zip(regions, spec.slowness)):
+            seed = spec.seed * 1000 + w
+            if spec.data == "iid":
+                streams = [block_streams(r, seed) for r in regions]
+                batches, label = mixture_batches(streams, batch, offset=w), "mix"
+            else:
+                batches, label = _batched(block_streams(region, seed), batch), region
+            model = build_model(cfg.model, tokenizer, seed=spec.seed)  # every worker starts from θ_0
+            self.workers.append(Worker(w, label, slow, InnerTrainer(model, cfg.inner, batches)))
+        self.eval_model = build_model(cfg.model, tokenizer, seed=spec.seed)
+        theta0 = [p.detach().clone() for p in trainable_params(self.eval_model)]
+        self.engine = spec.algorithm.build_engine(theta0, lr=spec.lr, num_workers=len(regions))
+        self.dylu = DyLU(min_steps=1) if spec.algorithm.dylu else None
+        self.now, self.tokens = 0.0, 0
+        self.curve: list[dict] = []
+        self.commits: list[dict] = []
+        self._tok_marks = [spec.token_budget * (k + 1) / spec.eval_points for k in range(spec.eval_points)]
+        self._time_marks = [spec.time_budget * (k + 1) / spec.eval_points for k in range(spec.eval_points)]
+        self.at_tokens: dict | None = None
+        self.at_time: dict | None = None
+
+    # -- bookkeeping --------------------------------------------------------------------------
+    def _round_seconds(self, w: Worker, steps: int) -> float:
+        return steps * self.spec.step_time * w.slowness + self.spec.comm_seconds[w.index]
+
+    def _evaluate(self, at_time: float) -> dict:
+        with torch.no_grad():
+            for p, g in zip(trainable_params(self.eval_model), self.engine.params):
+                p.copy_(g)
+        val = evaluate_regions(self.eval_model, self.val_blocks, batch_size=self.cfg.inner.batch_size)
+        point = {"tokens": self.tokens, "virtual_seconds": at_time, "version": self.engine.version, "val_loss": val}
+        self.curve.append(point)
+        return point
+
+    def _evaluate_time_marks(self, until: float) -> None:
+        """θ is constant between commits: evaluate every time mark passed before ``until``."""
+        while self._time_marks and self._time_marks[0] <= until:
+            mark = self._time_marks.pop(0)
+            point = self._evaluate(mark)
+            if not self._time_marks:
+                self.at_time = point
+
+    def _evaluate_token_marks(self) -> None:
+        evaluated = False
+        while self._tok_marks and self._tok_marks[0] <= self.tokens:
+            self._tok_marks.pop(0)
+            if not evaluated:
+                point = self._evaluate(self.now)
+                evaluated = True
+            if not self._tok_marks:
+                self.at_tokens = point
+
+    def _done(self) -> bool:
+        return self.at_tokens is not None and self.at_time is not None
+
+    def _record(self, w: Worker, info, stats) -> None:
+        w.rounds += 1
+        w.tokens += stats.tokens
+        w.staleness.append(info.staleness)
+        d = info.to_dict() if hasattr(info, "to_dict") else {}
+        self.commits.append({"t": self.now, "worker": w.index, "region": w.region, "staleness": info.staleness,
+                             "version": info.version, "steps": stats.steps, "loss": stats.loss,
+                             "branches": d.get("branch_counts", {}), "cosine": d.get("mean_cosine")})
+
+    def _start(self, w: Worker) -> float:
+        """Worker w starts a round from the current global parameters; returns its finish time."""
+        w.trainer.load_params(self.engine.params)
+        w.base_version = self.engine.version
+        H = self.spec.steps_per_round
+        w.steps = self.dylu.steps_for(w.index, H) if self.dylu is not None else H
+        return self.now + self._round_seconds(w, w.steps)
+
+    # -- the two modes ------------------------------------------------------------------------
+    def run(self) -> SimResult:
+        torch.manual_seed(self.spec.seed)
+        if self.dylu is not None:  # speeds are known to the coordinator from the first round on
+            for w in self.workers:
+                self.dylu.update(w.index, 1.0 / (self.spec.step_time * w.slowness))
+        (self._run_sync if self.spec.algorithm.mode == "sync" else self._run_async)()
+        workers = [{"worker": w.index, "region": w.region, "slowness": w.slowness, "rounds": w.rounds,
+                    "tokens": w.tokens, "staleness_mean": (sum(w.staleness) / len(w.staleness)) if w.staleness else 0.0}
+                   for w in self.workers]
+        return SimResult(self.spec, self.at_tokens, self.at_time, self.curve, self.commits, workers)
+
+    def _run_async(self) -> None:
+        heap = [(self._start(w), w.index) for w in self.workers]
+        heapq.heapify(heap)
+        while not self._done():
+            t, idx = heapq.heappop(heap)
+            self._evaluate_time_marks(until=t)
+            if self._done():
+                break
+            self.now = t
+            w = self.workers[idx]
+            pseudo_grad, stats = w.trainer.run_round(None, w.steps)
+            info = self.engine.commit(pseudo_grad, w.base_version)
+            self.tokens += stats.tokens
+            self._record(w, info, stats)
+            if self.dylu is not None:
+                self.dylu.update(w.index, stats.steps / (self._round_seconds(w, stats.steps) - self.spec.comm_seconds[idx]))
+            self._evaluate_token_marks()
+            heapq.heappush(heap, (self._start(w), idx))
+
+    def _run_sync(self) -> None:
+        while not self._done():
+            finish = max(self._start(w) for w in self.workers)
+            self._evaluate_time_marks(until=finish)
+            if self._done():
+                break
+            self.now = finish
+            results = [w.trainer.run_round(None, w.steps) for w in self.workers]
+            info = self.engine.sync_commit([d for d, _ in results], self.engine.version)
+            for w, (_, stats) in zip(self.workers, results):
+                self.tokens += stats.tokens
+                self._record(w, info, stats)
+            self._evaluate_token_marks()
+
+
+def _batched(blocks: Iterator[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
+    while True:
+        yield torch.stack([next(blocks) for _ in range(batch_size)])

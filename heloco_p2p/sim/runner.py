@@ -1,0 +1,207 @@
+"""Runs a simulator config: the grid of runs, the outer-lr sweep, parallel processes, outputs.
+
+Outer learning rates of different rules live on different scales (ALGORITHMS.md), so for every
+algorithm with an ``lr_grid`` each lr is run on the first seed, the best (lowest mean of the
+final validation losses at the two budgets) is kept, and the other seeds run at that lr only.
+Every algorithm is thus compared at its own best lr.
+
+Outputs in ``out_dir``: results.json (final values), curves.jsonl (evaluations along the way),
+commits.jsonl (one line per commit), results.md and plots (heloco_p2p.report).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
+from multiprocessing import get_context
+from pathlib import Path
+
+from heloco_p2p.fsutil import atomic_write_json
+from heloco_p2p.sim.config import SimConfig
+from heloco_p2p.sim.engine import SimResult, SimSpec, Simulation
+
+logger = logging.getLogger(__name__)
+
+_CACHE: dict = {}  # per process: tokenizer, validation blocks
+
+
+def _data(cfg: SimConfig):
+    """Tokenizer, block-stream factory and validation blocks, built once per process."""
+    key = (cfg.base, json.dumps(cfg.overrides, sort_keys=True), tuple(cfg.regions))
+    if key not in _CACHE:
+        from heloco_p2p.data import TokenBlocks, load_tokenizer, open_source, validation_blocks
+        from heloco_p2p.local.solo import source_spec
+
+        run_cfg = cfg.run_config()
+        tok = load_tokenizer(run_cfg.data.tokenizer, vocab_size=run_cfg.data.vocab_size)
+        sources = {r: open_source(source_spec(run_cfg, r)) for r in cfg.regions}
+        val = {r: validation_blocks(s, tok, run_cfg.data.seq_len, run_cfg.data.val_blocks) for r, s in sources.items()}
+
+        def streams(region: str, seed: int):
+            return iter(TokenBlocks(sources[region], tok, seq_len=run_cfg.data.seq_len, split="train", seed=seed))
+
+        _CACHE[key] = (run_cfg, tok, streams, val)
+    return _CACHE[key]
+
+
+def _init_process(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def run_spec(cfg: SimConfig, spec: SimSpec) -> SimResult:
+    run_cfg, tok, streams, val = _data(cfg)
+    return Simulation(run_cfg, spec, cfg.regions, streams, val, tokenizer=tok).run()
+
+
+def _run_spec_job(args) -> dict:
+    cfg, spec = args
+    t0 = time.perf_counter()
+    res = run_spec(cfg, spec)
+    return {"result": res, "seconds": time.perf_counter() - t0}
+
+
+def make_spec(cfg: SimConfig, algorithm: str, heterogeneity: str, data: str, seed: int, lr: float | None) -> SimSpec:
+    preset = cfg.algorithms()[algorithm]
+    run_cfg = cfg.run_config()
+    levels = cfg.levels()
+    n_params = None
+    comm = [0.0] * len(cfg.regions)
+    if cfg.bandwidth:
+        from heloco_p2p.local import build_model, count_params
+        import torch
+
+        with torch.device("meta"):
+            n_params = count_params(build_model(run_cfg.model))
+        comm = [2 * 4 * n_params / cfg.bandwidth] * len(cfg.regions)  # fp32 up and down
+    return SimSpec(algorithm=preset, lr=preset.lr if lr is None else lr, heterogeneity=heterogeneity,
+                   slowness=list(levels[heterogeneity]), data=data, seed=seed,
+                   steps_per_round=cfg.steps_per_round, step_time=cfg.step_time, comm_seconds=comm,
+                   token_budget=cfg.token_budget, time_budget=cfg.time_budget, eval_points=cfg.eval_points)
+
+
+def _cells(cfg: SimConfig) -> list[tuple[str, str, str]]:
+    seen, cells = set(), []
+    for exp in cfg.experiments:
+        for a in exp.algorithms:
+            for h in exp.heterogeneity:
+                for d in exp.data:
+                    if (a, h, d) not in seen:
+                        seen.add((a, h, d))
+                        cells.append((a, h, d))
+    return cells
+
+
+def _score(res: SimResult) -> float:
+    return 0.5 * (res.at_tokens["val_loss"]["mean"] + res.at_time["val_loss"]["mean"])
+
+
+class _Pool:
+    """Runs jobs in worker processes (or inline for one process), with a progress bar and ETA."""
+
+    def __init__(self, cfg: SimConfig, total: int, progress: bool):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.cfg = cfg
+        self.progress = Progress(TextColumn("[bold]simulate"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"),
+                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                 TextColumn("{task.fields[last]}"), disable=not progress)
+        self.task = self.progress.add_task("runs", total=total, last="")
+        self.executor = None
+        if cfg.processes > 1:
+            self.executor = ProcessPoolExecutor(cfg.processes, mp_context=get_context("spawn"),
+                                                initializer=_init_process, initargs=(cfg.threads_per_process,))
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.executor is not None:
+            self.executor.shutdown(cancel_futures=True)
+        self.progress.__exit__(*exc)
+
+    def map(self, specs: list[SimSpec]) -> list[SimResult]:
+        jobs = [(self.cfg, s) for s in specs]
+        if self.executor is None:
+            _init_process(self.cfg.threads_per_process)
+            outs = []
+            for job in jobs:
+                outs.append(self._done(_run_spec_job(job)))
+            return outs
+        futures = [self.executor.submit(_run_spec_job, job) for job in jobs]
+        return [self._done(f.result()) for f in futures]
+
+    def _done(self, out: dict) -> SimResult:
+        res = out["result"]
+        self.progress.update(self.task, advance=1,
+                             last=f"{res.spec.run_id}: {res.at_time['val_loss']['mean']:.3f} ({out['seconds']:.0f}s)")
+        logger.debug("%s done in %.1fs", res.spec.run_id, out["seconds"])
+        return res
+
+
+def run_config(cfg: SimConfig, out_dir: str | Path, progress: bool = True) -> dict:
+    """Run every cell of ``cfg`` (with the lr sweep) and write the outputs; returns results.json's dict."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cells = _cells(cfg)
+    seed0, rest = cfg.seeds[0], cfg.seeds[1:]
+    phase1 = [make_spec(cfg, a, h, d, seed0, lr) for a, h, d in cells for lr in (cfg.lr_grid.get(a) or [None])]
+    total = len(phase1) + len(cells) * len(rest)
+    t0 = time.perf_counter()
+    with _Pool(cfg, total, progress) as pool:
+        first = pool.map(phase1)
+        best: dict[tuple, SimResult] = {}
+        for res in first:
+            key = (res.spec.algorithm.name, res.spec.heterogeneity, res.spec.data)
+            if key not in best or _score(res) < _score(best[key]):
+                best[key] = res
+        phase2 = [make_spec(cfg, a, h, d, s, best[(a, h, d)].spec.lr) for a, h, d in cells for s in rest]
+        second = pool.map(phase2)
+    chosen = [best[c] for c in cells] + second
+    sweep = [r for r in first if len(cfg.lr_grid.get(r.spec.algorithm.name) or []) > 1]
+    results = {
+        "config": cfg.model_dump(mode="json"),
+        "runs": [entry for r in chosen for entry in _entries(r)],
+        "lr_sweep": [{"algorithm": r.spec.algorithm.name, "heterogeneity": r.spec.heterogeneity, "data": r.spec.data,
+                      "seed": r.spec.seed, "outer_lr": r.spec.lr, "score": _score(r),
+                      "chosen": best[(r.spec.algorithm.name, r.spec.heterogeneity, r.spec.data)] is r} for r in sweep],
+        "wall_seconds": time.perf_counter() - t0,
+    }
+    atomic_write_json(out / "results.json", results)
+    with open(out / "curves.jsonl", "w") as f:
+        for r in chosen:
+            for point in r.curve:
+                f.write(json.dumps({**_key(r), **point}) + "\n")
+    with open(out / "commits.jsonl", "w") as f:
+        for r in chosen:
+            for c in r.commits:
+                f.write(json.dumps({**_key(r), **c}) + "\n")
+    with open(out / "workers.jsonl", "w") as f:
+        for r in chosen:
+            for w in r.workers:
+                f.write(json.dumps({**_key(r), **w}) + "\n")
+    return results
+
+
+def _key(r: SimResult) -> dict:
+    s = r.spec
+    return {"algorithm": s.algorithm.name, "heterogeneity": s.heterogeneity, "data": s.data, "seed": s.seed,
+            "outer_lr": s.lr}
+
+
+def _entries(r: SimResult) -> list[dict]:
+    return [{**_key(r), "budget": budget, "tokens": int(point["tokens"]), "virtual_seconds": float(point["virtual_seconds"]),
+             "val_loss": point["val_loss"]}
+            for budget, point in (("tokens", r.at_tokens), ("time", r.at_time))]
+
+
+def spec_dict(spec: SimSpec) -> dict:
+    d = asdict(spec)
+    d["algorithm"] = spec.algorithm.name
+    return d

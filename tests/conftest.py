@@ -1,0 +1,25 @@
+"""Shared fixtures: the built-in tokenizer is built once per session (cached on disk too)."""
+import os
+
+import pytest
+import torch
+
+# Tests never reach a hub; make the libraries fail fast instead of retrying.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from heloco_p2p.data import load_tokenizer
+
+    return load_tokenizer("builtin", vocab_size=4096)
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    from heloco_p2p.config import load_config
+
+    return load_config("configs/tiny.yaml")

@@ -1,0 +1,93 @@
+"""Run configs: every shipped config loads; bad ones fail at load naming the file and the key."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from heloco_p2p.config import ConfigError, load_config
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.model.vocab_size == cfg.data.vocab_size
+
+
+def _write(tmp_path, mutate):
+    tree = yaml.safe_load((Path(__file__).parent.parent / "configs" / "tiny.yaml").read_text())
+    mutate(tree)
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(tree))
+    return p
+
+
+def test_unknown_key_names_file_and_key(tmp_path):
+    p = _write(tmp_path, lambda t: t["inner"].update(learning_rate=1e-3))
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    msg = str(err.value)
+    assert str(p) in msg and "inner.learning_rate" in msg and "unknown key" in msg
+
+
+def test_wrong_type_names_key_and_value(tmp_path):
+    p = _write(tmp_path, lambda t: t["inner"].update(batch_size="sixteen"))
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    assert "inner.batch_size" in str(err.value) and "sixteen" in str(err.value)
+
+
+def test_impossible_value_names_key(tmp_path):
+    p = _write(tmp_path, lambda t: t["inner"].update(lr=-1.0))
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    assert "inner.lr" in str(err.value) and "greater than 0" in str(err.value)
+
+
+def test_literal_lists_allowed_values(tmp_path):
+    p = _write(tmp_path, lambda t: t["inner"].update(optimizer="sgd"))
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    assert "inner.optimizer" in str(err.value) and "adamw8bit" in str(err.value)
+
+
+def test_cross_field_check(tmp_path):
+    p = _write(tmp_path, lambda t: t["data"].update(seq_len=4096))
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    assert "data.seq_len" in str(err.value)
+
+
+def test_unknown_outer_optimizer_lists_allowed(tmp_path):
+    p = _write(tmp_path, lambda t: t["outer"].update(optimizer="adam"))
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    msg = str(err.value)
+    assert "outer.optimizer" in msg and "lookahead" in msg and "nesterov" in msg
+
+
+def test_unknown_correction_arg_is_named(tmp_path):
+    p = _write(tmp_path, lambda t: t["outer"].update(correction="heloco", correction_args={"c_okay": 0.5}))
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    assert "c_okay" in str(err.value)
+
+
+def test_overrides_apply_and_are_validated(tmp_path):
+    cfg = load_config("configs/tiny.yaml", overrides={"inner.lr": 0.01})
+    assert cfg.inner.lr == 0.01
+    with pytest.raises(ConfigError):
+        load_config("configs/tiny.yaml", overrides={"inner.lr": "fast"})
+
+
+def test_missing_file_is_clear():
+    with pytest.raises(ConfigError, match="no such config"):
+        load_config("configs/does-not-exist.yaml")
+
+
+def test_digest_changes_with_content():
+    a = load_config("configs/tiny.yaml")
+    b = load_config("configs/tiny.yaml", overrides={"inner.lr": 0.01})
+    assert a.digest() == load_config("configs/tiny.yaml").digest()
+    assert a.digest() != b.digest()
