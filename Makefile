@@ -17,7 +17,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet $(PINS) -e ".[dev]"
+	$(PIP) install --quiet $(PINS) -e ".[dev]" --config-settings editable_mode=compat
 	touch $@
 
 test: venv

@@ -157,10 +157,10 @@ class Simulation:
         w.rounds += 1
         w.tokens += stats.tokens
         w.staleness.append(info.staleness)
-        d = info.to_dict() if hasattr(info, "to_dict") else {}
+        summary = info.summary()
         self.commits.append({"t": self.now, "worker": w.index, "region": w.region, "staleness": info.staleness,
                              "version": info.version, "steps": stats.steps, "loss": stats.loss,
-                             "branches": d.get("branch_counts", {}), "cosine": d.get("mean_cosine")})
+                             "branches": summary["branches"], "cosine": summary["mean_cosine"]})
 
     def _start(self, w: Worker) -> float:
         """Worker w starts a round from the current global parameters; returns its finish time."""
