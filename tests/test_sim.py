@@ -126,7 +126,10 @@ def test_quick_style_config_end_to_end_losses_fall(tmp_path):
     assert on_disk["runs"] == results["runs"]
     # one entry per algorithm × heterogeneity × data × seed × budget
     assert len(results["runs"]) == 2 * 1 * 2 * 1 * 2
-    assert len(results["lr_sweep"]) == 4 and sum(r["chosen"] for r in results["lr_sweep"]) == 2
+    # the sweep runs once per algorithm (first seed, non-IID); every heloco cell then uses the chosen lr
+    assert len(results["lr_sweep"]) == 2 and sum(r["chosen"] for r in results["lr_sweep"]) == 1
+    chosen_lr = next(r["outer_lr"] for r in results["lr_sweep"] if r["chosen"])
+    assert {r["outer_lr"] for r in results["runs"] if r["algorithm"] == "heloco"} == {chosen_lr}
     for r in results["runs"]:
         assert set(r) >= {"algorithm", "heterogeneity", "data", "seed", "budget", "tokens", "virtual_seconds", "val_loss"}
         assert set(r["val_loss"]["per_language"]) == {"de", "fr"}

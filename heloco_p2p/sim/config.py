@@ -60,6 +60,7 @@ class SimConfig(_Strict):
     time_budget: float = Field(gt=0)  # virtual seconds
     eval_points: int = Field(5, gt=0)
     lr_grid: dict[str, list[float]] = Field(default_factory=dict)  # algorithm -> outer lrs to sweep on seeds[0]
+    sweep_heterogeneity: str | None = None  # level the sweep runs at (default: the first one listed)
     processes: int = Field(2, gt=0)
     threads_per_process: int = Field(1, gt=0)
 

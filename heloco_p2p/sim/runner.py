@@ -1,9 +1,9 @@
 """Runs a simulator config: the grid of runs, the outer-lr sweep, parallel processes, outputs.
 
 Outer learning rates of different rules live on different scales (ALGORITHMS.md), so for every
-algorithm with an ``lr_grid`` each lr is run on the first seed, the best (lowest mean of the
-final validation losses at the two budgets) is kept, and the other seeds run at that lr only.
-Every algorithm is thus compared at its own best lr.
+algorithm with an ``lr_grid`` each lr is run once (first seed, non-IID, at ``sweep_heterogeneity``),
+the best (lowest mean of the final validation losses at the two budgets) is kept, and every cell
+and seed of that algorithm runs at that lr. Every algorithm is thus compared at its own best lr.
 
 Outputs in ``out_dir``: results.json (final values), curves.jsonl (evaluations along the way),
 commits.jsonl (one line per commit), results.md and plots (heloco_p2p.report).
@@ -97,6 +97,11 @@ def _cells(cfg: SimConfig) -> list[tuple[str, str, str]]:
     return cells
 
 
+def _lr_key(cfg: SimConfig, w: tuple) -> tuple:
+    a, h, d, s, lr = w
+    return (a, h, d, s, cfg.algorithms()[a].lr if lr is None else lr)
+
+
 def _score(res: SimResult) -> float:
     return 0.5 * (res.at_tokens["val_loss"]["mean"] + res.at_time["val_loss"]["mean"])
 
@@ -150,27 +155,30 @@ def run_config(cfg: SimConfig, out_dir: str | Path, progress: bool = True) -> di
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cells = _cells(cfg)
-    seed0, rest = cfg.seeds[0], cfg.seeds[1:]
-    phase1 = [make_spec(cfg, a, h, d, seed0, lr) for a, h, d in cells for lr in (cfg.lr_grid.get(a) or [None])]
-    total = len(phase1) + len(cells) * len(rest)
+    seed0 = cfg.seeds[0]
+    sweep_het = cfg.sweep_heterogeneity or cells[0][1]
+    swept = [a for a in dict.fromkeys(a for a, _, _ in cells) if len(cfg.lr_grid.get(a) or []) > 1]
+    phase1 = [make_spec(cfg, a, sweep_het, "non-iid", seed0, lr) for a in swept for lr in cfg.lr_grid[a]]
     t0 = time.perf_counter()
-    with _Pool(cfg, total, progress) as pool:
-        first = pool.map(phase1)
-        best: dict[tuple, SimResult] = {}
-        for res in first:
-            key = (res.spec.algorithm.name, res.spec.heterogeneity, res.spec.data)
-            if key not in best or _score(res) < _score(best[key]):
-                best[key] = res
-        phase2 = [make_spec(cfg, a, h, d, s, best[(a, h, d)].spec.lr) for a, h, d in cells for s in rest]
-        second = pool.map(phase2)
-    chosen = [best[c] for c in cells] + second
-    sweep = [r for r in first if len(cfg.lr_grid.get(r.spec.algorithm.name) or []) > 1]
+    with _Pool(cfg, len(phase1) + len(cells) * len(cfg.seeds), progress) as pool:
+        sweep = pool.map(phase1)
+        best_lr: dict[str, float] = {}
+        for a in swept:
+            mine = [r for r in sweep if r.spec.algorithm.name == a]
+            best_lr[a] = min(mine, key=_score).spec.lr
+        done = {(r.spec.algorithm.name, r.spec.heterogeneity, r.spec.data, r.spec.seed, r.spec.lr): r for r in sweep}
+        wanted = [(a, h, d, s, best_lr.get(a, (cfg.lr_grid.get(a) or [None])[0])) for a, h, d in cells for s in cfg.seeds]
+        todo = [make_spec(cfg, *w) for w in wanted if _lr_key(cfg, w) not in done]
+        pool.progress.update(pool.task, total=len(phase1) + len(todo))
+        for r in pool.map(todo):
+            done[(r.spec.algorithm.name, r.spec.heterogeneity, r.spec.data, r.spec.seed, r.spec.lr)] = r
+    chosen = [done[_lr_key(cfg, w)] for w in wanted]
     results = {
         "config": cfg.model_dump(mode="json"),
         "runs": [entry for r in chosen for entry in _entries(r)],
         "lr_sweep": [{"algorithm": r.spec.algorithm.name, "heterogeneity": r.spec.heterogeneity, "data": r.spec.data,
                       "seed": r.spec.seed, "outer_lr": r.spec.lr, "score": _score(r),
-                      "chosen": best[(r.spec.algorithm.name, r.spec.heterogeneity, r.spec.data)] is r} for r in sweep],
+                      "chosen": best_lr[r.spec.algorithm.name] == r.spec.lr} for r in sweep],
         "wall_seconds": time.perf_counter() - t0,
     }
     atomic_write_json(out / "results.json", results)
