@@ -52,8 +52,8 @@ class AlgorithmPreset:
 
 _NESTEROV = {"lr": 0.7, "momentum": 0.9}
 _LOOKAHEAD = {"lr": 0.7, "momentum": 0.9}
-# DN divides each Δ by N (ALGORITHMS.md): lr 2.8 = 0.7 × N for N = 4 workers moves θ like sync DiLoCo.
-_DN = {"lr": 2.8, "momentum": 0.9, "c": 0.0}
+# DN applies Δ/N per commit: a window of N commits at lr 0.7 moves θ like one sync DiLoCo step.
+_DN = {"lr": 0.7, "momentum": 0.9, "c": 0.0}
 
 ALGORITHMS: dict[str, AlgorithmPreset] = {
     p.name: p

@@ -107,6 +107,8 @@ class OuterConfig(_Section):
     optimizer_args: dict[str, Any] = Field(default_factory=dict)
     correction: str = "none"
     correction_args: dict[str, Any] = Field(default_factory=dict)
+    staleness_weight: str = "none"  # ρ(τ) applied to the corrected Δ: none | inverse_sqrt | power
+    staleness_weight_args: dict[str, Any] = Field(default_factory=dict)
     dylu: bool = False
     dylu_min_steps: int = Field(1, gt=0)
 
@@ -200,6 +202,7 @@ def _check_outer_names(cfg: RunConfig, source: str) -> None:
     try:
         registry.check_args("optimizer", cfg.outer.optimizer, cfg.outer.optimizer_args)
         registry.check_args("correction", cfg.outer.correction, cfg.outer.correction_args)
+        registry.check_args("staleness_weight", cfg.outer.staleness_weight, cfg.outer.staleness_weight_args)
     except ValueError as exc:
         raise ConfigError(f"{source}: outer.{exc}") from None
 

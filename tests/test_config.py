@@ -6,13 +6,22 @@ import yaml
 
 from heloco_p2p.config import ConfigError, load_config
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+CONFIGS = sorted(p for p in (Path(__file__).parent.parent / "configs").glob("*.yaml") if not p.name.startswith("sim-"))
+SIM_CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("sim-*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_config_loads(path):
     cfg = load_config(path)
     assert cfg.model.vocab_size == cfg.data.vocab_size
+
+
+@pytest.mark.parametrize("path", SIM_CONFIGS, ids=lambda p: p.name)
+def test_shipped_sim_config_loads(path):
+    from heloco_p2p.sim import load_sim_config
+
+    cfg = load_sim_config(path)
+    assert cfg.experiments and cfg.seeds
 
 
 def _write(tmp_path, mutate):

@@ -1,0 +1,437 @@
+"""The outer state and the one call the coordinator (and the simulator) makes: ``commit``.
+
+::
+
+    engine = build_engine(params, optimizer="lookahead", correction="heloco")
+    info = engine.commit(pseudo_grad, base_version=3)     # Δ = θ(v0) − θ_local, v0 = 3
+    info.staleness, info.branch_counts(), info.summary()  # what monitoring shows
+    engine.params                                         # θ at version info.version
+
+A commit is: check the inputs (a rejected commit changes nothing) → per-block scalars
+(‖Δ_b‖, ‖m_b‖, cos) → the correction's decision per block → Δ̂ materialised only for blocks it
+changes → G = ρ(τ)·Δ̂ → one outer optimizer step → version + 1.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from . import registry
+from .corrections import Block, Correction, Decision
+from .optimizers import OuterOptimizer, check_optimizer_state
+from .staleness import StalenessWeight
+from .stats import BlockStats, block_stats
+
+STATE_FORMAT = "heloco_p2p.outer.engine/1"
+
+
+def _json_float(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+@dataclass
+class CommitInfo:
+    """What one commit did, per block and in total. ``to_dict()``/``summary()`` are JSON-friendly.
+
+    Norms are of the pseudo-gradient before and after the correction (``norms_after`` excludes
+    the staleness weight ρ, reported on its own); they are computed from the block scalars, not
+    by another pass over memory. ``cosines[i]`` is cos(Δ_b, m_b) against the momentum *before*
+    this commit (None where undefined, e.g. the first commit).
+    """
+
+    version: int  # version after this commit
+    base_version: int
+    staleness: int  # τ = version before this commit − base_version
+    num_pseudo_grads: int  # 1 for commit(), k for sync_commit()
+    staleness_weight: float  # ρ(τ) applied to Δ̂
+    optimizer: str
+    correction: str
+    names: list[str]
+    branches: list[str]
+    cosines: list[float | None]
+    norms_before: list[float]
+    norms_after: list[float]
+    momentum_norms: list[float | None] = field(default_factory=list)  # raw ‖m_b‖ before the commit
+
+    @property
+    def total_norm_before(self) -> float:
+        return math.hypot(*self.norms_before)
+
+    @property
+    def total_norm_after(self) -> float:
+        return math.hypot(*self.norms_after)
+
+    def branch_counts(self) -> dict[str, int]:
+        """Number of blocks per branch, e.g. ``{"keep": 40, "shrink": 7, "reorient": 15}``."""
+        return dict(sorted(Counter(self.branches).items()))
+
+    def mean_cosine(self) -> float | None:
+        """Unweighted mean of the defined per-block cosines."""
+        cs = [c for c in self.cosines if c is not None]
+        return sum(cs) / len(cs) if cs else None
+
+    def global_cosine(self) -> float | None:
+        """cos(Δ, m) over all parameters at once (blocks weighted by their norms)."""
+        td = self.total_norm_before
+        tm = math.hypot(*[m for m in self.momentum_norms if m is not None and math.isfinite(m)])
+        if td == 0.0 or tm == 0.0 or not self.momentum_norms:
+            return None
+        total = 0.0
+        for c, nd, nm in zip(self.cosines, self.norms_before, self.momentum_norms):
+            if c is not None and nm is not None:
+                total += c * (nd / td) * (nm / tm)  # scaled first: no overflow
+        return max(-1.0, min(1.0, total))
+
+    def summary(self) -> dict[str, Any]:
+        """Aggregates for logs and dashboards (plain JSON types)."""
+        cs = [c for c in self.cosines if c is not None]
+        changed = sum(b not in ("keep", "skip") for b in self.branches)
+        before, after = self.total_norm_before, self.total_norm_after
+        return {
+            "version": self.version,
+            "base_version": self.base_version,
+            "staleness": self.staleness,
+            "num_pseudo_grads": self.num_pseudo_grads,
+            "staleness_weight": _json_float(self.staleness_weight),
+            "optimizer": self.optimizer,
+            "correction": self.correction,
+            "branches": self.branch_counts(),
+            "corrected_fraction": changed / len(self.branches) if self.branches else 0.0,
+            "mean_cosine": _json_float(self.mean_cosine()),
+            "min_cosine": _json_float(min(cs)) if cs else None,
+            "global_cosine": _json_float(self.global_cosine()),
+            "total_norm_before": _json_float(before),
+            "total_norm_after": _json_float(after),
+            "norm_ratio": _json_float(after / before) if before > 0.0 else None,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """``summary()`` plus one entry per block (name, branch, cosine, norms)."""
+        blocks = [
+            {
+                "name": name,
+                "branch": branch,
+                "cosine": _json_float(c),
+                "norm_before": _json_float(nb),
+                "norm_after": _json_float(na),
+                "momentum_norm": _json_float(nm),
+            }
+            for name, branch, c, nb, na, nm in zip(
+                self.names, self.branches, self.cosines, self.norms_before, self.norms_after,
+                self.momentum_norms or [None] * len(self.names),
+            )
+        ]
+        return {**self.summary(), "blocks": blocks}
+
+
+class OuterEngine:
+    """The global parameters θ, the outer optimizer's state and the version counter.
+
+    :param params: initial θ, one tensor per parameter block; copied (the engine owns θ)
+    :param optimizer: an outer optimizer instance (see ``registry.names("optimizer")``)
+    :param correction: a correction instance (see ``registry.names("correction")``)
+    :param staleness_weight: ρ(τ) instance; None means ρ = 1
+    :param names: a name per block for CommitInfo and error messages (default "0", "1", ...)
+
+    Prefer ``build_engine`` (by names and args, as in a config). Not thread-safe: the caller
+    serialises commits.
+    """
+
+    def __init__(
+        self,
+        params: Sequence[Tensor],
+        optimizer: OuterOptimizer,
+        correction: Correction,
+        staleness_weight: StalenessWeight | None = None,
+        names: Sequence[str] | None = None,
+    ) -> None:
+        if not isinstance(params, (list, tuple)) or not params:
+            raise ValueError("params: expected a non-empty list of tensors")
+        for i, p in enumerate(params):
+            if not isinstance(p, Tensor) or not p.is_floating_point():
+                raise ValueError(f"params[{i}]: expected a floating-point tensor, got {type(p).__name__}")
+        if names is not None and len(names) != len(params):
+            raise ValueError(f"names: expected {len(params)} names, got {len(names)}")
+        self.params: list[Tensor] = [p.detach().clone(memory_format=torch.contiguous_format) for p in params]
+        self.names: list[str] = [str(n) for n in names] if names is not None else [str(i) for i in range(len(params))]
+        self.optimizer = optimizer
+        self.correction = correction
+        self.staleness_weight = staleness_weight or registry.build("staleness_weight", "none")
+        self.version = 0
+        self._work: list[Tensor] | None = None  # scratch for corrected blocks and sync means; not state
+
+    # ------------------------------------------------------------------ the two commits
+    def commit(self, pseudo_grad: Sequence[Tensor], base_version: int) -> CommitInfo:
+        """Correct one pseudo-gradient, apply it, and advance the version by one.
+
+        :param pseudo_grad: Δ = θ(base_version) − θ_local, one tensor per block (converted to θ's dtype)
+        :param base_version: the version the round started from; staleness τ = version − base_version
+        :raises ValueError: bad base_version (negative or > version), layout, or NaN/inf in Δ;
+            the state is then left bitwise unchanged
+        """
+        v0 = self._check_base_version(base_version)
+        delta = self._layout(pseudo_grad, "pseudo_grad")
+        return self._commit(delta, v0, 1)
+
+    def sync_commit(self, pseudo_grads: Sequence[Sequence[Tensor]], base_version: int) -> CommitInfo:
+        """Synchronous DiLoCo: one outer step on the mean of k pseudo-gradients.
+
+            Δ = (1/k) Σ_i Δ_i ;  θ ← OuterOpt(θ, correction(Δ))
+
+        The mean is a running mean (exact when all Δ_i are equal). Source: Douillard et al.
+        2023, DiLoCo (arXiv 2311.08105).
+
+        :param pseudo_grads: k ≥ 1 pseudo-gradients, all from ``base_version``
+        :param base_version: the version all k rounds started from (normally the current one)
+        :raises ValueError: as ``commit``; nothing changes
+        """
+        v0 = self._check_base_version(base_version)
+        if not isinstance(pseudo_grads, (list, tuple)) or not pseudo_grads:
+            raise ValueError("pseudo_grads: expected a non-empty list of pseudo-gradients")
+        deltas = [self._layout(pg, f"pseudo_grads[{k}]") for k, pg in enumerate(pseudo_grads)]
+        if len(deltas) == 1:
+            return self._commit(deltas[0], v0, 1)
+        mean = self._scratch()
+        torch._foreach_copy_(mean, deltas[0])
+        for k, d in enumerate(deltas[1:], start=2):
+            torch._foreach_lerp_(mean, d, 1.0 / k)  # mean_k = mean_{k-1} + (Δ_k − mean_{k-1})/k
+        return self._commit(mean, v0, len(deltas))
+
+    def _commit(self, delta: list[Tensor], base_version: int, count: int) -> CommitInfo:
+        staleness = self.version - base_version
+        momentum = self.optimizer.momentum
+        fixed = apply_correction(  # raises on NaN/inf in Δ before any state changes
+            self.correction, delta, momentum, self.optimizer.momentum_unit, staleness, self._scratch, self.names
+        )
+        rho = self.staleness_weight.weight(staleness)
+        self.optimizer.step(self.params, fixed.tensors, scale=rho)
+        self.version += 1
+        stats, decisions = fixed.stats, fixed.decisions
+        return CommitInfo(
+            version=self.version,
+            base_version=base_version,
+            staleness=staleness,
+            num_pseudo_grads=count,
+            staleness_weight=rho,
+            optimizer=self.optimizer.name,
+            correction=self.correction.name,
+            names=list(self.names),
+            branches=[d.branch for d in decisions],
+            cosines=list(stats.cosines),
+            norms_before=list(stats.delta_norms),
+            norms_after=[_norm_after(d, nd, c) for d, nd, c in zip(decisions, stats.delta_norms, stats.cosines)],
+            momentum_norms=list(stats.momentum_norms) if stats.momentum_norms is not None else [None] * len(delta),
+        )
+
+    # ------------------------------------------------------------------ checks
+    def _check_base_version(self, base_version: Any) -> int:
+        if isinstance(base_version, bool):
+            raise ValueError(f"base_version: must be an int, got {base_version!r}")
+        try:
+            v0 = operator.index(base_version)
+        except TypeError:
+            raise ValueError(f"base_version: must be an int, got {base_version!r}") from None
+        if v0 < 0 or v0 > self.version:
+            raise ValueError(f"base_version: must be in [0, {self.version}] (the current version), got {v0}")
+        return v0
+
+    def _layout(self, tensors: Any, what: str) -> list[Tensor]:
+        n = len(self.params)
+        if not isinstance(tensors, (list, tuple)) or len(tensors) != n:
+            got = f"{len(tensors)} items" if isinstance(tensors, (list, tuple)) else type(tensors).__name__
+            raise ValueError(f"{what}: expected a list of {n} tensors, got {got}")
+        out = []
+        for i, (t, p) in enumerate(zip(tensors, self.params)):
+            if not isinstance(t, Tensor) or not t.is_floating_point():
+                raise ValueError(f"{what}[{self.names[i]}]: expected a floating-point tensor, got {type(t).__name__}")
+            if t.shape != p.shape:
+                raise ValueError(f"{what}[{self.names[i]}]: shape {tuple(t.shape)} != parameter shape {tuple(p.shape)}")
+            out.append(t.detach().to(device=p.device, dtype=p.dtype))
+        return out
+
+    def _scratch(self) -> list[Tensor]:
+        if self._work is None:
+            self._work = [torch.empty_like(p) for p in self.params]
+        return self._work
+
+    # ------------------------------------------------------------------ state
+    @property
+    def momentum(self) -> list[Tensor] | None:
+        """The optimizer's momentum (the corrections' reference), None before it exists."""
+        return self.optimizer.momentum
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Names and resolved arguments of the three components (what build_engine takes)."""
+        return {
+            "optimizer": self.optimizer.name,
+            "optimizer_args": dict(self.optimizer.args),
+            "correction": self.correction.name,
+            "correction_args": dict(self.correction.args),
+            "staleness_weight": self.staleness_weight.name,
+            "staleness_weight_args": dict(self.staleness_weight.args),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """θ, optimizer buffers and step count, version and config; tensors are cloned.
+
+        Loading it into an engine with the same config reproduces every later commit bitwise
+        (on the same machine and torch build; see docs/algorithms.md on replicas).
+        """
+        return {
+            "format": STATE_FORMAT,
+            "version": self.version,
+            "config": self.config,
+            "names": list(self.names),
+            "params": [p.detach().clone() for p in self.params],
+            "optimizer": self.optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+        """Restore ``state_dict()``. Everything is checked before anything changes.
+
+        :param state: from ``state_dict()`` (possibly after torch.save/torch.load)
+        :param strict: require the same config (names and args); False allows other
+            correction / staleness-weight / optimizer args, but never another optimizer
+        :raises ValueError: wrong format, config, layout or buffers
+        """
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"state: not an outer engine state (format {STATE_FORMAT!r} expected)")
+        version = state.get("version")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise ValueError(f"state: version must be an int >= 0, got {version!r}")
+        config = state.get("config")
+        if not isinstance(config, dict) or config.get("optimizer") != self.optimizer.name:
+            raise ValueError(f"state: optimizer {config.get('optimizer') if isinstance(config, dict) else None!r} "
+                             f"!= this engine's {self.optimizer.name!r}")
+        if strict and config != self.config:
+            diff = sorted(k for k in set(config) | set(self.config) if config.get(k) != self.config.get(k))
+            raise ValueError(f"state: config differs in {', '.join(diff)} (load with strict=False to allow)")
+        params = state.get("params")
+        if not isinstance(params, (list, tuple)) or len(params) != len(self.params):
+            raise ValueError(f"state: params must be a list of {len(self.params)} tensors")
+        for i, (t, p) in enumerate(zip(params, self.params)):
+            if not isinstance(t, Tensor) or t.shape != p.shape or t.dtype != p.dtype:
+                raise ValueError(f"state: params[{self.names[i]}] must be a {p.dtype} tensor of shape {tuple(p.shape)}")
+        check_optimizer_state(self.optimizer, state.get("optimizer"), self.params)
+        for p, t in zip(self.params, params):
+            p.copy_(t)
+        self.optimizer.load_state_dict(state["optimizer"], self.params)
+        self.version = version
+
+    def __repr__(self) -> str:
+        n = sum(p.numel() for p in self.params)
+        return (f"OuterEngine(version={self.version}, blocks={len(self.params)}, numel={n}, "
+                f"optimizer={self.optimizer!r}, correction={self.correction!r}, "
+                f"staleness_weight={self.staleness_weight!r})")
+
+
+@dataclass
+class Corrected:
+    """Output of ``apply_correction``: the Δ̂ blocks, the decision and the scalars of each block."""
+
+    tensors: list[Tensor]
+    decisions: list[Decision]
+    stats: BlockStats
+
+
+def apply_correction(
+    correction: Correction,
+    pseudo_grad: list[Tensor],
+    momentum: list[Tensor] | None,
+    momentum_unit: float = 1.0,
+    staleness: int = 0,
+    out: list[Tensor] | Callable[[], list[Tensor]] | None = None,
+    names: list[str] | None = None,
+) -> Corrected:
+    """Δ̂_b = a·Δ_b + s·‖Δ_b‖·m_b/‖m_b‖ for every block, as the correction decides.
+
+    Blocks the correction keeps are returned as the input tensors themselves (bitwise unchanged,
+    no copy); only changed blocks are written, into ``out`` (which may alias ``pseudo_grad``).
+    The inputs are never modified unless ``out`` aliases them.
+
+    :param correction: a Correction instance
+    :param pseudo_grad: Δ blocks
+    :param momentum: the reference m blocks, or None (rules that need it then skip)
+    :param momentum_unit: factor expressing ‖m‖ in pseudo-gradient units (optimizer.momentum_unit)
+    :param staleness: τ, for rules that use it
+    :param out: tensors to write changed blocks into, or a function returning them; None: new tensors
+    :param names: block names for error messages
+    :raises ValueError: NaN or inf in Δ
+    """
+    stats = block_stats(pseudo_grad, momentum, names)
+    decisions = [
+        correction(Block(nd, None if stats.momentum_norms is None else stats.momentum_norms[i] * momentum_unit,
+                         stats.cosines[i], staleness))
+        for i, nd in enumerate(stats.delta_norms)
+    ]
+    tensors = list(pseudo_grad)
+    for i, d in enumerate(decisions):
+        if d.identity:
+            continue  # bitwise pass-through, no copy
+        if out is None:
+            work = torch.empty_like(pseudo_grad[i])
+        else:
+            work = (out() if callable(out) else out)[i]
+        if d.s == 0.0:
+            torch.mul(pseudo_grad[i], d.a, out=work)
+        else:
+            if momentum is None or not stats.momentum_norms[i] > 0.0:
+                raise ValueError(f"correction {correction.name!r}: s != 0 needs a momentum reference (uses_momentum)")
+            # momentum_floor bounds ‖Δ_b‖/‖m_b‖, so this coefficient stays finite in float32
+            b = d.s * stats.delta_norms[i] / stats.momentum_norms[i]
+            if d.a == 1.0:
+                torch.add(pseudo_grad[i], momentum[i], alpha=b, out=work)
+            else:
+                torch.mul(pseudo_grad[i], d.a, out=work)
+                work.add_(momentum[i], alpha=b)
+        tensors[i] = work
+    return Corrected(tensors, decisions, stats)
+
+
+def _norm_after(d: Decision, nd: float, c: float | None) -> float:
+    # ‖aΔ + s‖Δ‖v̂‖ = ‖Δ‖·sqrt(a² + 2as·c + s²)
+    c = 0.0 if c is None else c
+    return nd * math.sqrt(max(0.0, d.a * d.a + 2.0 * d.a * d.s * c + d.s * d.s))
+
+
+def build_engine(
+    params: Sequence[Tensor],
+    optimizer: str = "lookahead",
+    optimizer_args: dict[str, Any] | None = None,
+    correction: str = "none",
+    correction_args: dict[str, Any] | None = None,
+    staleness_weight: str | None = None,
+    staleness_weight_args: dict[str, Any] | None = None,
+    names: Sequence[str] | None = None,
+) -> OuterEngine:
+    """An OuterEngine from registered names and arguments, as a run config gives them.
+
+    :param params: initial θ (copied)
+    :param optimizer: ``nesterov`` | ``delayed_nesterov`` | ``lookahead``
+    :param optimizer_args: e.g. ``{"lr": 0.7, "momentum": 0.9}``; missing keys take defaults
+    :param correction: ``none`` | ``heloco`` | ``heloco_smooth`` | ``pcgrad`` | ``staleness``
+    :param correction_args: e.g. ``{"c_ok": 0.1}``
+    :param staleness_weight: None (ρ = 1) | ``none`` | ``inverse_sqrt`` | ``power``
+    :param staleness_weight_args: e.g. ``{"alpha": 0.5}`` for ``power``
+    :param names: optional block names (e.g. from ``model.named_parameters()``)
+    :raises ValueError: unknown name or bad argument (message starts with the key)
+
+    Example::
+
+        engine = build_engine([p.data for p in model.parameters()], "delayed_nesterov",
+                              {"buffer_size": 4}, "heloco", {"c_ok": 0.1}, "inverse_sqrt")
+    """
+    return OuterEngine(
+        params,
+        registry.build("optimizer", optimizer, optimizer_args),
+        registry.build("correction", correction, correction_args),
+        registry.build("staleness_weight", staleness_weight or "none", staleness_weight_args),
+        names=names,
+    )
