@@ -113,12 +113,29 @@ class OuterConfig(_Section):
     dylu_min_steps: int = Field(1, gt=0)
 
 
+class SwarmConfig(_Section):
+    """Timing and limits of the real swarm (heloco-peer join)."""
+
+    compression: Literal["none", "fp16", "8bit"] = "none"  # pseudo-gradients on the wire
+    reply_compression: Literal["none", "fp16", "8bit"] = "none"  # θ in replies ("none": replicas stay exact)
+    lease_seconds: float = Field(10.0, gt=0)  # a coordinator lease lapses this long after its last renewal
+    heartbeat_seconds: float = Field(3.0, gt=0)
+    num_standbys: int = Field(1, ge=0)
+    max_staleness: int = Field(64, ge=0)
+    norm_factor: float = Field(10.0, gt=1)  # reject ‖Δ‖ above this × the median of recent accepted norms
+    submit_timeout: float = Field(120.0, gt=0)
+    max_versions: int = Field(0, ge=0)  # the run's budget in commits (0: none)
+    max_tokens: int = Field(0, ge=0)  # the run's budget in tokens (0: none)
+    checkpoint_every: int = Field(50, gt=0)  # commits between coordinator checkpoints
+
+
 class RunConfig(_Section):
     name: str = "run"
     model: ModelConfig
     data: DataConfig = Field(default_factory=DataConfig)
     inner: InnerConfig = Field(default_factory=InnerConfig)
     outer: OuterConfig = Field(default_factory=OuterConfig)
+    swarm: SwarmConfig = Field(default_factory=SwarmConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":

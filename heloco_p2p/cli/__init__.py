@@ -43,12 +43,13 @@ def main() -> None:
 
 
 def _register() -> None:
-    from heloco_p2p.cli import data_cmd, sim_cmd, train_cmd
+    from heloco_p2p.cli import data_cmd, join_cmd, sim_cmd, train_cmd
 
     main.add_command(data_cmd.data)
     main.add_command(train_cmd.train)
     main.add_command(train_cmd.eval_cmd)
     main.add_command(sim_cmd.simulate)
+    main.add_command(join_cmd.join)
 
 
 _register()

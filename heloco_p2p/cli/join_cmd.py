@@ -1,0 +1,59 @@
+"""``heloco-peer join``: take part in a run (or start one with --config)."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from heloco_p2p.cli import log_level_option
+
+
+@click.command()
+@click.option("--run-id", required=True, help="The run's name; peers of one run share it.")
+@click.option("--initial-peers", multiple=True, help="Multiaddr of a peer already in the swarm (repeatable).")
+@click.option("--config", "config_path", default=None, help="Run config; only the first peer of a run needs it.")
+@click.option("--region", default="en", show_default=True, help="This peer's region / language.")
+@click.option("--name", default="", help="A readable name for the monitor (default: end of the peer id).")
+@click.option("--identity", type=click.Path(file_okay=False), default=None,
+              help="Directory for this peer's persistent identity (libp2p key and DHT record key).")
+@click.option("--host-maddrs", multiple=True, default=["/ip4/127.0.0.1/tcp/0"], show_default=True,
+              help="Addresses to listen on, e.g. /ip4/0.0.0.0/tcp/31337.")
+@click.option("--announce-maddrs", multiple=True, help="Addresses others should dial (behind NAT or port forwarding).")
+@click.option("--client-mode", is_flag=True, help="Do not accept incoming connections (behind NAT).")
+@click.option("--no-train", is_flag=True, help="Serve (coordinator, standby, state) without training.")
+@click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None, help="Where the coordinator writes checkpoints.")
+@click.option("--max-rounds", type=click.IntRange(min=1), default=None, help="Leave after this many rounds.")
+@click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True), default=None, help="Leave after this many minutes.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, help="torch threads (0: torch's default).")
+@click.option("--speed", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True,
+              help="Emulate slower hardware: idle (1/speed - 1) x step time after each step.")
+@click.option("--metrics", "metrics_path", type=click.Path(dir_okay=False), default=None, help="Append JSON lines (rounds, commits) here.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for this peer's data order.")
+@log_level_option
+def join(run_id, initial_peers, config_path, region, name, identity, host_maddrs, announce_maddrs, client_mode, no_train,
+         checkpoint_dir, max_rounds, max_minutes, threads, speed, metrics_path, seed):
+    """Join run RUN-ID: fetch its config, tokenizer and state from peers, then train and submit."""
+    from heloco_p2p.config import ConfigError
+    from heloco_p2p.peer import JoinError, Peer, PeerOptions
+
+    opts = PeerOptions(run_id=run_id, config=config_path, region=region, name=name, identity=identity,
+                       initial_peers=list(initial_peers), host_maddrs=list(host_maddrs),
+                       announce_maddrs=list(announce_maddrs) or None, client_mode=client_mode, no_train=no_train,
+                       checkpoint_dir=checkpoint_dir, max_rounds=max_rounds, max_minutes=max_minutes, threads=threads,
+                       seed=seed, speed=speed, metrics_path=metrics_path)
+    peer = Peer(opts)
+    peer.install_signal_handlers()
+    code = 0
+    try:
+        peer.start()
+        click.echo(f"peer {peer.name} ({peer.node.peer_id}) in run {run_id}; join with:\n  heloco-peer join --run-id "
+                   f"{run_id} " + " ".join(f"--initial-peers {m}" for m in peer.node.visible_maddrs()), err=True)
+        peer.train_loop()
+    except (JoinError, ConfigError, ValueError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        code = 2
+    except KeyboardInterrupt:
+        pass
+    finally:
+        peer.leave()
+    sys.exit(code)

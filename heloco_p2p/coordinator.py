@@ -1,0 +1,352 @@
+"""The coordinator role: check each pseudo-gradient, commit it through outer/, replicate the
+commit to the standbys before acknowledging it, and answer with the new global parameters.
+
+``CommitState`` is the replicated state machine (θ, outer optimizer state, version, term, and
+the ledger of applied submissions); it knows nothing of the network. ``CoordinatorService``
+serves it over a ``SwarmNode``: the ``submit`` handler for peers, ``replicate`` between the
+coordinator and its standbys (fenced by term), and ``state`` for peers catching up.
+
+A submission is identified by (peer id, sequence number). The ledger makes a retry idempotent:
+a peer whose reply was lost (its coordinator died after replicating) resubmits and is told
+"accepted (duplicate)" instead of having its update applied twice.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import logging
+import math
+import statistics
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import torch
+
+from heloco_p2p.outer import OuterEngine
+from heloco_p2p.swarm.wire import WireError, decode_tensors, encode_tensors
+
+logger = logging.getLogger(__name__)
+
+
+def params_digest(params: list[torch.Tensor]) -> str:
+    """blake2b of θ's bytes: equal digests mean bitwise-equal replicas."""
+    h = hashlib.blake2b(digest_size=16)
+    for p in params:
+        h.update(p.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+class Rejection(Exception):
+    """A submission refused before it touched state; ``code`` is the reason sent to the peer."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class SubmissionLimits:
+    max_staleness: int = 64
+    norm_factor: float = 10.0  # reject ‖Δ‖ > norm_factor × median of recent accepted norms
+    norm_window: int = 32
+    norm_min_history: int = 5
+
+
+@dataclass
+class CommitState:
+    """θ and the outer optimizer (``engine``), the term, and who submitted what."""
+
+    engine: OuterEngine
+    term: int = 0
+    applied: dict[str, int] = field(default_factory=dict)  # peer id -> last applied sequence number
+    applied_count: dict[str, int] = field(default_factory=dict)  # peer id -> submissions committed
+    total_steps: int = 0  # inner steps in all committed pseudo-gradients
+    contributors: set = field(default_factory=set)
+    recent_norms: deque = field(default_factory=lambda: deque(maxlen=64))
+
+    @property
+    def version(self) -> int:
+        return self.engine.version
+
+    def schedule_step(self) -> int:
+        """Where a peer's inner learning-rate schedule should be: the run's inner steps per peer."""
+        return self.total_steps // max(1, len(self.contributors))
+
+    def check(self, pseudo_grad: list[torch.Tensor], base_version: int, limits: SubmissionLimits) -> float:
+        """Raise Rejection unless the submission may be committed; returns its norm."""
+        if base_version < 0 or base_version > self.version:
+            raise Rejection("bad_version", f"base version {base_version} is not in [0, {self.version}]")
+        staleness = self.version - base_version
+        if staleness > limits.max_staleness:
+            raise Rejection("too_stale", f"staleness {staleness} exceeds the bound {limits.max_staleness}; download the current state")
+        norm = math.sqrt(sum(float(torch.sum(d.double() * d.double())) for d in pseudo_grad))
+        if not math.isfinite(norm):
+            raise Rejection("not_finite", "the pseudo-gradient contains NaN or Inf")
+        history = list(self.recent_norms)[-limits.norm_window:]
+        if len(history) >= limits.norm_min_history:
+            bound = limits.norm_factor * statistics.median(history)
+            if norm > bound:
+                raise Rejection("norm_too_large", f"‖Δ‖ = {norm:.4g} exceeds {limits.norm_factor:g} × the median of recent accepted norms ({bound:.4g})")
+        return norm
+
+    def apply(self, pseudo_grad: list[torch.Tensor], base_version: int, peer: str, seq: int, steps: int, norm: float):
+        info = self.engine.commit(pseudo_grad, base_version)
+        self.applied[peer] = seq
+        self.applied_count[peer] = self.applied_count.get(peer, 0) + 1
+        self.total_steps += steps
+        self.contributors.add(peer)
+        self.recent_norms.append(norm)
+        return info
+
+    def is_duplicate(self, peer: str, seq: int) -> bool:
+        return seq <= self.applied.get(peer, -1)
+
+    # replication ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"engine": self.engine.state_dict(), "term": self.term, "applied": dict(self.applied),
+                "applied_count": dict(self.applied_count),
+                "total_steps": self.total_steps, "contributors": sorted(self.contributors),
+                "recent_norms": list(self.recent_norms)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.engine.load_state_dict(state["engine"])
+        self.term = max(self.term, int(state["term"]))
+        self.applied = dict(state["applied"])
+        self.applied_count = dict(state["applied_count"])
+        self.total_steps = int(state["total_steps"])
+        self.contributors = set(state["contributors"])
+        self.recent_norms = deque(state["recent_norms"], maxlen=64)
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        torch.save(self.state_dict(), buf)
+        return buf.getvalue()
+
+    def load_bytes(self, data: bytes) -> None:
+        self.load_state_dict(torch.load(io.BytesIO(data), weights_only=False))
+
+
+class CoordinatorService:
+    """Serves ``CommitState`` on a node. ``active`` says whether this peer holds the lease now;
+    a standby keeps ``active`` False and accepts ``replicate`` from the coordinator of its term.
+
+    :param node: the peer's SwarmNode
+    :param state: the replicated state
+    :param shapes: the expected tensor layout of a pseudo-gradient
+    :param reply_compression: how θ travels back to peers ("none" keeps replicas exact)
+    """
+
+    def __init__(self, node, state: CommitState, shapes: list[tuple[int, ...]], limits: SubmissionLimits,
+                 reply_compression: str = "none", config_digest: str = ""):
+        self.node, self.state, self.limits = node, state, limits
+        self.expected = [(tuple(s), torch.float32) for s in shapes]
+        self.reply_compression = reply_compression
+        self.config_digest = config_digest
+        self.active = False
+        self.standbys: list[str] = []
+        self.highest_term_seen = state.term
+        self.lock = asyncio.Lock()
+        self.commits_this_term = 0
+        self.rejected_this_term = 0
+        self.rejected_by_peer: Counter = Counter()
+        self.branches: Counter = Counter()
+        self.staleness_recent: deque = deque(maxlen=100)
+        self.commit_times: deque = deque(maxlen=200)
+        self.acknowledged: list[tuple[str, int, int]] = []  # (peer, seq, version) acknowledged by this process
+        self.on_commit = None  # callback(info_summary) for metrics
+        node.add_handler("submit", self._handle_submit)
+        node.add_handler("replicate", self._handle_replicate)
+        node.add_handler("handover", self._handle_handover)
+        self.on_handover = None  # callback(term) when a leaving coordinator hands the role to us
+
+    # -- role changes -------------------------------------------------------------------------
+    def activate(self, term: int) -> None:
+        self.state.term = term
+        self.highest_term_seen = max(self.highest_term_seen, term)
+        self.active = True
+        self.commits_this_term = 0
+        self.rejected_this_term = 0
+        self.branches.clear()
+        logger.info("coordinator for term %d at version %d", term, self.state.version)
+
+    def step_down(self, higher_term: int) -> None:
+        if self.active:
+            logger.warning("stepping down: saw term %d > my term %d", higher_term, self.state.term)
+        self.active = False
+        self.highest_term_seen = max(self.highest_term_seen, higher_term)
+
+    def note_term(self, term: int) -> None:
+        if term > self.highest_term_seen:
+            self.highest_term_seen = term
+            if self.active and term > self.state.term:
+                self.step_down(term)
+
+    def commits_per_minute(self) -> float:
+        now = time.time()
+        recent = [t for t in self.commit_times if now - t <= 60]
+        return float(len(recent))
+
+    # -- submit -------------------------------------------------------------------------------
+    async def _handle_submit(self, header: dict, payload: bytes, remote: str) -> tuple[dict, bytes]:
+        self.note_term(int(header.get("term", 0)))
+        if not self.active:
+            return {"status": "not_coordinator", "term": self.highest_term_seen,
+                    "message": "this peer does not hold the coordinator lease; read the lease again"}, b""
+        if header.get("run_id") != self.node.run_id:
+            return self._reject(remote, "unknown_run", f"this coordinator serves run {self.node.run_id!r}")
+        loop = asyncio.get_running_loop()
+        try:
+            delta = await loop.run_in_executor(None, decode_tensors, header.get("tensors", []), payload, self.expected)
+        except WireError as exc:
+            return self._reject(remote, exc.code, str(exc))
+        peer, seq = remote, int(header.get("seq", -1))
+        base_version, steps = int(header.get("base_version", -1)), int(header.get("steps", 0))
+        async with self.lock:
+            if not self.active:
+                return {"status": "not_coordinator", "term": self.highest_term_seen, "message": "stepped down"}, b""
+            if self.state.is_duplicate(peer, seq):
+                reply = {"status": "accepted", "duplicate": True, "version": self.state.version, "term": self.state.term,
+                         "staleness": None, "schedule_step": self.state.schedule_step()}
+                return reply, await loop.run_in_executor(None, self._encode_params)
+            try:
+                norm = self.state.check(delta, base_version, self.limits)
+            except Rejection as exc:
+                return self._reject(remote, exc.code, str(exc))
+            version_before = self.state.version
+            info = await loop.run_in_executor(None, self.state.apply, delta, base_version, peer, seq, steps, norm)
+            digest = await loop.run_in_executor(None, params_digest, self.state.engine.params)
+            await self._replicate_commit(peer, seq, steps, base_version, header.get("tensors", []), payload,
+                                         version_before, digest)
+            summary = info.summary()
+            self.commits_this_term += 1
+            self.commit_times.append(time.time())
+            self.staleness_recent.append(info.staleness)
+            self.branches.update(summary["branches"])
+            self.acknowledged.append((peer, seq, info.version))
+            if self.on_commit is not None:
+                self.on_commit({**summary, "peer": peer, "seq": seq, "norm": norm, "digest": digest,
+                                "term": self.state.term, "stats": header.get("stats", {})})
+            reply = {"status": "accepted", "duplicate": False, "version": info.version, "term": self.state.term,
+                     "staleness": info.staleness, "branches": summary["branches"],
+                     "schedule_step": self.state.schedule_step()}
+            data = await loop.run_in_executor(None, self._encode_params)
+        return reply, data
+
+    def _reject(self, remote: str, code: str, message: str) -> tuple[dict, bytes]:
+        self.rejected_this_term += 1
+        self.rejected_by_peer[remote] += 1
+        logger.info("rejected a submission from %s: %s (%s)", remote[-8:], code, message)
+        return {"status": "rejected", "reason": code, "message": message, "term": self.state.term,
+                "version": self.state.version}, b""
+
+    def _encode_params(self) -> bytes:
+        meta, data = encode_tensors([p.detach() for p in self.state.engine.params], self.reply_compression)
+        self._last_param_meta = meta
+        return _pack(meta, data)
+
+    async def _replicate_commit(self, peer: str, seq: int, steps: int, base_version: int, tensors: list,
+                                payload: bytes, version_before: int, digest: str) -> None:
+        """Forward the commit to every standby and wait for each; a standby that cannot follow gets
+        the full state; one that does not answer is dropped (and named no more in the lease)."""
+        msg = {"kind": "commit", "term": self.state.term, "version_before": version_before, "base_version": base_version,
+               "peer": peer, "seq": seq, "steps": steps, "tensors": tensors, "digest": digest}
+        for sb in list(self.standbys):
+            try:
+                reply, _ = await asyncio.wait_for(self.node.acall(sb, "replicate", msg, payload), timeout=30)
+                if reply.get("status") == "out_of_sync":
+                    await self.send_full_state(sb)
+                elif reply.get("status") != "ok":
+                    raise RuntimeError(reply)
+            except Exception as exc:
+                logger.warning("standby %s did not take commit %d (%s); dropping it", sb[-8:], version_before + 1, exc)
+                self.standbys.remove(sb)
+
+    async def send_full_state(self, standby: str) -> None:
+        data = await asyncio.get_running_loop().run_in_executor(None, self.state.to_bytes)
+        reply, _ = await asyncio.wait_for(self.node.acall(standby, "replicate", {"kind": "full", "term": self.state.term,
+                                                                                  "version": self.state.version}, data), 60)
+        if reply.get("status") != "ok":
+            raise RuntimeError(f"standby refused the full state: {reply}")
+
+    async def hand_over(self) -> str | None:
+        """Leaving: stop committing, then ask the first standby that answers to take the next term.
+        Its replica is current (every commit was forwarded before it was acknowledged)."""
+        async with self.lock:
+            self.active = False
+            for sb in list(self.standbys):
+                try:
+                    reply, _ = await asyncio.wait_for(self.node.acall(sb, "handover", {
+                        "term": self.state.term, "version": self.state.version,
+                        "standbys": [s for s in self.standbys if s != sb]}), timeout=15)
+                    if reply.get("status") == "ok":
+                        logger.info("handed the coordinator role to %s (term %d)", sb[-8:], self.state.term + 1)
+                        return sb
+                except Exception as exc:
+                    logger.warning("handover to %s failed: %s", sb[-8:], exc)
+        return None
+
+    async def _handle_handover(self, header: dict, payload: bytes, remote: str) -> tuple[dict, bytes]:
+        term, version = int(header.get("term", 0)), int(header.get("version", -1))
+        if term < self.highest_term_seen or self.state.version != version or self.on_handover is None:
+            return {"status": "refused", "message": f"replica at version {self.state.version}, term {self.highest_term_seen}"}, b""
+        self.standbys = [s for s in header.get("standbys", []) if isinstance(s, str)]
+        self.activate(term + 1)
+        await asyncio.get_running_loop().run_in_executor(None, self.on_handover, term + 1)
+        return {"status": "ok"}, b""
+
+    # -- standby side -------------------------------------------------------------------------
+    async def _handle_replicate(self, header: dict, payload: bytes, remote: str) -> tuple[dict, bytes]:
+        term = int(header.get("term", 0))
+        if term < self.highest_term_seen:
+            return {"status": "fenced", "term": self.highest_term_seen,
+                    "message": f"term {term} is older than term {self.highest_term_seen}"}, b""
+        self.note_term(term)
+        if self.active and term > self.state.term:
+            self.step_down(term)
+        loop = asyncio.get_running_loop()
+        async with self.lock:
+            if header.get("kind") == "full":
+                await loop.run_in_executor(None, self.state.load_bytes, payload)
+                self.state.term = term
+                logger.info("standby: replica loaded at version %d (term %d)", self.state.version, term)
+                return {"status": "ok", "version": self.state.version}, b""
+            if int(header["version_before"]) != self.state.version:
+                return {"status": "out_of_sync", "version": self.state.version}, b""
+            try:
+                delta = await loop.run_in_executor(None, decode_tensors, header.get("tensors", []), payload, self.expected)
+            except WireError as exc:
+                return {"status": "out_of_sync", "message": str(exc)}, b""
+            norm = math.sqrt(sum(float(torch.sum(d.double() * d.double())) for d in delta))
+            await loop.run_in_executor(None, self.state.apply, delta, int(header["base_version"]), header["peer"],
+                                       int(header["seq"]), int(header.get("steps", 0)), norm)
+            mine = await loop.run_in_executor(None, params_digest, self.state.engine.params)
+            if mine != header["digest"]:
+                logger.warning("standby: digest differs at version %d; asking for the full state", self.state.version)
+                return {"status": "out_of_sync", "version": self.state.version}, b""
+            return {"status": "ok", "version": self.state.version}, b""
+
+
+def _pack(meta: list[dict], data: bytes) -> bytes:
+    """Tensor metadata travels in the payload's own small JSON preamble so that replies stay one
+    message: u32 length | JSON | tensor bytes."""
+    import json
+
+    blob = json.dumps(meta).encode()
+    return len(blob).to_bytes(4, "big") + blob + data
+
+
+def unpack_params(payload: bytes, expected=None) -> list[torch.Tensor]:
+    import json
+
+    if len(payload) < 4:
+        raise WireError("truncated", "parameter payload shorter than its preamble")
+    n = int.from_bytes(payload[:4], "big")
+    if n > len(payload) - 4:
+        raise WireError("truncated", "parameter payload shorter than its metadata")
+    try:
+        meta = json.loads(payload[4:4 + n])
+    except ValueError as exc:
+        raise WireError("malformed", f"parameter metadata is not JSON: {exc}") from None
+    return decode_tensors(meta, payload[4 + n:], expected)

@@ -1,0 +1,566 @@
+"""A volunteer peer: joins the run's DHT, gets config, tokenizer and state from other peers,
+trains rounds on its region's data, submits pseudo-gradients to the elected coordinator, and
+takes the coordinator (or standby) role when the swarm gives it one.
+
+Threads: the main thread trains; the node's event loop serves RPCs (including the coordinator's
+commits); a maintenance thread publishes heartbeats, renews or watches the lease, and runs the
+election. See docs/protocol.md.
+
+    peer = Peer(PeerOptions(run_id="demo", config="configs/tiny.yaml", region="de"))
+    peer.start(); peer.train_loop(); peer.leave()
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from heloco_p2p.config import RunConfig, config_from_dict, load_config
+from heloco_p2p.coordinator import CommitState, CoordinatorService, SubmissionLimits, params_digest, unpack_params
+from heloco_p2p.data import TokenBlocks, load_tokenizer, open_source, tokenizer_digest, validation_blocks
+from heloco_p2p.fsutil import atomic_torch_save
+from heloco_p2p.local import InnerTrainer, build_model, validation_loss
+from heloco_p2p.local.model import param_names, trainable_params
+from heloco_p2p.local.solo import source_spec
+from heloco_p2p.outer import DyLU, build_engine
+from heloco_p2p.swarm.node import SwarmNode
+from heloco_p2p.swarm.records import PROTOCOL_VERSION, GenesisRecord, LeaseRecord, PeerRecord
+from heloco_p2p.swarm.wire import encode_tensors
+
+logger = logging.getLogger(__name__)
+
+
+class StopRequested(Exception):
+    """Raised inside a round when the peer was asked to leave."""
+
+
+class JoinError(RuntimeError):
+    """The peer cannot join the run; the message says why and what to do."""
+
+
+@dataclass
+class PeerOptions:
+    run_id: str
+    config: str | None = None  # only the founder needs one; others fetch it from peers
+    region: str = "en"
+    name: str = ""
+    identity: str | None = None
+    initial_peers: list[str] = field(default_factory=list)
+    host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
+    announce_maddrs: list[str] | None = None
+    client_mode: bool = False
+    no_train: bool = False
+    checkpoint_dir: str | None = None
+    max_rounds: int | None = None
+    max_minutes: float | None = None
+    threads: int = 0
+    seed: int = 0
+    speed: float = 1.0  # (0, 1]: emulate slower hardware by idling (1/speed − 1) × step time after each step
+    metrics_path: str | None = None
+    overrides: dict = field(default_factory=dict)
+
+
+class Peer:
+    def __init__(self, opts: PeerOptions):
+        self.opts = opts
+        self.stop_event = threading.Event()
+        self.node: SwarmNode | None = None
+        self.cfg: RunConfig | None = None
+        self.role = "joining"
+        self.lease: LeaseRecord | None = None
+        self.lease_seen_at = 0.0
+        self.last_lease_expired_at: float | None = None
+        self.seq = 0
+        self.version = 0  # global version of self.global_params
+        self.global_params: list[torch.Tensor] | None = None
+        self.rounds = 0
+        self.tokens = 0
+        self.accepted = 0
+        self.rejected = 0
+        self.last_loss = float("nan")
+        self.last_staleness = 0
+        self.steps_per_second = 0.0
+        self.inner_steps = 0
+        self.acks: list[dict] = []
+        self._metrics_lock = threading.Lock()
+        self._maint: threading.Thread | None = None
+        self._reaper = None
+        self.deadline: float | None = None
+
+    # ------------------------------------------------------------------------------ metrics
+    def log_metric(self, record: dict) -> None:
+        if not self.opts.metrics_path:
+            return
+        with self._metrics_lock, open(self.opts.metrics_path, "a") as f:
+            f.write(json.dumps({"peer": self.node.peer_id if self.node else None, "name": self.opts.name,
+                                "time": time.time(), **record}) + "\n")
+
+    # ------------------------------------------------------------------------------ joining
+    def start(self) -> None:
+        o = self.opts
+        if o.threads:
+            torch.set_num_threads(o.threads)
+        self.node = SwarmNode(o.run_id, identity_dir=o.identity, initial_peers=o.initial_peers,
+                              host_maddrs=o.host_maddrs, announce_maddrs=o.announce_maddrs, client_mode=o.client_mode)
+        try:
+            from heloco_p2p.swarm.lifetime import guard_children
+
+            self._reaper = guard_children(self.node.child_pids())
+        except Exception as exc:  # guarding is best effort; the launcher also kills the process group
+            logger.warning("could not guard child processes: %s", exc)
+        self.name = o.name or self.node.peer_id[-6:]
+        logger.info("peer %s joined the DHT; others can join with --initial-peers %s", self.name,
+                    " ".join(self.node.visible_maddrs()))
+        genesis = self._find_genesis(wait=0.0 if (o.config and not o.initial_peers) else 10.0)
+        founder = genesis is None
+        if founder:
+            if not o.config:
+                raise JoinError(f"no run {o.run_id!r} found in the DHT; to start it, give --config")
+            self.cfg = load_config(o.config, overrides=o.overrides)
+            self.tokenizer = load_tokenizer(self.cfg.data.tokenizer, vocab_size=self.cfg.data.vocab_size)
+        else:
+            self.cfg, self.tokenizer = self._fetch_genesis_files(genesis)
+        self._build_local()
+        limits = SubmissionLimits(max_staleness=self.cfg.swarm.max_staleness, norm_factor=self.cfg.swarm.norm_factor)
+        theta0 = [p.detach().clone() for p in trainable_params(self.model)]
+        engine = build_engine(theta0, self.cfg.outer.optimizer, self.cfg.outer.optimizer_args, self.cfg.outer.correction,
+                              self.cfg.outer.correction_args, self.cfg.outer.staleness_weight,
+                              self.cfg.outer.staleness_weight_args, names=param_names(self.model))
+        self.commit_state = CommitState(engine)
+        self.service = CoordinatorService(self.node, self.commit_state, [tuple(p.shape) for p in theta0], limits,
+                                          reply_compression=self.cfg.swarm.reply_compression,
+                                          config_digest=self.cfg.digest())
+        self.service.on_commit = lambda summary: self.log_metric({"event": "commit", **summary})
+        self.service.on_handover = self._took_over_by_handover
+        self.node.add_handler("genesis", self._serve_genesis)
+        self.node.add_handler("state", self._serve_state)
+        if founder:
+            self._found()
+        else:
+            self._catch_up()
+        self._maint = threading.Thread(target=self._maintenance, name="maintenance", daemon=True)
+        self._maint.start()
+
+    def _find_genesis(self, wait: float) -> GenesisRecord | None:
+        deadline = time.time() + wait
+        while True:
+            g = self.node.records.genesis()
+            if g is not None:
+                if g.protocol_version != PROTOCOL_VERSION:
+                    raise JoinError(f"run {self.opts.run_id!r} speaks protocol {g.protocol_version}, this peer "
+                                    f"speaks {PROTOCOL_VERSION}: install the heloco-p2p version the run uses")
+                return g
+            if time.time() >= deadline:
+                return None
+            time.sleep(0.5)
+
+    def _found(self) -> None:
+        cfg = self.cfg
+        record = GenesisRecord(protocol_version=PROTOCOL_VERSION, run_id=self.opts.run_id, config_digest=cfg.digest(),
+                               tokenizer_digest=tokenizer_digest(self.tokenizer), max_versions=cfg.swarm.max_versions,
+                               max_tokens=cfg.swarm.max_tokens, created=time.time(), founder=self.node.peer_id)
+        self.node.records.publish_genesis(record)
+        self.genesis = record
+        self.global_params = [p.detach().clone() for p in self.commit_state.engine.params]
+        self.version = 0
+        self.service.activate(term=1)
+        self.role = "coordinator"
+        self._publish_lease()
+        logger.info("founded run %s (config %s, tokenizer %s)", self.opts.run_id, record.config_digest[:12],
+                    record.tokenizer_digest[:12])
+
+    def _fetch_genesis_files(self, genesis: GenesisRecord):
+        """Config and tokenizer from any peer that has them, verified against the genesis digests."""
+        self.genesis = genesis
+        candidates = [genesis.founder] + [p.peer_id for p in self.node.records.peers() if p.peer_id != genesis.founder]
+        errors = []
+        for peer_id in candidates:
+            if peer_id == self.node.peer_id:
+                continue
+            try:
+                header, payload = self.node.call(peer_id, "genesis", {"run_id": self.opts.run_id}, timeout=30)
+            except Exception as exc:
+                errors.append(f"{peer_id[-8:]}: {exc}")
+                continue
+            cfg = config_from_dict(yaml.safe_load(header["config_yaml"]), source=f"run {self.opts.run_id} (from {peer_id[-8:]})")
+            if cfg.digest() != genesis.config_digest:
+                errors.append(f"{peer_id[-8:]}: config digest mismatch")
+                continue
+            tok_dir = Path(self.opts.identity or Path.home() / ".cache" / "heloco-p2p" / "runs") / f"{self.opts.run_id}-tokenizer"
+            tok_dir.mkdir(parents=True, exist_ok=True)
+            (tok_dir / "tokenizer.json").write_bytes(payload)
+            tok = load_tokenizer(str(tok_dir / "tokenizer.json"))
+            if tokenizer_digest(tok) != genesis.tokenizer_digest:
+                errors.append(f"{peer_id[-8:]}: tokenizer digest mismatch")
+                continue
+            if self.opts.config:
+                local = load_config(self.opts.config, overrides=self.opts.overrides)
+                if local.digest() != genesis.config_digest:
+                    raise JoinError(f"--config {self.opts.config} differs from run {self.opts.run_id!r}'s config; "
+                                    "drop --config to use the run's own")
+            logger.info("fetched config and tokenizer from %s (digests verified)", peer_id[-8:])
+            return cfg, tok
+        raise JoinError(f"could not fetch run {self.opts.run_id!r}'s config and tokenizer: {'; '.join(errors) or 'no peer answered'}")
+
+    async def _serve_genesis(self, header: dict, payload: bytes, remote: str):
+        return {"config_yaml": self.cfg.to_yaml()}, self._tokenizer_bytes()
+
+    def _tokenizer_bytes(self) -> bytes:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            self.tokenizer.save_pretrained(d)
+            return (Path(d) / "tokenizer.json").read_bytes()
+
+    def _build_local(self) -> None:
+        cfg, o = self.cfg, self.opts
+        self.source = open_source(source_spec(cfg, o.region))
+        blocks = TokenBlocks(self.source, self.tokenizer, seq_len=cfg.data.seq_len, split="train",
+                             seed=o.seed * 1000 + zlib.crc32(self.node.peer_id.encode()) % 1000)
+        self.model = build_model(cfg.model, self.tokenizer, seed=0)  # same θ0 on every peer; the state download overrides it
+        self.trainer = InnerTrainer(self.model, cfg.inner, blocks.batches(cfg.inner.batch_size))
+        self.val_blocks = validation_blocks(self.source, self.tokenizer, cfg.data.seq_len, cfg.data.val_blocks)
+        self.dylu = DyLU(min_steps=cfg.outer.dylu_min_steps) if cfg.outer.dylu else None
+
+    # ------------------------------------------------------------------------------ state
+    async def _serve_state(self, header: dict, payload: bytes, remote: str):
+        """Coordinators and standbys serve the replicated θ; a training peer serves the θ it last received."""
+        st = self.commit_state
+        if self.service.active or (self.role == "standby" and st.version >= self.version):
+            params, version, source = st.engine.params, st.version, self.role
+        elif self.global_params is not None:
+            params, version, source = self.global_params, self.version, "peer"
+        else:
+            return {"status": "unavailable", "message": "no state yet"}, b""
+        meta, data = encode_tensors([p.detach().clone() for p in params], "none")
+        from heloco_p2p.coordinator import _pack
+
+        return {"status": "ok", "version": version, "term": st.term, "source": source,
+                "schedule_step": st.schedule_step()}, _pack(meta, data)
+
+    def _catch_up(self) -> None:
+        """Download the current θ: from the coordinator, else a standby, else any peer (newest first)."""
+        self.role = "catching_up"
+        expected = [(tuple(p.shape), torch.float32) for p in trainable_params(self.model)]
+        deadline = time.time() + 120
+        while time.time() < deadline and not self.stop_event.is_set():
+            self._refresh_lease()
+            candidates = []
+            if self.lease is not None:
+                candidates += [self.lease.peer_id] + list(self.lease.standbys)
+            candidates += [p.peer_id for p in sorted(self.node.records.peers(), key=lambda p: -p.version)]
+            for peer_id in dict.fromkeys(candidates):
+                if peer_id == self.node.peer_id:
+                    continue
+                try:
+                    header, payload = self.node.call(peer_id, "state", {"run_id": self.opts.run_id}, timeout=60)
+                    if header.get("status") != "ok":
+                        continue
+                    params = unpack_params(payload, expected)
+                except Exception as exc:
+                    logger.debug("state from %s failed: %s", peer_id[-8:], exc)
+                    continue
+                self._adopt(params, int(header["version"]), int(header.get("schedule_step", 0)))
+                logger.info("caught up: version %d from %s (%s)", self.version, peer_id[-8:], header.get("source"))
+                self.role = "training"
+                return
+            time.sleep(1.0)
+        raise JoinError("could not download the current state from any peer within 120 s")
+
+    def _adopt(self, params: list[torch.Tensor], version: int, schedule_step: int) -> None:
+        self.global_params = params
+        self.version = version
+        self.trainer.load_params(params)
+        self.trainer.step = max(self.trainer.step, schedule_step)
+
+    # ------------------------------------------------------------------------------ lease
+    def _refresh_lease(self) -> LeaseRecord | None:
+        """Read the lease claims and believe the highest consistent one (docs/protocol.md)."""
+        claims = self.node.records.lease_claims()
+        now = time.time()
+        live = [c for c in claims if c.renewed + self.cfg.swarm.lease_seconds > now] if self.cfg else claims
+        for c in live:
+            believable = (self.lease is None or c.term > self.lease.term and (c.peer_id in self.lease.standbys
+                          or self.lease.renewed + 3 * self.cfg.swarm.lease_seconds < now)
+                          or c.term == self.lease.term and c.peer_id == self.lease.peer_id)
+            if believable:
+                if self.lease is None or c.term != self.lease.term:
+                    logger.info("coordinator: %s (term %d, version %d)", c.peer_id[-8:], c.term, c.version)
+                self.lease, self.lease_seen_at = c, now
+                self.service.note_term(c.term)
+                break
+        return self.lease
+
+    def _publish_lease(self) -> None:
+        st, svc = self.commit_state, self.service
+        stale = list(svc.staleness_recent)
+        record = LeaseRecord(peer_id=self.node.peer_id, term=st.term, version=st.version,
+                             digest=params_digest(st.engine.params), standbys=list(svc.standbys),
+                             maddrs=self.node.visible_maddrs(), renewed=time.time(), commits=svc.commits_this_term,
+                             rejected=svc.rejected_this_term, commits_per_minute=svc.commits_per_minute(),
+                             mean_staleness=float(sum(stale) / len(stale)) if stale else 0.0,
+                             branches={str(k): int(v) for k, v in svc.branches.items()})
+        self.node.records.publish_lease(record, ttl=self.cfg.swarm.lease_seconds)
+        self.lease, self.lease_seen_at = record, time.time()
+
+    def _choose_standbys(self) -> None:
+        svc, want = self.service, self.cfg.swarm.num_standbys
+        if len(svc.standbys) >= want:
+            return
+        now = time.time()
+        alive = [p for p in self.node.records.peers()
+                 if p.peer_id != self.node.peer_id and p.peer_id not in svc.standbys and p.role in ("training", "standby")
+                 and p.heartbeat + 3 * self.cfg.swarm.heartbeat_seconds > now]
+        for p in sorted(alive, key=lambda p: p.peer_id)[: want - len(svc.standbys)]:
+            try:
+                async def _add(pid=p.peer_id):
+                    async with svc.lock:  # no commit may slip between the copy and the listing
+                        await svc.send_full_state(pid)
+                        svc.standbys.append(pid)
+
+                self.node.run(_add(), timeout=90)
+                logger.info("standby %s holds a replica at version %d", p.peer_id[-8:], self.commit_state.version)
+            except Exception as exc:
+                logger.warning("could not make %s a standby: %s", p.peer_id[-8:], exc)
+
+    def _maintenance(self) -> None:
+        sw = self.cfg.swarm
+        last_beat = last_renew = 0.0
+        while not self.stop_event.wait(0.5):
+            now = time.time()
+            try:
+                if self.service.active:
+                    if now - last_renew >= sw.lease_seconds / 3:
+                        self._choose_standbys()
+                        self._publish_lease()
+                        last_renew = now
+                        self._maybe_checkpoint()
+                    self.role = "coordinator"
+                self._watch_lease(now)
+                if now - last_beat >= sw.heartbeat_seconds:
+                    self._heartbeat()
+                    last_beat = now
+            except Exception as exc:  # the DHT can hiccup; keep the peer alive
+                logger.warning("maintenance: %s", exc)
+
+    def _watch_lease(self, now: float) -> None:
+        lease = self._refresh_lease()
+        svc = self.service
+        if lease is not None and lease.peer_id != self.node.peer_id and svc.active and lease.term > svc.state.term:
+            svc.step_down(lease.term)
+            self.role = "training"
+        if not svc.active:
+            self.role = "standby" if lease is not None and self.node.peer_id in lease.standbys else (
+                "training" if self.role in ("coordinator", "standby") else self.role)
+        if lease is None or svc.active:
+            return
+        expired_for = now - (lease.renewed + self.cfg.swarm.lease_seconds)
+        if expired_for < 0 or self.node.peer_id not in lease.standbys:
+            return
+        rank = lease.standbys.index(self.node.peer_id)
+        grace = self.cfg.swarm.lease_seconds / 2
+        if expired_for >= rank * grace and self.commit_state.version >= lease.version:
+            term = max(lease.term, svc.highest_term_seen) + 1
+            svc.standbys = [s for s in lease.standbys if s != self.node.peer_id]
+            svc.activate(term)
+            self.role = "coordinator"
+            self._publish_lease()
+            self.log_metric({"event": "takeover", "term": term, "version": self.commit_state.version,
+                             "lease_expired_for": expired_for})
+            logger.warning("took over as coordinator: term %d at version %d (lease lapsed %.1fs ago)",
+                           term, self.commit_state.version, expired_for)
+
+    def _took_over_by_handover(self, term: int) -> None:
+        self.role = "coordinator"
+        self._publish_lease()
+        self.log_metric({"event": "takeover", "term": term, "version": self.commit_state.version, "handover": True})
+        logger.warning("took over as coordinator by handover: term %d at version %d", term, self.commit_state.version)
+
+    def _heartbeat(self) -> None:
+        record = PeerRecord(peer_id=self.node.peer_id, name=self.name, region=self.opts.region,
+                            device=str(self.trainer.device), role=self.role, steps_per_second=float(self.steps_per_second),
+                            inner_steps=int(self.inner_steps), version=int(self.version), rounds=int(self.rounds),
+                            tokens=int(self.tokens), loss=float(self.last_loss) if math.isfinite(self.last_loss) else -1.0,
+                            staleness=int(self.last_staleness), accepted=int(self.accepted), rejected=int(self.rejected),
+                            bytes_in=int(self.node.bytes_in), bytes_out=int(self.node.bytes_out), heartbeat=time.time(),
+                            maddrs=self.node.visible_maddrs())
+        self._peer_record = record
+        self.node.records.publish_peer(record, ttl=4 * self.cfg.swarm.heartbeat_seconds)
+
+    def _maybe_checkpoint(self, force: bool = False) -> None:
+        if not self.opts.checkpoint_dir:
+            return
+        st = self.commit_state
+        last = getattr(self, "_checkpointed_version", -1)
+        if force or st.version - last >= self.cfg.swarm.checkpoint_every:
+            state = {"commit_state": st.state_dict(), "config_digest": self.cfg.digest(), "version": st.version,
+                     "term": st.term}
+            atomic_torch_save(Path(self.opts.checkpoint_dir) / "coordinator.pt", state)
+            self._checkpointed_version = st.version
+
+    # ------------------------------------------------------------------------------ rounds
+    def _steps_this_round(self) -> int:
+        H = self.cfg.inner.steps_per_round
+        if self.dylu is None:
+            return H
+        for p in self.node.records.peers():
+            if p.steps_per_second > 0:
+                self.dylu.update(p.peer_id, p.steps_per_second)
+        if self.steps_per_second > 0:
+            self.dylu.update(self.node.peer_id, self.steps_per_second)
+        return self.dylu.steps_for(self.node.peer_id, H) if self.dylu.speed(self.node.peer_id) else H
+
+    def _on_step(self, i: int, loss: float) -> None:
+        if self.stop_event.is_set():
+            raise StopRequested()
+        if self.opts.speed < 1.0:
+            # emulate slower hardware: idle (1/speed − 1) × the step's own time
+            dt = time.perf_counter() - self._step_t0
+            time.sleep(dt * (1.0 / self.opts.speed - 1.0))
+        self._step_t0 = time.perf_counter()
+
+    def _time_left(self) -> bool:
+        return self.deadline is None or time.time() < self.deadline
+
+    def train_loop(self) -> None:
+        o, started = self.opts, time.time()
+        self.deadline = started + 60 * o.max_minutes if o.max_minutes else None
+        if not o.no_train:
+            self.log_metric({"event": "eval", "version": self.version, "val_loss": self.evaluate()})
+        if o.no_train:
+            while not self.stop_event.wait(1.0):
+                if o.max_minutes and time.time() - started > 60 * o.max_minutes:
+                    break
+            return
+        while not self.stop_event.is_set():
+            if o.max_rounds is not None and self.rounds >= o.max_rounds:
+                break
+            if not self._time_left():
+                break
+            if self.genesis.max_versions and self.version >= self.genesis.max_versions:
+                logger.info("the run reached its budget of %d versions", self.genesis.max_versions)
+                break
+            H = self._steps_this_round()
+            base = self.version
+            self._step_t0 = time.perf_counter()
+            t0 = time.perf_counter()
+            try:
+                delta, stats = self.trainer.run_round(self.global_params, H, on_step=self._on_step)
+            except StopRequested:
+                break
+            compute = time.perf_counter() - t0
+            self.inner_steps = H
+            self.steps_per_second = H / compute if compute > 0 else 0.0
+            self.rounds += 1
+            self.last_loss = stats.loss
+            self._submit(delta, base, stats, compute)
+        self.log_metric({"event": "eval", "version": self.version, "val_loss": self.evaluate()})
+
+    def _submit(self, delta: list[torch.Tensor], base: int, stats, compute: float) -> None:
+        sw = self.cfg.swarm
+        t0 = time.perf_counter()
+        meta, payload = encode_tensors([d.detach().float().cpu() for d in delta], sw.compression)
+        t_ser = time.perf_counter() - t0
+        header = {"run_id": self.opts.run_id, "seq": self.seq, "base_version": base, "steps": stats.steps,
+                  "tensors": meta, "stats": {"loss": stats.loss, "tokens": stats.tokens, "seconds": stats.seconds}}
+        expected = [(tuple(p.shape), torch.float32) for p in self.global_params]
+        deadline = time.time() + sw.submit_timeout
+        attempt = 0
+        while time.time() < deadline and not self.stop_event.is_set() and self._time_left():
+            attempt += 1
+            lease = self._refresh_lease()
+            if lease is None:
+                time.sleep(0.5)
+                continue
+            header["term"] = self.service.highest_term_seen
+            t1 = time.perf_counter()
+            try:
+                if lease.peer_id == self.node.peer_id:
+                    reply, data = self.node.run(self.service._handle_submit(header, payload, self.node.peer_id), timeout=sw.submit_timeout)
+                else:
+                    reply, data = self.node.call(lease.peer_id, "submit", header, payload, timeout=sw.submit_timeout)
+            except Exception as exc:
+                logger.info("submission to %s failed (%s); retrying", lease.peer_id[-8:], type(exc).__name__)
+                time.sleep(min(2.0, 0.25 * attempt))
+                continue
+            rtt = time.perf_counter() - t1
+            status = reply.get("status")
+            if reply.get("term", 0) < self.service.highest_term_seen and status == "accepted":
+                continue  # a deposed coordinator answered: ignore it (its commit cannot be acknowledged)
+            if status == "accepted":
+                params = unpack_params(data, expected)
+                self._adopt(params, int(reply["version"]), int(reply.get("schedule_step", 0)))
+                self.accepted += 1
+                self.tokens += stats.tokens
+                self.last_staleness = int(reply["staleness"] or 0)
+                ack = {"event": "ack", "seq": self.seq, "version": self.version, "term": int(reply["term"]),
+                       "digest": params_digest(params),
+                       "duplicate": bool(reply.get("duplicate")), "staleness": reply.get("staleness"),
+                       "loss": stats.loss, "tokens": stats.tokens, "steps": stats.steps, "compute_seconds": compute,
+                       "rtt": rtt, "serialize_seconds": t_ser, "bytes": len(payload), "attempts": attempt}
+                self.acks.append(ack)
+                self.log_metric(ack)
+                logger.info("round %d: v%d loss %.3f %.0f tok/s staleness %s role %s", self.rounds, self.version,
+                            stats.loss, stats.tokens_per_second, reply.get("staleness"), self.role)
+                self.seq += 1
+                return
+            if status == "not_coordinator":
+                time.sleep(0.3)
+                continue
+            # rejected: a reason we cannot fix by retrying; start again from the current state
+            self.rejected += 1
+            self.seq += 1
+            self.log_metric({"event": "rejected", "reason": reply.get("reason"), "message": reply.get("message")})
+            logger.warning("submission rejected: %s (%s)", reply.get("reason"), reply.get("message"))
+            if reply.get("reason") in ("too_stale", "bad_version"):
+                self._catch_up()
+            return
+        logger.warning("gave up on submission %d after %d attempts", self.seq, attempt)
+        self.seq += 1
+        if not self.stop_event.is_set() and self._time_left():
+            self._catch_up()
+
+    # ------------------------------------------------------------------------------ leaving
+    def evaluate(self) -> float:
+        with torch.no_grad():
+            self.trainer.load_params(self.global_params)
+        return validation_loss(self.model, self.val_blocks)
+
+    def request_stop(self, *_args) -> None:
+        self.stop_event.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+
+    def leave(self) -> None:
+        """Deregister, hand the role over (standbys take it when the lease lapses), stop p2pd."""
+        self.stop_event.set()
+        if self._maint is not None:
+            self._maint.join(timeout=5)
+        if self.node is None:
+            return
+        try:
+            if self.cfg is not None:
+                if self.service.active:
+                    self.node.run(self.service.hand_over(), timeout=30)
+                self._maybe_checkpoint(force=True)
+                if getattr(self, "_peer_record", None) is not None:
+                    self.node.records.withdraw_peer(self._peer_record)
+        except Exception as exc:
+            logger.debug("leaving: %s", exc)
+        self.node.shutdown()
+        if self._reaper is not None:
+            from heloco_p2p.swarm.lifetime import stop_reaper
+
+            stop_reaper(self._reaper)
+        logger.info("left the swarm")

@@ -1,0 +1,154 @@
+"""The run's DHT records: schemas, signatures, and typed read/write helpers.
+
+Three keys per run, each a dictionary whose subkeys are owned by one peer's RSA key (hivemind's
+``RSASignatureValidator``: a subkey containing ``[owner:<public key>]`` can only be written with
+that key's signature), and whose values must match a strict schema (``SchemaValidator``)::
+
+    <run>_genesis      the run's identity: protocol, config and tokenizer digests, budget
+    <run>_peers        one record per peer: region, speed, version, tokens, loss, role, heartbeat
+    <run>_coordinator  one lease claim per claimant: term, version, standbys, addresses, θ digest
+
+hivemind's SchemaValidator names keys ``<prefix>_<field>``, hence ``_`` rather than ``.``.
+Monitoring reads only these records.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, List, Optional
+
+import pydantic.v1 as pydantic
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
+from hivemind.utils import get_dht_time
+
+PROTOCOL_VERSION = 1
+
+StrictFloat, StrictInt, StrictStr, StrictBool = pydantic.StrictFloat, pydantic.StrictInt, pydantic.StrictStr, pydantic.StrictBool
+
+
+class GenesisRecord(pydantic.BaseModel):
+    protocol_version: StrictInt
+    run_id: StrictStr
+    config_digest: StrictStr
+    tokenizer_digest: StrictStr
+    max_versions: StrictInt  # 0: no budget in versions
+    max_tokens: StrictInt  # 0: no budget in tokens
+    created: StrictFloat
+    founder: StrictStr  # peer id of the peer that started the run
+
+
+class PeerRecord(pydantic.BaseModel):
+    peer_id: StrictStr
+    name: StrictStr
+    region: StrictStr
+    device: StrictStr
+    role: StrictStr  # training | catching_up | coordinator | standby | observer
+    steps_per_second: StrictFloat
+    inner_steps: StrictInt  # H of its last round
+    version: StrictInt  # global version its parameters are at
+    rounds: StrictInt
+    tokens: StrictInt
+    loss: StrictFloat
+    staleness: StrictInt  # of its last accepted submission
+    accepted: StrictInt
+    rejected: StrictInt
+    bytes_in: StrictInt
+    bytes_out: StrictInt
+    heartbeat: StrictFloat
+    maddrs: List[StrictStr]
+
+
+class LeaseRecord(pydantic.BaseModel):
+    peer_id: StrictStr
+    term: StrictInt
+    version: StrictInt
+    digest: StrictStr  # digest of θ at `version`
+    standbys: List[StrictStr]  # peer ids, in the order they claim
+    maddrs: List[StrictStr]
+    renewed: StrictFloat
+    commits: StrictInt  # commits served in this term
+    rejected: StrictInt
+    commits_per_minute: StrictFloat
+    mean_staleness: StrictFloat
+    branches: Dict[StrictStr, StrictInt]  # correction branches fired in this term
+
+
+class RunSchema(pydantic.BaseModel):
+    genesis: Dict[BytesWithPublicKey, GenesisRecord]
+    peers: Dict[BytesWithPublicKey, PeerRecord]
+    coordinator: Dict[BytesWithPublicKey, LeaseRecord]
+
+
+def make_validators(run_id: str, private_key) -> tuple[list, RSASignatureValidator]:
+    """Record validators for a DHT that takes part in ``run_id``: schema + owner signatures."""
+    signer = RSASignatureValidator(private_key)
+    return [SchemaValidator(RunSchema, allow_extra_keys=True, prefix=run_id), signer], signer
+
+
+def record_dict(model: pydantic.BaseModel) -> dict:
+    """A record as the plain dict the DHT stores (strict types preserved)."""
+    return model.dict()
+
+
+class RunRecords:
+    """Typed access to one run's records through a ``hivemind.DHT``.
+
+    :param dht: a running hivemind.DHT built with ``make_validators(run_id, key)``
+    :param run_id: the run's name
+    :param signer: the RSASignatureValidator whose key owns this peer's subkeys
+    """
+
+    def __init__(self, dht, run_id: str, signer: RSASignatureValidator):
+        self.dht, self.run_id, self.signer = dht, run_id, signer
+
+    @property
+    def owner(self) -> bytes:
+        return self.signer.local_public_key
+
+    def _key(self, field: str) -> str:
+        return f"{self.run_id}_{field}"
+
+    def _store(self, field: str, model: pydantic.BaseModel, ttl: float) -> bool:
+        return bool(self.dht.store(self._key(field), record_dict(model), expiration_time=get_dht_time() + ttl,
+                                   subkey=self.owner))
+
+    def _read(self, field: str, model: type) -> dict[bytes, Any]:
+        found = self.dht.get(self._key(field), latest=True)
+        if found is None or not isinstance(found.value, dict):
+            return {}
+        out = {}
+        for subkey, item in found.value.items():
+            try:
+                out[subkey] = model.parse_obj(item.value)
+            except pydantic.ValidationError:
+                continue  # the validators already refuse these; be defensive against old records
+        return out
+
+    # genesis ------------------------------------------------------------------------------
+    def publish_genesis(self, record: GenesisRecord, ttl: float = 7 * 24 * 3600) -> bool:
+        return self._store("genesis", record, ttl)
+
+    def genesis(self) -> Optional[GenesisRecord]:
+        records = sorted(self._read("genesis", GenesisRecord).values(), key=lambda r: r.created)
+        return records[0] if records else None  # the earliest genesis defines the run
+
+    # peers --------------------------------------------------------------------------------
+    def publish_peer(self, record: PeerRecord, ttl: float) -> bool:
+        return self._store("peers", record, ttl)
+
+    def peers(self) -> list[PeerRecord]:
+        return list(self._read("peers", PeerRecord).values())
+
+    def withdraw_peer(self, record: PeerRecord) -> bool:
+        """Leave: overwrite our record with one that expires at once."""
+        record = record.copy(update={"role": "left", "heartbeat": time.time()})
+        return self._store("peers", record, ttl=1.0)
+
+    # lease --------------------------------------------------------------------------------
+    def publish_lease(self, record: LeaseRecord, ttl: float) -> bool:
+        return self._store("coordinator", record, ttl)
+
+    def lease_claims(self) -> list[LeaseRecord]:
+        """Every unexpired claim, highest term first (ties: most recently renewed first)."""
+        claims = self._read("coordinator", LeaseRecord).values()
+        return sorted(claims, key=lambda c: (c.term, c.renewed), reverse=True)

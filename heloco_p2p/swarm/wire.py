@@ -1,0 +1,343 @@
+"""Tensors and messages on hivemind binary streams, with the project's own framing and limits.
+
+hivemind's protobuf handlers parse a length-prefixed message before project code runs, have no
+size cap of their own and answer malformed input by closing the stream. A submission needs the
+opposite: its size is capped from the length fields before the body is read, and the sender is
+told why it was refused. So the coordinator serves ``P2P.add_binary_stream_handler`` and frames
+messages itself::
+
+    b"HLC1" | u32 header_len | header: UTF-8 JSON object | u64 payload_len | payload
+
+(lengths big-endian). The header carries the metadata of the tensors in the payload (from
+:func:`encode_tensors`) and whatever the RPC layer needs (run, version, stats, a signature); the
+payload is the tensors, each a serialized ``hivemind.proto.runtime_pb2.Tensor``.
+
+Usage::
+
+    meta, payload = encode_tensors(list_of_pseudo_grads, "8bit")
+    await write_message(writer, {"op": "submit", "tensors": meta}, payload)
+    header, payload = await read_message(reader, max_payload_bytes=64 << 20)
+    tensors = decode_tensors(header["tensors"], payload, expected=[(p.shape, p.dtype) for p in params])
+
+Every malformed input raises :class:`WireError`, whose ``code`` is short and meant to be sent back
+to the peer: ``closed``, ``truncated``, ``bad_magic``, ``too_large``, ``malformed``, ``bad_tensor``,
+``layout_mismatch``. Reads have no timeout of their own: wrap them in ``asyncio.wait_for``.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import struct
+from typing import Any, Sequence
+
+import torch
+from google.protobuf.message import DecodeError
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.proto import runtime_pb2
+
+logger = logging.getLogger(__name__)
+
+COMPRESSIONS = ("none", "fp16", "8bit")
+MAGIC = b"HLC1"
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_PROTO_COMPRESSION = {
+    "none": runtime_pb2.CompressionType.NONE,
+    "fp16": runtime_pb2.CompressionType.FLOAT16,
+    "8bit": runtime_pb2.CompressionType.BLOCKWISE_8BIT,
+}
+# hivemind's BlockwiseQuantization (bitsandbytes): absmax per block of 4096 values and a
+# 256-entry float32 codebook sent with every tensor, so 1 KiB of overhead per tensor.
+BLOCK_SIZE_8BIT = 4096
+CODEBOOK_SIZE_8BIT = 256
+# Below one quantization block the 1 KiB codebook costs about as much as the fp32 tensor itself,
+# and 1-D tensors (norm gains, biases) are few values that the model is sensitive to: quantizing
+# them saves nothing and loses precision, so "8bit" sends them uncompressed.
+MIN_NUMEL_8BIT = BLOCK_SIZE_8BIT
+_READ_CHUNK = 1 << 20
+
+
+class WireError(ValueError):
+    """Bytes from a peer that cannot be accepted; ``code`` is the machine-readable reason.
+
+    :param code: short reason sent back to the peer (``too_large``, ``malformed``, ...)
+    :param message: human-readable detail
+    """
+
+    def __init__(self, code: str, message: str):
+        # both in args so that the exception survives pickling (multiprocessing, hivemind MPFuture)
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+def wire_compression(tensor: torch.Tensor, compression: str) -> str:
+    """The compression a tensor is actually sent with when ``compression`` is requested.
+
+    :param tensor: the tensor to send
+    :param compression: one of :data:`COMPRESSIONS`
+    """
+    if compression == "8bit" and (tensor.dim() < 2 or tensor.numel() < MIN_NUMEL_8BIT):
+        return "none"
+    return compression
+
+
+def encode_tensors(tensors: Sequence[torch.Tensor], compression: str) -> tuple[list[dict], bytes]:
+    """Serialize CPU float32 tensors into per-tensor metadata and one concatenated payload.
+
+    fp16 clamps to ±65504; 8bit is hivemind's blockwise quantization (bitsandbytes), used only
+    for tensors with at least 2 dimensions and :data:`MIN_NUMEL_8BIT` values (see
+    :func:`wire_compression`); the compression actually used is recorded per tensor.
+
+    :param tensors: CPU float32 tensors (pseudo-gradients or parameters), in layout order
+    :param compression: one of :data:`COMPRESSIONS`
+    :returns: (metadata: a JSON-friendly list of ``{shape, dtype, nbytes, compression}``, payload)
+    """
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"unknown compression {compression!r}, expected one of {COMPRESSIONS}")
+    meta, parts = [], []
+    for i, tensor in enumerate(tensors):
+        if tensor.dtype != torch.float32 or tensor.device.type != "cpu":
+            raise TypeError(f"tensor {i}: expected a CPU float32 tensor, got {tensor.dtype} on {tensor.device}")
+        used = wire_compression(tensor, compression)
+        blob = serialize_torch_tensor(tensor.detach(), _PROTO_COMPRESSION[used]).SerializeToString()
+        meta.append({"shape": list(tensor.shape), "dtype": "float32", "nbytes": len(blob), "compression": used})
+        parts.append(blob)
+    return meta, b"".join(parts)
+
+
+def _check_meta(meta: Any) -> list[tuple[tuple[int, ...], str, int]]:
+    """Type-check untrusted metadata; returns (shape, compression, nbytes) per tensor."""
+    if not isinstance(meta, list):
+        raise WireError("malformed", "tensor metadata is not a list")
+    checked = []
+    for i, entry in enumerate(meta):
+        if not isinstance(entry, dict):
+            raise WireError("malformed", f"tensor {i}: metadata is not an object")
+        shape, nbytes, comp = entry.get("shape"), entry.get("nbytes"), entry.get("compression")
+        # bool is an int subclass: reject it explicitly so that `true` is not a dimension of 1
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise WireError("malformed", f"tensor {i}: shape must be a list of non-negative integers")
+        if type(nbytes) is not int or nbytes < 0:
+            raise WireError("malformed", f"tensor {i}: nbytes must be a non-negative integer")
+        if comp not in COMPRESSIONS:
+            raise WireError("malformed", f"tensor {i}: unknown compression {comp!r}")
+        if entry.get("dtype") != "float32":
+            raise WireError("malformed", f"tensor {i}: dtype must be float32, got {entry.get('dtype')!r}")
+        checked.append((tuple(shape), comp, nbytes))
+    return checked
+
+
+def _expected_buffer_len(numel: int, compression: str) -> int:
+    if compression == "none":
+        return 4 * numel
+    if compression == "fp16":
+        return 2 * numel
+    nblocks = -(-numel // BLOCK_SIZE_8BIT)
+    return 16 + 4 * nblocks + 4 * CODEBOOK_SIZE_8BIT + numel
+
+
+def _dequantize_blockwise(buffer: bytearray, numel: int, n_absmax: int) -> torch.Tensor:
+    """Decode hivemind's BLOCKWISE_8BIT buffer: value = codebook[code] * absmax[block].
+
+    Bitwise the same as hivemind's ``BlockwiseQuantization.extract`` (bitsandbytes), which this
+    replaces because it converts 1-element arrays to ints, an error from numpy 2.4 on; here the
+    block table is read with ``struct`` and the lookup is plain torch.
+    """
+    off_code = 16 + 4 * n_absmax
+    absmax = torch.frombuffer(buffer, dtype=torch.float32, count=n_absmax, offset=16)
+    code = torch.frombuffer(buffer, dtype=torch.float32, count=CODEBOOK_SIZE_8BIT, offset=off_code)
+    indices = torch.frombuffer(buffer, dtype=torch.uint8, count=numel, offset=off_code + 4 * CODEBOOK_SIZE_8BIT)
+    out = code.index_select(0, indices.int())
+    full = numel - numel % BLOCK_SIZE_8BIT
+    out[:full].view(-1, BLOCK_SIZE_8BIT).mul_(absmax[: full // BLOCK_SIZE_8BIT, None])
+    if full < numel:
+        out[full:].mul_(absmax[-1])
+    return out
+
+
+def _decode_one(i: int, blob: memoryview, shape: tuple[int, ...], compression: str) -> torch.Tensor:
+    try:
+        proto = runtime_pb2.Tensor.FromString(blob)
+    except (DecodeError, ValueError, TypeError) as e:
+        raise WireError("bad_tensor", f"tensor {i}: protobuf does not parse ({e})") from None
+    if proto.compression != _PROTO_COMPRESSION[compression]:
+        raise WireError("bad_tensor", f"tensor {i}: compression differs from its metadata")
+    if tuple(proto.size) != shape or proto.dtype != "float32":
+        raise WireError("bad_tensor", f"tensor {i}: shape/dtype {tuple(proto.size)}/{proto.dtype} "
+                                      f"differ from metadata {shape}/float32")
+    numel = math.prod(shape)
+    # The buffer length is checked against the shape before any decoder sees it, so that a
+    # length field cannot make a decoder read past the data or allocate for a claimed size.
+    if len(proto.buffer) != _expected_buffer_len(numel, compression):
+        raise WireError("bad_tensor", f"tensor {i}: {len(proto.buffer)} data bytes do not fit shape {shape} "
+                                      f"with {compression}")
+    if compression == "8bit":
+        if numel == 0:
+            raise WireError("bad_tensor", f"tensor {i}: empty tensor sent as 8bit")
+        n_absmax, n_code = struct.unpack_from("<qq", proto.buffer)
+        if n_absmax != -(-numel // BLOCK_SIZE_8BIT) or n_code != CODEBOOK_SIZE_8BIT:
+            raise WireError("bad_tensor", f"tensor {i}: 8bit block table ({n_absmax}, {n_code}) does not fit shape")
+        return _dequantize_blockwise(bytearray(proto.buffer), numel, n_absmax).reshape(shape)
+    try:
+        tensor = deserialize_torch_tensor(proto)
+    except Exception as e:  # a decoder failure on checked input is still the peer's bytes: report, don't crash
+        raise WireError("bad_tensor", f"tensor {i}: {compression} does not decode ({type(e).__name__}: {e})") from None
+    return tensor.detach().to(torch.float32).reshape(shape).contiguous()
+
+
+def decode_tensors(
+    meta: Any, payload: bytes, expected: Sequence[tuple[Sequence[int], torch.dtype]] | None = None
+) -> list[torch.Tensor]:
+    """Rebuild float32 CPU tensors from :func:`encode_tensors` output received from a peer.
+
+    Everything is checked except the values themselves (finiteness and norms are the
+    coordinator's validator's job): metadata types, lengths summing to ``len(payload)``, each
+    protobuf against its metadata, and the layout against ``expected`` before anything is decoded.
+
+    :param meta: the metadata list as received (untrusted JSON)
+    :param payload: the concatenated serialized tensors
+    :param expected: if given, the (shape, dtype) of each tensor the receiver's model needs
+    :raises WireError: ``malformed`` (metadata, lengths), ``layout_mismatch`` (vs ``expected``),
+        ``bad_tensor`` (a tensor's bytes)
+    """
+    checked = _check_meta(meta)
+    total = sum(nbytes for _, _, nbytes in checked)
+    if total != len(payload):
+        raise WireError("malformed", f"tensor sizes sum to {total} bytes, payload has {len(payload)}")
+    if expected is not None:
+        if len(expected) != len(checked):
+            raise WireError("layout_mismatch", f"{len(checked)} tensors sent, {len(expected)} expected")
+        for i, ((shape, _, _), (want_shape, want_dtype)) in enumerate(zip(checked, expected)):
+            if shape != tuple(want_shape) or want_dtype != torch.float32:
+                raise WireError("layout_mismatch", f"tensor {i}: float32{list(shape)} sent, "
+                                                   f"{want_dtype}{list(want_shape)} expected")
+    view, offset, tensors = memoryview(payload), 0, []
+    for i, (shape, compression, nbytes) in enumerate(checked):
+        tensors.append(_decode_one(i, view[offset:offset + nbytes], shape, compression))
+        offset += nbytes
+    return tensors
+
+
+def _dump_header(header: dict) -> bytes:
+    if not isinstance(header, dict):
+        raise TypeError("header must be a dict")
+    # strict JSON both ways: NaN/Infinity are not JSON and a non-Python receiver would choke
+    return json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+async def write_message(writer: asyncio.StreamWriter, header: dict, payload: bytes = b"") -> int:
+    """Write one framed message and wait until the transport has taken it (``drain``).
+
+    :param writer: the stream's writer (from a hivemind binary stream or asyncio)
+    :param header: a JSON-serializable dict (no NaN or infinities)
+    :param payload: raw bytes, e.g. from :func:`encode_tensors`
+    :returns: the number of bytes written
+    """
+    head = _dump_header(header)
+    prefix = MAGIC + _U32.pack(len(head)) + head + _U64.pack(len(payload))
+    writer.write(prefix)
+    if payload:
+        writer.write(payload)
+    await writer.drain()
+    return len(prefix) + len(payload)
+
+
+async def _read_exactly(reader: asyncio.StreamReader, n: int, what: str) -> bytes:
+    try:
+        return await reader.readexactly(n)
+    except asyncio.IncompleteReadError as e:
+        raise WireError("truncated", f"stream ended after {len(e.partial)} of {n} bytes of {what}") from None
+
+
+async def _read_payload(reader: asyncio.StreamReader, n: int) -> bytes:
+    # Chunked, so memory grows with what actually arrives, not with what the length field claims.
+    chunks, remaining = [], n
+    while remaining:
+        chunk = await reader.read(min(remaining, _READ_CHUNK))
+        if not chunk:
+            raise WireError("truncated", f"stream ended after {n - remaining} of {n} payload bytes")
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def read_message(
+    reader: asyncio.StreamReader, max_header_bytes: int = 1 << 20, max_payload_bytes: int = 1 << 30
+) -> tuple[dict, bytes]:
+    """Read one framed message; sizes are checked from the length fields before the body is read.
+
+    :param reader: the stream's reader
+    :param max_header_bytes: largest header accepted
+    :param max_payload_bytes: largest payload accepted
+    :returns: (header dict, payload bytes)
+    :raises WireError: ``closed`` (the stream ended cleanly before a message), ``truncated``,
+        ``bad_magic``, ``too_large``, ``malformed`` (header not a UTF-8 JSON object)
+    """
+    magic = await reader.read(len(MAGIC))
+    if not magic:
+        raise WireError("closed", "stream ended before a message")
+    if len(magic) < len(MAGIC):
+        magic += await _read_exactly(reader, len(MAGIC) - len(magic), "magic")
+    if magic != MAGIC:
+        raise WireError("bad_magic", f"expected {MAGIC!r}, got {magic!r}")
+    (header_len,) = _U32.unpack(await _read_exactly(reader, _U32.size, "header length"))
+    if header_len > max_header_bytes:
+        raise WireError("too_large", f"header of {header_len} bytes exceeds the limit of {max_header_bytes}")
+    raw = await _read_exactly(reader, header_len, "header")
+    try:
+        header = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise WireError("malformed", f"header is not UTF-8 JSON ({type(e).__name__})") from None
+    if not isinstance(header, dict):
+        raise WireError("malformed", f"header is a JSON {type(header).__name__}, not an object")
+    (payload_len,) = _U64.unpack(await _read_exactly(reader, _U64.size, "payload length"))
+    if payload_len > max_payload_bytes:
+        raise WireError("too_large", f"payload of {payload_len} bytes exceeds the limit of {max_payload_bytes}")
+    return header, await _read_payload(reader, payload_len)
+
+
+async def request(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    header: dict,
+    payload: bytes = b"",
+    max_header_bytes: int = 1 << 20,
+    max_payload_bytes: int = 1 << 30,
+) -> tuple[dict, bytes]:
+    """Send one message and read the reply, reading while still sending.
+
+    A server that refuses a message from its header (too large, wrong run) answers at once and
+    stops reading; a client that only reads after sending everything would then block in
+    ``drain`` and never see the reason. Here the reply wins: once it has arrived, an unfinished
+    send is cancelled.
+
+    :param reader: the stream's reader
+    :param writer: the stream's writer
+    :param header: the request header
+    :param payload: the request payload
+    :param max_header_bytes: largest reply header accepted
+    :param max_payload_bytes: largest reply payload accepted
+    :returns: the reply (header, payload)
+    """
+    send = asyncio.ensure_future(write_message(writer, header, payload))
+    try:
+        reply = await read_message(reader, max_header_bytes, max_payload_bytes)
+    finally:
+        if not send.done():
+            send.cancel()
+        # a send that failed because the server hung up early is expected; any other error with
+        # no reply to show is re-raised by read_message above
+        await asyncio.gather(send, return_exceptions=True)
+    if send.done() and not send.cancelled() and send.exception() is not None:
+        logger.debug("request: send ended with %r after the reply arrived", send.exception())
+    return reply

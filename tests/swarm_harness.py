@@ -1,0 +1,118 @@
+"""Start real peers as separate process groups on 127.0.0.1, read their metrics, stop them all."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_test_config(path: Path, **swarm) -> Path:
+    """The tiny model with short rounds and a short lease, so a swarm test takes seconds."""
+    tree = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    tree["data"].update(seq_len=64, val_blocks=8)
+    tree["inner"].update(batch_size=8, steps_per_round=10, warmup_steps=10, total_steps=2000)
+    tree["swarm"] = {"lease_seconds": 4.0, "heartbeat_seconds": 1.0, **swarm}
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+class Swarm:
+    def __init__(self, workdir: Path, run_id: str):
+        self.dir, self.run_id = workdir, run_id
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.maddr: str | None = None
+
+    def start(self, name: str, region: str, *extra: str, initial: bool = True) -> subprocess.Popen:
+        args = [sys.executable, "-m", "heloco_p2p", "join", "--run-id", self.run_id, "--region", region, "--name", name,
+                "--threads", "1", "--metrics", str(self.dir / f"{name}.jsonl"),
+                "--checkpoint-dir", str(self.dir / f"ckpt-{name}"), "--identity", str(self.dir / f"id-{name}"), *extra]
+        if initial and self.maddr:
+            args += ["--initial-peers", self.maddr]
+        log = open(self.dir / f"{name}.log", "w")
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        self.procs[name] = proc
+        if self.maddr is None:
+            self.maddr = self.wait_for_maddr(name)
+        return proc
+
+    def wait_for_maddr(self, name: str, timeout: float = 90) -> str:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            m = re.search(r"/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+", (self.dir / f"{name}.log").read_text())
+            if m:
+                return m.group(0)
+            if self.procs[name].poll() is not None:
+                raise RuntimeError(f"{name} exited: {(self.dir / f'{name}.log').read_text()[-3000:]}")
+            time.sleep(0.3)
+        raise TimeoutError(f"{name} printed no address")
+
+    def events(self, name: str, kind: str | None = None) -> list[dict]:
+        path = self.dir / f"{name}.jsonl"
+        if not path.exists():
+            return []
+        out = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [e for e in out if kind is None or e.get("event") == kind]
+
+    def all_events(self, kind: str) -> list[dict]:
+        return [e for name in self.procs for e in self.events(name, kind)]
+
+    def wait_until(self, predicate, timeout: float, what: str) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if predicate():
+                return
+            for name, p in self.procs.items():
+                if p.poll() not in (None, 0, -signal.SIGKILL, -signal.SIGTERM):
+                    raise RuntimeError(f"{name} died ({p.returncode}): {(self.dir / f'{name}.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        logs = "\n".join(f"--- {n}\n" + (self.dir / f"{n}.log").read_text()[-2000:] for n in self.procs)
+        raise TimeoutError(f"timed out waiting for {what}\n{logs}")
+
+    def kill(self, name: str) -> None:
+        """SIGKILL the peer's whole process group (peer, DHT process, p2pd)."""
+        os.killpg(self.procs[name].pid, signal.SIGKILL)
+        self.procs[name].wait(10)
+
+    def stop(self, name: str, sig=signal.SIGTERM, timeout: float = 60) -> int:
+        self.procs[name].send_signal(sig)
+        return self.procs[name].wait(timeout)
+
+    def group_alive(self, name: str) -> bool:
+        """Whether any process of the peer's group still runs (zombies, already dead, don't count)."""
+        pgid = self.procs[name].pid
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()  # state, ppid, pgrp, ...
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                return True
+        return False
+
+    def close(self) -> None:
+        for name, p in self.procs.items():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.time() + 30
+        for name, p in self.procs.items():
+            try:
+                p.wait(max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                pass
+        for name, p in self.procs.items():
+            try:
+                os.killpg(p.pid, signal.SIGKILL)  # the whole group: nothing of ours stays behind
+            except ProcessLookupError:
+                pass
