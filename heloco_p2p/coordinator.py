@@ -197,10 +197,12 @@ class CoordinatorService:
         if header.get("run_id") != self.node.run_id:
             return self._reject(remote, "unknown_run", f"this coordinator serves run {self.node.run_id!r}")
         loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
         try:
             delta = await loop.run_in_executor(None, decode_tensors, header.get("tensors", []), payload, self.expected)
         except WireError as exc:
             return self._reject(remote, exc.code, str(exc))
+        t_decode = time.perf_counter() - t0
         peer, seq = remote, int(header.get("seq", -1))
         base_version, steps = int(header.get("base_version", -1)), int(header.get("steps", 0))
         async with self.lock:
@@ -215,8 +217,10 @@ class CoordinatorService:
             except Rejection as exc:
                 return self._reject(remote, exc.code, str(exc))
             version_before = self.state.version
+            t1 = time.perf_counter()
             info = await loop.run_in_executor(None, self.state.apply, delta, base_version, peer, seq, steps, norm)
             digest = await loop.run_in_executor(None, params_digest, self.state.engine.params)
+            t2 = time.perf_counter()
             await self._replicate_commit(peer, seq, steps, base_version, header.get("tensors", []), payload,
                                          version_before, digest)
             summary = info.summary()
@@ -228,10 +232,12 @@ class CoordinatorService:
             if self.on_commit is not None:
                 self.on_commit({**summary, "peer": peer, "seq": seq, "norm": norm, "digest": digest,
                                 "term": self.state.term, "stats": header.get("stats", {})})
+            t3 = time.perf_counter()
+            data = await loop.run_in_executor(None, self._encode_params)
+            timing = {"decode": t_decode, "commit": t2 - t1, "replicate": t3 - t2, "encode_reply": time.perf_counter() - t3}
             reply = {"status": "accepted", "duplicate": False, "version": info.version, "term": self.state.term,
                      "staleness": info.staleness, "branches": summary["branches"],
-                     "schedule_step": self.state.schedule_step()}
-            data = await loop.run_in_executor(None, self._encode_params)
+                     "schedule_step": self.state.schedule_step(), "timing": timing}
         return reply, data
 
     def _reject(self, remote: str, code: str, message: str) -> tuple[dict, bytes]:

@@ -506,7 +506,8 @@ class Peer:
                        "digest": params_digest(params),
                        "duplicate": bool(reply.get("duplicate")), "staleness": reply.get("staleness"),
                        "loss": stats.loss, "tokens": stats.tokens, "steps": stats.steps, "compute_seconds": compute,
-                       "rtt": rtt, "serialize_seconds": t_ser, "bytes": len(payload), "attempts": attempt}
+                       "rtt": rtt, "serialize_seconds": t_ser, "bytes": len(payload), "reply_bytes": len(data),
+                       "server": reply.get("timing", {}), "attempts": attempt, "compression": sw.compression}
                 self.acks.append(ack)
                 self.log_metric(ack)
                 logger.info("round %d: v%d loss %.3f %.0f tok/s staleness %s role %s", self.rounds, self.version,

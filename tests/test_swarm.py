@@ -11,14 +11,14 @@ import uuid
 import pytest
 import torch
 
-from swarm_harness import Swarm, write_test_config
+from heloco_p2p.launcher import LocalSwarm, write_test_config
 
 pytestmark = pytest.mark.slow
 
 
 def test_swarm_trains_survives_leave_and_coordinator_kill(tmp_path):
     cfg = write_test_config(tmp_path / "cfg.yaml")
-    sw = Swarm(tmp_path, f"test-{uuid.uuid4().hex[:8]}")
+    sw = LocalSwarm(tmp_path, f"test-{uuid.uuid4().hex[:8]}")
     try:
         sw.start("a", "de", "--config", str(cfg))
         sw.start("b", "fr")

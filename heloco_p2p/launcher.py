@@ -1,4 +1,14 @@
-"""Start real peers as separate process groups on 127.0.0.1, read their metrics, stop them all."""
+"""Start real peers as separate processes on 127.0.0.1, read their metrics, stop them all.
+
+Each peer runs in its own session (process group) so that stopping it, even with SIGKILL,
+reaches its DHT process and p2pd too. Used by the tests, the benchmarks and the testnet.
+
+    sw = LocalSwarm(Path("runs/x"), "demo")
+    sw.start("a", "de", "--config", "configs/tiny.yaml")
+    sw.start("b", "fr")                       # joins through a's address
+    sw.wait_until(lambda: len(sw.events("a", "commit")) >= 10, 120, "10 commits")
+    sw.close()
+"""
 from __future__ import annotations
 
 import json
@@ -25,7 +35,7 @@ def write_test_config(path: Path, **swarm) -> Path:
     return path
 
 
-class Swarm:
+class LocalSwarm:
     def __init__(self, workdir: Path, run_id: str):
         self.dir, self.run_id = workdir, run_id
         self.procs: dict[str, subprocess.Popen] = {}

@@ -1,0 +1,89 @@
+"""DHT records: schemas, owner signatures, persistent identity, protocol-version refusal."""
+import time
+
+import pytest
+
+from heloco_p2p.peer import JoinError, Peer, PeerOptions
+from heloco_p2p.swarm.node import SwarmNode
+from heloco_p2p.swarm.records import PROTOCOL_VERSION, GenesisRecord, LeaseRecord, PeerRecord
+
+
+def lease(peer_id, term, renewed=None):
+    return LeaseRecord(peer_id=peer_id, term=term, version=3, digest="d", standbys=[], maddrs=[],
+                       renewed=renewed or time.time(), commits=0, rejected=0, commits_per_minute=0.0,
+                       mean_staleness=0.0, branches={})
+
+
+def peer_record(peer_id, **kw):
+    base = dict(peer_id=peer_id, name="n", region="de", device="cpu", role="training", steps_per_second=1.0,
+                inner_steps=10, version=1, rounds=1, tokens=10, loss=5.0, staleness=0, accepted=1, rejected=0,
+                bytes_in=0, bytes_out=0, heartbeat=time.time(), maddrs=[])
+    return PeerRecord(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    ident = tmp_path_factory.mktemp("ident")
+    a = SwarmNode("rec", identity_dir=ident / "a")
+    b = SwarmNode("rec", identity_dir=ident / "b", initial_peers=a.visible_maddrs())
+    yield a, b, ident
+    b.shutdown()
+    a.shutdown()
+
+
+def test_records_round_trip_between_peers(two_nodes):
+    a, b, _ = two_nodes
+    assert a.records.publish_peer(peer_record(a.peer_id, region="fr"), ttl=30)
+    assert a.records.publish_lease(lease(a.peer_id, 2), ttl=30)
+    assert b.records.publish_lease(lease(b.peer_id, 5), ttl=30)
+    seen = {p.peer_id: p for p in b.records.peers()}
+    assert seen[a.peer_id].region == "fr"
+    claims = a.records.lease_claims()
+    assert [c.term for c in claims[:2]] == [5, 2] and claims[0].peer_id == b.peer_id
+
+
+def test_a_peer_cannot_overwrite_another_peers_record(two_nodes):
+    a, b, _ = two_nodes
+    a.records.publish_peer(peer_record(a.peer_id, tokens=111), ttl=30)
+    forged = peer_record(a.peer_id, tokens=999)
+    # b writes under a's subkey: the signature validator refuses it everywhere
+    from hivemind.utils import get_dht_time
+
+    ok = b.dht.store(f"rec_peers", forged.dict(), expiration_time=get_dht_time() + 60, subkey=a.records.owner)
+    assert not ok
+    mine = [p for p in b.records.peers() if p.peer_id == a.peer_id]
+    assert mine and mine[0].tokens == 111
+
+
+def test_schema_refuses_wrong_types(two_nodes):
+    a, _, _ = two_nodes
+    from hivemind.utils import get_dht_time
+
+    bad = {**peer_record(a.peer_id).dict(), "tokens": "many"}
+    assert not a.dht.store("rec_peers", bad, expiration_time=get_dht_time() + 60, subkey=a.records.owner)
+
+
+def test_identity_persists_across_restarts(tmp_path):
+    first = SwarmNode("ident", identity_dir=tmp_path / "me")
+    pid, owner = first.peer_id, first.records.owner
+    first.shutdown()
+    again = SwarmNode("ident", identity_dir=tmp_path / "me")
+    try:
+        assert again.peer_id == pid and again.records.owner == owner
+    finally:
+        again.shutdown()
+
+
+def test_other_protocol_version_is_refused_with_a_clear_message(two_nodes):
+    a, _, _ = two_nodes
+    node = SwarmNode("proto", initial_peers=a.visible_maddrs())
+    try:
+        node.records.publish_genesis(GenesisRecord(protocol_version=PROTOCOL_VERSION + 1, run_id="proto",
+                                                   config_digest="c", tokenizer_digest="t", max_versions=0,
+                                                   max_tokens=0, created=time.time(), founder=node.peer_id))
+        peer = Peer(PeerOptions(run_id="proto"))
+        peer.node = node
+        with pytest.raises(JoinError, match="protocol"):
+            peer._find_genesis(wait=2.0)
+    finally:
+        node.shutdown()
