@@ -27,7 +27,7 @@ import yaml
 from heloco_p2p.config import RunConfig, config_from_dict, load_config
 from heloco_p2p.coordinator import CommitState, CoordinatorService, SubmissionLimits, params_digest, unpack_params
 from heloco_p2p.data import TokenBlocks, load_tokenizer, open_source, tokenizer_digest, validation_blocks
-from heloco_p2p.fsutil import atomic_torch_save
+from heloco_p2p.fsutil import atomic_torch_save, atomic_write_bytes, atomic_write_text
 from heloco_p2p.local import InnerTrainer, build_model, validation_loss
 from heloco_p2p.local.model import param_names, trainable_params
 from heloco_p2p.local.solo import source_spec
@@ -343,9 +343,9 @@ class Peer:
                         self._choose_standbys()
                         self._publish_lease()
                         last_renew = now
-                        self._maybe_checkpoint()
                     self.role = "coordinator"
                 self._watch_lease(now)
+                self._maybe_checkpoint()
                 if now - last_beat >= sw.heartbeat_seconds:
                     self._heartbeat()
                     last_beat = now
@@ -397,15 +397,30 @@ class Peer:
         self.node.records.publish_peer(record, ttl=4 * self.cfg.swarm.heartbeat_seconds)
 
     def _maybe_checkpoint(self, force: bool = False) -> None:
+        """The coordinator's (and a standby's) commit state, atomically, every
+        ``swarm.checkpoint_every`` commits and when leaving. The directory is self-describing:
+        ``coordinator.pt`` beside ``config.yaml`` and ``tokenizer.json`` (see ``heloco-peer export``)."""
         if not self.opts.checkpoint_dir:
             return
         st = self.commit_state
+        if st.version == 0 or not (force or self.service.active or self.role == "standby"):
+            return
         last = getattr(self, "_checkpointed_version", -1)
-        if force or st.version - last >= self.cfg.swarm.checkpoint_every:
-            state = {"commit_state": st.state_dict(), "config_digest": self.cfg.digest(), "version": st.version,
-                     "term": st.term}
-            atomic_torch_save(Path(self.opts.checkpoint_dir) / "coordinator.pt", state)
-            self._checkpointed_version = st.version
+        if not force and st.version - last < self.cfg.swarm.checkpoint_every:
+            return
+        out = Path(self.opts.checkpoint_dir)
+        if not (out / "tokenizer.json").exists():
+            atomic_write_text(out / "config.yaml", self.cfg.to_yaml())
+            atomic_write_bytes(out / "tokenizer.json", self._tokenizer_bytes())
+        async def _snapshot():
+            async with self.service.lock:  # never a state between a commit's parameter update and its version
+                return st.state_dict()
+
+        snapshot = self.node.run(_snapshot(), timeout=60)
+        state = {"commit_state": snapshot, "config_digest": self.cfg.digest(), "version": snapshot["engine"]["version"],
+                 "term": snapshot["term"], "run_id": self.opts.run_id, "param_names": param_names(self.model)}
+        atomic_torch_save(out / "coordinator.pt", state)
+        self._checkpointed_version = state["version"]
 
     # ------------------------------------------------------------------------------ rounds
     def _steps_this_round(self) -> int:

@@ -10,14 +10,19 @@ messages itself::
 
 (lengths big-endian). The header carries the metadata of the tensors in the payload (from
 :func:`encode_tensors`) and whatever the RPC layer needs (run, version, stats, a signature); the
-payload is the tensors, each a serialized ``hivemind.proto.runtime_pb2.Tensor``.
+payload is the tensors, each a serialized ``hivemind.proto.runtime_pb2.Tensor`` (hivemind's
+compressions: NONE, FLOAT16, BLOCKWISE_8BIT). Tensors travel as float32 whatever the model's dtype.
 
-Usage::
+Usage (client, then server)::
 
-    meta, payload = encode_tensors(list_of_pseudo_grads, "8bit")
-    await write_message(writer, {"op": "submit", "tensors": meta}, payload)
-    header, payload = await read_message(reader, max_payload_bytes=64 << 20)
-    tensors = decode_tensors(header["tensors"], payload, expected=[(p.shape, p.dtype) for p in params])
+    meta, payload = encode_tensors(pseudo_grads, "8bit")
+    reply, params_payload = await request(reader, writer, {"op": "submit", "tensors": meta}, payload)
+
+    try:
+        header, payload = await read_message(reader, max_payload_bytes=64 << 20)
+        tensors = decode_tensors(header["tensors"], payload, expected=[(p.shape, torch.float32) for p in params])
+    except WireError as e:
+        await write_message(writer, {"ok": False, "code": e.code, "reason": e.message})
 
 Every malformed input raises :class:`WireError`, whose ``code`` is short and meant to be sent back
 to the peer: ``closed``, ``truncated``, ``bad_magic``, ``too_large``, ``malformed``, ``bad_tensor``,
@@ -105,7 +110,8 @@ def encode_tensors(tensors: Sequence[torch.Tensor], compression: str) -> tuple[l
         if tensor.dtype != torch.float32 or tensor.device.type != "cpu":
             raise TypeError(f"tensor {i}: expected a CPU float32 tensor, got {tensor.dtype} on {tensor.device}")
         used = wire_compression(tensor, compression)
-        blob = serialize_torch_tensor(tensor.detach(), _PROTO_COMPRESSION[used]).SerializeToString()
+        # contiguous: bitsandbytes quantizes the underlying storage in order, not a strided view
+        blob = serialize_torch_tensor(tensor.detach().contiguous(), _PROTO_COMPRESSION[used]).SerializeToString()
         meta.append({"shape": list(tensor.shape), "dtype": "float32", "nbytes": len(blob), "compression": used})
         parts.append(blob)
     return meta, b"".join(parts)
@@ -329,6 +335,7 @@ async def request(
     :param max_payload_bytes: largest reply payload accepted
     :returns: the reply (header, payload)
     """
+    _dump_header(header)  # a header that cannot be sent must fail here, not leave us awaiting a reply
     send = asyncio.ensure_future(write_message(writer, header, payload))
     try:
         reply = await read_message(reader, max_header_bytes, max_payload_bytes)
