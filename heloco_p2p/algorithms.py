@@ -83,3 +83,14 @@ def get_algorithm(name: str) -> AlgorithmPreset:
         return ALGORITHMS[name]
     except KeyError:
         raise ValueError(f"unknown algorithm {name!r}; known: {', '.join(ALGORITHMS)}") from None
+
+
+def resolve_outer(outer_cfg) -> tuple[str, AlgorithmPreset]:
+    """The mode and preset a run config's ``outer`` section asks for: its named ``algorithm`` with
+    the section's arguments on top, or (no algorithm named) an async preset from its fields."""
+    if outer_cfg.algorithm is not None:
+        preset = get_algorithm(outer_cfg.algorithm).with_args(outer_cfg.optimizer_args, outer_cfg.correction_args)
+    else:
+        preset = AlgorithmPreset("custom", "async", outer_cfg.optimizer, dict(outer_cfg.optimizer_args),
+                                 outer_cfg.correction, dict(outer_cfg.correction_args), dylu=outer_cfg.dylu)
+    return preset.mode, preset

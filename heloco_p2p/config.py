@@ -101,8 +101,13 @@ class InnerConfig(_Section):
 class OuterConfig(_Section):
     """The outer optimizer and the correction of incoming pseudo-gradients, chosen by name from
     the registries in heloco_p2p.outer (e.g. ``optimizer: lookahead``, ``correction: heloco``).
-    ``optimizer_args`` / ``correction_args`` go to the chosen class and are checked against it."""
+    ``optimizer_args`` / ``correction_args`` go to the chosen class and are checked against it.
+    ``algorithm`` names a preset instead (the names of the simulator: sync_diloco, async_diloco,
+    async_dn, async_dn_dylu, async_mla, heloco, heloco_dylu, async_pcgrad); it sets the mode
+    (sync or async), optimizer, correction and DyLU, and ``optimizer_args`` / ``correction_args``
+    given here override the preset's."""
 
+    algorithm: str | None = None  # a named preset (heloco_p2p.algorithms), e.g. heloco or sync_diloco
     optimizer: str = "lookahead"
     optimizer_args: dict[str, Any] = Field(default_factory=dict)
     correction: str = "none"
@@ -124,6 +129,7 @@ class SwarmConfig(_Section):
     max_staleness: int = Field(64, ge=0)
     norm_factor: float = Field(10.0, gt=1)  # reject ‖Δ‖ above this × the median of recent accepted norms
     submit_timeout: float = Field(120.0, gt=0)
+    barrier_timeout: float = Field(300.0, gt=0)  # sync mode: commit what arrived after this long
     max_versions: int = Field(0, ge=0)  # the run's budget in commits (0: none)
     max_tokens: int = Field(0, ge=0)  # the run's budget in tokens (0: none)
     checkpoint_every: int = Field(50, gt=0)  # commits between coordinator checkpoints
@@ -216,6 +222,12 @@ def _lists_to_tuples(tree: dict) -> dict:
 def _check_outer_names(cfg: RunConfig, source: str) -> None:
     from heloco_p2p.outer import registry  # outer/ is pure math; importing it here is downward
 
+    if cfg.outer.algorithm is not None:
+        from heloco_p2p.algorithms import ALGORITHMS
+
+        if cfg.outer.algorithm not in ALGORITHMS:
+            raise ConfigError(f"{source}: outer.algorithm: unknown algorithm {cfg.outer.algorithm!r}; "
+                              f"allowed: {', '.join(ALGORITHMS)}")
     try:
         registry.check_args("optimizer", cfg.outer.optimizer, cfg.outer.optimizer_args)
         registry.check_args("correction", cfg.outer.correction, cfg.outer.correction_args)

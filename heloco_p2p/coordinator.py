@@ -100,6 +100,18 @@ class CommitState:
         self.recent_norms.append(norm)
         return info
 
+    def apply_sync(self, items: list[tuple[str, int, int, float, list[torch.Tensor]]], base_version: int):
+        """Synchronous DiLoCo: one outer step on the mean of one pseudo-gradient per peer.
+        ``items``: (peer, seq, steps, norm, Δ) each."""
+        info = self.engine.sync_commit([d for *_, d in items], base_version)
+        for peer, seq, steps, norm, _ in items:
+            self.applied[peer] = seq
+            self.applied_count[peer] = self.applied_count.get(peer, 0) + 1
+            self.total_steps += steps
+            self.contributors.add(peer)
+            self.recent_norms.append(norm)
+        return info
+
     def is_duplicate(self, peer: str, seq: int) -> bool:
         return seq <= self.applied.get(peer, -1)
 
@@ -139,8 +151,13 @@ class CoordinatorService:
     """
 
     def __init__(self, node, state: CommitState, shapes: list[tuple[int, ...]], limits: SubmissionLimits,
-                 reply_compression: str = "none", config_digest: str = ""):
+                 reply_compression: str = "none", config_digest: str = "", mode: str = "async",
+                 barrier_timeout: float = 300.0):
         self.node, self.state, self.limits = node, state, limits
+        self.mode = mode  # "async": commit each Δ alone; "sync": barrier, average, commit (sync DiLoCo)
+        self.barrier_timeout = barrier_timeout
+        self.pending: dict[str, tuple] = {}  # sync mode: peer -> (seq, steps, norm, Δ, future)
+        self.participants: set[str] = set()  # sync mode: peers the barrier waits for (kept by the peer's maintenance)
         self.expected = [(tuple(s), torch.float32) for s in shapes]
         self.reply_compression = reply_compression
         self.config_digest = config_digest
@@ -205,6 +222,8 @@ class CoordinatorService:
         t_decode = time.perf_counter() - t0
         peer, seq = remote, int(header.get("seq", -1))
         base_version, steps = int(header.get("base_version", -1)), int(header.get("steps", 0))
+        if self.mode == "sync":
+            return await self._handle_sync_submit(delta, peer, seq, base_version, steps)
         async with self.lock:
             if not self.active:
                 return {"status": "not_coordinator", "term": self.highest_term_seen, "message": "stepped down"}, b""
@@ -239,6 +258,76 @@ class CoordinatorService:
                      "staleness": info.staleness, "branches": summary["branches"],
                      "schedule_step": self.state.schedule_step(), "timing": timing}
         return reply, data
+
+    # -- synchronous barrier ------------------------------------------------------------------
+    async def _handle_sync_submit(self, delta, peer: str, seq: int, base_version: int, steps: int) -> tuple[dict, bytes]:
+        """Wait until every participant has sent its Δ for the current version, then one averaged
+        commit answers them all (synchronous DiLoCo in the real swarm)."""
+        loop = asyncio.get_running_loop()
+        async with self.lock:
+            if not self.active:
+                return {"status": "not_coordinator", "term": self.highest_term_seen, "message": "stepped down"}, b""
+            if self.state.is_duplicate(peer, seq):
+                return ({"status": "accepted", "duplicate": True, "version": self.state.version, "term": self.state.term,
+                         "staleness": None, "schedule_step": self.state.schedule_step()},
+                        await loop.run_in_executor(None, self._encode_params))
+            if base_version != self.state.version:
+                return self._reject(peer, "too_stale", f"a synchronous round starts from the current version "
+                                                       f"{self.state.version}, not {base_version}; download the state")
+            try:
+                norm = self.state.check(delta, base_version, self.limits)
+            except Rejection as exc:
+                return self._reject(peer, exc.code, str(exc))
+            future = loop.create_future()
+            self.pending[peer] = (seq, steps, norm, delta, future)
+        await self.check_barrier()
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout=self.barrier_timeout)
+        except asyncio.TimeoutError:
+            await self.check_barrier(force=True)  # commit what arrived rather than wait forever
+            return await future
+
+    async def check_barrier(self, force: bool = False) -> None:
+        """Commit the pending pseudo-gradients if every participant has sent one (or ``force``)."""
+        loop = asyncio.get_running_loop()
+        async with self.lock:
+            if not self.pending or not self.active:
+                return
+            waiting_for = self.participants - set(self.pending)
+            if waiting_for and not force:
+                return
+            items = [(p, seq, steps, norm, d) for p, (seq, steps, norm, d, _) in sorted(self.pending.items())]
+            futures = [f for (*_, f) in self.pending.values()]
+            self.pending = {}
+            t1 = time.perf_counter()
+            info = await loop.run_in_executor(None, self.state.apply_sync, items, self.state.version)
+            digest = await loop.run_in_executor(None, params_digest, self.state.engine.params)
+            t2 = time.perf_counter()
+            for sb in list(self.standbys):  # a sync commit is rare and large: standbys take the whole state
+                try:
+                    await self.send_full_state(sb)
+                except Exception as exc:
+                    logger.warning("standby %s did not take the sync commit (%s); dropping it", sb[-8:], exc)
+                    self.standbys.remove(sb)
+            summary = info.summary()
+            self.commits_this_term += 1
+            self.commit_times.append(time.time())
+            self.staleness_recent.append(0)
+            self.branches.update(summary["branches"])
+            for p, seq, *_ in items:
+                self.acknowledged.append((p, seq, info.version))
+            if self.on_commit is not None:
+                self.on_commit({**summary, "peer": ",".join(p for p, *_ in items), "seq": -1, "digest": digest,
+                                "term": self.state.term, "peers": len(items)})
+            t3 = time.perf_counter()
+            data = await loop.run_in_executor(None, self._encode_params)
+            timing = {"decode": 0.0, "commit": t2 - t1, "replicate": t3 - t2, "encode_reply": time.perf_counter() - t3}
+            reply = {"status": "accepted", "duplicate": False, "version": info.version, "term": self.state.term,
+                     "staleness": 0, "branches": summary["branches"], "schedule_step": self.state.schedule_step(),
+                     "timing": timing, "peers": len(items)}
+            for f in futures:
+                if not f.done():
+                    f.set_result((reply, data))
 
     def _reject(self, remote: str, code: str, message: str) -> tuple[dict, bytes]:
         self.rejected_this_term += 1

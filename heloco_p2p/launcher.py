@@ -25,9 +25,11 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def write_test_config(path: Path, **swarm) -> Path:
-    """The tiny model with short rounds and a short lease, so a swarm test takes seconds."""
+def write_test_config(path: Path, outer: dict | None = None, **swarm) -> Path:
+    """The tiny model with short rounds and a short lease, so a swarm test takes seconds.
+    ``outer`` updates the outer section (e.g. ``{"algorithm": "sync_diloco"}``)."""
     tree = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    tree["outer"].update(outer or {})
     tree["data"].update(seq_len=64, val_blocks=8)
     tree["inner"].update(batch_size=8, steps_per_round=10, warmup_steps=10, total_steps=2000)
     tree["swarm"] = {"lease_seconds": 4.0, "heartbeat_seconds": 1.0, **swarm}

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from heloco_p2p.algorithms import resolve_outer
 from heloco_p2p.config import RunConfig, config_from_dict, load_config
 from heloco_p2p.coordinator import CommitState, CoordinatorService, SubmissionLimits, params_digest, unpack_params
 from heloco_p2p.data import TokenBlocks, load_tokenizer, open_source, tokenizer_digest, validation_blocks
@@ -132,13 +133,15 @@ class Peer:
         self._build_local()
         limits = SubmissionLimits(max_staleness=self.cfg.swarm.max_staleness, norm_factor=self.cfg.swarm.norm_factor)
         theta0 = [p.detach().clone() for p in trainable_params(self.model)]
-        engine = build_engine(theta0, self.cfg.outer.optimizer, self.cfg.outer.optimizer_args, self.cfg.outer.correction,
-                              self.cfg.outer.correction_args, self.cfg.outer.staleness_weight,
+        mode, self.preset = resolve_outer(self.cfg.outer)
+        engine = build_engine(theta0, self.preset.optimizer, self.preset.optimizer_args, self.preset.correction,
+                              self.preset.correction_args, self.cfg.outer.staleness_weight,
                               self.cfg.outer.staleness_weight_args, names=param_names(self.model))
         self.commit_state = CommitState(engine)
         self.service = CoordinatorService(self.node, self.commit_state, [tuple(p.shape) for p in theta0], limits,
                                           reply_compression=self.cfg.swarm.reply_compression,
-                                          config_digest=self.cfg.digest())
+                                          config_digest=self.cfg.digest(), mode=mode,
+                                          barrier_timeout=self.cfg.swarm.barrier_timeout)
         self.service.on_commit = lambda summary: self.log_metric({"event": "commit", **summary})
         self.service.on_handover = self._took_over_by_handover
         self.node.add_handler("genesis", self._serve_genesis)
@@ -229,7 +232,8 @@ class Peer:
         self.model = build_model(cfg.model, self.tokenizer, seed=0)  # same θ0 on every peer; the state download overrides it
         self.trainer = InnerTrainer(self.model, cfg.inner, blocks.batches(cfg.inner.batch_size))
         self.val_blocks = validation_blocks(self.source, self.tokenizer, cfg.data.seq_len, cfg.data.val_blocks)
-        self.dylu = DyLU(min_steps=cfg.outer.dylu_min_steps) if cfg.outer.dylu else None
+        _, preset = resolve_outer(cfg.outer)
+        self.dylu = DyLU(min_steps=cfg.outer.dylu_min_steps) if preset.dylu else None
 
     # ------------------------------------------------------------------------------ state
     async def _serve_state(self, header: dict, payload: bytes, remote: str):
@@ -344,6 +348,8 @@ class Peer:
                         self._publish_lease()
                         last_renew = now
                     self.role = "coordinator"
+                    if self.service.mode == "sync":
+                        self._update_participants(now)
                 self._watch_lease(now)
                 self._maybe_checkpoint()
                 if now - last_beat >= sw.heartbeat_seconds:
@@ -378,6 +384,17 @@ class Peer:
                              "lease_expired_for": expired_for})
             logger.warning("took over as coordinator: term %d at version %d (lease lapsed %.1fs ago)",
                            term, self.commit_state.version, expired_for)
+
+    def _update_participants(self, now: float) -> None:
+        """Sync mode: the barrier waits for every live training peer that has trained before."""
+        sw = self.cfg.swarm
+        live = {p.peer_id for p in self.node.records.peers()
+                if p.role in ("training", "standby", "coordinator") and p.rounds > 0
+                and p.heartbeat + 3 * sw.heartbeat_seconds > now}
+        if not self.opts.no_train:
+            live.add(self.node.peer_id)
+        self.service.participants = live
+        self.node.run(self.service.check_barrier(), timeout=60)
 
     def _took_over_by_handover(self, term: int) -> None:
         self.role = "coordinator"

@@ -83,3 +83,27 @@ def test_swarm_trains_survives_leave_and_coordinator_kill(tmp_path):
         sw.close()
         for name in sw.procs:
             assert not sw.group_alive(name), f"{name} left processes behind"
+
+
+def test_sync_diloco_barrier_averages_one_update_per_peer(tmp_path):
+    cfg = write_test_config(tmp_path / "cfg.yaml", outer={"algorithm": "sync_diloco"})
+    sw = LocalSwarm(tmp_path, f"sync-{uuid.uuid4().hex[:8]}")
+    try:
+        sw.start("a", "de", "--config", str(cfg))
+        sw.start("b", "fr", "--speed", "0.5")  # twice as slow: the barrier makes a wait for it
+        sw.wait_until(lambda: len([c for c in sw.events("a", "commit") if c["peers"] == 2]) >= 4, 240,
+                      "4 commits averaging both peers")
+        commits = sw.events("a", "commit")
+        assert [c["version"] for c in commits] == list(range(1, len(commits) + 1))
+        assert all(c["num_pseudo_grads"] == c["peers"] for c in commits)
+        for name in ("a", "b"):
+            acks = [x for x in sw.events(name, "ack") if not x["duplicate"]]
+            assert acks and all(x["staleness"] == 0 for x in acks)
+        # after both joined, every commit has one update from each: the fast peer waited
+        both = [c for c in commits if c["peers"] == 2]
+        first_both = commits.index(both[0])
+        assert all(c["peers"] == 2 for c in commits[first_both:])
+    finally:
+        sw.close()
+        for name in sw.procs:
+            assert not sw.group_alive(name)

@@ -110,8 +110,7 @@ def encode_tensors(tensors: Sequence[torch.Tensor], compression: str) -> tuple[l
         if tensor.dtype != torch.float32 or tensor.device.type != "cpu":
             raise TypeError(f"tensor {i}: expected a CPU float32 tensor, got {tensor.dtype} on {tensor.device}")
         used = wire_compression(tensor, compression)
-        # contiguous: bitsandbytes quantizes the underlying storage in order, not a strided view
-        blob = serialize_torch_tensor(tensor.detach().contiguous(), _PROTO_COMPRESSION[used]).SerializeToString()
+        blob = serialize_torch_tensor(tensor.detach(), _PROTO_COMPRESSION[used]).SerializeToString()
         meta.append({"shape": list(tensor.shape), "dtype": "float32", "nbytes": len(blob), "compression": used})
         parts.append(blob)
     return meta, b"".join(parts)
