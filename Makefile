@@ -10,7 +10,7 @@ PIP    := $(VENV)/bin/pip
 #   and inside averaging that failure is silent.
 PINS := "torch==2.13.0" "numpy<2.4"
 
-.PHONY: venv test train clean-venv
+.PHONY: venv test train testnet clean-venv
 
 venv: $(VENV)/.installed
 
@@ -27,6 +27,12 @@ test: venv
 TRAIN_OUT ?= runs/train-$(shell date +%Y%m%d-%H%M%S)
 train: venv
 	$(VENV)/bin/heloco-peer train --config configs/tiny.yaml --region de --max-steps 300 --out $(TRAIN_OUT)
+
+# The local testnet: 4 peers (de, fr, es, ru) at different speeds for about 5 minutes.
+TESTNET_OUT ?= runs/testnet-$(shell date +%Y%m%d-%H%M%S)
+TESTNET_MINUTES ?= 5
+testnet: venv
+	$(VENV)/bin/heloco-peer testnet --peers 'peers/*.yaml' --config configs/testnet.yaml --minutes $(TESTNET_MINUTES) --out $(TESTNET_OUT)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -66,6 +66,8 @@ class PeerOptions:
     threads: int = 0
     seed: int = 0
     speed: float = 1.0  # (0, 1]: emulate slower hardware by idling (1/speed − 1) × step time after each step
+    batch_size: int | None = None  # this peer's inner batch size (local: not part of the run's identity)
+    device: str | None = None  # this peer's device: auto | cpu | cuda | cuda:1 ...
     metrics_path: str | None = None
     overrides: dict = field(default_factory=dict)
 
@@ -226,11 +228,13 @@ class Peer:
 
     def _build_local(self) -> None:
         cfg, o = self.cfg, self.opts
+        local = {k: v for k, v in (("batch_size", o.batch_size), ("device", o.device)) if v is not None}
+        inner = cfg.inner.model_copy(update=local) if local else cfg.inner  # the run's config (and digest) stay as they are
         self.source = open_source(source_spec(cfg, o.region))
         blocks = TokenBlocks(self.source, self.tokenizer, seq_len=cfg.data.seq_len, split="train",
                              seed=o.seed * 1000 + zlib.crc32(self.node.peer_id.encode()) % 1000)
         self.model = build_model(cfg.model, self.tokenizer, seed=0)  # same θ0 on every peer; the state download overrides it
-        self.trainer = InnerTrainer(self.model, cfg.inner, blocks.batches(cfg.inner.batch_size))
+        self.trainer = InnerTrainer(self.model, inner, blocks.batches(inner.batch_size))
         self.val_blocks = validation_blocks(self.source, self.tokenizer, cfg.data.seq_len, cfg.data.val_blocks)
         _, preset = resolve_outer(cfg.outer)
         self.dylu = DyLU(min_steps=cfg.outer.dylu_min_steps) if preset.dylu else None
@@ -412,6 +416,7 @@ class Peer:
                             maddrs=self.node.visible_maddrs())
         self._peer_record = record
         self.node.records.publish_peer(record, ttl=4 * self.cfg.swarm.heartbeat_seconds)
+        self.log_metric({"event": "heartbeat", **{k: v for k, v in record.dict().items() if k != "maddrs"}})
 
     def _maybe_checkpoint(self, force: bool = False) -> None:
         """The coordinator's (and a standby's) commit state, atomically, every
@@ -468,6 +473,7 @@ class Peer:
         self.deadline = started + 60 * o.max_minutes if o.max_minutes else None
         if not o.no_train:
             self.log_metric({"event": "eval", "version": self.version, "val_loss": self.evaluate()})
+        self.log_metric({"event": "train_start"})
         if o.no_train:
             while not self.stop_event.wait(1.0):
                 if o.max_minutes and time.time() - started > 60 * o.max_minutes:
@@ -490,11 +496,14 @@ class Peer:
             except StopRequested:
                 break
             compute = time.perf_counter() - t0
+            self.log_metric({"event": "round", "steps": H, "compute_seconds": compute, "loss": stats.loss,
+                             "tokens": stats.tokens, "base_version": base})
             self.inner_steps = H
             self.steps_per_second = H / compute if compute > 0 else 0.0
             self.rounds += 1
             self.last_loss = stats.loss
             self._submit(delta, base, stats, compute)
+        self.log_metric({"event": "train_end", "rounds": self.rounds})
         self.log_metric({"event": "eval", "version": self.version, "val_loss": self.evaluate()})
 
     def _submit(self, delta: list[torch.Tensor], base: int, stats, compute: float) -> None:
@@ -503,7 +512,8 @@ class Peer:
         meta, payload = encode_tensors([d.detach().float().cpu() for d in delta], sw.compression)
         t_ser = time.perf_counter() - t0
         header = {"run_id": self.opts.run_id, "seq": self.seq, "base_version": base, "steps": stats.steps,
-                  "tensors": meta, "stats": {"loss": stats.loss, "tokens": stats.tokens, "seconds": stats.seconds}}
+                  "tensors": meta, "stats": {"loss": stats.loss if math.isfinite(stats.loss) else None,  # headers are strict JSON
+                                             "tokens": stats.tokens, "seconds": stats.seconds}}
         expected = [(tuple(p.shape), torch.float32) for p in self.global_params]
         deadline = time.time() + sw.submit_timeout
         attempt = 0

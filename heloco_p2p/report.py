@@ -215,3 +215,98 @@ def write_sim_report(out_dir: str | Path, command: str | None = None) -> Path:
     path = out / "results.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+# ---------------------------------------------------------------------------------- testnet
+def write_testnet_report(out_dir: str | Path) -> Path:
+    """report.md and its PNG plots for a testnet directory (summary.json + metrics.jsonl)."""
+    out = Path(out_dir)
+    summary = json.loads((out / "summary.json").read_text())
+    events = _read_jsonl(out / "metrics.jsonl")
+    t0 = min((e["time"] for e in events if "time" in e), default=0.0)
+    plots = []
+
+    vals = [e for e in events if e.get("event") == "val"]
+    if vals:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for lang in vals[0]["val_loss"]["per_language"]:
+            ax.plot([(e["time"] - t0) / 60 for e in vals], [e["val_loss"]["per_language"][lang] for e in vals],
+                    marker="o", ms=3, label=lang)
+        ax.plot([(e["time"] - t0) / 60 for e in vals], [e["val_loss"]["mean"] for e in vals], "k--", lw=2, label="mean")
+        ax.set_xlabel("minutes")
+        ax.set_ylabel("validation loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.set_title("validation loss of the global model, per language")
+        fig.tight_layout()
+        fig.savefig(out / "val_loss.png", dpi=110)
+        plt.close(fig)
+        plots.append("val_loss.png")
+
+    peers = summary["peers"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar([f"{p['name']}\n{p['region']}, speed {p['speed_factor']:g}" for p in peers], [p["tokens"] for p in peers])
+    ax.set_ylabel("tokens in accepted submissions")
+    ax.set_title("tokens per peer")
+    fig.tight_layout()
+    fig.savefig(out / "tokens.png", dpi=110)
+    plt.close(fig)
+    plots.append("tokens.png")
+
+    acks = [e for e in events if e.get("event") == "ack" and not e.get("duplicate")]
+    if acks:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        by_peer = defaultdict(list)
+        for a in acks:
+            by_peer[a.get("name") or a["peer"][-6:]].append(a["staleness"] or 0)
+        top = max(max(v) for v in by_peer.values())
+        for name, v in sorted(by_peer.items()):
+            ax.hist(v, bins=range(0, top + 2), alpha=0.5, label=name)
+        ax.set_xlabel("staleness τ (commits between a round's start and its commit)")
+        ax.set_ylabel("submissions")
+        ax.legend()
+        ax.set_title("staleness per peer")
+        fig.tight_layout()
+        fig.savefig(out / "staleness.png", dpi=110)
+        plt.close(fig)
+        plots.append("staleness.png")
+
+    commits = sorted((e for e in events if e.get("event") == "commit"), key=lambda e: e["time"])
+    branch_names = sorted({b for c in commits for b in (c.get("branches") or {})})
+    if commits and branch_names:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ts = [(c["time"] - t0) / 60 for c in commits]
+        for b in branch_names:
+            cum, total = [], 0
+            for c in commits:
+                total += (c.get("branches") or {}).get(b, 0)
+                cum.append(total)
+            ax.plot(ts, cum, label=b)
+        ax.set_xlabel("minutes")
+        ax.set_ylabel("parameter tensors (cumulative)")
+        ax.set_title("correction branches over time")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "branches.png", dpi=110)
+        plt.close(fig)
+        plots.append("branches.png")
+
+    v = summary["val_loss"]
+    lines = [f"# Testnet report ({summary.get('run_id', '')})", "",
+             f"{summary['wall_seconds'] / 60:.1f} minutes, {summary['commits']} commits, {summary['rejected']} rejected, "
+             f"{summary['coordinator_changes']} coordinator changes.", "",
+             f"Validation loss (mean over languages): {v['start']['mean']:.3f} → {v['end']['mean']:.3f} "
+             f"(version {v['end']['version']}).", "",
+             "| language | start | end |", "|---|---|---|"]
+    for lang, start in v["start"]["per_language"].items():
+        lines.append(f"| {lang} | {start:.3f} | {v['end']['per_language'].get(lang, float('nan')):.3f} |")
+    lines += ["", "| peer | region | speed | rounds | tokens | utilization | mean staleness |", "|---|---|---|---|---|---|---|"]
+    for p in peers:
+        lines.append(f"| {p['name']} | {p['region']} | {p['speed_factor']:g} | {p['rounds']} | {p['tokens']:,} | "
+                     f"{p['utilization']:.2f} | {p['staleness_mean']:.2f} |")
+    lines += ["", "Utilization = time in inner steps (emulated idling included) / wall time from the peer's first "
+              "round to its last; what it misses is time spent waiting on the swarm.", ""]
+    lines += [f"![{p}]({p})" for p in plots]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -43,13 +43,18 @@ def main() -> None:
 
 
 def _register() -> None:
-    from heloco_p2p.cli import data_cmd, join_cmd, sim_cmd, train_cmd
+    from heloco_p2p.cli import data_cmd, join_cmd, sim_cmd, testnet_cmd, train_cmd
+    from heloco_p2p.cli import export_cmd, monitor_cmd
 
     main.add_command(data_cmd.data)
     main.add_command(train_cmd.train)
     main.add_command(train_cmd.eval_cmd)
     main.add_command(sim_cmd.simulate)
     main.add_command(join_cmd.join)
+    main.add_command(monitor_cmd.monitor)
+    main.add_command(export_cmd.export)
+    main.add_command(export_cmd.generate)
+    main.add_command(testnet_cmd.testnet)
 
 
 _register()

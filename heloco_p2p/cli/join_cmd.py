@@ -27,11 +27,13 @@ from heloco_p2p.cli import log_level_option
 @click.option("--threads", type=click.IntRange(min=0), default=0, help="torch threads (0: torch's default).")
 @click.option("--speed", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True,
               help="Emulate slower hardware: idle (1/speed - 1) x step time after each step.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="This peer's inner batch size (default: the run's).")
+@click.option("--device", default=None, help="auto, cpu, cuda, cuda:1, ... (default: the run's, usually auto).")
 @click.option("--metrics", "metrics_path", type=click.Path(dir_okay=False), default=None, help="Append JSON lines (rounds, commits) here.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for this peer's data order.")
 @log_level_option
 def join(run_id, initial_peers, config_path, region, name, identity, host_maddrs, announce_maddrs, client_mode, no_train,
-         checkpoint_dir, max_rounds, max_minutes, threads, speed, metrics_path, seed):
+         checkpoint_dir, max_rounds, max_minutes, threads, speed, batch_size, device, metrics_path, seed):
     """Join run RUN-ID: fetch its config, tokenizer and state from peers, then train and submit."""
     from heloco_p2p.config import ConfigError
     from heloco_p2p.peer import JoinError, Peer, PeerOptions
@@ -40,7 +42,7 @@ def join(run_id, initial_peers, config_path, region, name, identity, host_maddrs
                        initial_peers=list(initial_peers), host_maddrs=list(host_maddrs),
                        announce_maddrs=list(announce_maddrs) or None, client_mode=client_mode, no_train=no_train,
                        checkpoint_dir=checkpoint_dir, max_rounds=max_rounds, max_minutes=max_minutes, threads=threads,
-                       seed=seed, speed=speed, metrics_path=metrics_path)
+                       seed=seed, speed=speed, batch_size=batch_size, device=device, metrics_path=metrics_path)
     peer = Peer(opts)
     peer.install_signal_handlers()
     code = 0

@@ -24,7 +24,8 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.utils.crypto import RSAPrivateKey
 
 from heloco_p2p.swarm.records import RunRecords, make_validators
-from heloco_p2p.swarm.wire import WireError, read_message, write_message
+from heloco_p2p.swarm.lifetime import p2p_daemon_pid
+from heloco_p2p.swarm.wire import WireError, linger_close, read_message, request, write_message
 
 logger = logging.getLogger(__name__)
 
@@ -98,9 +99,9 @@ class SwarmNode:
     def child_pids(self) -> list[int]:
         """Processes this node started: the DHT process and p2pd."""
         pids = [self.dht.pid] if self.dht.pid else []
-        child = getattr(self.p2p, "_child", None)
-        if child is not None and child.pid:
-            pids.append(child.pid)
+        daemon = p2p_daemon_pid(self.p2p)
+        if daemon:
+            pids.append(daemon)
         return pids
 
     def visible_maddrs(self) -> list[str]:
@@ -119,7 +120,7 @@ class SwarmNode:
             remote = str(stream_info.peer_id)
             try:
                 try:
-                    header, payload = await read_message(reader, max_payload_bytes=limit)
+                    header, payload = await read_message(reader, max_payload_bytes=limit, writer=writer)
                     self.bytes_in += len(payload)
                     reply, data = await handler(header, payload, remote)
                 except WireError as exc:
@@ -131,7 +132,7 @@ class SwarmNode:
             except (ConnectionError, asyncio.IncompleteReadError, OSError) as exc:
                 logger.debug("stream %s from %s broke: %s", name, remote, exc)
             finally:
-                writer.close()
+                await linger_close(reader, writer)
 
         self.run(self.p2p.add_binary_stream_handler(self._handler_name(name), _serve))
 
@@ -140,8 +141,11 @@ class SwarmNode:
                     max_payload_bytes: int | None = None) -> tuple[dict, bytes]:
         _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), self._handler_name(name))
         try:
-            self.bytes_out += await write_message(writer, header, payload)
-            reply, data = await read_message(reader, max_payload_bytes=max_payload_bytes or self.max_payload_bytes)
+            # the payload goes only after the server's go-ahead: a server that refuses the request from
+            # its header (too large) answers instead, and we read its reason rather than a reset stream
+            reply, data = await request(reader, writer, header, payload, expect_continue=True,
+                                        max_payload_bytes=max_payload_bytes or self.max_payload_bytes)
+            self.bytes_out += len(payload)
             self.bytes_in += len(data)
             return reply, data
         finally:

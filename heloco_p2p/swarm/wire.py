@@ -276,14 +276,25 @@ async def _read_payload(reader: asyncio.StreamReader, n: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+CONTINUE = b"\x01"  # "send the payload": a server's answer to a request header it accepts
+
+
 async def read_message(
-    reader: asyncio.StreamReader, max_header_bytes: int = 1 << 20, max_payload_bytes: int = 1 << 30
+    reader: asyncio.StreamReader, max_header_bytes: int = 1 << 20, max_payload_bytes: int = 1 << 30,
+    writer: asyncio.StreamWriter | None = None,
 ) -> tuple[dict, bytes]:
     """Read one framed message; sizes are checked from the length fields before the body is read.
+
+    A request whose header carries ``"_continue": true`` (sent by ``request(...,
+    expect_continue=True)``) waits for the server's go-ahead before sending its payload, like
+    HTTP's 100-continue: pass ``writer`` and the go-ahead is written once the header and the
+    lengths have passed the checks. A refused request then never sends its body, and its sender
+    is sure to read the reason (a reply racing a large upload can be lost to a reset stream).
 
     :param reader: the stream's reader
     :param max_header_bytes: largest header accepted
     :param max_payload_bytes: largest payload accepted
+    :param writer: the same stream's writer, to answer a request that expects the go-ahead
     :returns: (header dict, payload bytes)
     :raises WireError: ``closed`` (the stream ended cleanly before a message), ``truncated``,
         ``bad_magic``, ``too_large``, ``malformed`` (header not a UTF-8 JSON object)
@@ -308,6 +319,9 @@ async def read_message(
     (payload_len,) = _U64.unpack(await _read_exactly(reader, _U64.size, "payload length"))
     if payload_len > max_payload_bytes:
         raise WireError("too_large", f"payload of {payload_len} bytes exceeds the limit of {max_payload_bytes}")
+    if header.pop("_continue", False) is True and payload_len and writer is not None:
+        writer.write(CONTINUE)
+        await writer.drain()
     return header, await _read_payload(reader, payload_len)
 
 
@@ -318,8 +332,12 @@ async def request(
     payload: bytes = b"",
     max_header_bytes: int = 1 << 20,
     max_payload_bytes: int = 1 << 30,
+    expect_continue: bool = False,
 ) -> tuple[dict, bytes]:
     """Send one message and read the reply, reading while still sending.
+
+    With ``expect_continue`` (the server reads with ``read_message(..., writer=writer)``) the
+    payload is sent only after the server's go-ahead; a refusal arrives instead of it.
 
     A server that refuses a message from its header (too large, wrong run) answers at once and
     stops reading; a client that only reads after sending everything would then block in
@@ -335,6 +353,17 @@ async def request(
     :returns: the reply (header, payload)
     """
     _dump_header(header)  # a header that cannot be sent must fail here, not leave us awaiting a reply
+    if expect_continue and payload:
+        head = _dump_header({**header, "_continue": True})
+        writer.write(MAGIC + _U32.pack(len(head)) + head + _U64.pack(len(payload)))
+        await writer.drain()
+        first = await reader.read(1)
+        if first != CONTINUE:  # the server answered instead: a refusal (or an error) with its reason
+            rest = await read_message(_Prepend(first, reader), max_header_bytes, max_payload_bytes)
+            return rest
+        writer.write(payload)
+        await writer.drain()
+        return await read_message(reader, max_header_bytes, max_payload_bytes)
     send = asyncio.ensure_future(write_message(writer, header, payload))
     try:
         reply = await read_message(reader, max_header_bytes, max_payload_bytes)
@@ -347,3 +376,54 @@ async def request(
     if send.done() and not send.cancelled() and send.exception() is not None:
         logger.debug("request: send ended with %r after the reply arrived", send.exception())
     return reply
+
+
+async def linger_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float = 2.0,
+                       max_bytes: int = 256 << 20) -> None:
+    """Close a server stream without destroying the reply that was just written.
+
+    A server that refuses a request from its header stops reading; if it then closed at once
+    with the client's unread bytes still arriving, TCP would reset the connection and the client
+    could lose the reply it was about to read. So: half-close, then read and discard (never
+    buffer) what the client still sends, for at most ``timeout`` seconds and ``max_bytes``.
+    """
+    try:
+        if writer.can_write_eof():
+            writer.write_eof()
+        deadline = asyncio.get_running_loop().time() + timeout
+        seen = 0
+        while seen < max_bytes:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                break
+            chunk = await asyncio.wait_for(reader.read(1 << 16), timeout=left)
+            if not chunk:
+                break
+            seen += len(chunk)
+    except (asyncio.TimeoutError, ConnectionError, OSError):
+        pass
+    finally:
+        writer.close()
+
+
+class _Prepend:
+    """A reader that yields ``first`` before the rest of ``reader`` (to re-read a peeked byte)."""
+
+    def __init__(self, first: bytes, reader: asyncio.StreamReader):
+        self._first, self._reader = first, reader
+
+    async def read(self, n: int = -1) -> bytes:
+        if self._first:
+            if n < 0:
+                out, self._first = self._first + await self._reader.read(n), b""
+                return out
+            out, self._first = self._first[:n], self._first[n:]
+            return out
+        return await self._reader.read(n)
+
+    async def readexactly(self, n: int) -> bytes:
+        if self._first:
+            head = self._first[:n]
+            self._first = self._first[len(head):]
+            return head + (await self._reader.readexactly(n - len(head)) if n > len(head) else b"")
+        return await self._reader.readexactly(n)

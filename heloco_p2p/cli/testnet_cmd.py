@@ -1,0 +1,48 @@
+"""``heloco-peer testnet``: a local multi-peer swarm of peer profiles, watched live, with a report."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from heloco_p2p.cli import log_level_option
+
+
+@click.command()
+@click.option("--peers", "peers_glob", default="peers/*.yaml", show_default=True, help="Peer profiles (glob); the first is the bootstrap.")
+@click.option("--config", "config_path", default="configs/testnet.yaml", show_default=True, help="The run config.")
+@click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--algorithm", default=None, help="Override the config's outer.algorithm (e.g. heloco, sync_diloco).")
+@click.option("--run-id", default=None, help="The run's id (default: a fresh one).")
+@click.option("--eval-every", type=click.FloatRange(min=1), default=30.0, show_default=True,
+              help="Seconds between validations of the global model.")
+@click.option("--no-live", is_flag=True, help="No live view (log lines only).")
+@log_level_option
+def testnet(peers_glob, config_path, minutes, out_dir, algorithm, run_id, eval_every, no_live):
+    """Run the peer profiles as separate processes for --minutes, then write summary.json,
+    metrics.jsonl, report.md with plots and the final checkpoint into --out."""
+    import yaml
+
+    from heloco_p2p.config import ConfigError, load_config
+    from heloco_p2p.testnet import load_profiles, run_testnet
+
+    out = Path(out_dir)
+    try:
+        profiles = load_profiles(peers_glob)
+        cfg = load_config(config_path, overrides={"outer.algorithm": algorithm} if algorithm else None)
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    out.mkdir(parents=True, exist_ok=True)
+    run_cfg = out / "run.yaml"
+    run_cfg.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    summary = run_testnet(profiles, str(run_cfg), minutes, out, run_id=run_id, live=not no_live, eval_every=eval_every)
+    v = summary["val_loss"]
+    click.echo(f"\nreport: {out / 'report.md'}")
+    click.echo(f"{summary['wall_seconds'] / 60:.1f} min, {len(summary['peers'])} peers, {summary['commits']} commits, "
+               f"{summary['rejected']} rejected, {summary['coordinator_changes']} coordinator changes")
+    click.echo(f"validation loss {v['start']['mean']:.3f} -> {v['end']['mean']:.3f} (mean over "
+               f"{len(v['end']['per_language'])} languages)")
+    click.echo("tokens per peer: " + ", ".join(f"{p['name']} {p['tokens']:,} (util {p['utilization']:.2f})" for p in summary["peers"]))

@@ -1,0 +1,196 @@
+"""From a coordinator checkpoint to a model anyone can load, and text from it.
+
+A ``--checkpoint-dir`` of ``heloco-peer join`` is self-describing (``Peer._maybe_checkpoint``)::
+
+    coordinator.pt   {"commit_state": {"engine": {"params": [θ in model.parameters() order], ...}, ...},
+                      "config_digest", "version", "term", "run_id", "param_names"}
+    config.yaml      the run config
+    tokenizer.json   the run's tokenizer
+
+``export_checkpoint`` rebuilds the model from config.yaml, loads θ into it (names and shapes
+checked), and writes a ``save_pretrained`` directory that ``AutoModelForCausalLM.from_pretrained``
+loads, with the tokenizer and ``heloco_export.json`` (run, version, term, digests)::
+
+    meta = export_checkpoint("ckpt-a", "model-v120")
+    texts = generate_text("model-v120", "In the beginning", seed=0)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "coordinator.pt"
+EXPORT_META = "heloco_export.json"
+
+
+class ExportError(Exception):
+    """The checkpoint or model cannot be used; the message says why."""
+
+
+@dataclass
+class Checkpoint:
+    """What a coordinator checkpoint directory holds, read and checked."""
+
+    path: Path
+    cfg: object  # RunConfig
+    tokenizer: object  # PreTrainedTokenizerFast
+    params: list[torch.Tensor]
+    names: list[str]
+    run_id: str
+    version: int
+    term: int
+    config_digest: str
+
+
+def read_checkpoint(ckpt_dir: str | os.PathLike) -> Checkpoint:
+    """Read and check a checkpoint directory; raise ExportError saying what is wrong."""
+    import yaml
+
+    from heloco_p2p.config import ConfigError, config_from_dict
+    from heloco_p2p.data import load_tokenizer
+
+    d = Path(ckpt_dir)
+    missing = [f for f in (CHECKPOINT_FILE, "config.yaml", "tokenizer.json") if not (d / f).is_file()]
+    if missing:
+        raise ExportError(f"{d}: no {', '.join(missing)} there; a coordinator's --checkpoint-dir holds "
+                          f"{CHECKPOINT_FILE}, config.yaml and tokenizer.json (written every swarm.checkpoint_every "
+                          "commits and when it leaves)")
+    path = d / CHECKPOINT_FILE
+    try:
+        # weights_only: a checkpoint from elsewhere must not be able to run code when loaded
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ExportError(f"{path}: cannot read the checkpoint, it is corrupted or not a heloco checkpoint "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    try:
+        engine = state["commit_state"]["engine"]
+        params, names = list(engine["params"]), list(state["param_names"])
+        run_id, digest = str(state["run_id"]), str(state["config_digest"])
+        version, term = int(state["version"]), int(state["term"])
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        what = f"no {exc} entry" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+        raise ExportError(f"{path}: not a heloco coordinator checkpoint ({what})") from None
+    if not all(isinstance(p, torch.Tensor) for p in params):
+        raise ExportError(f"{path}: not a heloco coordinator checkpoint (parameters are not all tensors)")
+    try:
+        cfg = config_from_dict(yaml.safe_load((d / "config.yaml").read_text()), source=str(d / "config.yaml"))
+    except (ConfigError, yaml.YAMLError) as exc:
+        raise ExportError(f"{d / 'config.yaml'}: {exc}") from None
+    if digest != cfg.digest():
+        raise ExportError(f"{path}: checkpoint was written for another config (its config digest {digest[:12]}, "
+                          f"config.yaml's {cfg.digest()[:12]}); put the run's own config.yaml beside it")
+    try:
+        tokenizer = load_tokenizer(str(d / "tokenizer.json"))
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"{d / 'tokenizer.json'}: cannot load the tokenizer: {exc}") from None
+    return Checkpoint(d, cfg, tokenizer, params, names, run_id, version, term, digest)
+
+
+def model_from_checkpoint(ckpt: Checkpoint):
+    """The run's model with θ of the checkpoint; names, shapes and finiteness checked first."""
+    from heloco_p2p.local import build_model, param_names, trainable_params
+
+    model = build_model(ckpt.cfg.model, ckpt.tokenizer)
+    expected = param_names(model)
+    targets = trainable_params(model)
+    if ckpt.names != expected or len(ckpt.params) != len(targets):
+        diff = next((f"#{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(ckpt.names, expected)) if a != b),
+                    f"{len(ckpt.params)} tensors ({len(ckpt.names)} names) vs {len(targets)}")
+        raise ExportError(f"{ckpt.path}: the checkpoint's parameters do not match the model of config.yaml ({diff})")
+    for name, src, dst in zip(expected, ckpt.params, targets):
+        if tuple(src.shape) != tuple(dst.shape):
+            raise ExportError(f"{ckpt.path}: parameter {name} has shape {tuple(src.shape)} in the checkpoint, "
+                              f"{tuple(dst.shape)} in the model of config.yaml")
+        if not src.is_floating_point() or not torch.isfinite(src).all():
+            raise ExportError(f"{ckpt.path}: parameter {name} is not finite floating point")
+    with torch.no_grad():
+        for src, dst in zip(ckpt.params, targets):
+            dst.copy_(src)
+    return model
+
+
+def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
+    """Write the checkpoint's model as a ``save_pretrained`` directory; returns the export metadata.
+
+    The directory is built beside ``out_dir`` and renamed into place, so an interrupted export
+    leaves no half-written model (its files need no atomic writes of their own). ``out_dir``
+    must not exist, be empty, or hold an earlier export (which is replaced).
+    """
+    import yaml
+
+    from heloco_p2p.data import tokenizer_digest
+    from heloco_p2p.local import count_params
+
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / EXPORT_META).exists())):
+        raise ExportError(f"{out} exists and is not an earlier export; choose another --out")
+    ckpt = read_checkpoint(ckpt_dir)
+    model = model_from_checkpoint(ckpt)
+    meta = {"run_id": ckpt.run_id, "version": ckpt.version, "term": ckpt.term, "config_digest": ckpt.config_digest,
+            "tokenizer_digest": tokenizer_digest(ckpt.tokenizer), "parameters": count_params(model),
+            "checkpoint": str(ckpt.path.resolve()), "exported_at": time.time()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; an exported model is meant to be shared
+        model.save_pretrained(tmp)
+        ckpt.tokenizer.save_pretrained(tmp)
+        # run_config.yaml as `heloco-peer train` writes it, so `heloco-peer eval` uses the run's data settings
+        run_config = {"run_id": ckpt.run_id, "version": ckpt.version, "config": ckpt.cfg.model_dump(mode="json")}
+        (tmp / "run_config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+        (tmp / EXPORT_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~umask)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.debug("exported run %s version %d (term %d) to %s", ckpt.run_id, ckpt.version, ckpt.term, out)
+    return meta
+
+
+def generate_text(model_dir: str | os.PathLike, prompt: str, max_new_tokens: int = 60, temperature: float = 0.8,
+                  top_k: int = 50, seed: int = 0, num_samples: int = 1) -> list[str]:
+    """Sample continuations of ``prompt`` (prompt included) from a saved model. The same seed
+    gives the same texts (on the same machine and torch build). ``temperature`` 0: greedy."""
+    from transformers import AutoModelForCausalLM
+
+    from heloco_p2p.data import load_tokenizer
+
+    if temperature == 0 and num_samples > 1:
+        raise ExportError("temperature 0 is greedy decoding: every sample would be the same; use num_samples 1")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        tok = load_tokenizer(str(model_dir))
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"{model_dir}: cannot load model and tokenizer: {exc}") from None
+    model.eval()
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    if ids.shape[1] == 0:  # an empty prompt starts a new document
+        ids = torch.tensor([[tok.bos_token_id]])
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and ids.shape[1] + max_new_tokens > context:
+        logger.warning("prompt (%d tokens) + %d new tokens exceed the model's context of %d tokens",
+                       ids.shape[1], max_new_tokens, context)
+    sampling = dict(do_sample=True, temperature=temperature, top_k=top_k) if temperature > 0 else dict(do_sample=False)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             num_return_sequences=num_samples, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id, use_cache=True, **sampling)
+    return [tok.decode(seq, skip_special_tokens=True) for seq in out]
+

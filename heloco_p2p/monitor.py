@@ -1,0 +1,230 @@
+"""The live swarm view, read only from the run's DHT records (docs/protocol.md, "DHT records").
+
+A monitor joins the DHT as a client: it serves nothing, writes no record and calls no peer, so
+it cannot disturb training. What it shows is a pure function of the records it read::
+
+    snap = snapshot(peers, claims, now=time.time(), silent_after=10, lease_seconds=10)
+    snap["coordinator"]   # {"peer_id", "term", "version", "commits_per_min", "standbys"} or None
+    snap["peers"]         # one dict per peer, keys PEER_KEYS, sorted by name
+
+``Monitor`` polls ``RunRecords`` and keeps what a single read cannot give: the mean staleness
+over the submissions it saw (a peer record carries only its last one) and peers whose records
+have expired (shown as silent rather than vanishing). ``render`` turns a snapshot into a rich
+table. Times are the peers' own wall clocks: a peer whose clock runs behind the monitor's by
+more than ``silent_after`` looks silent.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Collection, Iterable, Mapping, Optional
+
+from heloco_p2p.swarm.records import GenesisRecord, LeaseRecord, PeerRecord
+
+COORDINATOR_KEYS = ("peer_id", "term", "version", "commits_per_min", "standbys")
+PEER_KEYS = ("peer_id", "name", "region", "role", "device", "speed", "inner_steps", "staleness_last",
+             "staleness_mean", "tokens", "last_loss", "bytes_in", "bytes_out", "last_seen", "alive")
+
+# peer_id -> (accepted count when last sampled, samples, sum of staleness over the samples)
+StalenessHistory = Mapping[str, tuple[int, int, int]]
+
+
+# ---------------------------------------------------------------------------- pure: records -> snapshot
+def live_coordinator(claims: Iterable[LeaseRecord], now: float, lease_seconds: float) -> Optional[LeaseRecord]:
+    """The highest-term claim whose lease has not lapsed (``renewed + lease_seconds > now``);
+    equal terms: the most recently renewed. None when no claim is live."""
+    live = [c for c in claims if c.renewed + lease_seconds > now]
+    return max(live, key=lambda c: (c.term, c.renewed), default=None)
+
+
+def peer_state(record: PeerRecord, now: float, silent_after: float) -> str:
+    """``left`` (it withdrew), ``silent`` (no heartbeat for ``silent_after`` s) or ``alive``."""
+    if record.role == "left":
+        return "left"
+    return "alive" if now - record.heartbeat <= silent_after else "silent"
+
+
+def latest_per_peer(records: Iterable[PeerRecord]) -> dict[str, PeerRecord]:
+    """One record per peer id: the one with the latest heartbeat."""
+    out: dict[str, PeerRecord] = {}
+    for r in records:
+        if r.peer_id not in out or r.heartbeat > out[r.peer_id].heartbeat:
+            out[r.peer_id] = r
+    return out
+
+
+def observe_staleness(history: StalenessHistory, peers: Iterable[PeerRecord]) -> dict[str, tuple[int, int, int]]:
+    """``history`` with one more sample for each peer whose accepted count changed since the last
+    sample (a record read twice counts once). Returns a new dict; ``history`` is not modified."""
+    out = dict(history)
+    for r in peers:
+        if r.accepted <= 0:
+            continue  # no accepted submission yet: its staleness field means nothing
+        last_accepted, n, total = out.get(r.peer_id, (-1, 0, 0))
+        if r.accepted != last_accepted:
+            out[r.peer_id] = (r.accepted, n + 1, total + r.staleness)
+    return out
+
+
+def _finite_or_none(x: float) -> Optional[float]:
+    return float(x) if math.isfinite(x) and x >= 0 else None  # peers publish -1 before their first loss
+
+
+def peer_row(r: PeerRecord, now: float, silent_after: float, history: StalenessHistory, present: bool = True) -> dict:
+    has_submitted = r.accepted > 0
+    _, n, total = history.get(r.peer_id, (0, 0, 0))
+    mean = total / n if n else (float(r.staleness) if has_submitted else None)
+    return {
+        "peer_id": r.peer_id, "name": r.name, "region": r.region, "role": r.role, "device": r.device,
+        "speed": float(r.steps_per_second), "inner_steps": r.inner_steps,
+        "staleness_last": r.staleness if has_submitted else None, "staleness_mean": mean,
+        "tokens": r.tokens, "last_loss": _finite_or_none(r.loss), "bytes_in": r.bytes_in, "bytes_out": r.bytes_out,
+        "last_seen": r.heartbeat, "alive": present and peer_state(r, now, silent_after) == "alive",
+    }
+
+
+def snapshot(peers: Iterable[PeerRecord], claims: Iterable[LeaseRecord], now: float, *, silent_after: float = 10.0,
+             lease_seconds: float = 10.0, staleness_history: StalenessHistory | None = None,
+             absent: Collection[str] = ()) -> dict:
+    """The swarm as the records describe it at time ``now`` (see the module docstring).
+
+    :param peers: peer records (several per peer id are allowed: the latest heartbeat wins)
+    :param claims: lease claims (DHT-unexpired ones; lapsed leases are filtered here too)
+    :param now: the monitor's wall clock (unix seconds)
+    :param silent_after: a peer whose heartbeat is older than this is not alive
+    :param lease_seconds: a claim is live until ``renewed + lease_seconds``
+    :param staleness_history: from ``observe_staleness``; without it the mean is the last value
+    :param absent: ids of peers whose records were read earlier but have left the DHT since
+        (withdrawn or expired): shown, never alive
+    :return: ``{"coordinator": dict | None, "peers": [dict, ...]}`` with keys COORDINATOR_KEYS / PEER_KEYS;
+        ``last_seen`` is the heartbeat's unix time; ``staleness_*`` and ``last_loss`` are None before
+        the peer's first accepted submission / first round
+    """
+    history = staleness_history or {}
+    lease = live_coordinator(claims, now, lease_seconds)
+    coordinator = None if lease is None else {
+        "peer_id": lease.peer_id, "term": lease.term, "version": lease.version,
+        "commits_per_min": float(lease.commits_per_minute), "standbys": list(lease.standbys),
+    }
+    rows = [peer_row(r, now, silent_after, history, present=r.peer_id not in absent)
+            for r in latest_per_peer(peers).values()]
+    rows.sort(key=lambda row: (row["name"], row["peer_id"]))
+    return {"coordinator": coordinator, "peers": rows}
+
+
+# ---------------------------------------------------------------------------- polling
+class Monitor:
+    """Polls one run's records and builds snapshots; remembers staleness samples and peers
+    whose records left the DHT (shown not alive for ``forget_after`` seconds after their last
+    heartbeat). A peer's record expires 4 heartbeats after its last one; a peer that leaves
+    overwrites it with role ``left``.
+
+    :param records: a ``RunRecords`` (only its ``peers()`` and ``lease_claims()`` are called)
+    :param silent_after: seconds without a heartbeat after which a peer is shown silent
+    :param lease_seconds: the run's lease period (a claim is live until renewed + this)
+    :param forget_after: drop a silent peer from the view this long after its last heartbeat
+    """
+
+    def __init__(self, records, silent_after: float = 10.0, lease_seconds: float = 10.0, forget_after: float = 600.0):
+        self.records = records
+        self.silent_after, self.lease_seconds, self.forget_after = silent_after, lease_seconds, forget_after
+        self.known: dict[str, PeerRecord] = {}
+        self.history: dict[str, tuple[int, int, int]] = {}
+
+    def poll(self, now: float | None = None) -> dict:
+        peers, claims = self.records.peers(), self.records.lease_claims()
+        now = time.time() if now is None else now
+        self.known.update(latest_per_peer(list(self.known.values()) + peers))
+        self.known = {pid: r for pid, r in self.known.items() if now - r.heartbeat <= self.forget_after}
+        self.history = observe_staleness(self.history, peers)
+        present = {r.peer_id for r in peers}
+        return snapshot(self.known.values(), claims, now, silent_after=self.silent_after,
+                        lease_seconds=self.lease_seconds, staleness_history=self.history,
+                        absent=[pid for pid in self.known if pid not in present])
+
+
+def wait_for_genesis(records, timeout: float, poll: float = 0.5) -> Optional[GenesisRecord]:
+    """The run's genesis record, read until found or ``timeout`` seconds passed (a new DHT client
+    may need a moment to find the nodes that store it)."""
+    deadline = time.time() + timeout
+    while True:
+        genesis = records.genesis()
+        if genesis is not None or time.time() >= deadline:
+            return genesis
+        time.sleep(poll)
+
+
+# ---------------------------------------------------------------------------- rendering
+def human_count(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def human_bytes(n: float) -> str:
+    for unit, size in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n:.0f}B"
+
+
+def human_age(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def render(snap: dict, run_id: str, now: float, genesis: GenesisRecord | None = None, note: str = ""):
+    """A rich renderable: the run and its coordinator above one table row per peer."""
+    from rich import box
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    peers = snap["peers"]
+    taken = [p["name"] for p in peers]
+    names = {p["peer_id"]: p["name"] if p["name"] and taken.count(p["name"]) == 1  # a shared name gets its id's tail
+             else f"{p['name']}~{p['peer_id'][-6:]}" for p in peers}
+    head = Text(f"run {run_id}", style="bold")
+    if genesis is not None:
+        budget = ", ".join(b for b in (f"{genesis.max_versions} versions" if genesis.max_versions else "",
+                                       f"{human_count(genesis.max_tokens)} tokens" if genesis.max_tokens else "") if b)
+        founder = names.get(genesis.founder, genesis.founder[-8:])
+        head.append(f"  founded {human_age(now - genesis.created)} ago by {founder}"
+                    f"  config {genesis.config_digest[:12]}  budget: {budget or 'none'}", style="dim")
+    c = snap["coordinator"]
+    if c is None:
+        coord = Text("coordinator: none (no live lease: an election may be under way)", style="yellow")
+    else:
+        standbys = ", ".join(names.get(s, s[-8:]) for s in c["standbys"]) or "none"
+        coord = Text.assemble(("coordinator ", "bold"), (names.get(c["peer_id"], c["peer_id"][-8:]), "bold cyan"),
+                              f"  term {c['term']}  version {c['version']}  {c['commits_per_min']:.1f} commits/min"
+                              f"  standbys: {standbys}")
+    alive = sum(p["alive"] for p in peers)
+    table = Table(title=f"{alive} of {len(peers)} peers alive", title_justify="left", box=box.SIMPLE_HEAD,
+                  pad_edge=False, collapse_padding=True,
+                  caption="st/s and H: of the last round; stale: staleness last/mean; in/out: bytes; "
+                          "seen: last heartbeat",
+                  caption_justify="left")
+    for col in ("peer", "reg", "role", "dev", "st/s", "H", "stale", "tokens", "loss", "in/out", "seen"):
+        table.add_column(col, justify="left" if col in ("peer", "reg", "role", "dev") else "right", no_wrap=True)
+    for p in peers:
+        if p["role"] == "left":
+            role = Text("left", style="dim")
+        elif not p["alive"]:
+            role = Text("silent", style="bold red")
+        else:
+            role = Text(p["role"], style="bold cyan" if p["role"] == "coordinator" else "green")
+        stale = "-" if p["staleness_last"] is None else f"{p['staleness_last']}/{p['staleness_mean']:.1f}"
+        table.add_row(names[p["peer_id"]], p["region"], role, p["device"], f"{p['speed']:.2f}", str(p["inner_steps"]),
+                      stale, human_count(p["tokens"]), "-" if p["last_loss"] is None else f"{p['last_loss']:.3f}",
+                      f"{human_bytes(p['bytes_in'])}/{human_bytes(p['bytes_out'])}", human_age(now - p["last_seen"]),
+                      style="dim" if not p["alive"] else None)
+    parts = [head, coord, table]
+    if note:
+        parts.append(Text(note, style="yellow"))
+    return Group(*parts)

@@ -1,0 +1,288 @@
+"""The local multi-peer testnet: a cast of peer profiles (peers/*.yaml) training one run on this
+machine, each a separate process with its own language and speed, watched live from the DHT.
+
+    summary = run_testnet(load_profiles("peers/*.yaml"), "configs/testnet.yaml", minutes=5, out=Path("runs/t"))
+
+Writes into ``out``: summary.json, metrics.jsonl (every commit, heartbeat, round and the
+validation curve), report.md with plots, checkpoint/ (the final state, for ``heloco-peer
+export``), and peers/ (each peer's log and metrics).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import shutil
+import statistics
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from heloco_p2p.config import ConfigError, _format_errors, load_config
+from heloco_p2p.fsutil import atomic_write_json
+from heloco_p2p.launcher import LocalSwarm
+
+logger = logging.getLogger(__name__)
+
+
+class PeerProfile(BaseModel):
+    """One testnet peer. ``speed`` in (0, 1]: a peer of speed s idles (1/s − 1) × its measured
+    step time after each step, emulating hardware 1/s times slower."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    region: str
+    speed: float = Field(1.0, gt=0, le=1)
+    device: str = "auto"
+    batch_size: int = Field(16, gt=0)
+    threads: int = Field(1, ge=0)
+
+
+def load_profiles(pattern: str) -> list[PeerProfile]:
+    """Peer profiles from files matching ``pattern`` (sorted by name; the first is the bootstrap)."""
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise ConfigError(f"{pattern}: no peer profile matches")
+    profiles = []
+    for f in files:
+        try:
+            profiles.append(PeerProfile.model_validate(yaml.safe_load(Path(f).read_text()) or {}))
+        except ValidationError as err:
+            raise ConfigError(_format_errors(f, err)) from None
+    names = [p.name for p in profiles]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{pattern}: peer names must be unique, got {names}")
+    return profiles
+
+
+def _peer_args(p: PeerProfile) -> list[str]:
+    return ["--speed", str(p.speed), "--batch-size", str(p.batch_size), "--device", p.device, "--threads", str(p.threads)]
+
+
+class _Evaluator:
+    """Validation loss of a θ on every language of the cast (the same fixed blocks each time)."""
+
+    def __init__(self, cfg, regions: list[str]):
+        from heloco_p2p.data import load_tokenizer, open_source, validation_blocks
+        from heloco_p2p.local import build_model
+        from heloco_p2p.local.solo import source_spec
+
+        self.tok = load_tokenizer(cfg.data.tokenizer, vocab_size=cfg.data.vocab_size)
+        self.model = build_model(cfg.model, self.tok, seed=0)  # seed 0: the founder's θ0
+        self.theta0 = [p.detach().clone() for p in self.model.parameters()]
+        self.blocks = {r: validation_blocks(open_source(source_spec(cfg, r)), self.tok, cfg.data.seq_len, cfg.data.val_blocks)
+                       for r in dict.fromkeys(regions)}
+
+    def __call__(self, params: list[torch.Tensor]) -> dict:
+        from heloco_p2p.local import evaluate_regions
+
+        with torch.no_grad():
+            for p, q in zip(self.model.parameters(), params):
+                p.copy_(q)
+        return evaluate_regions(self.model, self.blocks)
+
+
+def _coordinator_now(sw: LocalSwarm) -> str | None:
+    """The live peer whose metrics hold the most recent commit."""
+    latest = {n: max((e["time"] for e in sw.events(n, "commit")), default=0.0)
+              for n, proc in sw.procs.items() if proc.poll() is None}
+    latest = {n: t for n, t in latest.items() if t > 0}
+    return max(latest, key=latest.get) if latest else None
+
+
+def run_testnet(profiles: list[PeerProfile], config_path: str, minutes: float, out: Path,
+                run_id: str | None = None, live: bool = True, eval_every: float = 30.0) -> dict:
+    """Run the cast for ``minutes``, then stop every peer and write the outputs; returns the summary."""
+    from heloco_p2p.coordinator import unpack_params
+    from heloco_p2p.swarm.node import SwarmNode
+
+    cfg = load_config(config_path)
+    out.mkdir(parents=True, exist_ok=True)
+    run_id = run_id or f"testnet-{uuid.uuid4().hex[:6]}"
+    config_file = Path(config_path).resolve()
+    (out / "config.yaml").write_text(cfg.to_yaml())
+    evaluator = _Evaluator(cfg, [p.region for p in profiles])
+    curve = [{"event": "val", "time": time.time(), "version": 0, "val_loss": evaluator(evaluator.theta0)}]
+    sw = LocalSwarm(out / "peers", run_id)
+    (out / "peers").mkdir(exist_ok=True)
+    client = None
+    interrupted = False
+    t_start = time.time()
+    try:
+        first, rest = profiles[0], profiles[1:]
+        sw.start(first.name, first.region, "--config", str(config_file), *_peer_args(first))
+        for p in rest:
+            sw.start(p.name, p.region, *_peer_args(p))
+        client = SwarmNode(run_id, initial_peers=[sw.maddr], client_mode=True)
+        deadline = t_start + 60 * minutes
+        next_eval = time.time() + eval_every
+        with _LiveView(client, sw, enabled=live) as view:
+            while time.time() < deadline:
+                time.sleep(1.0)
+                view.refresh()
+                if time.time() >= next_eval:
+                    next_eval += eval_every
+                    point = _fetch_and_evaluate(client, evaluator, unpack_params)
+                    if point:
+                        curve.append(point)
+                        view.note(f"validation loss {point['val_loss']['mean']:.3f} at version {point['version']}")
+    except KeyboardInterrupt:
+        interrupted = True
+        logger.warning("interrupted: stopping every peer")
+    finally:
+        _stop_all(sw)
+        if client is not None:
+            client.shutdown()
+    wall = time.time() - t_start
+    ckpt = _collect_checkpoint(sw, out)
+    if ckpt is not None:
+        state = torch.load(ckpt / "coordinator.pt", weights_only=False)
+        params = state["commit_state"]["engine"]["params"]
+        curve.append({"event": "val", "time": time.time(), "version": int(state["version"]), "val_loss": evaluator(params)})
+    summary = build_summary(sw, profiles, curve, wall)
+    summary["interrupted"] = interrupted
+    summary["run_id"] = run_id
+    _write_metrics(sw, curve, out / "metrics.jsonl")
+    atomic_write_json(out / "summary.json", summary)
+    from heloco_p2p.report import write_testnet_report
+
+    write_testnet_report(out)
+    return summary
+
+
+def _fetch_and_evaluate(client, evaluator, unpack_params) -> dict | None:
+    claims = client.records.lease_claims()
+    if not claims:
+        return None
+    try:
+        header, payload = client.call(claims[0].peer_id, "state", {"run_id": client.run_id}, timeout=30)
+        if header.get("status") != "ok":
+            return None
+        params = unpack_params(payload)
+    except Exception as exc:  # the coordinator may be changing hands: try again next time
+        logger.debug("evaluation fetch failed: %s", exc)
+        return None
+    return {"event": "val", "time": time.time(), "version": int(header["version"]), "val_loss": evaluator(params)}
+
+
+def _stop_all(sw: LocalSwarm) -> None:
+    """Training peers first, then the coordinator, so that its last checkpoint is the final state."""
+    import signal
+
+    coordinator = _coordinator_now(sw)
+    others = [n for n, p in sw.procs.items() if p.poll() is None and n != coordinator]
+    for n in others:
+        sw.procs[n].send_signal(signal.SIGTERM)
+    for n in others:
+        try:
+            sw.procs[n].wait(60)
+        except Exception:
+            pass
+    if coordinator and sw.procs[coordinator].poll() is None:
+        sw.procs[coordinator].send_signal(signal.SIGTERM)
+        try:
+            sw.procs[coordinator].wait(60)
+        except Exception:
+            pass
+    sw.close()  # SIGKILLs any group still there
+
+
+def _collect_checkpoint(sw: LocalSwarm, out: Path) -> Path | None:
+    candidates = [p for p in (sw.dir).glob("ckpt-*/coordinator.pt")]
+    if not candidates:
+        return None
+    best = max(candidates, key=lambda p: torch.load(p, weights_only=False)["version"])
+    dest = out / "checkpoint"
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(best.parent, dest)
+    return dest
+
+
+def build_summary(sw: LocalSwarm, profiles: list[PeerProfile], curve: list[dict], wall: float) -> dict:
+    commits = sw.all_events("commit")
+    acks = [a for a in sw.all_events("ack") if not a.get("duplicate")]
+    peers = []
+    for p in profiles:
+        rounds = sw.events(p.name, "round")
+        mine = [a for a in sw.events(p.name, "ack") if not a.get("duplicate")]
+        start = next((e["time"] for e in sw.events(p.name, "train_start")), None)
+        end = max((e["time"] for e in sw.events(p.name) if e.get("event") in ("train_end", "ack", "round")), default=None)
+        busy = sum(r["compute_seconds"] for r in rounds)
+        span = (end - start) if (start and end and end > start) else None
+        peers.append({
+            "name": p.name, "region": p.region, "speed_factor": p.speed, "rounds": len(rounds),
+            "tokens": int(sum(a["tokens"] for a in mine)),
+            "utilization": min(1.0, busy / span) if span else 0.0,
+            "staleness_mean": statistics.fmean([a["staleness"] or 0 for a in mine]) if mine else 0.0,
+        })
+    return {
+        "wall_seconds": wall,
+        "commits": len({(c["term"], c["version"]) for c in commits}),
+        "accepted_rounds": len(acks),
+        "rejected": len(sw.all_events("rejected")),
+        "coordinator_changes": len(sw.all_events("takeover")),
+        "val_loss": {"start": _val(curve[0]), "end": _val(curve[-1])},
+        "peers": peers,
+    }
+
+
+def _val(point: dict) -> dict:
+    return {"mean": point["val_loss"]["mean"], "per_language": point["val_loss"]["per_language"],
+            "version": point["version"]}
+
+
+def _write_metrics(sw: LocalSwarm, curve: list[dict], path: Path) -> None:
+    events = [e for n in sw.procs for e in sw.events(n)] + curve
+    events.sort(key=lambda e: e.get("time", 0.0))
+    with open(path, "w") as f:
+        for e in events:
+            f.write(json.dumps(e) + "\n")
+
+
+class _LiveView:
+    """The monitor's view of the swarm, refreshed in place (rich), plus a line for notes."""
+
+    def __init__(self, client, sw: LocalSwarm, enabled: bool):
+        self.client, self.sw, self.enabled = client, sw, enabled
+        self.notes: list[str] = []
+        self.live = None
+        self.history: dict = defaultdict(list)
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.live import Live
+
+            self.live = Live(self._render(), refresh_per_second=1, transient=False)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.live is not None:
+            self.live.__exit__(*exc)
+
+    def note(self, text: str) -> None:
+        self.notes = (self.notes + [time.strftime("%H:%M:%S ") + text])[-3:]
+        if not self.enabled:
+            logger.info(text)
+
+    def refresh(self) -> None:
+        if self.live is not None:
+            try:
+                self.live.update(self._render())
+            except Exception as exc:  # the DHT may hiccup; the view waits for the next tick
+                logger.debug("live view: %s", exc)
+
+    def _render(self):
+        from rich.console import Group
+        from rich.text import Text
+
+        from heloco_p2p.monitor import render_snapshot, take_snapshot
+
+        snap = take_snapshot(self.client.records, history=self.history)
+        return Group(render_snapshot(snap), Text("\n".join(self.notes)))
