@@ -33,7 +33,7 @@ from heloco_p2p.local import InnerTrainer, build_model, validation_loss
 from heloco_p2p.local.model import param_names, trainable_params
 from heloco_p2p.local.solo import source_spec
 from heloco_p2p.outer import DyLU, build_engine
-from heloco_p2p.swarm.node import SwarmNode
+from heloco_p2p.swarm.node import SwarmNode, start_error_message
 from heloco_p2p.swarm.records import PROTOCOL_VERSION, GenesisRecord, LeaseRecord, PeerRecord
 from heloco_p2p.swarm.wire import encode_tensors
 
@@ -112,8 +112,11 @@ class Peer:
         o = self.opts
         if o.threads:
             torch.set_num_threads(o.threads)
-        self.node = SwarmNode(o.run_id, identity_dir=o.identity, initial_peers=o.initial_peers,
-                              host_maddrs=o.host_maddrs, announce_maddrs=o.announce_maddrs, client_mode=o.client_mode)
+        try:
+            self.node = SwarmNode(o.run_id, identity_dir=o.identity, initial_peers=o.initial_peers,
+                                  host_maddrs=o.host_maddrs, announce_maddrs=o.announce_maddrs, client_mode=o.client_mode)
+        except Exception as exc:
+            raise JoinError(start_error_message(exc, o.initial_peers)) from None
         try:
             from heloco_p2p.swarm.lifetime import guard_children
 
@@ -598,7 +601,7 @@ class Peer:
                     self.node.run(self.service.hand_over(), timeout=30)
                 self._maybe_checkpoint(force=True)
                 if getattr(self, "_peer_record", None) is not None:
-                    self.node.records.withdraw_peer(self._peer_record)
+                    self.node.records.withdraw_peer(self._peer_record, ttl=4 * self.cfg.swarm.heartbeat_seconds + 5)
         except Exception as exc:
             logger.debug("leaving: %s", exc)
         self.node.shutdown()

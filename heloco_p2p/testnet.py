@@ -16,7 +16,6 @@ import shutil
 import statistics
 import time
 import uuid
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -121,7 +120,8 @@ def run_testnet(profiles: list[PeerProfile], config_path: str, minutes: float, o
         client = SwarmNode(run_id, initial_peers=[sw.maddr], client_mode=True)
         deadline = t_start + 60 * minutes
         next_eval = time.time() + eval_every
-        with _LiveView(client, sw, enabled=live) as view:
+        with _LiveView(client, sw, enabled=live, lease_seconds=cfg.swarm.lease_seconds,
+                       silent_after=3 * cfg.swarm.heartbeat_seconds) as view:
             while time.time() < deadline:
                 time.sleep(1.0)
                 view.refresh()
@@ -246,13 +246,16 @@ def _write_metrics(sw: LocalSwarm, curve: list[dict], path: Path) -> None:
 
 
 class _LiveView:
-    """The monitor's view of the swarm, refreshed in place (rich), plus a line for notes."""
+    """The monitor's view of the swarm (heloco_p2p.monitor, read from the DHT), refreshed in place,
+    with a line of notes (validation losses) under it."""
 
-    def __init__(self, client, sw: LocalSwarm, enabled: bool):
+    def __init__(self, client, sw: LocalSwarm, enabled: bool, lease_seconds: float = 10.0, silent_after: float = 10.0):
+        from heloco_p2p.monitor import Monitor
+
         self.client, self.sw, self.enabled = client, sw, enabled
+        self.monitor = Monitor(client.records, silent_after=silent_after, lease_seconds=lease_seconds)
         self.notes: list[str] = []
         self.live = None
-        self.history: dict = defaultdict(list)
 
     def __enter__(self):
         if self.enabled:
@@ -279,10 +282,7 @@ class _LiveView:
                 logger.debug("live view: %s", exc)
 
     def _render(self):
-        from rich.console import Group
-        from rich.text import Text
+        from heloco_p2p.monitor import render
 
-        from heloco_p2p.monitor import render_snapshot, take_snapshot
-
-        snap = take_snapshot(self.client.records, history=self.history)
-        return Group(render_snapshot(snap), Text("\n".join(self.notes)))
+        now = time.time()
+        return render(self.monitor.poll(now), self.client.run_id, now, note="\n".join(self.notes))

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 def _cast(tmp_path):
     d = tmp_path / "peers"
     d.mkdir()
-    for name, region, speed in (("a", "de", 1.0), ("b", "fr", 0.5), ("c", "en", 0.3)):
+    for name, region, speed in (("a", "de", 1.0), ("b", "fr", 0.7), ("c", "en", 0.5)):
         (d / f"{name}.yaml").write_text(yaml.safe_dump({"name": name, "region": region, "speed": speed,
                                                         "device": "cpu", "batch_size": 8}))
     return str(d / "*.yaml")
@@ -35,7 +35,7 @@ def test_testnet_writes_a_consistent_summary(tmp_path):
     for p in summary["peers"]:
         assert p["rounds"] >= 1 and p["tokens"] > 0
         assert 0.0 < p["utilization"] <= 1.0
-    assert summary["val_loss"]["end"]["mean"] < summary["val_loss"]["start"]["mean"] - 0.5
+    assert summary["val_loss"]["end"]["mean"] < summary["val_loss"]["start"]["mean"] - 0.3
     assert set(summary["val_loss"]["end"]["per_language"]) == {"de", "fr", "en"}
     assert (out / "checkpoint" / "coordinator.pt").exists() and (out / "checkpoint" / "tokenizer.json").exists()
     report = (out / "report.md").read_text()

@@ -9,21 +9,7 @@ import click
 
 from heloco_p2p.cli import log_level_option
 from heloco_p2p.cli.train_cmd import _fail
-
-JOIN_HELP = "see README 'Joining from another machine'"
-
-
-def start_error_message(exc: Exception, initial_peers: tuple[str, ...]) -> str:
-    """What to tell the user when the monitor's libp2p daemon cannot start."""
-    text = str(exc)
-    addrs = " ".join(initial_peers)
-    if "failed to connect to bootstrap peers" in text:
-        return (f"no peer answered at {addrs}: check the address, that the peer is running, "
-                f"and firewalls/NAT ({JOIN_HELP})")
-    if "multiaddr" in text:
-        return (f"not a valid peer address: {addrs} ({text.split(':', 1)[-1].strip()}); a peer prints its address "
-                "when it starts, e.g. /ip4/203.0.113.5/tcp/31337/p2p/Qm...")
-    return f"could not start the libp2p daemon: {text}"
+from heloco_p2p.swarm.node import start_error_message
 
 
 @click.command()

@@ -29,6 +29,24 @@ from heloco_p2p.swarm.wire import WireError, linger_close, read_message, request
 
 logger = logging.getLogger(__name__)
 
+JOIN_HELP = "see README 'Joining from another machine'"
+
+
+def start_error_message(exc: Exception, initial_peers: Sequence[str]) -> str:
+    """What to tell a user whose node cannot start: no peer answered, a bad address, or a daemon failure."""
+    text = str(exc)
+    addrs = " ".join(initial_peers)
+    if "failed to connect to bootstrap peers" in text:
+        return (f"no peer answered at {addrs}: check the address, that the peer is running, "
+                f"and firewalls/NAT ({JOIN_HELP})")
+    if "multiaddr" in text:
+        return (f"not a valid peer address: {addrs} ({text.split(':', 1)[-1].strip()}); a peer prints its address "
+                "when it starts, e.g. /ip4/203.0.113.5/tcp/31337/p2p/Qm...")
+    if "address already in use" in text.lower():
+        return f"could not listen: {text}; choose another port in --host-maddrs (or tcp/0 for any free port)"
+    return f"could not start the libp2p daemon: {text} ({JOIN_HELP})"
+
+
 Handler = Callable[[dict, bytes, str], Awaitable[tuple[dict, bytes]]]
 
 
@@ -78,18 +96,30 @@ class SwarmNode:
             key = load_or_create_rsa_key(ident / "dht_rsa.der")
             p2p_identity = str(ident / "p2p.key")
         validators, self.signer = make_validators(run_id, key)
+        try:
+            self._start(validators, initial_peers, host_maddrs, announce_maddrs, p2p_identity, client_mode, startup_timeout)
+        except BaseException:
+            self.loop.call_soon_threadsafe(self.loop.stop)  # no thread left behind when the daemon cannot start
+            self._thread.join(timeout=5)
+            raise
+        self.records = RunRecords(self.dht, run_id, self.signer)
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self._closed = False
+
+    def _start(self, validators, initial_peers, host_maddrs, announce_maddrs, p2p_identity, client_mode, startup_timeout):
         self.p2p: P2P = self.run(P2P.create(
             initial_peers=list(initial_peers), host_maddrs=list(host_maddrs),
             announce_maddrs=list(announce_maddrs) if announce_maddrs else None, identity_path=p2p_identity,
             dht_mode="client" if client_mode else "server", startup_timeout=startup_timeout,
         ), timeout=startup_timeout + 5)
         self.peer_id = str(self.p2p.peer_id)
-        self.dht = hivemind.DHT(p2p=self.p2p, initial_peers=list(initial_peers), start=True,
-                                record_validators=validators, client_mode=client_mode)
-        self.records = RunRecords(self.dht, run_id, self.signer)
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self._closed = False
+        try:
+            self.dht = hivemind.DHT(p2p=self.p2p, initial_peers=list(initial_peers), start=True,
+                                    record_validators=validators, client_mode=client_mode)
+        except BaseException:
+            self.run(self.p2p.shutdown(), timeout=10)
+            raise
 
     # -- plumbing ---------------------------------------------------------------------------
     def run(self, coro, timeout: float | None = None):

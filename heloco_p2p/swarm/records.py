@@ -139,10 +139,11 @@ class RunRecords:
     def peers(self) -> list[PeerRecord]:
         return list(self._read("peers", PeerRecord).values())
 
-    def withdraw_peer(self, record: PeerRecord) -> bool:
-        """Leave: overwrite our record with one that expires at once."""
+    def withdraw_peer(self, record: PeerRecord, ttl: float) -> bool:
+        """Leave: overwrite our record with role ``left``. hivemind keeps the value with the later
+        expiration, so ``ttl`` must outlast the last heartbeat's."""
         record = record.copy(update={"role": "left", "heartbeat": time.time()})
-        return self._store("peers", record, ttl=1.0)
+        return self._store("peers", record, ttl=ttl)
 
     # lease --------------------------------------------------------------------------------
     def publish_lease(self, record: LeaseRecord, ttl: float) -> bool:

@@ -1,0 +1,212 @@
+"""``heloco-peer monitor``: the swarm as its DHT records describe it.
+
+The snapshot is a pure function of records (tested on hand-made ones); one real two-peer swarm
+checks that the command finds both peers and the coordinator through one address.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+from click.testing import CliRunner
+
+from heloco_p2p.cli import main
+from heloco_p2p.launcher import ROOT, LocalSwarm, write_test_config
+from heloco_p2p.monitor import (COORDINATOR_KEYS, PEER_KEYS, Monitor, live_coordinator, observe_staleness, render,
+                                snapshot)
+from heloco_p2p.swarm.records import LeaseRecord, PeerRecord
+
+NOW = 1_800_000_000.0
+
+
+def peer(name: str, **fields) -> PeerRecord:
+    record = dict(peer_id=f"Qm{name}", name=name, region="de", device="cpu", role="training", steps_per_second=5.0,
+                  inner_steps=50, version=10, rounds=4, tokens=4096, loss=5.5, staleness=2, accepted=4, rejected=0,
+                  bytes_in=100, bytes_out=200, heartbeat=NOW - 1.0, maddrs=["/ip4/127.0.0.1/tcp/1"])
+    return PeerRecord(**{**record, **fields})
+
+
+def claim(holder: str, term: int, renewed: float = NOW - 1.0, **fields) -> LeaseRecord:
+    record = dict(peer_id=f"Qm{holder}", term=term, version=10 * term, digest="d", standbys=["Qmb"], maddrs=[],
+                  renewed=renewed, commits=3, rejected=0, commits_per_minute=6.0, mean_staleness=1.0, branches={})
+    return LeaseRecord(**{**record, **fields})
+
+
+# ---------------------------------------------------------------------------- the pure snapshot
+def test_snapshot_json_has_exactly_the_documented_keys():
+    snap = snapshot([peer("a"), peer("b")], [claim("a", 1)], NOW)
+    assert set(snap) == {"coordinator", "peers"}
+    assert tuple(snap["coordinator"]) == COORDINATOR_KEYS == ("peer_id", "term", "version", "commits_per_min", "standbys")
+    assert all(tuple(p) == PEER_KEYS for p in snap["peers"])
+    assert set(PEER_KEYS) == {"peer_id", "name", "region", "role", "device", "speed", "inner_steps", "staleness_last",
+                              "staleness_mean", "tokens", "last_loss", "bytes_in", "bytes_out", "last_seen", "alive"}
+    assert json.loads(json.dumps(snap, allow_nan=False)) == snap
+    a = snap["peers"][0]
+    assert (a["name"], a["speed"], a["inner_steps"], a["tokens"], a["last_loss"], a["bytes_in"], a["bytes_out"],
+            a["last_seen"]) == ("a", 5.0, 50, 4096, 5.5, 100, 200, NOW - 1.0)
+
+
+def test_peers_are_alive_silent_or_left():
+    records = [peer("fresh", heartbeat=NOW - 9.0), peer("silent", heartbeat=NOW - 11.0),
+               peer("left", role="left", heartbeat=NOW)]
+    rows = {p["name"]: p for p in snapshot(records, [], NOW, silent_after=10.0)["peers"]}
+    assert rows["fresh"]["alive"] and rows["fresh"]["role"] == "training"
+    assert not rows["silent"]["alive"] and rows["silent"]["role"] == "training"
+    assert not rows["left"]["alive"] and rows["left"]["role"] == "left"
+
+
+def test_a_peer_whose_record_left_the_dht_is_not_alive():
+    rows = snapshot([peer("a"), peer("gone")], [], NOW, absent=["Qmgone"])["peers"]
+    assert [(p["name"], p["alive"]) for p in rows] == [("a", True), ("gone", False)]
+
+
+def test_latest_heartbeat_of_a_peer_wins():
+    rows = snapshot([peer("a", tokens=1, heartbeat=NOW - 5), peer("a", tokens=2, heartbeat=NOW - 2)], [], NOW)["peers"]
+    assert [p["tokens"] for p in rows] == [2]
+
+
+def test_coordinator_is_the_highest_live_term():
+    claims = [claim("a", 1), claim("b", 3, renewed=NOW - 11.0), claim("c", 2, standbys=["Qma"])]
+    c = snapshot([], claims, NOW, lease_seconds=10.0)["coordinator"]
+    assert c == {"peer_id": "Qmc", "term": 2, "version": 20, "commits_per_min": 6.0, "standbys": ["Qma"]}
+    # equal terms: the most recently renewed claim
+    assert live_coordinator([claim("a", 2, renewed=NOW - 3), claim("b", 2, renewed=NOW - 1)], NOW, 10.0).peer_id == "Qmb"
+
+
+def test_no_live_lease_means_no_coordinator():
+    assert snapshot([peer("a")], [claim("a", 4, renewed=NOW - 10.5)], NOW, lease_seconds=10.0)["coordinator"] is None
+    assert snapshot([peer("a")], [], NOW)["coordinator"] is None
+
+
+def test_staleness_mean_is_over_the_submissions_seen_and_equals_last_once():
+    once = snapshot([peer("a", staleness=3)], [], NOW)["peers"][0]
+    assert once["staleness_last"] == once["staleness_mean"] == 3
+    history = {}
+    for accepted, staleness in [(1, 0), (1, 0), (2, 4), (5, 2)]:  # the repeated read counts once
+        history = observe_staleness(history, [peer("a", accepted=accepted, staleness=staleness)])
+    row = snapshot([peer("a", accepted=5, staleness=2)], [], NOW, staleness_history=history)["peers"][0]
+    assert row["staleness_last"] == 2 and row["staleness_mean"] == pytest.approx(2.0)
+
+
+def test_before_its_first_submission_a_peer_has_no_staleness_and_no_loss():
+    row = snapshot([peer("new", accepted=0, staleness=0, loss=-1.0)], [], NOW)["peers"][0]
+    assert row["staleness_last"] is None and row["staleness_mean"] is None and row["last_loss"] is None
+
+
+def test_the_table_shows_each_peer_its_state_and_the_coordinator():
+    from rich.console import Console
+
+    snap = snapshot([peer("a", role="coordinator"), peer("b", heartbeat=NOW - 60), peer("c", role="left"),
+                     peer("d", accepted=0, loss=-1.0)], [claim("a", 2, standbys=["Qmd"])], NOW)
+    console = Console(record=True, width=100)
+    console.print(render(snap, "demo", NOW))
+    text = console.export_text()
+    assert "coordinator a  term 2  version 20  6.0 commits/min  standbys: d" in text
+    assert "2 of 4 peers alive" in text
+    rows = {line.split()[0]: line.split() for line in text.splitlines() if line.split() and line.split()[0] in "abcd"}
+    assert rows["a"][2] == "coordinator" and rows["b"][2] == "silent" and rows["c"][2] == "left"
+    assert rows["d"][6] == "-" and rows["a"][6] == "2/2.0"
+    console.print(render(snapshot([], [], NOW), "demo", NOW))
+    assert "coordinator: none" in console.export_text()
+
+
+class FakeRecords:
+    def __init__(self):
+        self.peer_records, self.claims = [], []
+
+    def peers(self):
+        return list(self.peer_records)
+
+    def lease_claims(self):
+        return list(self.claims)
+
+
+def test_monitor_keeps_peers_whose_records_expired_as_not_alive():
+    records = FakeRecords()
+    mon = Monitor(records, silent_after=10.0, forget_after=60.0)
+    records.peer_records = [peer("a"), peer("b")]
+    assert [p["alive"] for p in mon.poll(now=NOW)["peers"]] == [True, True]
+    records.peer_records = [peer("a", heartbeat=NOW + 1)]
+    assert [(p["name"], p["alive"]) for p in mon.poll(now=NOW + 2)["peers"]] == [("a", True), ("b", False)]
+    records.peer_records = [peer("a", heartbeat=NOW + 100)]
+    assert [p["name"] for p in mon.poll(now=NOW + 100)["peers"]] == ["a"]  # forgotten after forget_after
+
+
+# ---------------------------------------------------------------------------- the command
+def run_monitor(tmp_path, *args: str, timeout: float = 90) -> tuple[int, str, str]:
+    """Run ``heloco-peer monitor`` as its own process. Output goes to files: a grandchild
+    (torch_shm_manager) keeps pipes open for seconds after the monitor exits."""
+    tag = uuid.uuid4().hex[:6]
+    out, err = tmp_path / f"monitor-{tag}.out", tmp_path / f"monitor-{tag}.err"
+    with open(out, "w") as o, open(err, "w") as e:
+        proc = subprocess.Popen([sys.executable, "-m", "heloco_p2p", "monitor", *args], stdout=o, stderr=e, cwd=ROOT,
+                                start_new_session=True)
+        try:
+            code = proc.wait(timeout)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # whatever it left (nothing, normally)
+            except ProcessLookupError:
+                pass
+    return code, out.read_text(), err.read_text()
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    """Two peers of one run, each with at least one accepted submission."""
+    tmp = tmp_path_factory.mktemp("monitor-swarm")
+    cfg = write_test_config(tmp / "cfg.yaml")
+    sw = LocalSwarm(tmp, f"mon-{uuid.uuid4().hex[:8]}")
+    try:
+        sw.start("a", "de", "--config", str(cfg))
+        sw.start("b", "fr")
+        sw.wait_until(lambda: sw.events("a", "ack") and sw.events("b", "ack"), 180, "both peers' first acknowledgement")
+        yield sw
+    finally:
+        sw.close()
+
+
+@pytest.mark.slow
+def test_monitor_once_json_shows_both_peers_and_the_coordinator(swarm, tmp_path):
+    code, out, err = run_monitor(tmp_path, "--run-id", swarm.run_id, "--initial-peers", swarm.maddr, "--once", "--json",
+                                 "--log-level", "WARNING")
+    assert code == 0, err
+    snap = json.loads(out)
+    assert set(snap) == {"coordinator", "peers"}
+    rows = {p["name"]: p for p in snap["peers"]}
+    assert set(rows) == {"a", "b"}
+    assert all(p["alive"] and tuple(p) == PEER_KEYS for p in rows.values())
+    assert rows["a"]["region"] == "de" and rows["b"]["region"] == "fr"
+    assert all(p["tokens"] > 0 and p["speed"] > 0 and p["inner_steps"] == 10 for p in rows.values())
+    assert all(p["staleness_mean"] == p["staleness_last"] for p in rows.values())
+    c = snap["coordinator"]
+    assert c["term"] >= 1 and c["version"] >= 1
+    assert c["peer_id"] in {rows["a"]["peer_id"], rows["b"]["peer_id"]}
+    assert time.time() - min(p["last_seen"] for p in rows.values()) < 30
+
+
+@pytest.mark.slow
+def test_monitor_says_when_the_run_is_not_found(swarm, tmp_path):
+    code, out, err = run_monitor(tmp_path, "--run-id", "no-such-run", "--initial-peers", swarm.maddr, "--once",
+                                 "--timeout", "1", "--log-level", "WARNING")
+    assert code == 2 and out == ""
+    assert "no run 'no-such-run' found" in err and "--run-id" in err
+
+
+def test_monitor_says_when_no_peer_answers():
+    dead = "/ip4/127.0.0.1/tcp/9/p2p/QmYGQ8u9QGd9jVtGDz4AVz16ubyECCp7yYZztcy3bse6u9"  # nothing listens on port 9
+    result = CliRunner().invoke(main, ["monitor", "--run-id", "x", "--initial-peers", dead, "--once", "--json",
+                                       "--log-level", "WARNING"])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert f"no peer answered at {dead}" in result.stderr and "firewalls/NAT" in result.stderr
+
+
+def test_monitor_says_when_the_address_is_not_a_multiaddr():
+    result = CliRunner().invoke(main, ["monitor", "--run-id", "x", "--initial-peers", "127.0.0.1:31337", "--once",
+                                       "--log-level", "WARNING"])
+    assert result.exit_code == 2
+    assert "not a valid peer address: 127.0.0.1:31337" in result.stderr
