@@ -93,23 +93,22 @@ class CommitState:
 
     def apply(self, pseudo_grad: list[torch.Tensor], base_version: int, peer: str, seq: int, steps: int, norm: float):
         info = self.engine.commit(pseudo_grad, base_version)
+        self._record(peer, seq, steps, norm)
+        return info
+
+    def _record(self, peer: str, seq: int, steps: int, norm: float) -> None:
         self.applied[peer] = seq
         self.applied_count[peer] = self.applied_count.get(peer, 0) + 1
         self.total_steps += steps
         self.contributors.add(peer)
         self.recent_norms.append(norm)
-        return info
 
     def apply_sync(self, items: list[tuple[str, int, int, float, list[torch.Tensor]]], base_version: int):
         """Synchronous DiLoCo: one outer step on the mean of one pseudo-gradient per peer.
         ``items``: (peer, seq, steps, norm, Δ) each."""
         info = self.engine.sync_commit([d for *_, d in items], base_version)
         for peer, seq, steps, norm, _ in items:
-            self.applied[peer] = seq
-            self.applied_count[peer] = self.applied_count.get(peer, 0) + 1
-            self.total_steps += steps
-            self.contributors.add(peer)
-            self.recent_norms.append(norm)
+            self._record(peer, seq, steps, norm)
         return info
 
     def is_duplicate(self, peer: str, seq: int) -> bool:

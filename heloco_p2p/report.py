@@ -15,6 +15,17 @@ matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def replace_section(md: str, heading: str, body: str) -> str:
+    """``md`` with the section under ``heading`` (up to the next ``## ``) replaced by ``body``;
+    the section is appended if missing. Benchmarks use it to keep docs/results.md current."""
+    if heading not in md:
+        return md.rstrip() + f"\n\n{heading}\n\n{body.rstrip()}\n"
+    start = md.index(heading)
+    nxt = md.find("\n## ", start + len(heading))
+    end = len(md) if nxt < 0 else nxt + 1
+    return md[:start] + heading + "\n\n" + body.rstrip() + "\n\n" + md[end:]
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         return []

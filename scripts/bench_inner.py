@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from heloco_p2p.config import load_config  # noqa: E402
+from heloco_p2p.report import replace_section  # noqa: E402
 from heloco_p2p.local import InnerTrainer, build_model, count_params  # noqa: E402
 
 
@@ -40,13 +40,6 @@ def measure(name: str, threads: int, steps: int, warmup: int) -> dict:
     _, stats = trainer.run_round(None, steps)
     return {"config": name, "params": count_params(model), "threads": threads, "batch_size": B, "seq_len": L,
             "steps": steps, "tokens_per_second": stats.tokens_per_second, "steps_per_second": stats.steps_per_second}
-
-
-def replace_section(md: str, heading: str, body: str) -> str:
-    start = md.index(heading)
-    nxt = md.find("\n## ", start + len(heading))
-    end = len(md) if nxt < 0 else nxt + 1
-    return md[:start] + heading + "\n\n" + body.rstrip() + "\n\n" + md[end:]
 
 
 def main() -> None:

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from heloco_p2p.launcher import LocalSwarm, write_test_config  # noqa: E402
+from heloco_p2p.report import replace_section  # noqa: E402
 
 REGIONS = ["de", "fr", "en"]
 
@@ -123,15 +124,6 @@ def _has_standby(sw: LocalSwarm) -> bool:
 
 def _acks_before(sw: LocalSwarm, name: str, t: float) -> int:
     return len([a for a in sw.events(name, "ack") if a["time"] < t])
-
-
-def replace_section(md: str, heading: str, body: str) -> str:
-    if heading not in md:
-        return md.rstrip() + f"\n\n{heading}\n\n{body.rstrip()}\n"
-    start = md.index(heading)
-    nxt = md.find("\n## ", start + len(heading))
-    end = len(md) if nxt < 0 else nxt + 1
-    return md[:start] + heading + "\n\n" + body.rstrip() + "\n\n" + md[end:]
 
 
 def main() -> None:

@@ -1,5 +1,4 @@
 """The local layer: model sizes, the inner loop's pseudo-gradient, learning, persistence."""
-import itertools
 import math
 from pathlib import Path
 

@@ -49,7 +49,7 @@ def test_a_peer_cannot_overwrite_another_peers_record(two_nodes):
     # b writes under a's subkey: the signature validator refuses it everywhere
     from hivemind.utils import get_dht_time
 
-    ok = b.dht.store(f"rec_peers", forged.dict(), expiration_time=get_dht_time() + 60, subkey=a.records.owner)
+    ok = b.dht.store("rec_peers", forged.dict(), expiration_time=get_dht_time() + 60, subkey=a.records.owner)
     assert not ok
     mine = [p for p in b.records.peers() if p.peer_id == a.peer_id]
     assert mine and mine[0].tokens == 111
