@@ -313,9 +313,15 @@ class Peer:
 
     def _publish_lease(self) -> None:
         st, svc = self.commit_state, self.service
+
+        async def _consistent():
+            async with svc.lock:  # the digest must be of θ at exactly this version
+                return st.term, st.version, params_digest(st.engine.params)
+
+        term, version, digest = self.node.run(_consistent(), timeout=60)
         stale = list(svc.staleness_recent)
-        record = LeaseRecord(peer_id=self.node.peer_id, term=st.term, version=st.version,
-                             digest=params_digest(st.engine.params), standbys=list(svc.standbys),
+        record = LeaseRecord(peer_id=self.node.peer_id, term=term, version=version,
+                             digest=digest, standbys=list(svc.standbys),
                              maddrs=self.node.visible_maddrs(), renewed=time.time(), commits=svc.commits_this_term,
                              rejected=svc.rejected_this_term, commits_per_minute=svc.commits_per_minute(),
                              mean_staleness=float(sum(stale) / len(stale)) if stale else 0.0,
