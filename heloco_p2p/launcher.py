@@ -48,13 +48,22 @@ class LocalSwarm:
                 "--threads", "1", "--metrics", str(self.dir / f"{name}.jsonl"),
                 "--checkpoint-dir", str(self.dir / f"ckpt-{name}"), "--identity", str(self.dir / f"id-{name}"), *extra]
         if initial and self.maddr:
-            args += ["--initial-peers", self.maddr]
+            args += ["--initial-peers", self.live_maddr(exclude=name) or self.maddr]
         log = open(self.dir / f"{name}.log", "w")
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
         self.procs[name] = proc
         if self.maddr is None:
             self.maddr = self.wait_for_maddr(name)
         return proc
+
+    def live_maddr(self, exclude: str | None = None) -> str | None:
+        """The address of a peer that is still running (a restarted peer must not dial a dead one)."""
+        for other, proc in self.procs.items():
+            if other != exclude and proc.poll() is None:
+                m = re.search(r"/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+", (self.dir / f"{other}.log").read_text())
+                if m:
+                    return m.group(0)
+        return None
 
     def wait_for_maddr(self, name: str, timeout: float = 90) -> str:
         deadline = time.time() + timeout
