@@ -16,13 +16,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def replace_section(md: str, heading: str, body: str) -> str:
-    """``md`` with the section under ``heading`` (up to the next ``## ``) replaced by ``body``;
-    the section is appended if missing. Benchmarks use it to keep docs/results.md current."""
+    """``md`` with the section under ``heading`` (up to the next heading of the same or a higher
+    level) replaced by ``body``; the section is appended if missing. Benchmarks use it to keep
+    docs/results.md current without touching the sections around theirs."""
+    import re
+
     if heading not in md:
         return md.rstrip() + f"\n\n{heading}\n\n{body.rstrip()}\n"
+    level = len(heading) - len(heading.lstrip("#"))
     start = md.index(heading)
-    nxt = md.find("\n## ", start + len(heading))
-    end = len(md) if nxt < 0 else nxt + 1
+    nxt = re.search(rf"\n#{{1,{level}}} ", md[start + len(heading):])
+    end = len(md) if nxt is None else start + len(heading) + nxt.start() + 1
     return md[:start] + heading + "\n\n" + body.rstrip() + "\n\n" + md[end:]
 
 
