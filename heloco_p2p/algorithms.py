@@ -26,12 +26,18 @@ class AlgorithmPreset:
     correction_args: dict[str, Any] = field(default_factory=dict)
     dylu: bool = False
     description: str = ""
+    fairness: str = "none"  # region-fair weight per sender (outer/fairness.py)
+    fairness_args: dict[str, Any] = field(default_factory=dict)
 
-    def with_args(self, optimizer_args: dict | None = None, correction_args: dict | None = None) -> "AlgorithmPreset":
+    def with_args(self, optimizer_args: dict | None = None, correction_args: dict | None = None,
+                  fairness: str | None = None, fairness_args: dict | None = None) -> "AlgorithmPreset":
+        same = fairness is None or fairness == self.fairness
         return replace(
             self,
             optimizer_args={**self.optimizer_args, **(optimizer_args or {})},
             correction_args={**self.correction_args, **(correction_args or {})},
+            fairness=self.fairness if fairness is None else fairness,
+            fairness_args={**(self.fairness_args if same else {}), **(fairness_args or {})},
         )
 
     @property
@@ -47,7 +53,8 @@ class AlgorithmPreset:
         if self.optimizer == "delayed_nesterov":
             args.setdefault("buffer_size", num_workers)
         return build_engine(params, optimizer=self.optimizer, optimizer_args=args,
-                            correction=self.correction, correction_args=dict(self.correction_args))
+                            correction=self.correction, correction_args=dict(self.correction_args),
+                            fairness=self.fairness, fairness_args=dict(self.fairness_args))
 
 
 _NESTEROV = {"lr": 0.7, "momentum": 0.9}
@@ -89,8 +96,10 @@ def resolve_outer(outer_cfg) -> tuple[str, AlgorithmPreset]:
     """The mode and preset a run config's ``outer`` section asks for: its named ``algorithm`` with
     the section's arguments on top, or (no algorithm named) an async preset from its fields."""
     if outer_cfg.algorithm is not None:
-        preset = get_algorithm(outer_cfg.algorithm).with_args(outer_cfg.optimizer_args, outer_cfg.correction_args)
+        preset = get_algorithm(outer_cfg.algorithm).with_args(outer_cfg.optimizer_args, outer_cfg.correction_args,
+                                                              outer_cfg.fairness, outer_cfg.fairness_args)
     else:
         preset = AlgorithmPreset("custom", "async", outer_cfg.optimizer, dict(outer_cfg.optimizer_args),
-                                 outer_cfg.correction, dict(outer_cfg.correction_args), dylu=outer_cfg.dylu)
+                                 outer_cfg.correction, dict(outer_cfg.correction_args), dylu=outer_cfg.dylu,
+                                 fairness=outer_cfg.fairness or "none", fairness_args=dict(outer_cfg.fairness_args))
     return preset.mode, preset

@@ -114,6 +114,9 @@ class OuterConfig(_Section):
     correction_args: dict[str, Any] = Field(default_factory=dict)
     staleness_weight: str = "none"  # ρ(τ) applied to the corrected Δ: none | inverse_sqrt | power
     staleness_weight_args: dict[str, Any] = Field(default_factory=dict)
+    # region-fair weight ρ_w per sender: none | compute_time | commit_share (None: the preset's, else none)
+    fairness: str | None = None
+    fairness_args: dict[str, Any] = Field(default_factory=dict)
     dylu: bool = False
     dylu_min_steps: int = Field(1, gt=0)
 
@@ -133,6 +136,8 @@ class SwarmConfig(_Section):
     max_versions: int = Field(0, ge=0)  # the run's budget in commits (0: none)
     max_tokens: int = Field(0, ge=0)  # the run's budget in tokens (0: none)
     checkpoint_every: int = Field(50, gt=0)  # commits between coordinator checkpoints
+    # train the next round while a submission travels, folding its reply in mid-round (docs/protocol.md)
+    overlap: bool = True
 
 
 class RunConfig(_Section):
@@ -232,6 +237,8 @@ def _check_outer_names(cfg: RunConfig, source: str) -> None:
         registry.check_args("optimizer", cfg.outer.optimizer, cfg.outer.optimizer_args)
         registry.check_args("correction", cfg.outer.correction, cfg.outer.correction_args)
         registry.check_args("staleness_weight", cfg.outer.staleness_weight, cfg.outer.staleness_weight_args)
+        if cfg.outer.fairness is not None or cfg.outer.fairness_args:
+            registry.check_args("fairness", cfg.outer.fairness or "none", cfg.outer.fairness_args)
     except ValueError as exc:
         raise ConfigError(f"{source}: outer.{exc}") from None
 

@@ -8,14 +8,15 @@ The simulator and the coordinator both call exactly this code::
     registry.names("correction")                          # -> ['heloco', 'heloco_smooth', ...]
 
 Modules: ``optimizers`` (nesterov, delayed_nesterov, lookahead), ``corrections`` (none, heloco,
-heloco_smooth, pcgrad, staleness), ``staleness`` (ρ(τ) weights), ``stats`` (per-block norms and
+heloco_smooth, pcgrad, staleness), ``staleness`` (ρ(τ) weights), ``fairness`` (ρ_w region-fair weights), ``stats`` (per-block norms and
 cosines), ``engine`` (state, commit, sync_commit, state_dict), ``dylu`` (inner steps per peer),
 ``registry`` (names → classes, argument checks). Imports no other heloco_p2p module.
 """
 from . import registry
-from . import corrections, optimizers, staleness  # noqa: F401  (importing registers the classes)
+from . import corrections, fairness, optimizers, staleness  # noqa: F401  (importing registers the classes)
 from .corrections import Block, Correction, Decision
 from .dylu import DyLU
+from .fairness import Fairness
 from .engine import CommitInfo, Corrected, OuterEngine, apply_correction, build_engine
 from .optimizers import OuterOptimizer
 from .staleness import StalenessWeight
@@ -27,6 +28,7 @@ __all__ = [
     "Correction",
     "Decision",
     "DyLU",
+    "Fairness",
     "OuterEngine",
     "OuterOptimizer",
     "StalenessWeight",

@@ -9,7 +9,8 @@
 
 A commit is: check the inputs (a rejected commit changes nothing) → per-block scalars
 (‖Δ_b‖, ‖m_b‖, cos) → the correction's decision per block → Δ̂ materialised only for blocks it
-changes → G = ρ(τ)·Δ̂ → one outer optimizer step → version + 1.
+changes → G = ρ(τ)·ρ_w·Δ̂ (staleness and region-fair weights) → one outer optimizer step →
+version + 1.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from torch import Tensor
 from . import registry
 from .corrections import Block, Correction, Decision
 from .optimizers import OuterOptimizer, check_optimizer_state
+from .fairness import Fairness
 from .staleness import StalenessWeight
 from .stats import BlockStats, block_stats
 
@@ -58,6 +60,7 @@ class CommitInfo:
     norms_before: list[float]
     norms_after: list[float]
     momentum_norms: list[float | None] = field(default_factory=list)  # raw ‖m_b‖ before the commit
+    fairness_weight: float = 1.0  # ρ_w applied to Δ̂ for the worker that sent it (fairness.py)
 
     @property
     def total_norm_before(self) -> float:
@@ -99,6 +102,7 @@ class CommitInfo:
             "staleness": self.staleness,
             "num_pseudo_grads": self.num_pseudo_grads,
             "staleness_weight": _json_float(self.staleness_weight),
+            "fairness_weight": _json_float(self.fairness_weight),
             "optimizer": self.optimizer,
             "correction": self.correction,
             "branches": self.branch_counts(),
@@ -137,6 +141,7 @@ class OuterEngine:
     :param optimizer: an outer optimizer instance (see ``registry.names("optimizer")``)
     :param correction: a correction instance (see ``registry.names("correction")``)
     :param staleness_weight: ρ(τ) instance; None means ρ = 1
+    :param fairness: ρ_w instance (region-fair weight per worker); None means ρ_w = 1
     :param names: a name per block for CommitInfo and error messages (default "0", "1", ...)
 
     Prefer ``build_engine`` (by names and args, as in a config). Not thread-safe: the caller
@@ -150,6 +155,7 @@ class OuterEngine:
         correction: Correction,
         staleness_weight: StalenessWeight | None = None,
         names: Sequence[str] | None = None,
+        fairness: Fairness | None = None,
     ) -> None:
         if not isinstance(params, (list, tuple)) or not params:
             raise ValueError("params: expected a non-empty list of tensors")
@@ -163,21 +169,28 @@ class OuterEngine:
         self.optimizer = optimizer
         self.correction = correction
         self.staleness_weight = staleness_weight or registry.build("staleness_weight", "none")
+        self.fairness = fairness or registry.build("fairness", "none")
         self.version = 0
         self._work: list[Tensor] | None = None  # scratch for corrected blocks and sync means; not state
 
     # ------------------------------------------------------------------ the two commits
-    def commit(self, pseudo_grad: Sequence[Tensor], base_version: int) -> CommitInfo:
+    def commit(self, pseudo_grad: Sequence[Tensor], base_version: int, worker: str | None = None,
+               seconds: float | None = None) -> CommitInfo:
         """Correct one pseudo-gradient, apply it, and advance the version by one.
 
         :param pseudo_grad: Δ = θ(base_version) − θ_local, one tensor per block (converted to θ's dtype)
         :param base_version: the version the round started from; staleness τ = version − base_version
-        :raises ValueError: bad base_version (negative or > version), layout, or NaN/inf in Δ;
-            the state is then left bitwise unchanged
+        :param worker: who sent Δ (a peer id, a worker index), for the region-fair weight ρ_w
+        :param seconds: how long that worker's round took (for ``fairness: compute_time``)
+        :raises ValueError: bad base_version (negative or > version), layout, NaN/inf in Δ, or
+            bad seconds; the state is then left bitwise unchanged
         """
         v0 = self._check_base_version(base_version)
         delta = self._layout(pseudo_grad, "pseudo_grad")
-        return self._commit(delta, v0, 1)
+        if seconds is not None and not (isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
+                                        and math.isfinite(seconds) and seconds > 0):
+            raise ValueError(f"seconds: must be a finite number > 0, got {seconds!r}")
+        return self._commit(delta, v0, 1, worker, seconds)
 
     def sync_commit(self, pseudo_grads: Sequence[Sequence[Tensor]], base_version: int) -> CommitInfo:
         """Synchronous DiLoCo: one outer step on the mean of k pseudo-gradients.
@@ -203,14 +216,16 @@ class OuterEngine:
             torch._foreach_lerp_(mean, d, 1.0 / k)  # mean_k = mean_{k-1} + (Δ_k − mean_{k-1})/k
         return self._commit(mean, v0, len(deltas))
 
-    def _commit(self, delta: list[Tensor], base_version: int, count: int) -> CommitInfo:
+    def _commit(self, delta: list[Tensor], base_version: int, count: int, worker: str | None = None,
+                seconds: float | None = None) -> CommitInfo:
         staleness = self.version - base_version
         momentum = self.optimizer.momentum
         fixed = apply_correction(  # raises on NaN/inf in Δ before any state changes
             self.correction, delta, momentum, self.optimizer.momentum_unit, staleness, self._scratch, self.names
         )
         rho = self.staleness_weight.weight(staleness)
-        self.optimizer.step(self.params, fixed.tensors, scale=rho)
+        rho_w = self.fairness.weight(None if worker is None else str(worker), seconds, self.version)
+        self.optimizer.step(self.params, fixed.tensors, scale=rho * rho_w)
         self.version += 1
         stats, decisions = fixed.stats, fixed.decisions
         return CommitInfo(
@@ -227,6 +242,7 @@ class OuterEngine:
             norms_before=list(stats.delta_norms),
             norms_after=[_norm_after(d, nd, c) for d, nd, c in zip(decisions, stats.delta_norms, stats.cosines)],
             momentum_norms=list(stats.momentum_norms) if stats.momentum_norms is not None else [None] * len(delta),
+            fairness_weight=rho_w,
         )
 
     # ------------------------------------------------------------------ checks
@@ -276,6 +292,8 @@ class OuterEngine:
             "correction_args": dict(self.correction.args),
             "staleness_weight": self.staleness_weight.name,
             "staleness_weight_args": dict(self.staleness_weight.args),
+            "fairness": self.fairness.name,
+            "fairness_args": dict(self.fairness.args),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -291,6 +309,7 @@ class OuterEngine:
             "names": list(self.names),
             "params": [p.detach().clone() for p in self.params],
             "optimizer": self.optimizer.state_dict(),
+            "fairness": self.fairness.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
@@ -307,6 +326,8 @@ class OuterEngine:
         if isinstance(version, bool) or not isinstance(version, int) or version < 0:
             raise ValueError(f"state: version must be an int >= 0, got {version!r}")
         config = state.get("config")
+        if isinstance(config, dict) and "fairness" not in config:  # states written before fairness existed
+            config = {**config, "fairness": "none", "fairness_args": {}}
         if not isinstance(config, dict) or config.get("optimizer") != self.optimizer.name:
             raise ValueError(f"state: optimizer {config.get('optimizer') if isinstance(config, dict) else None!r} "
                              f"!= this engine's {self.optimizer.name!r}")
@@ -320,16 +341,19 @@ class OuterEngine:
             if not isinstance(t, Tensor) or t.shape != p.shape or t.dtype != p.dtype:
                 raise ValueError(f"state: params[{self.names[i]}] must be a {p.dtype} tensor of shape {tuple(p.shape)}")
         check_optimizer_state(self.optimizer, state.get("optimizer"), self.params)
+        fair = type(self.fairness)(**self.fairness.args)
+        fair.load_state_dict(state.get("fairness") or {})  # checked on a copy: nothing changes on error
         for p, t in zip(self.params, params):
             p.copy_(t)
         self.optimizer.load_state_dict(state["optimizer"], self.params)
+        self.fairness = fair
         self.version = version
 
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.params)
         return (f"OuterEngine(version={self.version}, blocks={len(self.params)}, numel={n}, "
                 f"optimizer={self.optimizer!r}, correction={self.correction!r}, "
-                f"staleness_weight={self.staleness_weight!r})")
+                f"staleness_weight={self.staleness_weight!r}, fairness={self.fairness!r})")
 
 
 @dataclass
@@ -410,6 +434,8 @@ def build_engine(
     staleness_weight: str | None = None,
     staleness_weight_args: dict[str, Any] | None = None,
     names: Sequence[str] | None = None,
+    fairness: str | None = None,
+    fairness_args: dict[str, Any] | None = None,
 ) -> OuterEngine:
     """An OuterEngine from registered names and arguments, as a run config gives them.
 
@@ -421,6 +447,8 @@ def build_engine(
     :param staleness_weight: None (ρ = 1) | ``none`` | ``inverse_sqrt`` | ``power``
     :param staleness_weight_args: e.g. ``{"alpha": 0.5}`` for ``power``
     :param names: optional block names (e.g. from ``model.named_parameters()``)
+    :param fairness: None (ρ_w = 1) | ``none`` | ``compute_time`` | ``commit_share``
+    :param fairness_args: e.g. ``{"alpha": 1.0, "rho_max": 10.0}``
     :raises ValueError: unknown name or bad argument (message starts with the key)
 
     Example::
@@ -434,4 +462,5 @@ def build_engine(
         registry.build("correction", correction, correction_args),
         registry.build("staleness_weight", staleness_weight or "none", staleness_weight_args),
         names=names,
+        fairness=registry.build("fairness", fairness or "none", fairness_args),
     )

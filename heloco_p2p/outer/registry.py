@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
-KINDS = ("optimizer", "correction", "staleness_weight")
+KINDS = ("optimizer", "correction", "staleness_weight", "fairness")
 
 _REGISTRY: dict[str, dict[str, type]] = {kind: {} for kind in KINDS}
 
