@@ -131,6 +131,13 @@ class SwarmConfig(_Section):
     num_standbys: int = Field(1, ge=0)
     max_staleness: int = Field(64, ge=0)
     norm_factor: float = Field(10.0, gt=1)  # reject ‖Δ‖ above this × the median of recent accepted norms
+    max_steps: int = Field(100_000, gt=0)  # inner steps one submission may claim (they set the run's lr schedule)
+    # flood control at the coordinator (docs/security.md): per peer, a token bucket of submit_burst
+    # submissions refilled at submit_rate per second ("rate_limited"); in all, max_pending_submits
+    # admitted and not yet answered ("busy"), which bounds the memory submissions can take
+    submit_rate: float = Field(2.0, ge=0)  # 0: no per-peer limit
+    submit_burst: float = Field(10.0, ge=1)
+    max_pending_submits: int = Field(8, gt=0)
     submit_timeout: float = Field(120.0, gt=0)
     barrier_timeout: float = Field(300.0, gt=0)  # sync mode: commit what arrived after this long
     max_versions: int = Field(0, ge=0)  # the run's budget in commits (0: none)

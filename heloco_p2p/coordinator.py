@@ -9,6 +9,13 @@ coordinator and its standbys (fenced by term), and ``state`` for peers catching 
 A submission is identified by (peer id, sequence number). The ledger makes a retry idempotent:
 a peer whose reply was lost (its coordinator died after replicating) resubmits and is told
 "accepted (duplicate)" instead of having its update applied twice.
+
+Bad input never touches state. Before a handler runs, the node has checked the frame, the swarm
+key, the size and the flood limits (``swarm/node.py``); the handlers then check every header
+field's type (``malformed``), the run (``unknown_run``), the layout (``layout_mismatch``), the
+tensors' bytes (``bad_tensor``), and ``CommitState.check`` the values (``bad_version``,
+``too_stale``, ``not_finite``, ``norm_too_large``). A refused request is answered
+``{"status": "rejected", "reason": code, "message": ...}``. Reason codes: docs/security.md.
 """
 from __future__ import annotations
 
@@ -25,7 +32,8 @@ from dataclasses import dataclass, field
 import torch
 
 from heloco_p2p.outer import OuterEngine
-from heloco_p2p.swarm.wire import WireError, decode_tensors, encode_tensors
+from heloco_p2p.swarm.node import HandlerLimits
+from heloco_p2p.swarm.wire import BLOCK_SIZE_8BIT, WireError, decode_tensors, encode_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +56,52 @@ class Rejection(Exception):
 
 @dataclass
 class SubmissionLimits:
+    """What a submission may be, and how many the coordinator takes at once (``swarm`` config)."""
+
     max_staleness: int = 64
-    norm_factor: float = 10.0  # reject ‖Δ‖ > norm_factor × median of recent accepted norms
+    # reject ‖Δ‖ > norm_factor × median of recent accepted norms; before norm_min_history
+    # accepted norms exist, ‖Δ‖ > norm_factor × max(‖θ‖, 1)
+    norm_factor: float = 10.0
     norm_window: int = 32
     norm_min_history: int = 5
+    max_steps: int = 100_000  # inner steps one submission may claim (they set the run's schedule)
+    submit_rate: float = 2.0  # submissions per second per peer (token bucket); 0: unlimited
+    submit_burst: float = 10.0
+    max_pending_submits: int = 8  # submissions admitted and not yet answered; more are told busy
+
+    @classmethod
+    def from_config(cls, swarm) -> "SubmissionLimits":
+        """From a ``SwarmConfig`` (fields of the same names; missing ones keep their defaults)."""
+        names = ("max_staleness", "norm_factor", "max_steps", "submit_rate", "submit_burst", "max_pending_submits")
+        return cls(**{n: getattr(swarm, n) for n in names if hasattr(swarm, n)})
+
+
+_MAX_INT = (1 << 53) - 1  # integers JSON carries exactly everywhere
+
+
+def header_int(header: dict, key: str, default: int | None = None, lo: int = 0, hi: int = _MAX_INT) -> int:
+    """An integer header field in [lo, hi]; ``malformed`` otherwise (bool is not an integer here)."""
+    value = header.get(key, default)
+    if type(value) is not int or not lo <= value <= hi:
+        raise WireError("malformed", f"header field {key!r} must be an integer in [{lo}, {hi}], got {str(value)[:40]!r}")
+    return value
+
+
+def header_str(header: dict, key: str, max_len: int = 256) -> str:
+    value = header.get(key)
+    if not isinstance(value, str) or len(value) > max_len:
+        raise WireError("malformed", f"header field {key!r} must be a string of at most {max_len} characters")
+    return value
+
+
+def max_submission_bytes(shapes: list[tuple[int, ...]]) -> int:
+    """The largest payload a pseudo-gradient of this layout can take on the wire (fp32, plus each
+    tensor's protobuf fields and, for 8-bit, its block table): anything larger is ``too_large``."""
+    total = 4096
+    for shape in shapes:
+        numel = math.prod(shape)
+        total += 4 * numel + 4 * (-(-numel // BLOCK_SIZE_8BIT)) + 1024 + 256 + 16 * len(shape)
+    return total
 
 
 @dataclass
@@ -75,13 +125,13 @@ class CommitState:
         return self.total_steps // max(1, len(self.contributors))
 
     def check(self, pseudo_grad: list[torch.Tensor], base_version: int, limits: SubmissionLimits) -> float:
-        """Raise Rejection unless the submission may be committed; returns its norm."""
+        """Raise Rejection unless the submission may be committed; returns its norm. Reads only."""
         if base_version < 0 or base_version > self.version:
             raise Rejection("bad_version", f"base version {base_version} is not in [0, {self.version}]")
         staleness = self.version - base_version
         if staleness > limits.max_staleness:
             raise Rejection("too_stale", f"staleness {staleness} exceeds the bound {limits.max_staleness}; download the current state")
-        norm = math.sqrt(sum(float(torch.sum(d.double() * d.double())) for d in pseudo_grad))
+        norm = _norm(pseudo_grad)
         if not math.isfinite(norm):
             raise Rejection("not_finite", "the pseudo-gradient contains NaN or Inf")
         history = list(self.recent_norms)[-limits.norm_window:]
@@ -89,6 +139,11 @@ class CommitState:
             bound = limits.norm_factor * statistics.median(history)
             if norm > bound:
                 raise Rejection("norm_too_large", f"‖Δ‖ = {norm:.4g} exceeds {limits.norm_factor:g} × the median of recent accepted norms ({bound:.4g})")
+        else:  # too few accepted norms for a median: bound Δ by the size of θ itself
+            bound = limits.norm_factor * max(_norm(self.engine.params), 1.0)
+            if norm > bound:
+                raise Rejection("norm_too_large", f"‖Δ‖ = {norm:.4g} exceeds {limits.norm_factor:g} × max(‖θ‖, 1) "
+                                                  f"({bound:.4g}) while fewer than {limits.norm_min_history} norms were accepted")
         return norm
 
     def apply(self, pseudo_grad: list[torch.Tensor], base_version: int, peer: str, seq: int, steps: int, norm: float):
@@ -122,13 +177,40 @@ class CommitState:
                 "recent_norms": list(self.recent_norms)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.engine.load_state_dict(state["engine"])
-        self.term = max(self.term, int(state["term"]))
-        self.applied = dict(state["applied"])
-        self.applied_count = dict(state["applied_count"])
-        self.total_steps = int(state["total_steps"])
-        self.contributors = set(state["contributors"])
-        self.recent_norms = deque(state["recent_norms"], maxlen=64)
+        """Restore ``state_dict()``; everything is checked before anything changes.
+
+        :raises ValueError: a state of another layout or config, or fields of the wrong types
+        """
+        if not isinstance(state, dict):
+            raise ValueError("commit state: not a dict")
+
+        def ledger(key: str) -> dict:
+            value = state.get(key)
+            if not isinstance(value, dict) or not all(isinstance(k, str) and type(v) is int for k, v in value.items()):
+                raise ValueError(f"commit state: {key} must map peer ids to integers")
+            return dict(value)
+
+        term, total_steps = state.get("term"), state.get("total_steps")
+        if type(term) is not int or term < 0 or type(total_steps) is not int or total_steps < 0:
+            raise ValueError("commit state: term and total_steps must be integers >= 0")
+        applied, applied_count = ledger("applied"), ledger("applied_count")
+        contributors, norms = state.get("contributors"), state.get("recent_norms")
+        if not isinstance(contributors, (list, tuple, set)) or not all(isinstance(c, str) for c in contributors):
+            raise ValueError("commit state: contributors must be a list of peer ids")
+        if not isinstance(norms, (list, tuple)) or not all(type(n) is float and math.isfinite(n) for n in norms):
+            raise ValueError("commit state: recent_norms must be a list of finite floats")
+        try:
+            self.engine.load_state_dict(state.get("engine"))  # checks everything before it changes anything
+        except ValueError:
+            raise
+        except Exception as exc:  # engine parts of the wrong shape or type
+            raise ValueError(f"commit state: engine: {type(exc).__name__}: {str(exc)[:200]}") from None
+        self.term = max(self.term, term)
+        self.applied = applied
+        self.applied_count = applied_count
+        self.total_steps = total_steps
+        self.contributors = set(contributors)
+        self.recent_norms = deque(norms, maxlen=64)
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
@@ -136,7 +218,13 @@ class CommitState:
         return buf.getvalue()
 
     def load_bytes(self, data: bytes) -> None:
-        self.load_state_dict(torch.load(io.BytesIO(data), weights_only=False))
+        """Load a state sent by a peer: tensors and plain containers only (never pickled objects,
+        which would run the sender's code here), then checked as ``load_state_dict``."""
+        self.load_state_dict(_parse_state(data))
+
+
+def _norm(tensors: list[torch.Tensor]) -> float:
+    return math.sqrt(sum(float(torch.sum(t.double() * t.double())) for t in tensors))
 
 
 class CoordinatorService:
@@ -146,6 +234,7 @@ class CoordinatorService:
     :param node: the peer's SwarmNode
     :param state: the replicated state
     :param shapes: the expected tensor layout of a pseudo-gradient
+    :param limits: what a submission may be and the flood limits of ``submit``
     :param reply_compression: how θ travels back to peers ("none" keeps replicas exact)
     """
 
@@ -156,7 +245,8 @@ class CoordinatorService:
         self.mode = mode  # "async": commit each Δ alone; "sync": barrier, average, commit (sync DiLoCo)
         self.barrier_timeout = barrier_timeout
         self.pending: dict[str, tuple] = {}  # sync mode: peer -> (seq, steps, norm, Δ, future)
-        self.participants: set[str] = set()  # sync mode: peers the barrier waits for (kept by the peer's maintenance)
+        self._participants: set[str] = set()  # sync mode: peers the barrier waits for (kept by the peer's maintenance)
+        self._submit_gate = None
         self.expected = [(tuple(s), torch.float32) for s in shapes]
         self.reply_compression = reply_compression
         self.config_digest = config_digest
@@ -172,10 +262,33 @@ class CoordinatorService:
         self.commit_times: deque = deque(maxlen=200)
         self.acknowledged: list[tuple[str, int, int]] = []  # (peer, seq, version) acknowledged by this process
         self.on_commit = None  # callback(info_summary) for metrics
-        node.add_handler("submit", self._handle_submit)
-        node.add_handler("replicate", self._handle_replicate)
-        node.add_handler("handover", self._handle_handover)
+        self.term_sources: dict[int, str] = {}  # term -> the peer that replicated to us in it (its coordinator)
+        self.commit_seconds: deque = deque(maxlen=20)  # time each recent submission held the commit lock
+        self._submit_gate = node.add_handler("submit", self._handle_submit, limits=HandlerLimits(
+            max_payload_bytes=max_submission_bytes([s for s, _ in self.expected]),
+            max_inflight=limits.max_pending_submits, rate=limits.submit_rate, burst=limits.submit_burst,
+            busy_retry_after=self._busy_retry_after))
+        node.add_handler("replicate", self._handle_replicate,
+                         limits=HandlerLimits(max_payload_bytes=node.max_payload_bytes, max_inflight=4))
+        node.add_handler("handover", self._handle_handover, limits=HandlerLimits(max_inflight=2))
         self.on_handover = None  # callback(term) when a leaving coordinator hands the role to us
+
+    @property
+    def participants(self) -> set[str]:
+        return self._participants
+
+    @participants.setter
+    def participants(self, peers: set[str]) -> None:
+        # the barrier holds one submission per participant until all arrived: admit them all
+        self._participants = set(peers)
+        if self._submit_gate is not None:
+            self._submit_gate.max_inflight = max(self.limits.max_pending_submits, len(self._participants) + 2)
+
+    def _busy_retry_after(self) -> float:
+        """When a refused submission may find room: the queue ahead of it times a recent commit."""
+        per_commit = statistics.fmean(self.commit_seconds) if self.commit_seconds else 1.0
+        queued = self._submit_gate.inflight if self._submit_gate is not None else 1
+        return min(10.0, max(0.25, per_commit * queued))
 
     # -- role changes -------------------------------------------------------------------------
     def activate(self, term: int) -> None:
@@ -205,22 +318,53 @@ class CoordinatorService:
         return float(len(recent))
 
     # -- submit -------------------------------------------------------------------------------
+    def _parse_submit(self, header: dict) -> tuple[int, int, int, int]:
+        """(term, seq, base_version, steps) of a submission header, or WireError with the reason."""
+        run_id = header.get("run_id")
+        if run_id != self.node.run_id:
+            raise WireError("unknown_run", f"this coordinator serves run {self.node.run_id!r}, not "
+                                           f"{str(run_id)[:80]!r}")
+        term = header_int(header, "term", default=0)
+        seq = header_int(header, "seq")
+        base_version = header_int(header, "base_version")
+        steps = header_int(header, "steps", default=0, hi=self.limits.max_steps)
+        if not isinstance(header.get("stats", {}), dict):
+            raise WireError("malformed", "header field 'stats' must be an object")
+        if not isinstance(header.get("tensors"), list):
+            raise WireError("malformed", "header field 'tensors' must be the list of tensor metadata")
+        names = header.get("names")
+        if names is not None:
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise WireError("malformed", "header field 'names' must be a list of strings")
+            mine = self.state.engine.names
+            if names != mine:
+                bad = next((i for i, (a, b) in enumerate(zip(names, mine)) if a != b), min(len(names), len(mine)))
+                raise WireError("layout_mismatch", f"{len(names)} tensor names sent, {len(mine)} expected; first "
+                                                   f"difference at {bad}: {names[bad] if bad < len(names) else None!r} "
+                                                   f"vs {mine[bad] if bad < len(mine) else None!r}")
+        return term, seq, base_version, steps
+
     async def _handle_submit(self, header: dict, payload: bytes, remote: str) -> tuple[dict, bytes]:
-        self.note_term(int(header.get("term", 0)))
+        try:
+            term, seq, base_version, steps = self._parse_submit(header)
+        except WireError as exc:
+            return self._reject(remote, exc.code, str(exc))
         if not self.active:
             return {"status": "not_coordinator", "term": self.highest_term_seen,
                     "message": "this peer does not hold the coordinator lease; read the lease again"}, b""
-        if header.get("run_id") != self.node.run_id:
-            return self._reject(remote, "unknown_run", f"this coordinator serves run {self.node.run_id!r}")
+        if term > self.state.term:
+            # The sender says it saw a later term. That is no proof (anyone can write a number): do not
+            # step down on it, the lease in the DHT decides; but do not commit for a peer that follows another.
+            return {"status": "not_coordinator", "term": self.state.term,
+                    "message": f"you saw term {term}, this coordinator holds term {self.state.term}; read the lease again"}, b""
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
         try:
-            delta = await loop.run_in_executor(None, decode_tensors, header.get("tensors", []), payload, self.expected)
+            delta = await loop.run_in_executor(None, decode_tensors, header["tensors"], payload, self.expected)
         except WireError as exc:
             return self._reject(remote, exc.code, str(exc))
         t_decode = time.perf_counter() - t0
-        peer, seq = remote, int(header.get("seq", -1))
-        base_version, steps = int(header.get("base_version", -1)), int(header.get("steps", 0))
+        peer = remote
         if self.mode == "sync":
             return await self._handle_sync_submit(delta, peer, seq, base_version, steps)
         async with self.lock:
@@ -231,7 +375,7 @@ class CoordinatorService:
                          "staleness": None, "schedule_step": self.state.schedule_step()}
                 return reply, await loop.run_in_executor(None, self._encode_params)
             try:
-                norm = self.state.check(delta, base_version, self.limits)
+                norm = await loop.run_in_executor(None, self.state.check, delta, base_version, self.limits)
             except Rejection as exc:
                 return self._reject(remote, exc.code, str(exc))
             version_before = self.state.version
@@ -252,6 +396,7 @@ class CoordinatorService:
                                 "term": self.state.term, "stats": header.get("stats", {})})
             t3 = time.perf_counter()
             data = await loop.run_in_executor(None, self._encode_params)
+            self.commit_seconds.append(time.perf_counter() - t1)
             timing = {"decode": t_decode, "commit": t2 - t1, "replicate": t3 - t2, "encode_reply": time.perf_counter() - t3}
             reply = {"status": "accepted", "duplicate": False, "version": info.version, "term": self.state.term,
                      "staleness": info.staleness, "branches": summary["branches"],
@@ -382,44 +527,111 @@ class CoordinatorService:
         return None
 
     async def _handle_handover(self, header: dict, payload: bytes, remote: str) -> tuple[dict, bytes]:
-        term, version = int(header.get("term", 0)), int(header.get("version", -1))
+        try:
+            term, version = header_int(header, "term"), header_int(header, "version")
+            standbys = header.get("standbys", [])
+            if not isinstance(standbys, list) or len(standbys) > 64 or not all(isinstance(x, str) for x in standbys):
+                raise WireError("malformed", "header field 'standbys' must be a list of at most 64 peer ids")
+        except WireError as exc:
+            return {"status": "rejected", "reason": exc.code, "message": str(exc)}, b""
         if term < self.highest_term_seen or self.state.version != version or self.on_handover is None:
             return {"status": "refused", "message": f"replica at version {self.state.version}, term {self.highest_term_seen}"}, b""
-        self.standbys = [s for s in header.get("standbys", []) if isinstance(s, str)]
+        if self.term_sources.get(term) != remote:
+            return {"status": "refused", "message": f"only the coordinator of term {term}, whose commits this replica "
+                                                    "holds, can hand the role over"}, b""
+        self.standbys = [s for s in standbys if s != self.node.peer_id]
         self.activate(term + 1)
         await asyncio.get_running_loop().run_in_executor(None, self.on_handover, term + 1)
         return {"status": "ok"}, b""
 
     # -- standby side -------------------------------------------------------------------------
+    @staticmethod
+    def _parse_replicate(header: dict) -> tuple[str, int]:
+        kind = header.get("kind")
+        if kind not in ("full", "commit"):
+            raise WireError("malformed", "header field 'kind' must be 'full' or 'commit'")
+        term = header_int(header, "term")
+        if kind == "commit":
+            for key in ("version_before", "base_version", "seq", "steps"):
+                header_int(header, key)
+            header_str(header, "peer")
+            header_str(header, "digest")
+            if not isinstance(header.get("tensors"), list):
+                raise WireError("malformed", "header field 'tensors' must be the list of tensor metadata")
+        return kind, term
+
     async def _handle_replicate(self, header: dict, payload: bytes, remote: str) -> tuple[dict, bytes]:
-        term = int(header.get("term", 0))
-        if term < self.highest_term_seen:
-            return {"status": "fenced", "term": self.highest_term_seen,
-                    "message": f"term {term} is older than term {self.highest_term_seen}"}, b""
-        self.note_term(term)
-        if self.active and term > self.state.term:
-            self.step_down(term)
+        try:
+            kind, term = self._parse_replicate(header)
+        except WireError as exc:
+            return {"status": "rejected", "reason": exc.code, "message": str(exc)}, b""
         loop = asyncio.get_running_loop()
+        incoming = None
+        if kind == "full":
+            try:  # parsed outside the lock (it can be large); checked against the state under it
+                incoming = await loop.run_in_executor(None, _parse_state, payload)
+            except ValueError as exc:
+                return {"status": "rejected", "reason": "malformed", "message": str(exc)}, b""
         async with self.lock:
-            if header.get("kind") == "full":
-                await loop.run_in_executor(None, self.state.load_bytes, payload)
+            if term < self.highest_term_seen:
+                return {"status": "fenced", "term": self.highest_term_seen,
+                        "message": f"term {term} is older than term {self.highest_term_seen}"}, b""
+            # one coordinator per term: only the peer that replicated first in a term may replicate in it
+            source = self.term_sources.get(term, self.node.peer_id if self.active and term == self.state.term else None)
+            if source is not None and source != remote:
+                return {"status": "fenced", "term": self.highest_term_seen,
+                        "message": f"term {term} is coordinated by {source[-8:]}, not by the sender"}, b""
+            if kind == "full":
+                try:
+                    await loop.run_in_executor(None, self.state.load_state_dict, incoming)
+                except ValueError as exc:  # checked before anything changed: the replica is as it was
+                    return {"status": "rejected", "reason": "malformed", "message": str(exc)[:500]}, b""
+                self._follow(term, remote)
                 self.state.term = term
                 logger.info("standby: replica loaded at version %d (term %d)", self.state.version, term)
                 return {"status": "ok", "version": self.state.version}, b""
-            if int(header["version_before"]) != self.state.version:
+            if header["version_before"] != self.state.version:
                 return {"status": "out_of_sync", "version": self.state.version}, b""
+            if header["base_version"] > self.state.version:
+                return {"status": "rejected", "reason": "bad_version",
+                        "message": f"base version {header['base_version']} is ahead of {self.state.version}"}, b""
             try:
-                delta = await loop.run_in_executor(None, decode_tensors, header.get("tensors", []), payload, self.expected)
+                delta = await loop.run_in_executor(None, decode_tensors, header["tensors"], payload, self.expected)
             except WireError as exc:
-                return {"status": "out_of_sync", "message": str(exc)}, b""
-            norm = math.sqrt(sum(float(torch.sum(d.double() * d.double())) for d in delta))
-            await loop.run_in_executor(None, self.state.apply, delta, int(header["base_version"]), header["peer"],
-                                       int(header["seq"]), int(header.get("steps", 0)), norm)
+                return {"status": "rejected", "reason": exc.code, "message": str(exc)}, b""
+            norm = _norm(delta)
+            if not math.isfinite(norm):  # the coordinator never commits these: a replica must not either
+                return {"status": "rejected", "reason": "not_finite", "message": "the pseudo-gradient contains NaN or Inf"}, b""
+            self._follow(term, remote)
+            await loop.run_in_executor(None, self.state.apply, delta, header["base_version"], header["peer"],
+                                       header["seq"], header["steps"], norm)
             mine = await loop.run_in_executor(None, params_digest, self.state.engine.params)
             if mine != header["digest"]:
                 logger.warning("standby: digest differs at version %d; asking for the full state", self.state.version)
                 return {"status": "out_of_sync", "version": self.state.version}, b""
             return {"status": "ok", "version": self.state.version}, b""
+
+    def _follow(self, term: int, remote: str) -> None:
+        """``remote`` coordinates ``term`` (it replicated to us): remember it, and follow the term
+        (a coordinator of an older term steps down; older terms are fenced from now on)."""
+        self.term_sources.setdefault(term, remote)
+        for old in sorted(self.term_sources)[:-8]:
+            del self.term_sources[old]
+        self.note_term(term)
+        if self.active and term > self.state.term:
+            self.step_down(term)
+
+
+def _parse_state(data: bytes) -> dict:
+    """A full commit state sent by a peer: tensors and plain containers only (``weights_only``:
+    never pickled objects, which would run the sender's code here)."""
+    try:
+        state = torch.load(io.BytesIO(data), weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"the full state does not load ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not isinstance(state, dict):
+        raise ValueError("the full state is not a commit state")
+    return state
 
 
 def _pack(meta: list[dict], data: bytes) -> bytes:

@@ -38,8 +38,9 @@ def write_test_config(path: Path, outer: dict | None = None, **swarm) -> Path:
 
 
 class LocalSwarm:
-    def __init__(self, workdir: Path, run_id: str):
+    def __init__(self, workdir: Path, run_id: str, swarm_key_file: str | Path | None = None):
         self.dir, self.run_id = workdir, run_id
+        self.swarm_key_file = swarm_key_file  # given to every peer started (docs/security.md)
         self.procs: dict[str, subprocess.Popen] = {}
         self.maddr: str | None = None
 
@@ -49,6 +50,8 @@ class LocalSwarm:
                 "--checkpoint-dir", str(self.dir / f"ckpt-{name}"), "--identity", str(self.dir / f"id-{name}"), *extra]
         if initial and self.maddr:
             args += ["--initial-peers", self.live_maddr(exclude=name) or self.maddr]
+        if self.swarm_key_file and "--swarm-key-file" not in extra:
+            args += ["--swarm-key-file", str(self.swarm_key_file)]
         log = open(self.dir / f"{name}.log", "w")
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
         self.procs[name] = proc
@@ -137,3 +140,6 @@ class LocalSwarm:
                 os.killpg(p.pid, signal.SIGKILL)  # the whole group: nothing of ours stays behind
             except ProcessLookupError:
                 pass
+        deadline = time.time() + 10  # SIGKILL is delivered at once, but dying takes a moment under load
+        while time.time() < deadline and any(self.group_alive(n) for n in self.procs):
+            time.sleep(0.1)

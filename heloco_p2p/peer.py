@@ -35,7 +35,7 @@ from heloco_p2p.local.solo import source_spec
 from heloco_p2p.outer import DyLU, build_engine
 from heloco_p2p.swarm.node import SwarmNode, start_error_message
 from heloco_p2p.swarm.records import PROTOCOL_VERSION, GenesisRecord, LeaseRecord, PeerRecord
-from heloco_p2p.swarm.wire import encode_tensors
+from heloco_p2p.swarm.wire import WireError, encode_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ class PeerOptions:
     device: str | None = None  # this peer's device: auto | cpu | cuda | cuda:1 ...
     metrics_path: str | None = None
     overrides: dict = field(default_factory=dict)
+    swarm_key_file: str | None = None  # the run's swarm key (docs/security.md); None: an open run
 
 
 class Peer:
@@ -112,9 +113,11 @@ class Peer:
         o = self.opts
         if o.threads:
             torch.set_num_threads(o.threads)
+        swarm_key = self._load_swarm_key()
         try:
             self.node = SwarmNode(o.run_id, identity_dir=o.identity, initial_peers=o.initial_peers,
-                                  host_maddrs=o.host_maddrs, announce_maddrs=o.announce_maddrs, client_mode=o.client_mode)
+                                  host_maddrs=o.host_maddrs, announce_maddrs=o.announce_maddrs, client_mode=o.client_mode,
+                                  swarm_key=swarm_key)
         except Exception as exc:
             raise JoinError(start_error_message(exc, o.initial_peers)) from None
         try:
@@ -136,7 +139,7 @@ class Peer:
         else:
             self.cfg, self.tokenizer = self._fetch_genesis_files(genesis)
         self._build_local()
-        limits = SubmissionLimits(max_staleness=self.cfg.swarm.max_staleness, norm_factor=self.cfg.swarm.norm_factor)
+        limits = SubmissionLimits.from_config(self.cfg.swarm)
         theta0 = [p.detach().clone() for p in trainable_params(self.model)]
         mode, self.preset = resolve_outer(self.cfg.outer)
         engine = build_engine(theta0, self.preset.optimizer, self.preset.optimizer_args, self.preset.correction,
@@ -157,6 +160,18 @@ class Peer:
             self._catch_up()
         self._maint = threading.Thread(target=self._maintenance, name="maintenance", daemon=True)
         self._maint.start()
+
+    def _load_swarm_key(self):
+        if not self.opts.swarm_key_file:
+            return None
+        from heloco_p2p.swarm.auth import SwarmKeyError, load_swarm_key
+
+        try:
+            key = load_swarm_key(self.opts.swarm_key_file)
+        except SwarmKeyError as exc:
+            raise JoinError(f"--swarm-key-file: {exc}") from None
+        logger.info("swarm key %s: only peers with this key can take part", key.fingerprint)
+        return key
 
     def _find_genesis(self, wait: float) -> GenesisRecord | None:
         deadline = time.time() + wait
@@ -325,7 +340,8 @@ class Peer:
                              maddrs=self.node.visible_maddrs(), renewed=time.time(), commits=svc.commits_this_term,
                              rejected=svc.rejected_this_term, commits_per_minute=svc.commits_per_minute(),
                              mean_staleness=float(sum(stale) / len(stale)) if stale else 0.0,
-                             branches={str(k): int(v) for k, v in svc.branches.items()})
+                             branches={str(k): int(v) for k, v in svc.branches.items()},
+                             rejections=self.node.rejection_summary())
         self.node.records.publish_lease(record, ttl=self.cfg.swarm.lease_seconds)
         self.lease, self.lease_seen_at = record, time.time()
 
@@ -521,7 +537,7 @@ class Peer:
         meta, payload = encode_tensors([d.detach().float().cpu() for d in delta], sw.compression)
         t_ser = time.perf_counter() - t0
         header = {"run_id": self.opts.run_id, "seq": self.seq, "base_version": base, "steps": stats.steps,
-                  "tensors": meta, "stats": {"loss": stats.loss if math.isfinite(stats.loss) else None,  # headers are strict JSON
+                  "tensors": meta, "names": list(self.commit_state.engine.names), "stats": {"loss": stats.loss if math.isfinite(stats.loss) else None,  # headers are strict JSON
                                              "tokens": stats.tokens, "seconds": stats.seconds}}
         expected = [(tuple(p.shape), torch.float32) for p in self.global_params]
         deadline = time.time() + sw.submit_timeout
@@ -540,8 +556,10 @@ class Peer:
                 else:
                     reply, data = self.node.call(lease.peer_id, "submit", header, payload, timeout=sw.submit_timeout)
             except Exception as exc:
-                logger.info("submission to %s failed (%s); retrying", lease.peer_id[-8:], type(exc).__name__)
-                time.sleep(min(2.0, 0.25 * attempt))
+                logger.info("submission to %s failed (%s); retrying", lease.peer_id[-8:], exc if isinstance(exc, WireError)
+                            else type(exc).__name__)
+                retry_after = getattr(exc, "retry_after", None)  # an unsigned "busy" from a keyed call
+                self.stop_event.wait(min(2.0, 0.25 * attempt) if retry_after is None else min(10.0, retry_after))
                 continue
             rtt = time.perf_counter() - t1
             status = reply.get("status")
@@ -567,6 +585,13 @@ class Peer:
                 return
             if status == "not_coordinator":
                 time.sleep(0.3)
+                continue
+            if status == "rejected" and reply.get("reason") in ("busy", "rate_limited"):
+                # flood control: the same submission (same seq) again once the coordinator has room
+                retry_after = reply.get("retry_after")
+                retry_after = float(retry_after) if isinstance(retry_after, (int, float)) else 1.0
+                logger.info("coordinator %s: %s; retrying in %.2f s", reply.get("reason"), reply.get("message"), retry_after)
+                self.stop_event.wait(min(10.0, max(0.05, retry_after), max(0.0, deadline - time.time())))
                 continue
             # rejected: a reason we cannot fix by retrying; start again from the current state
             self.rejected += 1

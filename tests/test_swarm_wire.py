@@ -163,12 +163,21 @@ def test_metadata_of_wrong_types_is_malformed():
         [dict(meta[0], shape=[2, -2])],
         [dict(meta[0], nbytes="32")],
         [dict(meta[0], compression="zstd")],
-        [dict(meta[0], dtype="float64")],
+        [dict(meta[0], dtype=["float32"])],
+        [dict(meta[0], dtype="float99")],
         ["not an object"],
     ):
         with pytest.raises(WireError) as info:
             decode_tensors(bad, payload)
         assert info.value.code == "malformed"
+
+
+@pytest.mark.parametrize("dtype", ["float64", "bfloat16", "float16"])
+def test_a_dtype_other_than_float32_is_layout_mismatch(dtype):
+    meta, payload = encode_tensors([torch.ones(2, 2)], "none")
+    with pytest.raises(WireError) as info:
+        decode_tensors([dict(meta[0], dtype=dtype)], payload)
+    assert info.value.code == "layout_mismatch"
 
 
 def test_corrupt_or_lying_tensor_bytes_are_bad_tensor():
@@ -193,6 +202,8 @@ def test_wire_error_keeps_its_code_through_pickling():
 
     err = pickle.loads(pickle.dumps(WireError("too_large", "payload of 9 bytes")))
     assert err.code == "too_large" and str(err) == "too_large: payload of 9 bytes"
+    busy = pickle.loads(pickle.dumps(WireError("busy", "queue full", retry_after=1.5)))
+    assert busy.code == "busy" and busy.retry_after == 1.5
 
 
 # ---------------------------------------------------------------- framing

@@ -44,7 +44,7 @@ def main() -> None:
 
 def _register() -> None:
     from heloco_p2p.cli import data_cmd, join_cmd, sim_cmd, testnet_cmd, train_cmd
-    from heloco_p2p.cli import export_cmd, monitor_cmd
+    from heloco_p2p.cli import export_cmd, keygen_cmd, monitor_cmd
 
     main.add_command(data_cmd.data)
     main.add_command(train_cmd.train)
@@ -55,6 +55,7 @@ def _register() -> None:
     main.add_command(export_cmd.export)
     main.add_command(export_cmd.generate)
     main.add_command(testnet_cmd.testnet)
+    main.add_command(keygen_cmd.keygen)
 
 
 _register()

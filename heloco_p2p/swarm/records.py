@@ -10,6 +10,12 @@ that key's signature), and whose values must match a strict schema (``SchemaVali
 
 hivemind's SchemaValidator names keys ``<prefix>_<field>``, hence ``_`` rather than ``.``.
 Monitoring reads only these records.
+
+With a swarm key (``swarm/auth.py``), every record carries a ``mac`` over its fields, the run,
+its kind and its owner's subkey; a ``RunRecords`` built with the key writes it and skips records
+whose MAC does not verify (written by a peer without the key, or a keyed record copied under
+another owner). Signatures stop anyone from overwriting another's record; the MAC stops a
+stranger's records (a forged lease, a fake genesis, fake peers) from being believed.
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ class GenesisRecord(pydantic.BaseModel):
     max_tokens: StrictInt  # 0: no budget in tokens
     created: StrictFloat
     founder: StrictStr  # peer id of the peer that started the run
+    mac: StrictStr = ""  # swarm key MAC over the other fields (empty in an open run)
 
 
 class PeerRecord(pydantic.BaseModel):
@@ -56,6 +63,7 @@ class PeerRecord(pydantic.BaseModel):
     bytes_out: StrictInt
     heartbeat: StrictFloat
     maddrs: List[StrictStr]
+    mac: StrictStr = ""
 
 
 class LeaseRecord(pydantic.BaseModel):
@@ -71,6 +79,9 @@ class LeaseRecord(pydantic.BaseModel):
     commits_per_minute: StrictFloat
     mean_staleness: StrictFloat
     branches: Dict[StrictStr, StrictInt]  # correction branches fired in this term
+    # requests this coordinator refused, by sender and reason (the senders with the most refusals)
+    rejections: Dict[StrictStr, Dict[StrictStr, StrictInt]] = {}
+    mac: StrictStr = ""
 
 
 class RunSchema(pydantic.BaseModel):
@@ -96,10 +107,13 @@ class RunRecords:
     :param dht: a running hivemind.DHT built with ``make_validators(run_id, key)``
     :param run_id: the run's name
     :param signer: the RSASignatureValidator whose key owns this peer's subkeys
+    :param swarm_key: the run's ``SwarmKey``: records are MACed with it, and records without a
+        valid MAC are not returned (None: an open run, every well-formed record is returned)
     """
 
-    def __init__(self, dht, run_id: str, signer: RSASignatureValidator):
-        self.dht, self.run_id, self.signer = dht, run_id, signer
+    def __init__(self, dht, run_id: str, signer: RSASignatureValidator, swarm_key=None):
+        self.dht, self.run_id, self.signer, self.swarm_key = dht, run_id, signer, swarm_key
+        self.ignored = 0  # records skipped because their MAC did not verify
 
     @property
     def owner(self) -> bytes:
@@ -109,7 +123,10 @@ class RunRecords:
         return f"{self.run_id}_{field}"
 
     def _store(self, field: str, model: pydantic.BaseModel, ttl: float) -> bool:
-        return bool(self.dht.store(self._key(field), record_dict(model), expiration_time=get_dht_time() + ttl,
+        value = record_dict(model)
+        if self.swarm_key is not None:
+            value["mac"] = self.swarm_key.sign_record(self.run_id, field, self.owner, value)
+        return bool(self.dht.store(self._key(field), value, expiration_time=get_dht_time() + ttl,
                                    subkey=self.owner))
 
     def _read(self, field: str, model: type) -> dict[bytes, Any]:
@@ -118,6 +135,11 @@ class RunRecords:
             return {}
         out = {}
         for subkey, item in found.value.items():
+            if self.swarm_key is not None and not (
+                    isinstance(subkey, bytes) and isinstance(item.value, dict)
+                    and self.swarm_key.verify_record(self.run_id, field, subkey, item.value)):
+                self.ignored += 1
+                continue
             try:
                 out[subkey] = model.parse_obj(item.value)
             except pydantic.ValidationError:

@@ -27,6 +27,10 @@ Usage (client, then server)::
 Every malformed input raises :class:`WireError`, whose ``code`` is short and meant to be sent back
 to the peer: ``closed``, ``truncated``, ``bad_magic``, ``too_large``, ``malformed``, ``bad_tensor``,
 ``layout_mismatch``. Reads have no timeout of their own: wrap them in ``asyncio.wait_for``.
+
+A server that must decide from the header before the payload is read (authentication, flood
+control: ``swarm/node.py``) uses the two halves of :func:`read_message`: :func:`read_head`, then
+:func:`send_continue` and :func:`read_payload`.
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ import json
 import logging
 import math
 import struct
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from google.protobuf.message import DecodeError
@@ -62,6 +66,8 @@ CODEBOOK_SIZE_8BIT = 256
 # them saves nothing and loses precision, so "8bit" sends them uncompressed.
 MIN_NUMEL_8BIT = BLOCK_SIZE_8BIT
 _READ_CHUNK = 1 << 20
+# dtypes a sender could mean (a wrong one is a layout error); any other string is garbage
+TENSOR_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64", "int8", "uint8", "int16", "int32", "int64", "bool"})
 
 
 class WireError(ValueError):
@@ -69,13 +75,15 @@ class WireError(ValueError):
 
     :param code: short reason sent back to the peer (``too_large``, ``malformed``, ...)
     :param message: human-readable detail
+    :param retry_after: for ``busy`` and ``rate_limited``: seconds after which a retry may succeed
     """
 
-    def __init__(self, code: str, message: str):
-        # both in args so that the exception survives pickling (multiprocessing, hivemind MPFuture)
-        super().__init__(code, message)
+    def __init__(self, code: str, message: str, retry_after: float | None = None):
+        # all in args so that the exception survives pickling (multiprocessing, hivemind MPFuture)
+        super().__init__(code, message, retry_after)
         self.code = code
         self.message = message
+        self.retry_after = retry_after
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
@@ -132,8 +140,11 @@ def _check_meta(meta: Any) -> list[tuple[tuple[int, ...], str, int]]:
             raise WireError("malformed", f"tensor {i}: nbytes must be a non-negative integer")
         if comp not in COMPRESSIONS:
             raise WireError("malformed", f"tensor {i}: unknown compression {comp!r}")
-        if entry.get("dtype") != "float32":
-            raise WireError("malformed", f"tensor {i}: dtype must be float32, got {entry.get('dtype')!r}")
+        dtype = entry.get("dtype")
+        if dtype != "float32":
+            # a dtype the wire could name but does not carry is a layout error, anything else is garbage
+            code = "layout_mismatch" if isinstance(dtype, str) and dtype in TENSOR_DTYPES else "malformed"
+            raise WireError(code, f"tensor {i}: dtype must be float32 (tensors travel as float32), got {dtype!r}")
         checked.append((tuple(shape), comp, nbytes))
     return checked
 
@@ -279,6 +290,49 @@ async def _read_payload(reader: asyncio.StreamReader, n: int) -> bytes:
 CONTINUE = b"\x01"  # "send the payload": a server's answer to a request header it accepts
 
 
+async def read_head(reader: asyncio.StreamReader, max_header_bytes: int = 1 << 20) -> tuple[dict, int, bool]:
+    """The first half of :func:`read_message`: magic, header and the payload's declared length.
+
+    :returns: (header without ``_continue``, payload length, whether the sender waits for the go-ahead)
+    :raises WireError: ``closed``, ``truncated``, ``bad_magic``, ``too_large`` (header), ``malformed``
+    """
+    magic = await reader.read(len(MAGIC))
+    if not magic:
+        raise WireError("closed", "stream ended before a message")
+    if len(magic) < len(MAGIC):
+        magic += await _read_exactly(reader, len(MAGIC) - len(magic), "magic")
+    if magic != MAGIC:
+        raise WireError("bad_magic", f"expected {MAGIC!r}, got {magic!r}")
+    (header_len,) = _U32.unpack(await _read_exactly(reader, _U32.size, "header length"))
+    if header_len > max_header_bytes:
+        raise WireError("too_large", f"header of {header_len} bytes exceeds the limit of {max_header_bytes}")
+    raw = await _read_exactly(reader, header_len, "header")
+    try:
+        header = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise WireError("malformed", f"header is not UTF-8 JSON ({type(e).__name__})") from None
+    if not isinstance(header, dict):
+        raise WireError("malformed", f"header is a JSON {type(header).__name__}, not an object")
+    (payload_len,) = _U64.unpack(await _read_exactly(reader, _U64.size, "payload length"))
+    wants_continue = header.pop("_continue", False) is True
+    return header, payload_len, wants_continue
+
+
+async def send_continue(writer: asyncio.StreamWriter, proof: bytes = b"") -> None:
+    """The go-ahead for a sender that waits for it, optionally followed by a fixed-length proof
+    (the swarm key's :meth:`~heloco_p2p.swarm.auth.SwarmKey.continue_proof`)."""
+    writer.write(CONTINUE + proof)
+    await writer.drain()
+
+
+async def read_payload(reader: asyncio.StreamReader, n: int) -> bytes:
+    """The second half of :func:`read_message`: ``n`` payload bytes, read in chunks as they arrive.
+
+    :raises WireError: ``truncated``
+    """
+    return await _read_payload(reader, n)
+
+
 async def read_message(
     reader: asyncio.StreamReader, max_header_bytes: int = 1 << 20, max_payload_bytes: int = 1 << 30,
     writer: asyncio.StreamWriter | None = None,
@@ -299,29 +353,11 @@ async def read_message(
     :raises WireError: ``closed`` (the stream ended cleanly before a message), ``truncated``,
         ``bad_magic``, ``too_large``, ``malformed`` (header not a UTF-8 JSON object)
     """
-    magic = await reader.read(len(MAGIC))
-    if not magic:
-        raise WireError("closed", "stream ended before a message")
-    if len(magic) < len(MAGIC):
-        magic += await _read_exactly(reader, len(MAGIC) - len(magic), "magic")
-    if magic != MAGIC:
-        raise WireError("bad_magic", f"expected {MAGIC!r}, got {magic!r}")
-    (header_len,) = _U32.unpack(await _read_exactly(reader, _U32.size, "header length"))
-    if header_len > max_header_bytes:
-        raise WireError("too_large", f"header of {header_len} bytes exceeds the limit of {max_header_bytes}")
-    raw = await _read_exactly(reader, header_len, "header")
-    try:
-        header = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise WireError("malformed", f"header is not UTF-8 JSON ({type(e).__name__})") from None
-    if not isinstance(header, dict):
-        raise WireError("malformed", f"header is a JSON {type(header).__name__}, not an object")
-    (payload_len,) = _U64.unpack(await _read_exactly(reader, _U64.size, "payload length"))
+    header, payload_len, wants_continue = await read_head(reader, max_header_bytes)
     if payload_len > max_payload_bytes:
         raise WireError("too_large", f"payload of {payload_len} bytes exceeds the limit of {max_payload_bytes}")
-    if header.pop("_continue", False) is True and payload_len and writer is not None:
-        writer.write(CONTINUE)
-        await writer.drain()
+    if wants_continue and payload_len and writer is not None:
+        await send_continue(writer)
     return header, await _read_payload(reader, payload_len)
 
 
@@ -333,11 +369,15 @@ async def request(
     max_header_bytes: int = 1 << 20,
     max_payload_bytes: int = 1 << 30,
     expect_continue: bool = False,
+    check_continue: Callable[[bytes], None] | None = None,
+    continue_proof_len: int = 0,
 ) -> tuple[dict, bytes]:
     """Send one message and read the reply, reading while still sending.
 
     With ``expect_continue`` (the server reads with ``read_message(..., writer=writer)``) the
-    payload is sent only after the server's go-ahead; a refusal arrives instead of it.
+    payload is sent only after the server's go-ahead; a refusal arrives instead of it. With
+    ``check_continue``, the go-ahead must be followed by ``continue_proof_len`` bytes that
+    ``check_continue`` accepts (it raises otherwise, and the payload is never sent).
 
     A server that refuses a message from its header (too large, wrong run) answers at once and
     stops reading; a client that only reads after sending everything would then block in
@@ -361,6 +401,8 @@ async def request(
         if first != CONTINUE:  # the server answered instead: a refusal (or an error) with its reason
             rest = await read_message(_Prepend(first, reader), max_header_bytes, max_payload_bytes)
             return rest
+        if check_continue is not None:
+            check_continue(await _read_exactly(reader, continue_proof_len, "go-ahead proof"))
         writer.write(payload)
         await writer.drain()
         return await read_message(reader, max_header_bytes, max_payload_bytes)
