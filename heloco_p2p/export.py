@@ -1,15 +1,16 @@
 """From a coordinator checkpoint to a model anyone can load, and text from it.
 
-A ``--checkpoint-dir`` of ``heloco-peer join`` is self-describing (``Peer._maybe_checkpoint``)::
+A ``--checkpoint-dir`` of ``heloco-peer join`` is self-describing (heloco_p2p/checkpoint.py)::
 
-    coordinator.pt   {"commit_state": {"engine": {"params": [θ in model.parameters() order], ...}, ...},
-                      "config_digest", "version", "term", "run_id", "param_names"}
+    coordinator.pt   one sealed file: θ and the outer optimizer state, version, term, run id,
+                     config and tokenizer digests and copies, and the digest of all of it
     config.yaml      the run config
     tokenizer.json   the run's tokenizer
 
-``export_checkpoint`` rebuilds the model from config.yaml, loads θ into it (names and shapes
-checked), and writes a ``save_pretrained`` directory that ``AutoModelForCausalLM.from_pretrained``
-loads, with the tokenizer and ``heloco_export.json`` (run, version, term, digests)::
+``export_checkpoint`` checks the checkpoint (digest, config), rebuilds the model from the config,
+loads θ into it (names and shapes checked), and writes a ``save_pretrained`` directory that
+``AutoModelForCausalLM.from_pretrained`` loads, with the tokenizer and ``heloco_export.json``
+(run, version, term, digests)::
 
     meta = export_checkpoint("ckpt-a", "model-v120")
     texts = generate_text("model-v120", "In the beginning", seed=0)
@@ -54,46 +55,46 @@ class Checkpoint:
 
 def read_checkpoint(ckpt_dir: str | os.PathLike) -> Checkpoint:
     """Read and check a checkpoint directory; raise ExportError saying what is wrong."""
-    import yaml
-
-    from heloco_p2p.config import ConfigError, config_from_dict
-    from heloco_p2p.data import load_tokenizer
+    from heloco_p2p.checkpoint import CheckpointError, load_checkpoint
+    from heloco_p2p.data import load_tokenizer, tokenizer_digest
 
     d = Path(ckpt_dir)
-    missing = [f for f in (CHECKPOINT_FILE, "config.yaml", "tokenizer.json") if not (d / f).is_file()]
-    if missing:
+    if not (d / CHECKPOINT_FILE).is_file():
+        missing = [f for f in (CHECKPOINT_FILE, "config.yaml", "tokenizer.json") if not (d / f).is_file()]
         raise ExportError(f"{d}: no {', '.join(missing)} there; a coordinator's --checkpoint-dir holds "
                           f"{CHECKPOINT_FILE}, config.yaml and tokenizer.json (written every swarm.checkpoint_every "
                           "commits and when it leaves)")
-    path = d / CHECKPOINT_FILE
     try:
-        # weights_only: a checkpoint from elsewhere must not be able to run code when loaded
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ExportError(f"{path}: cannot read the checkpoint, it is corrupted or not a heloco checkpoint "
-                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
-    try:
-        engine = state["commit_state"]["engine"]
-        params, names = list(engine["params"]), list(state["param_names"])
-        run_id, digest = str(state["run_id"]), str(state["config_digest"])
-        version, term = int(state["version"]), int(state["term"])
-    except (KeyError, IndexError, TypeError, ValueError) as exc:
-        what = f"no {exc} entry" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
-        raise ExportError(f"{path}: not a heloco coordinator checkpoint ({what})") from None
-    if not all(isinstance(p, torch.Tensor) for p in params):
-        raise ExportError(f"{path}: not a heloco coordinator checkpoint (parameters are not all tensors)")
-    try:
-        cfg = config_from_dict(yaml.safe_load((d / "config.yaml").read_text()), source=str(d / "config.yaml"))
-    except (ConfigError, yaml.YAMLError) as exc:
-        raise ExportError(f"{d / 'config.yaml'}: {exc}") from None
-    if digest != cfg.digest():
-        raise ExportError(f"{path}: checkpoint was written for another config (its config digest {digest[:12]}, "
-                          f"config.yaml's {cfg.digest()[:12]}); put the run's own config.yaml beside it")
-    try:
-        tokenizer = load_tokenizer(str(d / "tokenizer.json"))
-    except (OSError, ValueError) as exc:
-        raise ExportError(f"{d / 'tokenizer.json'}: cannot load the tokenizer: {exc}") from None
-    return Checkpoint(d, cfg, tokenizer, params, names, run_id, version, term, digest)
+        saved = load_checkpoint(d)
+        cfg, tokenizer = saved.config(), saved.tokenizer()
+    except CheckpointError as exc:
+        raise ExportError(str(exc)) from None
+    path = saved.path
+    # the copies beside coordinator.pt are what people read and edit: they must be the run's
+    beside = d / "config.yaml"
+    if beside.is_file():
+        import yaml
+
+        from heloco_p2p.config import ConfigError, config_from_dict
+
+        try:
+            other = config_from_dict(yaml.safe_load(beside.read_text()), source=str(beside)).digest()
+        except (ConfigError, yaml.YAMLError) as exc:
+            raise ExportError(f"{beside}: {exc}") from None
+        if other != saved.config_digest:
+            raise ExportError(f"{path}: checkpoint was written for another config (its config digest "
+                              f"{saved.config_digest[:12]}, config.yaml's {other[:12]}); put the run's own config.yaml "
+                              "beside it, or remove it (coordinator.pt holds a copy)")
+    if (d / "tokenizer.json").is_file():
+        try:
+            other_tok = load_tokenizer(str(d / "tokenizer.json"))
+        except (OSError, ValueError) as exc:
+            raise ExportError(f"{d / 'tokenizer.json'}: cannot load the tokenizer: {exc}") from None
+        if tokenizer_digest(other_tok) != tokenizer_digest(tokenizer):
+            raise ExportError(f"{d / 'tokenizer.json'} is not the run's tokenizer (digest {tokenizer_digest(other_tok)[:12]}, "
+                              f"the checkpoint's {tokenizer_digest(tokenizer)[:12]}); remove it (coordinator.pt holds a copy)")
+    return Checkpoint(d, cfg, tokenizer, saved.params, saved.param_names, saved.run_id, saved.version, saved.term,
+                      saved.config_digest)
 
 
 def model_from_checkpoint(ckpt: Checkpoint):

@@ -28,7 +28,7 @@ from heloco_p2p.algorithms import resolve_outer
 from heloco_p2p.config import RunConfig, config_from_dict, load_config
 from heloco_p2p.coordinator import CommitState, CoordinatorService, SubmissionLimits, params_digest, unpack_params
 from heloco_p2p.data import TokenBlocks, load_tokenizer, open_source, tokenizer_digest, validation_blocks
-from heloco_p2p.fsutil import atomic_torch_save, atomic_write_bytes, atomic_write_text
+from heloco_p2p.checkpoint import CheckpointError, Checkpointer, load_checkpoint, plan_resume
 from heloco_p2p.local import InnerTrainer, build_model, validation_loss
 from heloco_p2p.local.model import param_names, trainable_params
 from heloco_p2p.local.solo import source_spec
@@ -61,6 +61,7 @@ class PeerOptions:
     client_mode: bool = False
     no_train: bool = False
     checkpoint_dir: str | None = None
+    resume: str | None = None  # a checkpoint directory to restart the run from (see _resume)
     max_rounds: int | None = None
     max_minutes: float | None = None
     threads: int = 0
@@ -83,7 +84,9 @@ class Peer:
         self.lease: LeaseRecord | None = None
         self.lease_seen_at = 0.0
         self.last_lease_expired_at: float | None = None
-        self.seq = 0
+        # above every sequence number an earlier process with this identity used: the ledger must
+        # not take a restarted peer's new submissions for duplicates of its old ones
+        self.seq = time.time_ns() // 1000
         self.version = 0  # global version of self.global_params
         self.global_params: list[torch.Tensor] | None = None
         self.rounds = 0
@@ -98,6 +101,7 @@ class Peer:
         self._metrics_lock = threading.Lock()
         self._maint: threading.Thread | None = None
         self._reaper = None
+        self.checkpointer: Checkpointer | None = None
         self.deadline: float | None = None
 
     # ------------------------------------------------------------------------------ metrics
@@ -113,6 +117,7 @@ class Peer:
         o = self.opts
         if o.threads:
             torch.set_num_threads(o.threads)
+        saved = self._load_resume_checkpoint() if o.resume else None  # a bad checkpoint fails before any network
         swarm_key = self._load_swarm_key()
         try:
             self.node = SwarmNode(o.run_id, identity_dir=o.identity, initial_peers=o.initial_peers,
@@ -129,9 +134,11 @@ class Peer:
         self.name = o.name or self.node.peer_id[-6:]
         logger.info("peer %s joined the DHT; others can join with --initial-peers %s", self.name,
                     " ".join(self.node.visible_maddrs()))
-        genesis = self._find_genesis(wait=0.0 if (o.config and not o.initial_peers) else 10.0)
+        genesis = self._find_genesis(wait=0.0 if ((o.config or saved) and not o.initial_peers) else 10.0)
         founder = genesis is None
-        if founder:
+        if saved is not None:
+            self.cfg, self.tokenizer = self._resume_files(saved, genesis)
+        elif founder:
             if not o.config:
                 raise JoinError(f"no run {o.run_id!r} found in the DHT; to start it, give --config")
             self.cfg = load_config(o.config, overrides=o.overrides)
@@ -139,6 +146,7 @@ class Peer:
         else:
             self.cfg, self.tokenizer = self._fetch_genesis_files(genesis)
         self._build_local()
+        self._open_checkpoints()
         limits = SubmissionLimits.from_config(self.cfg.swarm)
         theta0 = [p.detach().clone() for p in trainable_params(self.model)]
         mode, self.preset = resolve_outer(self.cfg.outer)
@@ -154,7 +162,9 @@ class Peer:
         self.service.on_handover = self._took_over_by_handover
         self.node.add_handler("genesis", self._serve_genesis)
         self.node.add_handler("state", self._serve_state)
-        if founder:
+        if saved is not None:
+            self._resume(saved, founder)
+        elif founder:
             self._found()
         else:
             self._catch_up()
@@ -187,12 +197,7 @@ class Peer:
             time.sleep(0.5)
 
     def _found(self) -> None:
-        cfg = self.cfg
-        record = GenesisRecord(protocol_version=PROTOCOL_VERSION, run_id=self.opts.run_id, config_digest=cfg.digest(),
-                               tokenizer_digest=tokenizer_digest(self.tokenizer), max_versions=cfg.swarm.max_versions,
-                               max_tokens=cfg.swarm.max_tokens, created=time.time(), founder=self.node.peer_id)
-        self.node.records.publish_genesis(record)
-        self.genesis = record
+        record = self._publish_genesis()
         self.global_params = [p.detach().clone() for p in self.commit_state.engine.params]
         self.version = 0
         self.service.activate(term=1)
@@ -200,6 +205,111 @@ class Peer:
         self._publish_lease()
         logger.info("founded run %s (config %s, tokenizer %s)", self.opts.run_id, record.config_digest[:12],
                     record.tokenizer_digest[:12])
+
+    def _publish_genesis(self) -> GenesisRecord:
+        cfg = self.cfg
+        record = GenesisRecord(protocol_version=PROTOCOL_VERSION, run_id=self.opts.run_id, config_digest=cfg.digest(),
+                               tokenizer_digest=tokenizer_digest(self.tokenizer), max_versions=cfg.swarm.max_versions,
+                               max_tokens=cfg.swarm.max_tokens, created=time.time(), founder=self.node.peer_id)
+        self.node.records.publish_genesis(record)
+        self.genesis = record
+        return record
+
+    # ------------------------------------------------------------------------------ resuming
+    def _load_resume_checkpoint(self):
+        try:
+            saved = load_checkpoint(self.opts.resume, run_id=self.opts.run_id)
+        except CheckpointError as exc:
+            raise JoinError(f"--resume: {exc}") from None
+        if self.opts.checkpoint_dir is None:  # keep checkpointing where the run left off
+            self.opts.checkpoint_dir = str(saved.path.parent)
+        return saved
+
+    def _resume_files(self, saved, genesis: GenesisRecord | None):
+        """Config and tokenizer from the checkpoint; with a run in the DHT they must be the run's."""
+        try:
+            cfg, tok = saved.config(), saved.tokenizer()
+        except (CheckpointError, OSError, ValueError) as exc:
+            raise JoinError(f"--resume: {exc}") from None
+        if self.opts.config and load_config(self.opts.config, overrides=self.opts.overrides).digest() != cfg.digest():
+            raise JoinError(f"--config {self.opts.config} differs from the config in {saved.path}; drop --config to "
+                            "resume with the run's own")
+        if genesis is not None:
+            if (genesis.config_digest, genesis.tokenizer_digest) != (saved.config_digest, tokenizer_digest(tok)):
+                raise JoinError(f"--resume: {saved.path} is not a checkpoint of the run {self.opts.run_id!r} in the DHT "
+                                f"(config {saved.config_digest[:12]} vs the run's {genesis.config_digest[:12]}, tokenizer "
+                                f"{tokenizer_digest(tok)[:12]} vs {genesis.tokenizer_digest[:12]}); join without --resume")
+            self.genesis = genesis
+        return cfg, tok
+
+    def _open_checkpoints(self) -> None:
+        if not self.opts.checkpoint_dir:
+            return
+        ck = Checkpointer(self.opts.checkpoint_dir, run_id=self.opts.run_id, config_yaml=self.cfg.to_yaml(),
+                          config_digest=self.cfg.digest(), tokenizer_json=self._tokenizer_bytes().decode("utf-8"),
+                          tokenizer_digest=tokenizer_digest(self.tokenizer), param_names=param_names(self.model),
+                          every=self.cfg.swarm.checkpoint_every)
+        try:
+            ck.prepare()
+        except CheckpointError as exc:
+            raise JoinError(str(exc)) from None
+        self.checkpointer = ck
+
+    def _resume(self, saved, founder: bool) -> None:
+        """``--resume``: take the coordinator role from the checkpoint when no peer holds the
+        run's state, join normally when the swarm holds newer state, refuse when the swarm went
+        on from older state (checkpoint.plan_resume; docs/reliability.md, "Checkpoints")."""
+        if founder:
+            self._publish_genesis()
+            claims, highest, swarm_version = [], 0, 0
+        else:
+            claims, highest, swarm_version = self._swarm_holds()
+        plan = plan_resume(saved, claims, highest, swarm_version)
+        logger.warning("resume: %s", plan.message)
+        self.log_metric({"event": "resume", "action": plan.action, "term": plan.term, "checkpoint_version": saved.version,
+                         "checkpoint_term": saved.term, "swarm_version": swarm_version, "message": plan.message})
+        if plan.action == "refuse":
+            raise JoinError(plan.message)
+        if plan.action == "join":
+            self._catch_up()
+            return
+        try:
+            self.commit_state.load_state_dict(saved.commit_state)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise JoinError(f"--resume: {saved.path} does not fit this run's model and outer optimizer: {exc}") from None
+        params = [p.detach().clone() for p in self.commit_state.engine.params]
+        self._adopt(params, self.commit_state.version, self.commit_state.schedule_step())
+        self.service.activate(plan.term)
+        self.role = "coordinator"
+        self._publish_lease()
+        self.log_metric({"event": "takeover", "term": plan.term, "version": self.version, "resumed": True,
+                         "digest": params_digest(params)})
+
+    def _swarm_holds(self) -> tuple[list, int, int]:
+        """Live lease claims, the highest term and the newest version that live peers report.
+        Waits long enough for a standby of a lapsed lease to claim first (rank r claims
+        r × lease/2 after the lapse), so that a resume never competes with a failover."""
+        sw = self.cfg.swarm
+        deadline = time.time() + sw.lease_seconds * (1 + sw.num_standbys / 2) + sw.heartbeat_seconds
+        while True:
+            now = time.time()
+            claims = self.node.records.lease_claims()
+            live = [c for c in claims if c.renewed + sw.lease_seconds > now]
+            if live or now >= deadline:
+                break
+            time.sleep(0.5)
+        highest, version = max((c.term for c in claims), default=0), 0
+        for p in self.node.records.peers():
+            if p.peer_id == self.node.peer_id or p.role == "left" or p.heartbeat + 3 * sw.heartbeat_seconds < now:
+                continue
+            version = max(version, p.version)
+            try:  # the highest term a peer has seen is in no record; ask (headers only)
+                header, _ = self.node.call(p.peer_id, "state", {"run_id": self.opts.run_id, "meta_only": True}, timeout=10)
+                highest = max(highest, int(header.get("highest_term", header.get("term", 0))))
+                version = max(version, int(header.get("version", 0)))
+            except Exception as exc:
+                logger.debug("resume: %s did not answer (%s)", p.peer_id[-8:], exc)
+        return live, highest, version
 
     def _fetch_genesis_files(self, genesis: GenesisRecord):
         """Config and tokenizer from any peer that has them, verified against the genesis digests."""
@@ -261,6 +371,9 @@ class Peer:
     async def _serve_state(self, header: dict, payload: bytes, remote: str):
         """Coordinators and standbys serve the replicated θ; a training peer serves the θ it last received."""
         st = self.commit_state
+        if header.get("meta_only"):  # what this peer holds, without θ (a resuming peer asks: _swarm_holds)
+            return {"status": "ok", "version": max(self.version, st.version), "term": st.term,
+                    "highest_term": self.service.highest_term_seen, "role": self.role}, b""
         if self.service.active or (self.role == "standby" and st.version >= self.version):
             params, version, source = st.engine.params, st.version, self.role
         elif self.global_params is not None:
@@ -444,30 +557,23 @@ class Peer:
         self.log_metric({"event": "heartbeat", **{k: v for k, v in record.dict().items() if k != "maddrs"}})
 
     def _maybe_checkpoint(self, force: bool = False) -> None:
-        """The coordinator's (and a standby's) commit state, atomically, every
-        ``swarm.checkpoint_every`` commits and when leaving. The directory is self-describing:
-        ``coordinator.pt`` beside ``config.yaml`` and ``tokenizer.json`` (see ``heloco-peer export``)."""
-        if not self.opts.checkpoint_dir:
+        """The coordinator's (and a standby's) commit state every ``swarm.checkpoint_every`` commits
+        and when leaving: one sealed file, written atomically (heloco_p2p/checkpoint.py)."""
+        ck, st = self.checkpointer, self.commit_state
+        if ck is None or not (force or self.service.active or self.role == "standby"):
             return
-        st = self.commit_state
-        if st.version == 0 or not (force or self.service.active or self.role == "standby"):
+        if not ck.due(st.term, st.version, force):
             return
-        last = getattr(self, "_checkpointed_version", -1)
-        if not force and st.version - last < self.cfg.swarm.checkpoint_every:
-            return
-        out = Path(self.opts.checkpoint_dir)
-        if not (out / "tokenizer.json").exists():
-            atomic_write_text(out / "config.yaml", self.cfg.to_yaml())
-            atomic_write_bytes(out / "tokenizer.json", self._tokenizer_bytes())
+        t0 = time.perf_counter()
+
         async def _snapshot():
             async with self.service.lock:  # never a state between a commit's parameter update and its version
                 return st.state_dict()
 
         snapshot = self.node.run(_snapshot(), timeout=60)
-        state = {"commit_state": snapshot, "config_digest": self.cfg.digest(), "version": snapshot["engine"]["version"],
-                 "term": snapshot["term"], "run_id": self.opts.run_id, "param_names": param_names(self.model)}
-        atomic_torch_save(out / "coordinator.pt", state)
-        self._checkpointed_version = state["version"]
+        if ck.write(snapshot) is not None:
+            self.log_metric({"event": "checkpoint", "version": snapshot["engine"]["version"], "term": snapshot["term"],
+                             "role": self.role, "seconds": time.perf_counter() - t0})
 
     # ------------------------------------------------------------------------------ rounds
     def _steps_this_round(self) -> int:

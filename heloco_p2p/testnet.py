@@ -22,6 +22,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from heloco_p2p.checkpoint import load_checkpoint
 from heloco_p2p.config import ConfigError, _format_errors, load_config
 from heloco_p2p.fsutil import atomic_write_json
 from heloco_p2p.launcher import LocalSwarm
@@ -95,8 +96,10 @@ def _coordinator_now(sw: LocalSwarm) -> str | None:
 
 
 def run_testnet(profiles: list[PeerProfile], config_path: str, minutes: float, out: Path,
-                run_id: str | None = None, live: bool = True, eval_every: float = 30.0) -> dict:
-    """Run the cast for ``minutes``, then stop every peer and write the outputs; returns the summary."""
+                run_id: str | None = None, live: bool = True, eval_every: float = 30.0, during=None) -> dict:
+    """Run the cast for ``minutes``, then stop every peer and write the outputs; returns the summary.
+    ``during(sw, client)``, if given, is called about once a second while the run lasts (scripts/chaos.py
+    injects faults with it)."""
     from heloco_p2p.coordinator import unpack_params
     from heloco_p2p.swarm.node import SwarmNode
 
@@ -125,6 +128,8 @@ def run_testnet(profiles: list[PeerProfile], config_path: str, minutes: float, o
             while time.time() < deadline:
                 time.sleep(1.0)
                 view.refresh()
+                if during is not None:
+                    during(sw, client)
                 if time.time() >= next_eval:
                     next_eval += eval_every
                     point = _fetch_and_evaluate(client, evaluator, unpack_params)
@@ -141,9 +146,8 @@ def run_testnet(profiles: list[PeerProfile], config_path: str, minutes: float, o
     wall = time.time() - t_start
     ckpt = _collect_checkpoint(sw, out)
     if ckpt is not None:
-        state = torch.load(ckpt / "coordinator.pt", weights_only=False)
-        params = state["commit_state"]["engine"]["params"]
-        curve.append({"event": "val", "time": time.time(), "version": int(state["version"]), "val_loss": evaluator(params)})
+        saved = load_checkpoint(ckpt)
+        curve.append({"event": "val", "time": time.time(), "version": saved.version, "val_loss": evaluator(saved.params)})
     summary = build_summary(sw, profiles, curve, wall)
     summary["interrupted"] = interrupted
     summary["run_id"] = run_id
@@ -193,10 +197,14 @@ def _stop_all(sw: LocalSwarm) -> None:
 
 
 def _collect_checkpoint(sw: LocalSwarm, out: Path) -> Path | None:
-    candidates = [p for p in (sw.dir).glob("ckpt-*/coordinator.pt")]
-    if not candidates:
+    """The newest checkpoint of the run (highest term, then version) among the peers' directories."""
+    from heloco_p2p.checkpoint import read_header
+
+    headers = {p.parent: read_header(p) for p in sw.dir.glob("ckpt-*/coordinator.pt")}
+    headers = {d: h for d, h in headers.items() if h is not None}
+    if not headers:
         return None
-    best = max(candidates, key=lambda p: torch.load(p, weights_only=False)["version"])
+    best = max(headers, key=lambda d: (headers[d]["term"], headers[d]["version"])) / "coordinator.pt"
     dest = out / "checkpoint"
     if dest.exists():
         shutil.rmtree(dest)

@@ -22,6 +22,9 @@ from heloco_p2p.cli import log_level_option
 @click.option("--client-mode", is_flag=True, help="Do not accept incoming connections (behind NAT).")
 @click.option("--no-train", is_flag=True, help="Serve (coordinator, standby, state) without training.")
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None, help="Where the coordinator writes checkpoints.")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None,
+              help="Restart the run from this checkpoint directory when no peer holds newer state "
+                   "(also the default --checkpoint-dir).")
 @click.option("--max-rounds", type=click.IntRange(min=1), default=None, help="Leave after this many rounds.")
 @click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True), default=None, help="Leave after this many minutes.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, help="torch threads (0: torch's default).")
@@ -35,13 +38,13 @@ from heloco_p2p.cli import log_level_option
               help="The run's swarm key (make one with `heloco-peer keygen FILE`): only peers holding it can submit, "
                    "download state or coordinate. Every peer of a run uses the same file, or none.")
 @log_level_option
-def join(run_id, initial_peers, config_path, region, name, identity, host_maddrs, announce_maddrs, client_mode, no_train,
+def join(run_id, resume_dir, initial_peers, config_path, region, name, identity, host_maddrs, announce_maddrs, client_mode, no_train,
          checkpoint_dir, max_rounds, max_minutes, threads, speed, batch_size, device, metrics_path, seed, swarm_key_file):
     """Join run RUN-ID: fetch its config, tokenizer and state from peers, then train and submit."""
     from heloco_p2p.config import ConfigError
     from heloco_p2p.peer import JoinError, Peer, PeerOptions
 
-    opts = PeerOptions(run_id=run_id, config=config_path, region=region, name=name, identity=identity,
+    opts = PeerOptions(run_id=run_id, resume=resume_dir, config=config_path, region=region, name=name, identity=identity,
                        initial_peers=list(initial_peers), host_maddrs=list(host_maddrs),
                        announce_maddrs=list(announce_maddrs) or None, client_mode=client_mode, no_train=no_train,
                        checkpoint_dir=checkpoint_dir, max_rounds=max_rounds, max_minutes=max_minutes, threads=threads,
