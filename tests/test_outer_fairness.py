@@ -172,3 +172,31 @@ def test_config_and_presets_carry_fairness():
         load_config("configs/tiny.yaml", overrides={"outer.fairness": "bogus"})
     assert all(p.fairness in registry.names("fairness") for p in ALGORITHMS.values())
     assert math.isfinite(ALGORITHMS["heloco"].lr)
+
+
+def test_region_memory_applies_the_mean_of_latest_slots_by_hand():
+    e = _engine("region_memory")
+    one = lambda x: [torch.full((3,), x, dtype=torch.float64), torch.full((2, 2), x, dtype=torch.float64)]  # noqa: E731
+    e.commit(one(1.0), 0, worker="a")  # G = Δa = 1 → θ = −1
+    assert torch.equal(e.params[0], torch.full((3,), -1.0, dtype=torch.float64))
+    e.commit(one(3.0), 1, worker="b")  # G = (1 + 3)/2 = 2 → θ = −3
+    assert torch.equal(e.params[0], torch.full((3,), -3.0, dtype=torch.float64))
+    e.commit(one(5.0), 2, worker="a")  # a's slot replaced: G = (5 + 3)/2 = 4 → θ = −7
+    assert torch.equal(e.params[1], torch.full((2, 2), -7.0, dtype=torch.float64))
+    info = e.commit(one(2.0), 3)  # no worker: Δ alone, not stored
+    assert torch.equal(e.params[0], torch.full((3,), -9.0, dtype=torch.float64)) and info.fairness_weight == 1.0
+    assert sorted(e.fairness.slots) == ["a", "b"]
+
+
+def test_region_memory_forgets_and_round_trips():
+    e = _engine("region_memory", forget=2)
+    d = [torch.ones(3, dtype=torch.float64), torch.ones(2, 2, dtype=torch.float64)]
+    e.commit(d, 0, worker="gone")
+    for v in range(1, 5):
+        e.commit([2 * t for t in d], v, worker="here")
+    assert list(e.fairness.slots) == ["here"]
+    f = _engine("region_memory", forget=2)
+    f.load_state_dict(e.state_dict())
+    e.commit(d, 5, worker="new")
+    f.commit(d, 5, worker="new")
+    assert all(torch.equal(x, y) for x, y in zip(e.params, f.params))

@@ -224,8 +224,11 @@ class OuterEngine:
             self.correction, delta, momentum, self.optimizer.momentum_unit, staleness, self._scratch, self.names
         )
         rho = self.staleness_weight.weight(staleness)
-        rho_w = self.fairness.weight(None if worker is None else str(worker), seconds, self.version)
-        self.optimizer.step(self.params, fixed.tensors, scale=rho * rho_w)
+        key = None if worker is None else str(worker)
+        rho_w = self.fairness.weight(key, seconds, self.version)
+        combine = getattr(self.fairness, "combine", None)
+        g = fixed.tensors if combine is None else combine(key, fixed.tensors, self.version)
+        self.optimizer.step(self.params, g, scale=rho * rho_w)
         self.version += 1
         stats, decisions = fixed.stats, fixed.decisions
         return CommitInfo(

@@ -148,3 +148,65 @@ class CommitShare(_Tracked):
         a = self.args["alpha"]
         c = 1.0 / sum(self.values[j] ** (1.0 - a) for j in active) * sum(self.values[j] for j in active)
         return self._clip(c * self.values[w] ** (-a))
+
+
+@register("fairness", "region_memory")
+class RegionMemory(Fairness):
+    """Each commit applies the mean of every active worker's latest (corrected) pseudo-gradient.
+
+        D_w ← Δ̂_w                       (the sender's slot; the others keep theirs)
+        G   = (1/|A|) Σ_{r ∈ A} D_r        (A: workers seen within the last ``forget`` versions)
+
+    A fast worker refreshes its slot often, a slow worker's slot is reused until its next round,
+    so per unit of time every worker's data moves θ equally (each slot is applied once per commit,
+    whoever triggered it), and the total step per commit is that of one pseudo-gradient, as in
+    plain asynchronous training. Unlike an instant weight ρ_w = T_w/T̄ (``compute_time``), a slow
+    worker's Δ is spread over its whole round instead of landing as one large step. Costs one
+    stored pseudo-gradient per worker (key the workers by region in a large swarm).
+    Source: the memorised-update averaging of MIFA (Gu et al. 2021, arXiv 2106.04159) and SAG,
+    applied to asynchronous pseudo-gradients; this project's combination.
+    """
+
+    ARGS = {"forget": Arg(256, "a worker with no commit in this many versions drops out of the mean",
+                          min=1, integer=True)}
+
+    def __init__(self, **args: Any) -> None:
+        super().__init__(**args)
+        self.slots: dict[str, list] = {}  # worker -> its latest Δ̂ (tensors, owned)
+        self.last: dict[str, int] = {}
+
+    def weight(self, worker: str | None, seconds: float | None, version: int) -> float:
+        return 1.0
+
+    def combine(self, worker: str | None, pseudo_grad: list, version: int) -> list:
+        """Store the sender's Δ̂ and return G (new tensors); no worker: Δ̂ itself (not stored)."""
+        import torch
+
+        if worker is None:
+            return pseudo_grad
+        w = str(worker)
+        self.slots[w] = [t.detach().clone() for t in pseudo_grad]
+        self.last[w] = version
+        horizon = version - int(self.args["forget"])
+        for old in [k for k, v in self.last.items() if v < horizon]:
+            del self.slots[old], self.last[old]
+        active = sorted(self.slots)
+        out = [t.clone() for t in self.slots[active[0]]]
+        for k in active[1:]:
+            torch._foreach_add_(out, self.slots[k])
+        if len(active) > 1:
+            torch._foreach_mul_(out, 1.0 / len(active))
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"slots": {k: [t.clone() for t in v] for k, v in self.slots.items()}, "last": dict(self.last)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        import torch
+
+        slots, last = dict(state.get("slots", {})), dict(state.get("last", {}))
+        if set(slots) != set(last) or not all(isinstance(v, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in v)
+                                              for v in slots.values()):
+            raise ValueError("state: region_memory slots must be lists of tensors, one per worker in 'last'")
+        self.slots = {str(k): [t.clone() for t in v] for k, v in slots.items()}
+        self.last = {str(k): int(v) for k, v in last.items()}
