@@ -324,6 +324,9 @@ class Peer:
             except Exception as exc:
                 errors.append(f"{peer_id[-8:]}: {exc}")
                 continue
+            if not isinstance(header.get("config_yaml"), str):  # refused (e.g. unauthenticated: no swarm key)
+                errors.append(f"{peer_id[-8:]}: {header.get('reason', header.get('status'))}: {header.get('message', '')}")
+                continue
             cfg = config_from_dict(yaml.safe_load(header["config_yaml"]), source=f"run {self.opts.run_id} (from {peer_id[-8:]})")
             if cfg.digest() != genesis.config_digest:
                 errors.append(f"{peer_id[-8:]}: config digest mismatch")

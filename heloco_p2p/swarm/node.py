@@ -337,7 +337,7 @@ class SwarmNode:
             self.bytes_in += len(payload)
             reply, data = await handler(header, payload, remote)
         except WireError as exc:
-            reply, data = {"status": "rejected", "reason": exc.code, "message": str(exc)}, b""
+            reply, data = {"status": "rejected", "reason": exc.code, "message": exc.message}, b""
             if exc.retry_after is not None:
                 reply["retry_after"] = exc.retry_after
         except (ConnectionError, asyncio.IncompleteReadError, OSError):

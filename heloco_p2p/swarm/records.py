@@ -19,6 +19,7 @@ stranger's records (a forged lease, a fake genesis, fake peers) from being belie
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Dict, List, Optional
 
@@ -26,6 +27,8 @@ import pydantic.v1 as pydantic
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 from hivemind.utils import get_dht_time
+
+logger = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
 
@@ -114,6 +117,7 @@ class RunRecords:
     def __init__(self, dht, run_id: str, signer: RSASignatureValidator, swarm_key=None):
         self.dht, self.run_id, self.signer, self.swarm_key = dht, run_id, signer, swarm_key
         self.ignored = 0  # records skipped because their MAC did not verify
+        self._warned: set[str] = set()
 
     @property
     def owner(self) -> bytes:
@@ -139,6 +143,11 @@ class RunRecords:
                     isinstance(subkey, bytes) and isinstance(item.value, dict)
                     and self.swarm_key.verify_record(self.run_id, field, subkey, item.value)):
                 self.ignored += 1
+                if field not in self._warned:
+                    self._warned.add(field)
+                    logger.warning("ignoring %s records of run %s without a valid MAC for swarm key %s: written by "
+                                   "peers without the key or with another one", field, self.run_id,
+                                   self.swarm_key.fingerprint)
                 continue
             try:
                 out[subkey] = model.parse_obj(item.value)
