@@ -79,6 +79,22 @@ class SubmissionLimits:
 _MAX_INT = (1 << 53) - 1  # integers JSON carries exactly everywhere
 
 
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def fairness_inputs(header: dict, peer: str) -> tuple[str, float | None]:
+    """What the region-fair weight keys on: the sender's region (its peer id when the header names
+    none; at most 64 characters) and the seconds its round took (None when missing or not a finite
+    number > 0; clamped to [1 ms, 1 day])."""
+    region = header.get("region")
+    worker = f"region:{region[:64]}" if isinstance(region, str) and region else f"peer:{peer}"
+    stats = header.get("stats")
+    seconds = stats.get("seconds") if isinstance(stats, dict) else None
+    seconds = min(max(float(seconds), 1e-3), 86400.0) if _positive(seconds) else None
+    return worker, seconds
+
+
 def header_int(header: dict, key: str, default: int | None = None, lo: int = 0, hi: int = _MAX_INT) -> int:
     """An integer header field in [lo, hi]; ``malformed`` otherwise (bool is not an integer here)."""
     value = header.get(key, default)
@@ -146,8 +162,11 @@ class CommitState:
                                                   f"({bound:.4g}) while fewer than {limits.norm_min_history} norms were accepted")
         return norm
 
-    def apply(self, pseudo_grad: list[torch.Tensor], base_version: int, peer: str, seq: int, steps: int, norm: float):
-        info = self.engine.commit(pseudo_grad, base_version)
+    def apply(self, pseudo_grad: list[torch.Tensor], base_version: int, peer: str, seq: int, steps: int, norm: float,
+              worker: str | None = None, seconds: float | None = None):
+        """Commit one submission; ``worker``/``seconds`` feed the region-fair weight (outer.fairness):
+        the sender's region and how long its round took."""
+        info = self.engine.commit(pseudo_grad, base_version, worker=worker, seconds=seconds)
         self._record(peer, seq, steps, norm)
         return info
 
@@ -386,11 +405,13 @@ class CoordinatorService:
                 return self._reject(remote, exc.code, str(exc))
             version_before = self.state.version
             t1 = time.perf_counter()
-            info = await loop.run_in_executor(None, self.state.apply, delta, base_version, peer, seq, steps, norm)
+            worker, seconds = fairness_inputs(header, peer)
+            info = await loop.run_in_executor(None, self.state.apply, delta, base_version, peer, seq, steps, norm,
+                                              worker, seconds)
             digest = await loop.run_in_executor(None, params_digest, self.state.engine.params)
             t2 = time.perf_counter()
             await self._replicate_commit(peer, seq, steps, base_version, header.get("tensors", []), payload,
-                                         version_before, digest)
+                                         version_before, digest, worker, seconds)
             summary = info.summary()
             self.commits_this_term += 1
             self.commit_times.append(time.time())
@@ -492,11 +513,13 @@ class CoordinatorService:
         return _pack(meta, data)
 
     async def _replicate_commit(self, peer: str, seq: int, steps: int, base_version: int, tensors: list,
-                                payload: bytes, version_before: int, digest: str) -> None:
+                                payload: bytes, version_before: int, digest: str, worker: str | None = None,
+                                seconds: float | None = None) -> None:
         """Forward the commit to every standby and wait for each; a standby that cannot follow gets
         the full state; one that does not answer is dropped (and named no more in the lease)."""
         msg = {"kind": "commit", "term": self.state.term, "version_before": version_before, "base_version": base_version,
-               "peer": peer, "seq": seq, "steps": steps, "tensors": tensors, "digest": digest}
+               "peer": peer, "seq": seq, "steps": steps, "tensors": tensors, "digest": digest,
+               "worker": worker, "seconds": seconds}
         for sb in list(self.standbys):
             try:
                 reply, _ = await asyncio.wait_for(self.node.acall(sb, "replicate", msg, payload), timeout=30)
@@ -609,8 +632,11 @@ class CoordinatorService:
             if not math.isfinite(norm):  # the coordinator never commits these: a replica must not either
                 return {"status": "rejected", "reason": "not_finite", "message": "the pseudo-gradient contains NaN or Inf"}, b""
             self._follow(term, remote)
+            worker, seconds = header.get("worker"), header.get("seconds")
+            if not (worker is None or isinstance(worker, str)) or not (seconds is None or _positive(seconds)):
+                return {"status": "rejected", "reason": "malformed", "message": "worker/seconds malformed"}, b""
             await loop.run_in_executor(None, self.state.apply, delta, header["base_version"], header["peer"],
-                                       header["seq"], header["steps"], norm)
+                                       header["seq"], header["steps"], norm, worker, seconds)
             mine = await loop.run_in_executor(None, params_digest, self.state.engine.params)
             if mine != header["digest"]:
                 logger.warning("standby: digest differs at version %d; asking for the full state", self.state.version)

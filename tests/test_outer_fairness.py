@@ -200,3 +200,34 @@ def test_region_memory_forgets_and_round_trips():
     e.commit(d, 5, worker="new")
     f.commit(d, 5, worker="new")
     assert all(torch.equal(x, y) for x, y in zip(e.params, f.params))
+
+
+def test_coordinator_keys_fairness_by_region_and_reported_seconds():
+    from heloco_p2p.coordinator import fairness_inputs
+
+    assert fairness_inputs({"region": "de", "stats": {"seconds": 12.5}}, "Qm1") == ("region:de", 12.5)
+    assert fairness_inputs({"stats": {"seconds": 0.0}}, "Qm1") == ("peer:Qm1", None)
+    assert fairness_inputs({"region": 7, "stats": {"seconds": float("nan")}}, "Qm2") == ("peer:Qm2", None)
+    assert fairness_inputs({"region": "x" * 500, "stats": {"seconds": 1e12}}, "Qm3") == ("region:" + "x" * 64, 86400.0)
+    assert fairness_inputs({"region": "fr", "stats": "bad"}, "Qm4") == ("region:fr", None)
+
+
+def test_replicas_applying_the_same_fair_commits_stay_bitwise_equal():
+    from heloco_p2p.coordinator import CommitState
+
+    def state():
+        return CommitState(build_engine([torch.zeros(4), torch.zeros(2, 3)], "lookahead", correction="heloco",
+                                        fairness="compute_time"))
+
+    a, b = state(), state()
+    g = torch.Generator().manual_seed(1)
+    for k in range(6):
+        d = [torch.randn(4, generator=g), torch.randn(2, 3, generator=g)]
+        w, sec = ("region:de", 1.0) if k % 3 else ("region:ru", 9.0)
+        ia = a.apply(d, a.version, f"p{k % 3}", k, 20, 1.0, w, sec)
+        b.apply(d, b.version, f"p{k % 3}", k, 20, 1.0, w, sec)
+    assert ia.fairness_weight != 1.0
+    assert all(torch.equal(x, y) for x, y in zip(a.engine.params, b.engine.params))
+    c = state()
+    c.load_bytes(a.to_bytes())
+    assert c.engine.fairness.values == a.engine.fairness.values
