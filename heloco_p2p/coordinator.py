@@ -292,7 +292,7 @@ class CoordinatorService:
         self._submit_gate = node.add_handler("submit", self._handle_submit, limits=HandlerLimits(
             max_payload_bytes=max_submission_bytes([s for s, _ in self.expected]),
             max_inflight=limits.max_pending_submits, rate=limits.submit_rate, burst=limits.submit_burst,
-            busy_retry_after=self._busy_retry_after))
+            busy_retry_after=self._busy_retry_after, trusted=self._has_contributed))
         node.add_handler("replicate", self._handle_replicate,
                          limits=HandlerLimits(max_payload_bytes=node.max_payload_bytes, max_inflight=4))
         node.add_handler("handover", self._handle_handover, limits=HandlerLimits(max_inflight=2))
@@ -308,6 +308,10 @@ class CoordinatorService:
         self._participants = set(peers)
         if self._submit_gate is not None:
             self._submit_gate.max_inflight = max(self.limits.max_pending_submits, len(self._participants) + 2)
+
+    def _has_contributed(self, peer: str) -> bool:
+        """A peer with an accepted submission in the ledger gets the submission slots kept for such peers."""
+        return peer in self.state.applied
 
     def _busy_retry_after(self) -> float:
         """When a refused submission may find room: the queue ahead of it times a recent commit."""

@@ -111,6 +111,20 @@ def test_bounded_inflight_says_busy_and_costs_no_token():
     gate.admit("b", now=0.0)  # the refused request did not use b's only token
 
 
+def test_fresh_identities_get_half_the_slots_and_contributors_the_rest():
+    gate = Gate(HandlerLimits(max_inflight=4, trusted=lambda peer: peer.startswith("known")))
+    gate.admit("new-1")
+    gate.admit("new-2")
+    with pytest.raises(WireError) as info:  # a flood of new identities stops at half the slots ...
+        gate.admit("new-3")
+    assert info.value.code == "busy"
+    gate.admit("known-1")  # ... and a peer whose submissions were accepted still gets in
+    gate.admit("known-2")
+    with pytest.raises(WireError):
+        gate.admit("known-3")
+    assert gate.inflight == 4
+
+
 # ---------------------------------------------------------------------------- real nodes
 @pytest.fixture(scope="module")
 def nodes(tmp_path_factory):

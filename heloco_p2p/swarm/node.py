@@ -89,6 +89,9 @@ class HandlerLimits:
     :param burst: the bucket's size: requests a peer may send at once after a quiet spell
     :param busy_retry_after: seconds to suggest in a ``busy`` reply, or a function giving them
     :param payload_timeout: seconds to receive the payload once the go-ahead is sent
+    :param trusted: a function saying whether a remote peer has earned priority (for ``submit``:
+        it has had a submission accepted); untrusted peers get at most half the slots, so a
+        flood from fresh identities cannot take them all from the peers that are training
     """
 
     max_payload_bytes: int | None = None
@@ -97,6 +100,7 @@ class HandlerLimits:
     burst: float = 1.0
     busy_retry_after: float | Callable[[], float] = 1.0
     payload_timeout: float = 300.0
+    trusted: Callable[[str], bool] | None = None
 
 
 class Gate:
@@ -121,11 +125,14 @@ class Gate:
                 wait = (1.0 - tokens) / lim.rate
                 raise WireError("rate_limited", f"more than {lim.rate:g} requests/s (burst {lim.burst:g}) from this "
                                                 f"peer; retry after {wait:.2f} s", retry_after=round(wait, 3))
-        if self.inflight >= self.max_inflight:
+        limit = self.max_inflight
+        if lim.trusted is not None and not lim.trusted(remote):
+            limit = max(1, self.max_inflight // 2)  # the other half is kept for peers with a record
+        if self.inflight >= limit:
             if tokens is not None:
                 self._remember(remote, tokens, now)  # a refused request costs the peer no token
             retry = lim.busy_retry_after() if callable(lim.busy_retry_after) else lim.busy_retry_after
-            raise WireError("busy", f"{self.inflight} requests already in progress (limit {self.max_inflight}); "
+            raise WireError("busy", f"{self.inflight} requests already in progress (limit {limit} for this peer); "
                                     f"retry after {retry:.2f} s", retry_after=round(float(retry), 3))
         if tokens is not None:
             self._remember(remote, tokens - 1.0, now)
