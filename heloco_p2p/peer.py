@@ -72,6 +72,7 @@ class PeerOptions:
     metrics_path: str | None = None
     overrides: dict = field(default_factory=dict)
     swarm_key_file: str | None = None  # the run's swarm key (docs/security.md); None: an open run
+    overlap: bool | None = None  # overlapped rounds (None: the run's swarm.overlap)
 
 
 class Peer:
@@ -103,6 +104,10 @@ class Peer:
         self._reaper = None
         self.checkpointer: Checkpointer | None = None
         self.deadline: float | None = None
+        self._submitter: threading.Thread | None = None  # overlapped rounds: the submission in flight
+        self._reply_ready = threading.Event()  # set when the submission in flight has finished
+        self._fold: tuple | None = None  # (θ, version, schedule step) the training thread folds in next
+        self._first_step_logged = False
 
     # ------------------------------------------------------------------------------ metrics
     def log_metric(self, record: dict) -> None:
@@ -421,6 +426,10 @@ class Peer:
     def _adopt(self, params: list[torch.Tensor], version: int, schedule_step: int) -> None:
         self.global_params = params
         self.version = version
+        if threading.current_thread() is self._submitter:
+            # overlapped rounds: the model is training; the training thread folds θ in (_fold_reply)
+            self._fold = (params, version, schedule_step)
+            return
         self.trainer.load_params(params)
         self.trainer.step = max(self.trainer.step, schedule_step)
 
@@ -590,9 +599,12 @@ class Peer:
             self.dylu.update(self.node.peer_id, self.steps_per_second)
         return self.dylu.steps_for(self.node.peer_id, H) if self.dylu.speed(self.node.peer_id) else H
 
-    def _on_step(self, i: int, loss: float) -> None:
+    def _on_step(self, i: int, loss) -> None:
         if self.stop_event.is_set():
             raise StopRequested()
+        if not self._first_step_logged:
+            self._first_step_logged = True
+            self.log_metric({"event": "first_step", "version": self.version})
         if self.opts.speed < 1.0:
             # emulate slower hardware: idle (1/speed − 1) × the step's own time
             dt = time.perf_counter() - self._step_t0
@@ -602,9 +614,24 @@ class Peer:
     def _time_left(self) -> bool:
         return self.deadline is None or time.time() < self.deadline
 
+    def _more_rounds(self) -> bool:
+        if self.stop_event.is_set() or not self._time_left():
+            return False
+        if self.opts.max_rounds is not None and self.rounds >= self.opts.max_rounds:
+            return False
+        if self.genesis.max_versions and self.version >= self.genesis.max_versions:
+            logger.info("the run reached its budget of %d versions", self.genesis.max_versions)
+            return False
+        return True
+
+    @property
+    def overlap(self) -> bool:
+        return self.cfg.swarm.overlap if self.opts.overlap is None else self.opts.overlap
+
     def train_loop(self) -> None:
         o, started = self.opts, time.time()
         self.deadline = started + 60 * o.max_minutes if o.max_minutes else None
+        self.log_metric({"event": "ready", "version": self.version})  # joined and holding θ (join latency)
         if not o.no_train:
             self.log_metric({"event": "eval", "version": self.version, "val_loss": self.evaluate()})
         self.log_metric({"event": "train_start"})
@@ -613,14 +640,16 @@ class Peer:
                 if o.max_minutes and time.time() - started > 60 * o.max_minutes:
                     break
             return
-        while not self.stop_event.is_set():
-            if o.max_rounds is not None and self.rounds >= o.max_rounds:
-                break
-            if not self._time_left():
-                break
-            if self.genesis.max_versions and self.version >= self.genesis.max_versions:
-                logger.info("the run reached its budget of %d versions", self.genesis.max_versions)
-                break
+        if self.overlap:
+            self._train_overlapped()
+        else:
+            self._train_blocking()
+        self.log_metric({"event": "train_end", "rounds": self.rounds})
+        self.log_metric({"event": "eval", "version": self.version, "val_loss": self.evaluate()})
+
+    def _train_blocking(self) -> None:
+        """Each round waits for its submission's reply and starts from the θ in it."""
+        while self._more_rounds():
             H = self._steps_this_round()
             base = self.version
             self._step_t0 = time.perf_counter()
@@ -637,8 +666,87 @@ class Peer:
             self.rounds += 1
             self.last_loss = stats.loss
             self._submit(delta, base, stats, compute)
-        self.log_metric({"event": "train_end", "rounds": self.rounds})
-        self.log_metric({"event": "eval", "version": self.version, "val_loss": self.evaluate()})
+
+    # ------------------------------------------------------------------------------ overlapped rounds
+    def _train_overlapped(self) -> None:
+        """Round k+1 trains from the local θ while round k's submission travels (one in flight at
+        most, sent by a background thread through ``_submit``). The θ that submission ends with
+        (the reply's, a downloaded state, or the last known one after a rejection) is folded in at
+        the next step boundary (``InnerTrainer.fold_in``); a round that ends first waits for it,
+        and that wait is idle time. Each Δ is measured from the last global θ folded in, whose
+        version is the round's base v0 (derivation: docs/protocol.md, "Overlapped rounds")."""
+        self._base_version = self.version  # the model holds θ(v) exactly: nothing is in flight yet
+        try:
+            while self._more_rounds():
+                H = self._steps_this_round()
+                self._round_wait = self._round_fold = 0.0
+                self._step_t0 = time.perf_counter()
+                t0 = time.perf_counter()
+                try:
+                    delta, stats = self.trainer.run_round(None, H, on_step=self._on_step_overlapped,
+                                                          before_delta=self._await_reply)
+                except StopRequested:
+                    break
+                compute = time.perf_counter() - t0 - self._round_wait - self._round_fold
+                base = self._base_version
+                self.log_metric({"event": "round", "steps": H, "compute_seconds": compute, "loss": stats.loss,
+                                 "tokens": stats.tokens, "base_version": base, "wait_seconds": self._round_wait,
+                                 "fold_seconds": self._round_fold, "overlap": True})
+                self.inner_steps = H
+                self.steps_per_second = H / compute if compute > 0 else 0.0
+                self.rounds += 1
+                self.last_loss = stats.loss
+                self._submit_in_background(delta, base, stats, compute)
+        finally:
+            if self._submitter is not None:  # the last submission is still worth its reply, unless we are leaving
+                # (then a reply that may never come, from a barrier or a dead coordinator, must not hold us)
+                self._submitter.join(timeout=5.0 if self.stop_event.is_set() else self.cfg.swarm.submit_timeout + 10)
+
+    def _submit_in_background(self, delta: list[torch.Tensor], base: int, stats, compute: float) -> None:
+        def _run():
+            try:
+                self._submit(delta, base, stats, compute)
+            except Exception:  # the next round must not wait forever for a reply that cannot come
+                logger.exception("submission %d failed", self.seq)
+            finally:
+                if self._fold is None:  # rejected, or given up: go back to the last global θ known
+                    self._fold = (self.global_params, self.version, 0)
+                self._reply_ready.set()
+
+        self._fold = None
+        self._reply_ready.clear()
+        self._submitter = threading.Thread(target=_run, name="submit", daemon=True)
+        self._submitter.start()
+
+    def _on_step_overlapped(self, i: int, loss) -> None:
+        self._on_step(i, loss)
+        if self._reply_ready.is_set():
+            self._fold_reply()
+
+    def _await_reply(self) -> None:
+        """After a round's last step: the previous submission must be folded in before Δ is taken."""
+        if self._submitter is not None and not self._reply_ready.is_set():
+            t = time.perf_counter()
+            while not self._reply_ready.wait(0.2):
+                if not self._submitter.is_alive() or self.stop_event.is_set():
+                    break
+            self._round_wait += time.perf_counter() - t
+        if self.stop_event.is_set():
+            raise StopRequested()
+        if self._reply_ready.is_set():
+            self._fold_reply()
+
+    def _fold_reply(self) -> None:
+        t = time.perf_counter()
+        params, version, schedule_step = self._fold
+        self._reply_ready.clear()
+        self._submitter = None
+        self.trainer.fold_in(params)
+        self.trainer.step = max(self.trainer.step, schedule_step)
+        self._base_version = version
+        dt = time.perf_counter() - t
+        self._round_fold += dt
+        self._step_t0 += dt  # the emulated slowness idles after steps, not after folds
 
     def _submit(self, delta: list[torch.Tensor], base: int, stats, compute: float) -> None:
         sw = self.cfg.swarm

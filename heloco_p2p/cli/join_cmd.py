@@ -34,12 +34,14 @@ from heloco_p2p.cli import log_level_option
 @click.option("--device", default=None, help="auto, cpu, cuda, cuda:1, ... (default: the run's, usually auto).")
 @click.option("--metrics", "metrics_path", type=click.Path(dir_okay=False), default=None, help="Append JSON lines (rounds, commits) here.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for this peer's data order.")
+@click.option("--overlap/--no-overlap", default=None,
+              help="Train the next round while a submission travels (default: the run's swarm.overlap).")
 @click.option("--swarm-key-file", type=click.Path(dir_okay=False), default=None,
               help="The run's swarm key (make one with `heloco-peer keygen FILE`): only peers holding it can submit, "
                    "download state or coordinate. Every peer of a run uses the same file, or none.")
 @log_level_option
 def join(run_id, resume_dir, initial_peers, config_path, region, name, identity, host_maddrs, announce_maddrs, client_mode, no_train,
-         checkpoint_dir, max_rounds, max_minutes, threads, speed, batch_size, device, metrics_path, seed, swarm_key_file):
+         checkpoint_dir, max_rounds, max_minutes, threads, speed, batch_size, device, metrics_path, seed, overlap, swarm_key_file):
     """Join run RUN-ID: fetch its config, tokenizer and state from peers, then train and submit."""
     from heloco_p2p.config import ConfigError
     from heloco_p2p.peer import JoinError, Peer, PeerOptions
@@ -49,7 +51,7 @@ def join(run_id, resume_dir, initial_peers, config_path, region, name, identity,
                        announce_maddrs=list(announce_maddrs) or None, client_mode=client_mode, no_train=no_train,
                        checkpoint_dir=checkpoint_dir, max_rounds=max_rounds, max_minutes=max_minutes, threads=threads,
                        seed=seed, speed=speed, batch_size=batch_size, device=device, metrics_path=metrics_path,
-                       swarm_key_file=swarm_key_file)
+                       overlap=overlap, swarm_key_file=swarm_key_file)
     peer = Peer(opts)
     peer.install_signal_handlers()
     code = 0

@@ -8,6 +8,10 @@ Knows nothing of the network::
 
     trainer = InnerTrainer(model, cfg.inner, batches)
     pseudo_grad, stats = trainer.run_round(global_params, H=50)
+
+Overlapped rounds (docs/protocol.md, "Overlapped rounds") start from the local parameters and
+take in a newer global θ mid-round with ``fold_in``: the round's progress is kept and its
+starting point becomes that θ, so Δ is measured from a real global version.
 """
 from __future__ import annotations
 
@@ -103,11 +107,18 @@ class InnerTrainer:
         self.batches = batches
         self.step = start_step
         self.amp_dtype = autocast_dtype(inner_cfg.precision, self.device)
+        self._round_start: list[torch.Tensor] | None = None  # θ_start of the round in progress
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
 
     # -- one step ---------------------------------------------------------------------------
     def train_step(self) -> tuple[float, float, int]:
         """One optimizer step on the next batch; returns (loss, grad norm before clipping, tokens)."""
+        loss, grad_norm, tokens = self._step()
+        return float(loss), float(grad_norm), tokens
+
+    def _step(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One optimizer step; loss and grad norm stay 0-dim tensors on the device, because
+        reading them as Python floats every step would synchronise CUDA every step."""
         batch = next(self.batches).to(self.device, non_blocking=True)
         lr = lr_at(self.step, self.cfg)
         for group in self.optimizer.param_groups:
@@ -131,7 +142,7 @@ class InnerTrainer:
         self.step += 1
         # Targets are the inputs shifted by one inside the model: seq_len - 1 predicted tokens per row.
         tokens = batch.shape[0] * (batch.shape[1] - 1)
-        return float(loss.detach()), float(grad_norm), tokens
+        return loss.detach(), grad_norm.detach(), tokens
 
     # -- one round --------------------------------------------------------------------------
     @torch.no_grad()
@@ -152,45 +163,76 @@ class InnerTrainer:
         self,
         global_params: list[torch.Tensor] | None,
         H: int,
-        on_step: Callable[[int, float], None] | None = None,
+        on_step: Callable[[int, torch.Tensor], None] | None = None,
+        before_delta: Callable[[], None] | None = None,
     ) -> tuple[list[torch.Tensor], RoundStats]:
         """Start from ``global_params`` (None: from the current parameters), run ``H`` inner
         steps, and return Δ = θ_start − θ_end (fp32, on the training device) and the stats.
+        θ_start is the round's starting point, moved by ``fold_in`` if that is called mid-round.
 
-        :param on_step: called after each step with (step index in round, loss)
+        :param on_step: called after each step with (step index in round, loss as a 0-dim tensor:
+            reading it as a float synchronises CUDA)
+        :param before_delta: called after the last step, before Δ is taken (an overlapped round
+            folds in the reply to the previous submission there); not counted in ``seconds``
         """
         if H < 1:
             raise ValueError(f"H must be >= 1, got {H}")
         if global_params is not None:
             self.load_params(global_params)
-        start = self.current_params()
+        self._round_start = self.current_params()
         losses, norms, tokens = [], [], 0
         t0 = time.perf_counter()
-        for i in range(H):
-            loss, gnorm, ntok = self.train_step()
-            losses.append(loss)
-            norms.append(gnorm)
-            tokens += ntok
-            if on_step is not None:
-                on_step(i, loss)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        seconds = time.perf_counter() - t0
-        with torch.no_grad():
-            pseudo_grad = [s.sub_(p.detach()) for s, p in zip(start, self.params)]
+        try:
+            for i in range(H):
+                loss, gnorm, ntok = self._step()
+                losses.append(loss)
+                norms.append(gnorm)
+                tokens += ntok
+                if on_step is not None:
+                    on_step(i, loss)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            seconds = time.perf_counter() - t0
+            if before_delta is not None:
+                before_delta()
+            with torch.no_grad():
+                pseudo_grad = [s.sub_(p.detach()) for s, p in zip(self._round_start, self.params)]
+        finally:
+            self._round_start = None
+        losses_cpu = torch.stack(losses).float().cpu().tolist()  # one device read per round
+        norms_cpu = torch.stack(norms).float().cpu().tolist()
         stats = RoundStats(
             steps=H,
             tokens=tokens,
-            loss=sum(losses) / H,
-            first_loss=losses[0],
-            last_loss=losses[-1],
+            loss=sum(losses_cpu) / H,
+            first_loss=losses_cpu[0],
+            last_loss=losses_cpu[-1],
             seconds=seconds,
             steps_per_second=H / seconds if seconds > 0 else float("inf"),
             tokens_per_second=tokens / seconds if seconds > 0 else float("inf"),
             lr=self.optimizer.param_groups[0]["lr"],
-            grad_norm=sum(norms) / H,
+            grad_norm=sum(norms_cpu) / H,
         )
         return pseudo_grad, stats
+
+    @torch.no_grad()
+    def fold_in(self, global_params: list[torch.Tensor]) -> None:
+        """Mid-round, between steps: take in a newer global θ without losing the round's progress.
+
+        θ_local += θ_new − θ_start, then θ_start = θ_new. The progress so far, θ_start − θ_local,
+        is unchanged, and the Δ the round returns is measured from θ_new (derivation in
+        docs/protocol.md, "Overlapped rounds"). The inner optimizer state is kept as it is.
+        """
+        if self._round_start is None:
+            raise RuntimeError("fold_in is only valid during run_round (call it from on_step or before_delta)")
+        if len(global_params) != len(self.params):
+            raise ValueError(f"expected {len(self.params)} parameter tensors, got {len(global_params)}")
+        for p, s, g in zip(self.params, self._round_start, global_params):
+            if p.shape != g.shape:
+                raise ValueError(f"parameter shape mismatch: model {tuple(p.shape)} vs given {tuple(g.shape)}")
+            g = g.to(p.device, non_blocking=True)
+            p.add_(g - s)
+            s.copy_(g)
 
     # -- persistence ------------------------------------------------------------------------
     def state_dict(self) -> dict:

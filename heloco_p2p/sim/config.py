@@ -42,6 +42,7 @@ class Variant(_Strict):
     optimizer_args: dict[str, Any] = Field(default_factory=dict)
     correction_args: dict[str, Any] = Field(default_factory=dict)
     dylu: bool | None = None
+    overlap: bool | None = None  # overlapped rounds for this name (None: the config's ``overlap``)
 
 
 class SimConfig(_Strict):
@@ -63,6 +64,7 @@ class SimConfig(_Strict):
     sweep_heterogeneity: str | None = None  # level the sweep runs at (default: the first one listed)
     processes: int = Field(2, gt=0)
     threads_per_process: int = Field(1, gt=0)
+    overlap: bool = False  # overlapped rounds: start the next round before the reply (sim/engine.py)
 
     @model_validator(mode="after")
     def _names_exist(self) -> "SimConfig":
@@ -96,6 +98,10 @@ class SimConfig(_Strict):
             preset = ALGORITHMS[v.base].with_args(v.optimizer_args, v.correction_args)
             algos[name] = replace(preset, name=name, dylu=preset.dylu if v.dylu is None else v.dylu)
         return algos
+
+    def overlap_for(self, algorithm: str) -> bool:
+        v = self.variants.get(algorithm)
+        return self.overlap if v is None or v.overlap is None else v.overlap
 
     def run_config(self) -> RunConfig:
         return load_config(self.base, overrides=self.overrides)

@@ -10,11 +10,18 @@ order the virtual clock says they finish.
 A worker's model holds the global parameters it started its round from until its finish event is
 popped, so running the round lazily at that moment gives exactly what running it at its start
 would have: its result depends only on its start parameters, its data and its optimizer state.
+
+Overlapped rounds (``SimSpec.overlap``, asynchronous algorithms only) model a peer that does not
+wait for its reply: after its last step it submits and starts the next round at once from its
+local θ; the reply (θ right after its commit, ``comm_w`` later) is folded in after the first
+``ceil(comm_w / step_w)`` steps of that round (``InnerTrainer.fold_in``), or after the round's
+last step, waiting for it, when it comes later than that.
 """
 from __future__ import annotations
 
 import heapq
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -45,6 +52,7 @@ class SimSpec:
     token_budget: int
     time_budget: float
     eval_points: int = 5  # evaluations along each budget axis
+    overlap: bool = False  # overlapped rounds (see the module docstring)
 
     @property
     def run_id(self) -> str:
@@ -62,6 +70,10 @@ class Worker:
     rounds: int = 0
     tokens: int = 0
     staleness: list[int] = field(default_factory=list)
+    # overlapped rounds: θ and version of the reply to fold into the round in flight, and when that round ends
+    fold_params: list[torch.Tensor] | None = None
+    fold_version: int = 0
+    round_end: float = 0.0
 
 
 @dataclass
@@ -176,7 +188,10 @@ class Simulation:
         if self.dylu is not None:  # speeds are known to the coordinator from the first round on
             for w in self.workers:
                 self.dylu.update(w.index, 1.0 / (self.spec.step_time * w.slowness))
-        (self._run_sync if self.spec.algorithm.mode == "sync" else self._run_async)()
+        if self.spec.overlap and self.spec.algorithm.mode == "sync":
+            raise ValueError(f"{self.spec.algorithm.name}: overlapped rounds are modelled for asynchronous algorithms only")
+        (self._run_sync if self.spec.algorithm.mode == "sync" else
+         self._run_async_overlapped if self.spec.overlap else self._run_async)()
         workers = [{"worker": w.index, "region": w.region, "slowness": w.slowness, "rounds": w.rounds,
                     "tokens": w.tokens, "staleness_mean": (sum(w.staleness) / len(w.staleness)) if w.staleness else 0.0}
                    for w in self.workers]
@@ -214,6 +229,56 @@ class Simulation:
                 self.tokens += stats.tokens
                 self._record(w, info, stats)
             self._evaluate_token_marks()
+
+
+    # -- overlapped rounds ----------------------------------------------------------------------
+    def _start_overlapped(self, w: Worker, at: float) -> float:
+        """Worker w starts a round at ``at`` from its local θ; returns when its Δ is committed.
+        The round ends after its steps, or when the previous reply arrives if that is later."""
+        H = self.spec.steps_per_round
+        w.steps = self.dylu.steps_for(w.index, H) if self.dylu is not None else H
+        comm = self.spec.comm_seconds[w.index]
+        compute = self._round_seconds(w, w.steps) - comm
+        w.round_end = at + (max(compute, comm) if w.fold_params is not None else compute)
+        return w.round_end + comm
+
+    def _run_overlapped_round(self, w: Worker):
+        """Compute w's round lazily: steps from its local θ, the previous reply folded in after
+        ``ceil(comm / step time)`` of them (all of them, then a wait, if the reply comes later)."""
+        if w.fold_params is None:  # the first round starts from the global θ it was given
+            return w.trainer.run_round(None, w.steps), w.base_version
+        step = self.spec.step_time * w.slowness
+        k = min(w.steps, math.ceil(self.spec.comm_seconds[w.index] / step - 1e-9))
+        if k == 0:  # free communication: the reply is there before the first step (blocking mode exactly)
+            return w.trainer.run_round(w.fold_params, w.steps), w.fold_version
+        fold = lambda: w.trainer.fold_in(w.fold_params)  # noqa: E731
+        on_step = (lambda i, _loss: fold() if i + 1 == k else None) if k < w.steps else None
+        return w.trainer.run_round(None, w.steps, on_step=on_step, before_delta=fold if k >= w.steps else None), \
+            w.fold_version
+
+    def _run_async_overlapped(self) -> None:
+        for w in self.workers:
+            w.trainer.load_params(self.engine.params)
+            w.base_version = self.engine.version
+        heap = [(self._start_overlapped(w, 0.0), w.index) for w in self.workers]
+        heapq.heapify(heap)
+        while not self._done():
+            t, idx = heapq.heappop(heap)
+            self._evaluate_time_marks(until=t)
+            if self._done():
+                break
+            self.now = t
+            w = self.workers[idx]
+            (pseudo_grad, stats), base = self._run_overlapped_round(w)
+            info = self.engine.commit(pseudo_grad, base)
+            self.tokens += stats.tokens
+            self._record(w, info, stats)
+            w.fold_params = [p.detach().clone() for p in self.engine.params]  # the reply, folded in next round
+            w.fold_version = self.engine.version
+            if self.dylu is not None:
+                self.dylu.update(w.index, 1.0 / (self.spec.step_time * w.slowness))
+            self._evaluate_token_marks()
+            heapq.heappush(heap, (self._start_overlapped(w, w.round_end), idx))
 
 
 def _batched(blocks: Iterator[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:

@@ -82,7 +82,8 @@ def make_spec(cfg: SimConfig, algorithm: str, heterogeneity: str, data: str, see
     return SimSpec(algorithm=preset, lr=preset.lr if lr is None else lr, heterogeneity=heterogeneity,
                    slowness=list(levels[heterogeneity]), data=data, seed=seed,
                    steps_per_round=cfg.steps_per_round, step_time=cfg.step_time, comm_seconds=comm,
-                   token_budget=cfg.token_budget, time_budget=cfg.time_budget, eval_points=cfg.eval_points)
+                   token_budget=cfg.token_budget, time_budget=cfg.time_budget, eval_points=cfg.eval_points,
+                   overlap=cfg.overlap_for(algorithm))
 
 
 def _cells(cfg: SimConfig) -> list[tuple[str, str, str]]:
