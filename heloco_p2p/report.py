@@ -89,6 +89,53 @@ def sim_table(results: dict) -> str:
     return "\n".join(out)
 
 
+def language_table(results: dict) -> str:
+    """Markdown: per (data, budget, heterogeneity), each algorithm's seed-mean loss per language,
+    the mean over languages and the worst language (the highest seed-mean language loss)."""
+    runs = results["runs"]
+    per: dict[tuple, list[dict]] = defaultdict(list)
+    for r in runs:
+        per[(r["data"], r["budget"], r["heterogeneity"], r["algorithm"])].append(r["val_loss"]["per_language"])
+    out = []
+    for data, budget, het in dict.fromkeys((r["data"], r["budget"], r["heterogeneity"]) for r in runs):
+        algos = [a for (d, b, h, a) in per if (d, b, h) == (data, budget, het)]
+        langs = list(next(iter(per[(data, budget, het, algos[0])]))) if algos else []
+        label = "fixed token budget" if budget == "tokens" else "fixed virtual wall-clock budget"
+        out.append(f"### {data}, {het}, {label}: loss per language (mean over seeds)\n")
+        out.append("| algorithm | " + " | ".join(langs) + " | mean | worst language |")
+        out.append("|---|" + "---|" * (len(langs) + 2))
+        for a in algos:
+            seeds = per[(data, budget, het, a)]
+            means = {lang: statistics.fmean(s[lang] for s in seeds) for lang in langs}
+            worst = max(means, key=means.get)
+            out.append(f"| {a} | " + " | ".join(f"{means[lang]:.3f}" for lang in langs)
+                       + f" | {statistics.fmean(means.values()):.3f} | {means[worst]:.3f} ({worst}) |")
+        out.append("")
+    return "\n".join(out)
+
+
+def paired_table(results: dict, reference: str) -> str:
+    """Markdown: each algorithm minus ``reference`` on the same seed (same data order and θ_0),
+    mean over seeds ± half-range, per (data, budget, heterogeneity): negative = lower loss."""
+    runs = results["runs"]
+    loss = {(r["data"], r["budget"], r["heterogeneity"], r["algorithm"], r["seed"]): r["val_loss"]["mean"] for r in runs}
+    out = [f"### Paired differences to `{reference}` (same seed; mean over seeds ± half-range; negative = better)\n",
+           "| data | budget | heterogeneity | algorithm | Δ loss | n |", "|---|---|---|---|---|---|"]
+    cells = list(dict.fromkeys(k[:4] for k in loss))
+    order = {h: i for i, h in enumerate(dict.fromkeys(k[2] for k in cells))}
+    cells.sort(key=lambda k: (k[0], order[k[2]], k[1]))
+    for (data, budget, het, algo) in cells:
+        if algo == reference:
+            continue
+        diffs = [loss[(data, budget, het, algo, s)] - loss[(data, budget, het, reference, s)]
+                 for (d, b, h, a, s) in loss if (d, b, h, a) == (data, budget, het, algo)
+                 and (data, budget, het, reference, s) in loss]
+        if diffs:
+            m, sp = _mean_spread(diffs)
+            out.append(f"| {data} | {budget} | {het} | {algo} | {m:+.3f} ± {sp:.3f} | {len(diffs)} |")
+    return "\n".join(out) + "\n"
+
+
 def _plot_curves(curves: list[dict], out: Path) -> list[str]:
     files = []
     by_cell = defaultdict(lambda: defaultdict(list))
@@ -226,7 +273,12 @@ def write_sim_report(out_dir: str | Path, command: str | None = None) -> Path:
     if cfg.get("lr_grid"):
         lines += ["Outer learning rates were swept per algorithm on seed "
                   f"{cfg['seeds'][0]} ({cfg['lr_grid']}); each algorithm is shown at its best lr.", ""]
-    lines += [sim_table(results), "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    lines += [sim_table(results), "## Per language", "", language_table(results)]
+    algos = {r["algorithm"] for r in results["runs"]}
+    for ref in ("heloco", "async_mla"):
+        if ref in algos and len(algos) > 1 and len(cfg["seeds"]) > 1:
+            lines += [paired_table(results, ref)]
+    lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots]
     path = out / "results.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from heloco_p2p.algorithms import ALGORITHMS, AlgorithmPreset
+from heloco_p2p.outer import registry
 from heloco_p2p.config import ConfigError, RunConfig, _format_errors, load_config, resolve_config_path
 
 # Relative step times (1 = the fastest worker) for 4 workers. moderate follows the Async
@@ -40,7 +41,11 @@ class Variant(_Strict):
 
     base: str
     optimizer_args: dict[str, Any] = Field(default_factory=dict)
+    correction: str | None = None  # another correction by name (None: the base's)
     correction_args: dict[str, Any] = Field(default_factory=dict)
+    fairness: str | None = None
+    fairness_args: dict[str, Any] = Field(default_factory=dict)
+    steps_per_round: int | None = Field(None, gt=0)  # H for this name (None: the config's)
     dylu: bool | None = None
     overlap: bool | None = None  # overlapped rounds for this name (None: the config's ``overlap``)
 
@@ -95,13 +100,26 @@ class SimConfig(_Strict):
         for name, v in self.variants.items():
             if v.base not in ALGORITHMS:
                 raise ValueError(f"variants.{name}.base: unknown algorithm {v.base!r}; known: {', '.join(ALGORITHMS)}")
-            preset = ALGORITHMS[v.base].with_args(v.optimizer_args, v.correction_args)
+            base = ALGORITHMS[v.base]
+            if v.correction is not None and v.correction != base.correction:
+                base = replace(base, correction=v.correction, correction_args={})
+            preset = base.with_args(v.optimizer_args, v.correction_args, v.fairness, v.fairness_args)
+            try:
+                registry.check_args("correction", preset.correction, preset.correction_args)
+                registry.check_args("fairness", preset.fairness, preset.fairness_args)
+            except ValueError as exc:
+                raise ValueError(f"variants.{name}.{exc}") from None
             algos[name] = replace(preset, name=name, dylu=preset.dylu if v.dylu is None else v.dylu)
         return algos
 
     def overlap_for(self, algorithm: str) -> bool:
         v = self.variants.get(algorithm)
         return self.overlap if v is None or v.overlap is None else v.overlap
+
+    def steps_for(self, algorithm: str) -> int:
+        """H for ``algorithm``: its variant's ``steps_per_round`` or the config's."""
+        v = self.variants.get(algorithm)
+        return self.steps_per_round if v is None or v.steps_per_round is None else v.steps_per_round
 
     def run_config(self) -> RunConfig:
         return load_config(self.base, overrides=self.overrides)
