@@ -96,8 +96,10 @@ def _coordinator_now(sw: LocalSwarm) -> str | None:
 
 
 def run_testnet(profiles: list[PeerProfile], config_path: str, minutes: float, out: Path,
-                run_id: str | None = None, live: bool = True, eval_every: float = 30.0, during=None) -> dict:
+                run_id: str | None = None, live: bool = True, eval_every: float = 30.0, during=None,
+                swarm_key_file: str | None = None) -> dict:
     """Run the cast for ``minutes``, then stop every peer and write the outputs; returns the summary.
+    ``swarm_key_file``: every peer (and the observer) uses this swarm key (docs/security.md).
     ``during(sw, client)``, if given, is called about once a second while the run lasts (scripts/chaos.py
     injects faults with it)."""
     from heloco_p2p.coordinator import unpack_params
@@ -110,7 +112,7 @@ def run_testnet(profiles: list[PeerProfile], config_path: str, minutes: float, o
     (out / "config.yaml").write_text(cfg.to_yaml())
     evaluator = _Evaluator(cfg, [p.region for p in profiles])
     curve = [{"event": "val", "time": time.time(), "version": 0, "val_loss": evaluator(evaluator.theta0)}]
-    sw = LocalSwarm(out / "peers", run_id)
+    sw = LocalSwarm(out / "peers", run_id, swarm_key_file=swarm_key_file)
     (out / "peers").mkdir(exist_ok=True)
     client = None
     interrupted = False
@@ -120,7 +122,10 @@ def run_testnet(profiles: list[PeerProfile], config_path: str, minutes: float, o
         sw.start(first.name, first.region, "--config", str(config_file), *_peer_args(first))
         for p in rest:
             sw.start(p.name, p.region, *_peer_args(p))
-        client = SwarmNode(run_id, initial_peers=[sw.maddr], client_mode=True)
+        from heloco_p2p.swarm.auth import load_swarm_key
+
+        client = SwarmNode(run_id, initial_peers=[sw.maddr], client_mode=True,
+                           swarm_key=load_swarm_key(swarm_key_file) if swarm_key_file else None)
         deadline = t_start + 60 * minutes
         next_eval = time.time() + eval_every
         with _LiveView(client, sw, enabled=live, lease_seconds=cfg.swarm.lease_seconds,

@@ -19,8 +19,10 @@ from heloco_p2p.cli import log_level_option
 @click.option("--eval-every", type=click.FloatRange(min=1), default=30.0, show_default=True,
               help="Seconds between validations of the global model.")
 @click.option("--no-live", is_flag=True, help="No live view (log lines only).")
+@click.option("--swarm-key-file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Run a keyed swarm: every peer uses this swarm key (heloco-peer keygen FILE).")
 @log_level_option
-def testnet(peers_glob, config_path, minutes, out_dir, algorithm, run_id, eval_every, no_live):
+def testnet(peers_glob, config_path, minutes, out_dir, algorithm, run_id, eval_every, no_live, swarm_key_file):
     """Run the peer profiles as separate processes for --minutes, then write summary.json,
     metrics.jsonl, report.md with plots and the final checkpoint into --out."""
     import yaml
@@ -38,7 +40,8 @@ def testnet(peers_glob, config_path, minutes, out_dir, algorithm, run_id, eval_e
     out.mkdir(parents=True, exist_ok=True)
     run_cfg = out / "run.yaml"
     run_cfg.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    summary = run_testnet(profiles, str(run_cfg), minutes, out, run_id=run_id, live=not no_live, eval_every=eval_every)
+    summary = run_testnet(profiles, str(run_cfg), minutes, out, run_id=run_id, live=not no_live, eval_every=eval_every,
+                          swarm_key_file=swarm_key_file)
     v = summary["val_loss"]
     click.echo(f"\nreport: {out / 'report.md'}")
     click.echo(f"{summary['wall_seconds'] / 60:.1f} min, {len(summary['peers'])} peers, {summary['commits']} commits, "
