@@ -318,11 +318,46 @@ def _med(xs):
     return statistics.median(xs) if xs else None
 
 
-def render(results: dict) -> str:
+def _curve(run_dir: Path) -> list[tuple[int, float]]:
+    """(version, mean validation loss) of a run's evaluations, in order."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    points = [json.loads(line) for line in path.read_text().splitlines() if '"event": "val"' in line]
+    return [(int(e["version"]), float(e["val_loss"]["mean"])) for e in points]
+
+
+def _reading(results: dict, out: Path) -> str:
+    """What the loss and commit figures can and cannot say, from the numbers themselves."""
+    f, s = results["faults"], results["faults"]["summary"]
+    down = sum(x for x in f["first_commit_seconds"] if x is not None)
+    other = f", the run without faults {results['baseline']['summary']['commits']}" if results.get("baseline") else ""
+    text = (f"The fault run made {s['commits']} commits{other}. It committed nothing for {down:.0f} s in all "
+            f"(kill → first commit, summed over the kills), and every killed peer lost its round in progress and "
+            f"started again (DHT, model, state download).")
+    h = f["history"]
+    sound = not (h["acked_but_lost"] or h["submissions_committed_twice"] or h["gaps"] or h["forks"])
+    faults, base = _curve(out / "faults")[1:], _curve(out / "baseline")[1:]
+    if results.get("baseline") and faults and base:
+        v, end = s["val_loss"]["end"]["version"], s["val_loss"]["end"]["mean"]
+        near = min(base, key=lambda p: abs(p[0] - v))
+        spread = min(max(x for _, x in c) - min(x for _, x in c) for c in (faults, base))
+        if abs(end - near[1]) < spread:
+            text += (f" At about the same version the two losses differ by {abs(end - near[1]):.2f}, less than "
+                     f"either run's own swings between evaluations (at least {spread:.2f}): runs this short cannot "
+                     "tell whether faults cost accuracy beyond the commits they cost."
+                     + (" What they do show is that no acknowledged update was lost or applied twice." if sound else ""))
+        else:
+            text += (f" At about the same version the fault run's loss is {end - near[1]:+.2f} from the other's, "
+                     f"more than the runs' own swings between evaluations ({spread:.2f}).")
+    return text
+
+
+def render(results: dict, out: Path) -> str:
     f = results["faults"]
     h = f["history"]
     s = f["summary"]
-    lines = [f"{results['date']} · {results['machine']} · `{results['command']}`", "",
+    lines = [f"{results['date']} · {results['machine']} · `{results['command']}` · tree {results.get('tree', 'unknown')}", "",
              f"{len(s['peers'])} peers ({', '.join(p['name'] + ' ' + p['region'] + ' ×' + format(p['speed_factor'], 'g') for p in s['peers'])}), "
              f"{results['config']} (lease {results['lease_seconds']:g} s, 1 standby, checkpoint every "
              f"{results['checkpoint_every']} commits), {results['minutes']:g} minutes per run. Load average at the start "
@@ -347,7 +382,21 @@ def render(results: dict) -> str:
         b = results["baseline"]["summary"]
         lines.append(f"| same run without faults | {b['val_loss']['end']['mean']:.3f} at version "
                      f"{b['val_loss']['end']['version']} |")
-    lines += ["", "Per kill: " + "; ".join(
+        faults, base = _curve(out / "faults")[1:], _curve(out / "baseline")[1:]
+        if faults and base:
+            v = s["val_loss"]["end"]["version"]
+            near = min(base, key=lambda p: abs(p[0] - v))
+            lines.append(f"| without faults, at the version nearest {v} | {near[1]:.3f} at version {near[0]} |")
+            lines.append(f"| validation loss range over the run (evaluations after version 0), faults / without | "
+                         f"{min(x for _, x in faults):.3f}–{max(x for _, x in faults):.3f} / "
+                         f"{min(x for _, x in base):.3f}–{max(x for _, x in base):.3f} |")
+    lease = results["lease_seconds"]
+    lines += ["", f"The lease is renewed every {lease / 3:g} s and lapses {lease:g} s after its last renewal, so a "
+              f"standby takes over between {2 * lease / 3:g} and {lease:g} s after a kill, plus the time to read "
+              "the DHT.", ""]
+    lines += [_reading(results, out)]
+    lines += [
+              "", "Per kill: " + "; ".join(
         f"{k['n']}: {'+'.join(k['victims'])} → {k.get('heir', '?')} in {_fmt(k.get('failover_seconds'))} s"
         for k in f["kills"]) + "."]
     ka = results.get("kill_all")
@@ -363,10 +412,25 @@ def render(results: dict) -> str:
                   f"`--resume`, {r['holder']} took the role in term {r.get('resumed_term', '–')} at version "
                   f"{r.get('resumed_version', '–')}, {_fmt(r.get('takeover_seconds'))} s after the kill "
                   f"({_fmt((r.get('takeover_seconds') or 0) - results['wait'] if r.get('takeover_seconds') else None)} s "
-                  f"after the restart); first commit {_fmt(r.get('first_commit_seconds'))} s after the kill. Final "
+                  f"after the restart, of which {results.get('resume_wait', 0):g} s waiting for a standby's claim before "
+                  f"taking the role); first commit {_fmt(r.get('first_commit_seconds'))} s after the kill. Final "
                   f"validation loss {ka['summary']['val_loss']['end']['mean']:.3f} at version "
                   f"{ka['summary']['val_loss']['end']['version']}."]
     return "\n".join(lines)
+
+
+def _tree() -> str:
+    """The commit the run used, and whether the working tree differed from it."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (" with uncommitted changes" if dirty else "")
 
 
 def main() -> None:
@@ -386,17 +450,27 @@ def main() -> None:
     ap.add_argument("--wait", type=float, default=30.0, help="--kill-all: seconds before the --resume restart")
     ap.add_argument("--no-faults", action="store_true", help="skip the fault run (e.g. only --kill-all)")
     ap.add_argument("--write-results", action="store_true")
+    ap.add_argument("--render-only", action="store_true", help="rewrite the table from OUT/chaos.json, no runs")
     args = ap.parse_args()
+    if args.render_only:
+        results = json.loads((args.out / "chaos.json").read_text())
+        cfg = load_config(args.config)
+        results.setdefault("resume_wait", cfg.swarm.lease_seconds * (1 + cfg.swarm.num_standbys / 2)
+                           + cfg.swarm.heartbeat_seconds)
+        _publish(results, args)
+        return
     profiles = load_profiles(args.peers)
     cfg = load_config(args.config)
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])
     load_start = os.getloadavg()[0]
-    results = {"command": command, "date": str(datetime.date.today()),
+    commit = _tree()
+    results = {"command": command, "date": str(datetime.date.today()), "tree": commit,
                "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU only",
                "config": Path(args.config).name, "lease_seconds": cfg.swarm.lease_seconds,
                "checkpoint_every": cfg.swarm.checkpoint_every, "minutes": args.minutes,
-               "kill_all_minutes": args.kill_all_minutes, "wait": args.wait, "seed": args.seed}
+               "kill_all_minutes": args.kill_all_minutes, "wait": args.wait, "seed": args.seed,
+               "resume_wait": cfg.swarm.lease_seconds * (1 + cfg.swarm.num_standbys / 2) + cfg.swarm.heartbeat_seconds}
     if not args.no_faults:
         results["faults"] = fault_run(args, profiles, args.out / "faults")
     if args.baseline:
@@ -405,10 +479,14 @@ def main() -> None:
         results["kill_all"] = kill_all_run(args, profiles, args.out / "kill-all")
     results["load"] = [load_start, os.getloadavg()[0]]
     (args.out / "chaos.json").write_text(json.dumps(results, indent=2, default=str))
+    _publish(results, args)
+
+
+def _publish(results: dict, args) -> None:
     if "faults" not in results:
         print(json.dumps(results.get("kill_all", {}).get("record"), indent=2, default=str))
         return
-    text = render(results)
+    text = render(results, args.out)
     print(text)
     if args.write_results:
         rel = ROOT / "docs" / "reliability.md"

@@ -348,3 +348,29 @@ def test_join_resume_restarts_a_stopped_run_from_its_checkpoint(tmp_path):
         sw.close()
         for name in sw.procs:
             assert not sw.group_alive(name), f"{name} left processes behind"
+
+
+def test_the_chaos_history_check_finds_gaps_forks_and_lost_acknowledgements():
+    """scripts/chaos.py's verdict (0 lost, 0 forks) is only worth something if it can say otherwise."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from chaos import check_history
+
+    def commit(v, term, digest, peer="p1", seq=None, t=0.0):
+        return {"event": "commit", "version": v, "term": term, "digest": digest, "peer": peer,
+                "seq": v if seq is None else seq, "time": t or float(v)}
+
+    def ack(v, digest, peer="p1", seq=None, duplicate=False):
+        return {"event": "ack", "version": v, "digest": digest, "peer": peer, "seq": v if seq is None else seq,
+                "duplicate": duplicate, "time": float(v) + 0.5, "name": peer}
+
+    chain = [commit(v, 1, f"d{v}") for v in (1, 2, 3)] + [ack(v, f"d{v}") for v in (1, 2, 3)]
+    clean = check_history(chain, None)
+    assert (clean["gaps"], clean["forks"], clean["acked_but_lost"]) == ([], [], 0)
+    # version 3 committed again in a later term with other θ (a coordinator died unreplicated, say):
+    # its acknowledgement is lost, and a gap at 4 shows too
+    forked = check_history(chain + [commit(3, 2, "other", peer="p2", seq=9, t=10.0), commit(5, 2, "d5")], None)
+    assert forked["forks"] == [3] and forked["gaps"] == [4] and forked["acked_but_lost"] == 1
+    assert forked["lost_examples"][0]["version"] == 3
+    # a duplicate acknowledgement whose submission no commit holds
+    dup = check_history(chain + [ack(3, "d3", seq=42, duplicate=True)], None)
+    assert dup["acked_but_lost"] == 1 and dup["duplicate_acks"] == 1
