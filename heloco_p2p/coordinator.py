@@ -591,6 +591,10 @@ class CoordinatorService:
             header_str(header, "digest")
             if not isinstance(header.get("tensors"), list):
                 raise WireError("malformed", "header field 'tensors' must be the list of tensor metadata")
+            worker, seconds = header.get("worker"), header.get("seconds")
+            if not (worker is None or isinstance(worker, str) and len(worker) <= 256) or \
+                    not (seconds is None or _positive(seconds)):
+                raise WireError("malformed", "header fields 'worker' (a string) and 'seconds' (a number > 0) are malformed")
         return kind, term
 
     async def _handle_replicate(self, header: dict, payload: bytes, remote: str) -> tuple[dict, bytes]:
@@ -636,11 +640,8 @@ class CoordinatorService:
             if not math.isfinite(norm):  # the coordinator never commits these: a replica must not either
                 return {"status": "rejected", "reason": "not_finite", "message": "the pseudo-gradient contains NaN or Inf"}, b""
             self._follow(term, remote)
-            worker, seconds = header.get("worker"), header.get("seconds")
-            if not (worker is None or isinstance(worker, str)) or not (seconds is None or _positive(seconds)):
-                return {"status": "rejected", "reason": "malformed", "message": "worker/seconds malformed"}, b""
             await loop.run_in_executor(None, self.state.apply, delta, header["base_version"], header["peer"],
-                                       header["seq"], header["steps"], norm, worker, seconds)
+                                       header["seq"], header["steps"], norm, header.get("worker"), header.get("seconds"))
             mine = await loop.run_in_executor(None, params_digest, self.state.engine.params)
             if mine != header["digest"]:
                 logger.warning("standby: digest differs at version %d; asking for the full state", self.state.version)

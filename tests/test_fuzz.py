@@ -417,7 +417,7 @@ def test_every_handler_refuses_bad_input_and_state_stays_bitwise_unchanged(rig):
         for field, values in {"kind": ["full ", None, 1, DROP], "term": ["3", -1, None, DROP],
                               "version_before": [1.0, "6", DROP], "base_version": [True, DROP], "seq": [-1, "x"],
                               "steps": [None, 1.5], "peer": [5, None, "x" * 1000], "digest": [None, 7],
-                              "tensors": [{}, None, DROP]}.items():
+                              "tensors": [{}, None, DROP], "worker": [5, ["r"]], "seconds": [-1.0, "1", True, 0]}.items():
             for value in values:
                 h = {k: v for k, v in dict(commit, **{field: value}).items() if v is not DROP}
                 fz.send_signed("replicate", h, good_payload, "malformed", what=f"replicate: {field}={value!r}")
