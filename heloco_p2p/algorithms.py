@@ -81,6 +81,15 @@ ALGORITHMS: dict[str, AlgorithmPreset] = {
                         description="HeLoCo + Dynamic Local Updates"),
         AlgorithmPreset("async_pcgrad", "async", "lookahead", _LOOKAHEAD, correction="pcgrad",
                         description="look-ahead + PCGrad projection of conflicting Δ"),
+        # region-fair rules (docs/algorithms.md, "Region-fair weights"; measured in docs/results.md)
+        AlgorithmPreset("dn_fair", "async", "delayed_nesterov", _DN, dylu=True, fairness="compute_time",
+                        description="DN + DyLU + Rescaled-ASGD weights (ρ_w ∝ the sender's round time)"),
+        AlgorithmPreset("heloco_fair", "async", "lookahead", _LOOKAHEAD, correction="heloco", dylu=True,
+                        fairness="compute_time",
+                        description="HeLoCo + DyLU + Rescaled-ASGD weights (ρ_w ∝ the sender's round time)"),
+        AlgorithmPreset("heloco_region", "async", "lookahead", _LOOKAHEAD, correction="heloco", dylu=True,
+                        fairness="region_memory",
+                        description="HeLoCo + DyLU, each commit applying the mean of every region's latest Δ̂"),
     ]
 }
 

@@ -414,8 +414,12 @@ class CoordinatorService:
                                               worker, seconds)
             digest = await loop.run_in_executor(None, params_digest, self.state.engine.params)
             t2 = time.perf_counter()
-            await self._replicate_commit(peer, seq, steps, base_version, header.get("tensors", []), payload,
-                                         version_before, digest, worker, seconds)
+            if not await self._replicate_commit(peer, seq, steps, base_version, header.get("tensors", []), payload,
+                                                version_before, digest, worker, seconds):
+                # a standby follows a newer term: another peer coordinates, and this commit (applied
+                # here only) must not be acknowledged; the sender resubmits to the new coordinator
+                return {"status": "not_coordinator", "term": self.highest_term_seen,
+                        "message": "a standby follows a newer term; read the lease again"}, b""
             summary = info.summary()
             self.commits_this_term += 1
             self.commit_times.append(time.time())
@@ -518,15 +522,23 @@ class CoordinatorService:
 
     async def _replicate_commit(self, peer: str, seq: int, steps: int, base_version: int, tensors: list,
                                 payload: bytes, version_before: int, digest: str, worker: str | None = None,
-                                seconds: float | None = None) -> None:
+                                seconds: float | None = None) -> bool:
         """Forward the commit to every standby and wait for each; a standby that cannot follow gets
-        the full state; one that does not answer is dropped (and named no more in the lease)."""
+        the full state; one that does not answer is dropped (and named no more in the lease).
+        Returns False, after stepping down, when a standby answers ``fenced``: it follows a newer
+        term, so this peer no longer coordinates and must not acknowledge the commit."""
         msg = {"kind": "commit", "term": self.state.term, "version_before": version_before, "base_version": base_version,
                "peer": peer, "seq": seq, "steps": steps, "tensors": tensors, "digest": digest,
                "worker": worker, "seconds": seconds}
         for sb in list(self.standbys):
             try:
                 reply, _ = await asyncio.wait_for(self.node.acall(sb, "replicate", msg, payload), timeout=30)
+                if reply.get("status") == "fenced":
+                    term = reply.get("term")
+                    self.step_down(term if isinstance(term, int) and not isinstance(term, bool) else self.state.term + 1)
+                    logger.warning("standby %s follows term %s: commit %d is not acknowledged", sb[-8:], term,
+                                   version_before + 1)
+                    return False
                 if reply.get("status") == "out_of_sync":
                     await self.send_full_state(sb)
                 elif reply.get("status") != "ok":
@@ -534,6 +546,7 @@ class CoordinatorService:
             except Exception as exc:
                 logger.warning("standby %s did not take commit %d (%s); dropping it", sb[-8:], version_before + 1, exc)
                 self.standbys.remove(sb)
+        return True
 
     async def send_full_state(self, standby: str) -> None:
         data = await asyncio.get_running_loop().run_in_executor(None, self.state.to_bytes)

@@ -1,0 +1,64 @@
+"""A coordinator whose standby follows a newer term steps down and does not acknowledge."""
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import torch
+
+from heloco_p2p.coordinator import CommitState, CoordinatorService, SubmissionLimits
+from heloco_p2p.outer import build_engine
+from heloco_p2p.swarm.wire import encode_tensors
+
+SHAPES = [(4,), (2, 3)]
+
+
+class FakeNode:
+    """Just what CoordinatorService uses: handlers are recorded, replicate calls are answered."""
+
+    run_id = "fenced"
+    peer_id = "QmCoordinator"
+    max_payload_bytes = 1 << 20
+
+    def __init__(self, replicate_reply: dict):
+        self.replicate_reply = replicate_reply
+        self.calls = []
+
+    def add_handler(self, name, handler, **kwargs):
+        return SimpleNamespace()
+
+    async def acall(self, peer_id, name, header, payload=b"", **kwargs):
+        self.calls.append((peer_id, name, header.get("kind")))
+        return self.replicate_reply, b""
+
+
+def _submit(service, state, seq):
+    meta, payload = encode_tensors([torch.full(s, 0.01) for s in SHAPES], "none")
+    header = {"run_id": "fenced", "seq": seq, "base_version": state.version, "steps": 5, "term": 1,
+              "tensors": meta, "stats": {"seconds": 1.0}}
+    return asyncio.run(service._handle_submit(header, payload, "QmPeer"))
+
+
+def _service(reply):
+    state = CommitState(build_engine([torch.zeros(s) for s in SHAPES], "lookahead"))
+    node = FakeNode(reply)
+    service = CoordinatorService(node, state, SHAPES, SubmissionLimits(submit_rate=0.0))
+    service.activate(1)
+    service.standbys = ["QmStandby"]
+    return service, state, node
+
+
+def test_fenced_standby_means_no_ack_and_step_down():
+    service, state, node = _service({"status": "fenced", "term": 2})
+    reply, data = _submit(service, state, 0)
+    assert node.calls == [("QmStandby", "replicate", "commit")]
+    assert reply["status"] == "not_coordinator" and data == b""
+    assert not service.active and service.highest_term_seen == 2
+    assert len(service.acknowledged) == 0  # nothing acknowledged
+
+
+def test_healthy_standby_gets_the_commit_and_the_sender_an_ack():
+    service, state, node = _service({"status": "ok"})
+    reply, data = _submit(service, state, 0)
+    assert reply["status"] == "accepted" and reply["version"] == 1 and len(data) > 0
+    assert service.active and node.calls == [("QmStandby", "replicate", "commit")]
