@@ -244,8 +244,9 @@ class CommitState:
 
 def _norm(tensors: list[torch.Tensor]) -> float:
     """‖x‖ over all tensors in one float32 pass each; in float64 only when float32 overflows
-    (values past ~1e19) or the input is not finite. Squaring float64 copies instead cost 140×
-    more at 125M parameters (6.3 s against 45 ms per norm, docs/results.md "Benchmark suite")."""
+    (values past ~1e19) or the input is not finite. Squaring float64 copies instead allocates
+    2 × 8 bytes per parameter per norm: at 125M parameters 13× the CPU time and far more wall
+    time, the largest cost of a submission (docs/scaling.md, "The coordinator path")."""
     total = sum(float(torch.linalg.vector_norm(t)) ** 2 for t in tensors)
     if math.isfinite(total):
         return math.sqrt(total)
