@@ -23,7 +23,7 @@ from heloco_p2p.swarm.records import GenesisRecord, LeaseRecord, PeerRecord
 
 COORDINATOR_KEYS = ("peer_id", "term", "version", "commits_per_min", "standbys")
 PEER_KEYS = ("peer_id", "name", "region", "role", "device", "speed", "inner_steps", "staleness_last",
-             "staleness_mean", "tokens", "last_loss", "bytes_in", "bytes_out", "last_seen", "alive")
+             "staleness_mean", "tokens", "last_loss", "bytes_in", "bytes_out", "last_seen", "alive", "rejected")
 
 # peer_id -> (accepted count when last sampled, samples, sum of staleness over the samples)
 StalenessHistory = Mapping[str, tuple[int, int, int]]
@@ -70,7 +70,9 @@ def _finite_or_none(x: float) -> Optional[float]:
     return float(x) if math.isfinite(x) and x >= 0 else None  # peers publish -1 before their first loss
 
 
-def peer_row(r: PeerRecord, now: float, silent_after: float, history: StalenessHistory, present: bool = True) -> dict:
+def peer_row(r: PeerRecord, now: float, silent_after: float, history: StalenessHistory, present: bool = True,
+             refused: dict[str, int] | None = None) -> dict:
+    """One peer's row; ``refused`` is what the live coordinator refused from it, by reason."""
     has_submitted = r.accepted > 0
     _, n, total = history.get(r.peer_id, (0, 0, 0))
     mean = total / n if n else (float(r.staleness) if has_submitted else None)
@@ -80,6 +82,9 @@ def peer_row(r: PeerRecord, now: float, silent_after: float, history: StalenessH
         "staleness_last": r.staleness if has_submitted else None, "staleness_mean": mean,
         "tokens": r.tokens, "last_loss": _finite_or_none(r.loss), "bytes_in": r.bytes_in, "bytes_out": r.bytes_out,
         "last_seen": r.heartbeat, "alive": present and peer_state(r, now, silent_after) == "alive",
+        # refusals of this peer's requests: its own count of rejected submissions, or what the
+        # coordinator's lease reports for it (by reason) when that is more
+        "rejected": {"total": max(r.rejected, sum((refused or {}).values())), **dict(sorted((refused or {}).items()))},
     }
 
 
@@ -106,7 +111,8 @@ def snapshot(peers: Iterable[PeerRecord], claims: Iterable[LeaseRecord], now: fl
         "peer_id": lease.peer_id, "term": lease.term, "version": lease.version,
         "commits_per_min": float(lease.commits_per_minute), "standbys": list(lease.standbys),
     }
-    rows = [peer_row(r, now, silent_after, history, present=r.peer_id not in absent)
+    refused = lease.rejections if lease is not None else {}
+    rows = [peer_row(r, now, silent_after, history, present=r.peer_id not in absent, refused=refused.get(r.peer_id))
             for r in latest_per_peer(peers).values()]
     rows.sort(key=lambda row: (row["name"], row["peer_id"]))
     return {"coordinator": coordinator, "peers": rows}
@@ -178,6 +184,12 @@ def human_age(seconds: float) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
+def _refusals(rejected: dict) -> str:
+    """``3`` or ``3 (rate_limited 2, too_stale 1)``: the total, and the reasons when known."""
+    reasons = ", ".join(f"{k} {v}" for k, v in rejected.items() if k != "total")
+    return str(rejected["total"]) + (f" ({reasons})" if reasons else "")
+
+
 def render(snap: dict, run_id: str, now: float, genesis: GenesisRecord | None = None, note: str = ""):
     """A rich renderable: the run and its coordinator above one table row per peer."""
     from rich import box
@@ -207,10 +219,11 @@ def render(snap: dict, run_id: str, now: float, genesis: GenesisRecord | None = 
     alive = sum(p["alive"] for p in peers)
     table = Table(title=f"{alive} of {len(peers)} peers alive", title_justify="left", box=box.SIMPLE_HEAD,
                   pad_edge=False, collapse_padding=True,
-                  caption="st/s and H: of the last round; stale: staleness last/mean; in/out: bytes; "
+                  caption="st/s and H: of the last round; stale: staleness last/mean; rej: requests refused "
+                          "(by reason, as the coordinator reports them); in/out: bytes; "
                           "seen: last heartbeat",
                   caption_justify="left")
-    for col in ("peer", "reg", "role", "dev", "st/s", "H", "stale", "tokens", "loss", "in/out", "seen"):
+    for col in ("peer", "reg", "role", "dev", "st/s", "H", "stale", "tokens", "loss", "rej", "in/out", "seen"):
         table.add_column(col, justify="left" if col in ("peer", "reg", "role", "dev") else "right", no_wrap=True)
     for p in peers:
         if p["role"] == "left":
@@ -222,6 +235,7 @@ def render(snap: dict, run_id: str, now: float, genesis: GenesisRecord | None = 
         stale = "-" if p["staleness_last"] is None else f"{p['staleness_last']}/{p['staleness_mean']:.1f}"
         table.add_row(names[p["peer_id"]], p["region"], role, p["device"], f"{p['speed']:.2f}", str(p["inner_steps"]),
                       stale, human_count(p["tokens"]), "-" if p["last_loss"] is None else f"{p['last_loss']:.3f}",
+                      _refusals(p["rejected"]),
                       f"{human_bytes(p['bytes_in'])}/{human_bytes(p['bytes_out'])}", human_age(now - p["last_seen"]),
                       style="dim" if not p["alive"] else None)
     parts = [head, coord, table]

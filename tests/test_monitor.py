@@ -43,11 +43,25 @@ def test_snapshot_json_has_exactly_the_documented_keys():
     assert tuple(snap["coordinator"]) == COORDINATOR_KEYS == ("peer_id", "term", "version", "commits_per_min", "standbys")
     assert all(tuple(p) == PEER_KEYS for p in snap["peers"])
     assert set(PEER_KEYS) == {"peer_id", "name", "region", "role", "device", "speed", "inner_steps", "staleness_last",
-                              "staleness_mean", "tokens", "last_loss", "bytes_in", "bytes_out", "last_seen", "alive"}
+                              "staleness_mean", "tokens", "last_loss", "bytes_in", "bytes_out", "last_seen", "alive",
+                              "rejected"}
     assert json.loads(json.dumps(snap, allow_nan=False)) == snap
     a = snap["peers"][0]
     assert (a["name"], a["speed"], a["inner_steps"], a["tokens"], a["last_loss"], a["bytes_in"], a["bytes_out"],
             a["last_seen"]) == ("a", 5.0, 50, 4096, 5.5, 100, 200, NOW - 1.0)
+
+
+def test_refusals_per_peer_come_from_the_lease_and_the_peer_record():
+    lease = claim("a", 1, rejections={"Qmb": {"rate_limited": 2, "too_stale": 1}})
+    snap = snapshot([peer("a"), peer("b", rejected=1), peer("c", rejected=4)], [lease], NOW)
+    rows = {p["name"]: p for p in snap["peers"]}
+    assert rows["b"]["rejected"] == {"total": 3, "rate_limited": 2, "too_stale": 1}
+    assert rows["c"]["rejected"] == {"total": 4} and rows["a"]["rejected"] == {"total": 0}
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(render(snap, "demo", NOW))
+    assert "3 (rate_limited 2, too_stale 1)" in console.export_text()
 
 
 def test_peers_are_alive_silent_or_left():
