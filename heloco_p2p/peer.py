@@ -157,7 +157,8 @@ class Peer:
         mode, self.preset = resolve_outer(self.cfg.outer)
         engine = build_engine(theta0, self.preset.optimizer, self.preset.optimizer_args, self.preset.correction,
                               self.preset.correction_args, self.cfg.outer.staleness_weight,
-                              self.cfg.outer.staleness_weight_args, names=param_names(self.model))
+                              self.cfg.outer.staleness_weight_args, names=param_names(self.model),
+                              fairness=self.preset.fairness, fairness_args=self.preset.fairness_args)
         self.commit_state = CommitState(engine)
         self.service = CoordinatorService(self.node, self.commit_state, [tuple(p.shape) for p in theta0], limits,
                                           reply_compression=self.cfg.swarm.reply_compression,
@@ -754,6 +755,7 @@ class Peer:
         meta, payload = encode_tensors([d.detach().float().cpu() for d in delta], sw.compression)
         t_ser = time.perf_counter() - t0
         header = {"run_id": self.opts.run_id, "seq": self.seq, "base_version": base, "steps": stats.steps,
+                  "region": self.opts.region,
                   "tensors": meta, "names": list(self.commit_state.engine.names), "stats": {"loss": stats.loss if math.isfinite(stats.loss) else None,  # headers are strict JSON
                                              "tokens": stats.tokens, "seconds": stats.seconds}}
         expected = [(tuple(p.shape), torch.float32) for p in self.global_params]
