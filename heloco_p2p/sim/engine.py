@@ -270,7 +270,7 @@ class Simulation:
             self.now = t
             w = self.workers[idx]
             (pseudo_grad, stats), base = self._run_overlapped_round(w)
-            info = self.engine.commit(pseudo_grad, base)
+            info = self.engine.commit(pseudo_grad, base, worker=str(w.index), seconds=self._round_seconds(w, stats.steps))
             self.tokens += stats.tokens
             self._record(w, info, stats)
             w.fold_params = [p.detach().clone() for p in self.engine.params]  # the reply, folded in next round
