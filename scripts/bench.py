@@ -118,7 +118,12 @@ def measure_utilization(minutes: float, workdir: Path, overlap: bool) -> dict:
     for name in CAST:
         events = [json.loads(x) for x in (out / "peers" / f"{name}.jsonl").read_text().splitlines() if x.strip()]
         rounds = [e for e in events if e.get("event") == "round"]
+        rounds.sort(key=lambda r: r["time"])
+        # what kept the peer from stepping, per round: the submission in blocking mode; fold, wait and
+        # bookkeeping (DyLU's read of the peer records, metrics) in overlapped mode
+        off = [b["time"] - a["time"] - b["compute_seconds"] for a, b in zip(rounds, rounds[1:])]
         per_peer[name] = {"utilization": steady_utilization(rounds), "rounds": len(rounds),
+                          "off_step_seconds_per_round": _med(off) if off else None,
                           "wait_seconds": sum(r.get("wait_seconds", 0.0) for r in rounds),
                           "fold_seconds": sum(r.get("fold_seconds", 0.0) for r in rounds),
                           "summary_utilization": next(p["utilization"] for p in summary["peers"] if p["name"] == name)}
@@ -178,15 +183,16 @@ def solo_tokens_per_second(config: Path, regions: list[str], seconds: float, wor
             if time.time() > deadline:
                 raise TimeoutError("solo runs did not start within 300 s")
             time.sleep(0.5)
-        t_from = time.time()
+        t_from, cpu0 = time.time(), sum(group_cpu_seconds(p.pid) for p, _ in procs.values())
         time.sleep(seconds)
-        t_to = time.time()
+        t_to, cpu1 = time.time(), sum(group_cpu_seconds(p.pid) for p, _ in procs.values())
         out = {}
         for r in regions:
             pts = [(e["time"], e["step"] * per_step) for e in logged(r) if t_from <= e["time"] <= t_to]
             if len(pts) < 2:
                 raise RuntimeError(f"solo {r}: fewer than 2 log points in the window")
             out[r] = _rate(pts)
+        out["_cores"] = (cpu1 - cpu0) / (t_to - t_from)
         return out
     finally:
         for p, _ in procs.values():
@@ -211,22 +217,29 @@ def measure_swarm_vs_solo(seconds: float, workdir: Path, steps_per_round: int | 
         sw.start("s0", regions[0], "--config", str(cfg))
         sw.start("s1", regions[1])
         sw.wait_until(lambda: all(len(sw.events(n, "ack")) >= 1 for n in ("s0", "s1")), 300, "both peers' first commit")
-        t_from = time.time()
+        groups = [sw.procs[n].pid for n in ("s0", "s1")]
+        t_from, cpu0 = time.time(), sum(group_cpu_seconds(g) for g in groups)
         time.sleep(seconds)
-        t_to = time.time()
+        t_to, cpu1 = time.time(), sum(group_cpu_seconds(g) for g in groups)
         swarm = swarm_tokens_per_second(sw, ["s0", "s1"], t_from, t_to)
+        swarm_cores = (cpu1 - cpu0) / (t_to - t_from)
         acks = [a for n in ("s0", "s1") for a in sw.events(n, "ack") if t_from <= a["time"] <= t_to]
     finally:
         sw.close()
     solo_after = solo_tokens_per_second(cfg, regions, seconds / 2, _mk(workdir / "solo-after"))
     solo = {r: (solo_before[r] + solo_after[r]) / 2 for r in regions}
+    solo_cores = (solo_before.pop("_cores") + solo_after.pop("_cores")) / 2
     total_swarm, total_solo = sum(swarm.values()), sum(solo.values())
     from heloco_p2p.config import load_config
 
     return {"ratio": total_swarm / total_solo, "swarm_tokens_per_second": swarm, "solo_tokens_per_second": solo,
             "solo_before_tokens_per_second": solo_before, "solo_after_tokens_per_second": solo_after,
             "seconds": seconds, "steps_per_round": load_config(cfg).inner.steps_per_round,
-            "commits_in_window": len(acks), "median_rtt_ms": 1e3 * _med([a["rtt"] for a in acks])}
+            "commits_in_window": len(acks), "median_rtt_ms": 1e3 * _med([a["rtt"] for a in acks]),
+            # tokens per CPU-second of every process of each side (peers, their DHT processes and p2pd;
+            # the solo runs): what the ratio is where each side has the cores to itself, whatever else runs
+            "swarm_cores": swarm_cores, "solo_cores": solo_cores,
+            "ratio_per_cpu_second": (total_swarm / swarm_cores) / (total_solo / solo_cores)}
 
 
 # ---------------------------------------------------------------------------------- 3 commit
@@ -452,18 +465,25 @@ def measure_fan_in(workdir: Path, senders: int, seconds: float) -> dict:
             "reply_bytes": 4 * sum(math.prod(s) for s in shapes), "windows": windows,
             "max_submissions_per_s": best["submissions_per_s"], "at_senders": best["senders"],
             "cpu_cores": cpu, "commit_lock_busy": lock_ms / per_sub,
-            "saturates": _saturation(best, cpu, lock_ms / per_sub)}
+            "saturates": _saturation(windows, best, cpu, lock_ms / per_sub)}
 
 
-def _saturation(best: dict, cpu: dict, lock_busy: float) -> str:
-    s = best["server_ms"]
-    transfer = best["rtt_ms"] - sum(s.values())
-    parts = {"commit lock (commit, replicate, encode reply)": s["commit"] + s["replicate"] + s["encode_reply"],
-             "decode": s["decode"], "transfer (both ways, libp2p)": transfer}
+def _saturation(windows: list[dict], best: dict, cpu: dict, lock_busy: float) -> str:
+    """Where the coordinator saturates: with one sender nothing queues, so its round trip splits
+    into the server's parts and transfer; at the best rate the commit lock's busy share says
+    whether the serial section (commit, replicate, encode reply) is the limit."""
+    one = windows[0]
+    s = one["server_ms"]
+    parts = {"replicate": s["replicate"], "commit": s["commit"], "encode reply": s["encode_reply"],
+             "decode": s["decode"], "transfer both ways": one["rtt_ms"] - sum(s.values())}
     largest = max(parts, key=parts.get)
-    return (f"largest part per submission: {largest} ({parts[largest]:.0f} ms of {best['rtt_ms']:.0f} ms RTT); "
-            f"commit lock busy {100 * lock_busy:.0f}% of the time; coordinator process group "
-            f"{cpu['coordinator']:.2f} cores, standby {cpu['standby']:.2f} cores of {os.cpu_count()}")
+    limit = ("the commit lock (commit, replicate to the standby, encode reply run one submission at a time)"
+             if lock_busy >= 0.8 else f"not the commit lock; {os.cpu_count()} cores shared by every process")
+    return (f"at {best['senders']} senders the commit lock is busy {100 * lock_busy:.0f}% of the time: the limit is "
+            f"{limit}; coordinator {cpu['coordinator']:.2f} cores, standby {cpu['standby']:.2f} cores (process groups). "
+            f"Alone (1 sender) a round trip of {one['rtt_ms']:.0f} ms is "
+            + ", ".join(f"{k} {v:.0f}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]))
+            + f" ms: the largest part is {largest}")
 
 
 # ---------------------------------------------------------------------------------- the suite
@@ -490,6 +510,11 @@ def render(detail: dict) -> str:
     m = detail["meta"]
     lines = [f"{m['date']} · {m['machine']} · `{m['command']}` · load average (1, 5, 15 min) before "
              f"{m['load_before']}, after {m['load_after']}; suite wall time {m['wall_seconds'] / 60:.1f} min.", ""]
+    items = m.get("items", {})
+    if items:
+        lines += ["Each item: when it ran, the load average before → after, and its command:", ""]
+        lines += [f"- {k}: {v['started']}, load {v['load_before']} → {v['load_after']}, `{v['command']}`"
+                  for k, v in items.items()] + [""]
     u = detail["utilization"]
     lines += ["**1. Utilization** (time in inner steps, emulated idling included, / wall time; steady state from "
               "each peer's first round end to its last; 3-peer testnet, configs/testnet.yaml, 1 thread each):", "",
@@ -499,6 +524,9 @@ def render(detail: dict) -> str:
     for name in CAST:
         lines.append(f"| {name} | {speeds[name]} | " + " | ".join(
             f"{_f(r['peers'][name]['utilization'], '.3f')} ({r['peers'][name]['rounds']} rounds)" for r in u) + " |")
+    if all("off_step_seconds_per_round" in r["peers"][n] for r in u for n in CAST):
+        lines.append("| median seconds per round outside the steps (berlin, paris, moscow) | | " + " | ".join(
+            ", ".join(_f(r["peers"][n]["off_step_seconds_per_round"], ".3f") for n in CAST) for r in u) + " |")
     lines.append("| validation loss, mean of de/fr/ru (start → end) | | " + " | ".join(
         f"{r['val_loss_start']:.3f} → {r['val_loss_end']:.3f} (v{r['val_loss_version']}, {r['commits']} commits, "
         f"{r['minutes']:g} min)" for r in u) + " |")
@@ -509,7 +537,12 @@ def render(detail: dict) -> str:
               + " + ".join(f"{v:,.0f}" for v in s["swarm_tokens_per_second"].values())
               + f" tokens/s, solo " + " + ".join(f"{v:,.0f}" for v in s["solo_tokens_per_second"].values())
               + f" tokens/s; **swarm_vs_solo = {s['ratio']:.3f}** ({s['commits_in_window']} commits in the window, "
-                f"median RTT {s['median_rtt_ms']:.0f} ms)."]
+                f"median RTT {s['median_rtt_ms']:.0f} ms)."
+              + (f" Per CPU-second of every process on each side (swarm {s['swarm_cores']:.2f} cores, solo "
+                 f"{s['solo_cores']:.2f} cores in use): **{s['ratio_per_cpu_second']:.3f}**; solo before "
+                 + " + ".join(f"{v:,.0f}" for v in s["solo_before_tokens_per_second"].values()) + ", after "
+                 + " + ".join(f"{v:,.0f}" for v in s["solo_after_tokens_per_second"].values()) + " tokens/s."
+                 if "ratio_per_cpu_second" in s else "")]
     c = detail["commit"]
     lines += ["", f"**3. Commit** ({c['params'] / 1e6:.1f}M parameters, lookahead + heloco, median of {c['repeats']}): "
                   f"{c['commit_ms']:.1f} ms per commit ({c['traffic_units']:.1f} P of traffic, "
@@ -576,6 +609,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--write-results", action="store_true", help="replace '### Benchmark suite' in docs/results.md")
     ap.add_argument("--out", type=Path, default=ROOT / "bench", help="where results.json goes (default: bench/)")
     ap.add_argument("--only", default=",".join(RESULT_KEYS), help="comma list of items to run (others are left out)")
+    ap.add_argument("--merge", action="store_true",
+                    help="with --only: keep the other items from the last bench/results-detail.json")
     args = ap.parse_args(argv)
     q = args.quick
     only = set(args.only.split(","))
@@ -585,19 +620,28 @@ def main(argv=None) -> dict:
     command = "python " + " ".join([Path(sys.argv[0]).as_posix() if argv is None else "scripts/bench.py"]
                                    + (sys.argv[1:] if argv is None else list(argv)))
     detail: dict = {}
+    items: dict = {}
+    previous = args.out / "results-detail.json"
+    if args.merge and previous.exists():  # re-measure some items, keep the others from the last run
+        detail = json.loads(previous.read_text())
+        items = detail.pop("meta").get("items", {})
     with tempfile.TemporaryDirectory(prefix="heloco-bench-") as tmp:
         tmp = Path(tmp)
 
         def step(key, fn):
             if key in only:
                 t = time.time()
+                load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
                 print(f"# {key} ...", flush=True)
                 detail[key] = fn()
+                items[key] = {"started": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+                              "seconds": time.time() - t, "load_before": load, "command": command,
+                              "load_after": ", ".join(f"{x:.2f}" for x in os.getloadavg())}
                 print(f"# {key} done in {time.time() - t:.0f} s", flush=True)
 
         def util():
             modes = [True] if q else [True, False]
-            return [measure_utilization(0.75 if q else 2.5, tmp / f"util-{m}", m) for m in modes]
+            return [measure_utilization(0.75 if q else 3.5, tmp / f"util-{m}", m) for m in modes]
 
         step("utilization", util)
         step("swarm_vs_solo", lambda: measure_swarm_vs_solo(40 if q else 120, _mk(tmp / "svs"), 10 if q else None))
@@ -609,7 +653,7 @@ def main(argv=None) -> dict:
         step("fan_in", lambda: measure_fan_in(_mk(tmp / "fanin"), 2 if q else 8, 8 if q else 20))
     detail["meta"] = {"date": datetime.date.today().isoformat(), "machine": bench_wire.machine(), "command": command,
                       "quick": q, "load_before": load_before, "load_after": ", ".join(f"{x:.2f}" for x in os.getloadavg()),
-                      "wall_seconds": time.time() - started}
+                      "wall_seconds": time.time() - started, "items": items}
     if set(RESULT_KEYS) - set(detail):
         print(json.dumps(detail, indent=1, default=str))
         return detail
