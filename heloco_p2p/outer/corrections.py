@@ -115,7 +115,7 @@ class HeLoCo(Correction):
     shrink removes the share β of the component opposing m (β = 1 is PCGrad's projection);
     reorient bends Δ towards m and keeps ‖Δ‖ (‖ũ‖² = (1−λ)² + λ² + 2λ(1−λ)c ≥ 1/2 for c ≥ 0).
     The rule jumps at c = 0 (β → 0 just below, λ ≈ k_d·conf just above) and at c = c_ok;
-    see ``heloco_smooth`` for a continuous variant. Defaults are provisional.
+    see ``heloco_smooth`` for a continuous variant. Defaults chosen by ablation (docs/algorithms.md).
     Source: Asif et al. 2026, HeLoCo (arXiv 2606.00271); reading in ALGORITHMS.md.
     """
 
