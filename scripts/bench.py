@@ -92,6 +92,32 @@ def group_cpu_seconds(pgid: int) -> float:
     return total
 
 
+def peer_cpu_parts(pgid: int) -> dict:
+    """CPU seconds of a peer's process group by part: its main (training) thread, its other threads
+    (event loop, commits, maintenance, submissions), and its child processes (DHT, p2pd)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parts = {"training_thread": 0.0, "other_threads": 0.0, "children": 0.0}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            if int(stat[stat.rindex(")") + 2:].split()[2]) != pgid:
+                continue
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                t = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            except OSError:
+                continue
+            f = t[t.rindex(")") + 2:].split()
+            key = "children" if int(pid) != pgid else ("training_thread" if tid == pid else "other_threads")
+            parts[key] += (int(f[11]) + int(f[12])) / tick
+    return parts
+
+
 # ---------------------------------------------------------------------------------- 1 utilization
 def steady_utilization(rounds: list[dict]) -> float | None:
     """Time in inner steps / wall time between the end of the first and of the last round: each
@@ -218,9 +244,14 @@ def measure_swarm_vs_solo(seconds: float, workdir: Path, steps_per_round: int | 
         sw.start("s1", regions[1])
         sw.wait_until(lambda: all(len(sw.events(n, "ack")) >= 1 for n in ("s0", "s1")), 300, "both peers' first commit")
         groups = [sw.procs[n].pid for n in ("s0", "s1")]
+        parts0 = [peer_cpu_parts(g) for g in groups]
         t_from, cpu0 = time.time(), sum(group_cpu_seconds(g) for g in groups)
         time.sleep(seconds)
         t_to, cpu1 = time.time(), sum(group_cpu_seconds(g) for g in groups)
+        parts1 = [peer_cpu_parts(g) for g in groups]
+        # cores per part, per peer: what the swarm costs beside training
+        cpu_parts = {n: {k: (b[k] - a[k]) / (t_to - t_from) for k in a}
+                     for n, a, b in zip(("s0", "s1"), parts0, parts1)}
         swarm = swarm_tokens_per_second(sw, ["s0", "s1"], t_from, t_to)
         swarm_cores = (cpu1 - cpu0) / (t_to - t_from)
         acks = [a for n in ("s0", "s1") for a in sw.events(n, "ack") if t_from <= a["time"] <= t_to]
@@ -238,7 +269,7 @@ def measure_swarm_vs_solo(seconds: float, workdir: Path, steps_per_round: int | 
             "commits_in_window": len(acks), "median_rtt_ms": 1e3 * _med([a["rtt"] for a in acks]),
             # tokens per CPU-second of every process of each side (peers, their DHT processes and p2pd;
             # the solo runs): what the ratio is where each side has the cores to itself, whatever else runs
-            "swarm_cores": swarm_cores, "solo_cores": solo_cores,
+            "swarm_cores": swarm_cores, "solo_cores": solo_cores, "swarm_cpu_parts": cpu_parts,
             "ratio_per_cpu_second": (total_swarm / swarm_cores) / (total_solo / solo_cores)}
 
 
@@ -542,7 +573,10 @@ def render(detail: dict) -> str:
                  f"{s['solo_cores']:.2f} cores in use): **{s['ratio_per_cpu_second']:.3f}**; solo before "
                  + " + ".join(f"{v:,.0f}" for v in s["solo_before_tokens_per_second"].values()) + ", after "
                  + " + ".join(f"{v:,.0f}" for v in s["solo_after_tokens_per_second"].values()) + " tokens/s."
-                 if "ratio_per_cpu_second" in s else "")]
+                 if "ratio_per_cpu_second" in s else "")
+              + ("".join(f" {n}: training thread {c['training_thread']:.3f} cores, its other threads "
+                         f"{c['other_threads']:.3f}, DHT process and p2pd {c['children']:.3f}."
+                         for n, c in s["swarm_cpu_parts"].items()) if "swarm_cpu_parts" in s else "")]
     c = detail["commit"]
     lines += ["", f"**3. Commit** ({c['params'] / 1e6:.1f}M parameters, lookahead + heloco, median of {c['repeats']}): "
                   f"{c['commit_ms']:.1f} ms per commit ({c['traffic_units']:.1f} P of traffic, "
