@@ -678,7 +678,7 @@ def main(argv=None) -> dict:
             return [measure_utilization(0.75 if q else 3.5, tmp / f"util-{m}", m) for m in modes]
 
         step("utilization", util)
-        step("swarm_vs_solo", lambda: measure_swarm_vs_solo(40 if q else 120, _mk(tmp / "svs"), 10 if q else None))
+        step("swarm_vs_solo", lambda: measure_swarm_vs_solo(40 if q else 90, _mk(tmp / "svs"), 10 if q else None))
         step("commit", lambda: {**measure_commit(5 if q else 20, 2 if q else 3,
                                                  digest_shapes=None if q else _layout_shapes("gpu-125m")),
                                 "submit_path": {n: measure_submit_path(n) for n in (["small"] if q else ["small", "gpu-125m"])}})
