@@ -107,8 +107,9 @@ def spec(algo, slowness, comm, overlap, H=2, time=12.5):
 
 def test_overlap_with_free_communication_is_blocking_mode_exactly(sim_cfg):
     regions = ["a", "b"]
-    runs = [Simulation(sim_cfg, spec("heloco", [1.0, 3.0], [0.0, 0.0], overlap), regions, streams,
+    runs = [Simulation(sim_cfg, spec("heloco", [1.0, 3.0], [0.0, 0.0], overlap, time=8.5), regions, streams,
                        val_blocks(regions)).run() for overlap in (False, True)]
+    assert len(runs[0].commits) == 5 and {c["worker"] for c in runs[0].commits} == {0, 1}
     assert runs[0].commits == runs[1].commits
     assert runs[0].curve == runs[1].curve
 
