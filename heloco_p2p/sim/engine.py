@@ -172,7 +172,8 @@ class Simulation:
         summary = info.summary()
         self.commits.append({"t": self.now, "worker": w.index, "region": w.region, "staleness": info.staleness,
                              "version": info.version, "steps": stats.steps, "loss": stats.loss,
-                             "branches": summary["branches"], "cosine": summary["mean_cosine"]})
+                             "branches": summary["branches"], "cosine": summary["mean_cosine"],
+                             "fairness_weight": summary["fairness_weight"]})
 
     def _start(self, w: Worker) -> float:
         """Worker w starts a round from the current global parameters; returns its finish time."""
@@ -208,7 +209,8 @@ class Simulation:
             self.now = t
             w = self.workers[idx]
             pseudo_grad, stats = w.trainer.run_round(None, w.steps)
-            info = self.engine.commit(pseudo_grad, w.base_version)
+            info = self.engine.commit(pseudo_grad, w.base_version, worker=str(w.index),
+                                      seconds=self._round_seconds(w, stats.steps))
             self.tokens += stats.tokens
             self._record(w, info, stats)
             if self.dylu is not None:
