@@ -139,3 +139,22 @@ def test_quick_style_config_end_to_end_losses_fall(tmp_path):
     md = write_sim_report(tmp_path / "out").read_text()
     assert "| heloco |" in md and "| sync_diloco |" in md
     assert list((tmp_path / "out").glob("loss_h_non-iid.png"))
+
+
+def test_region_fair_weights_follow_round_times_in_the_simulator(cfg):
+    # heloco_fair: DyLU + compute_time weights. Worker 1 is 4× slower; DyLU gives it 2 of H = 8 steps,
+    # so its rounds take 2·4 = 8 s against the fast worker's 8 s: equal times, ρ = 1 for both.
+    regions = ["a", "b"]
+    res = Simulation(cfg, spec("heloco_fair", [1.0, 4.0], H=8, time=40), regions, streams, val_blocks(regions)).run()
+    assert {round(c["fairness_weight"], 9) for c in res.commits} == {1.0}
+    # Without DyLU (dn + compute_time via a variant-like preset), round times 3 s and 12 s:
+    # c = (1/3 + 1/12)/2 = 5/24 → ρ_fast = 3·5/24 = 0.625, ρ_slow = 12·5/24 = 2.5 once both are known.
+    from dataclasses import replace
+
+    preset = replace(ALGORITHMS["heloco_fair"], name="fair_no_dylu", dylu=False, fairness_args={"decay": 0.0})
+    s = replace(spec("heloco_fair", [1.0, 4.0], H=3, time=30), algorithm=preset)
+    res = Simulation(cfg, s, regions, streams, val_blocks(regions)).run()
+    first_slow = min(i for i, c in enumerate(res.commits) if c["worker"] == 1)
+    later = res.commits[first_slow:]
+    assert {round(c["fairness_weight"], 9) for c in later if c["worker"] == 0} == {0.625}
+    assert {round(c["fairness_weight"], 9) for c in later if c["worker"] == 1} == {2.5}
