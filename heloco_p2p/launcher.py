@@ -25,6 +25,19 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def proc_stats():
+    """Yield (pid, name, fields) for every process readable in /proc; ``fields`` are the stat
+    fields after the name: [0] state, [1] ppid, [2] process group, [11] utime, [12] stime (ticks)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        yield int(entry), stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+
+
 def write_test_config(path: Path, outer: dict | None = None, **swarm) -> Path:
     """The tiny model with short rounds and a short lease, so a swarm test takes seconds.
     ``outer`` updates the outer section (e.g. ``{"algorithm": "sync_diloco"}``)."""
@@ -113,14 +126,7 @@ class LocalSwarm:
     def group_alive(self, name: str) -> bool:
         """Whether any process of the peer's group still runs (zombies, already dead, don't count)."""
         pgid = self.procs[name].pid
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                stat = Path(f"/proc/{pid}/stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()  # state, ppid, pgrp, ...
+        for _pid, _name, fields in proc_stats():
             if int(fields[2]) == pgid and fields[0] != "Z":
                 return True
         return False

@@ -77,19 +77,10 @@ def _write_config(path: Path, base: str, update: dict) -> Path:
 
 def group_cpu_seconds(pgid: int) -> float:
     """CPU seconds (user + system) of every live process in a process group."""
+    from heloco_p2p.launcher import proc_stats
+
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        f = stat[stat.rindex(")") + 2:].split()
-        if int(f[2]) == pgid:
-            total += (int(f[11]) + int(f[12])) / tick
-    return total
+    return sum((int(f[11]) + int(f[12])) / tick for _pid, _name, f in proc_stats() if int(f[2]) == pgid)
 
 
 def peer_cpu_parts(pgid: int) -> dict:

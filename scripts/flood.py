@@ -59,18 +59,9 @@ def rss_mib(pid: int) -> float:
 
 
 def children(pid: int) -> dict[int, str]:
-    out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        name = stat[stat.index("(") + 1:stat.rindex(")")]
-        if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
-            out[int(entry)] = name
-    return out
+    from heloco_p2p.launcher import proc_stats
+
+    return {child: name for child, name, f in proc_stats() if int(f[1]) == pid}
 
 
 class Sampler(threading.Thread):
