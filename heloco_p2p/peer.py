@@ -662,11 +662,15 @@ class Peer:
             compute = time.perf_counter() - t0
             self.log_metric({"event": "round", "steps": H, "compute_seconds": compute, "loss": stats.loss,
                              "tokens": stats.tokens, "base_version": base})
-            self.inner_steps = H
-            self.steps_per_second = H / compute if compute > 0 else 0.0
-            self.rounds += 1
-            self.last_loss = stats.loss
+            self._round_done(H, compute, stats)
             self._submit(delta, base, stats, compute)
+
+    def _round_done(self, H: int, compute: float, stats) -> None:
+        """What the heartbeat reports about the round just trained (both round modes)."""
+        self.inner_steps = H
+        self.steps_per_second = H / compute if compute > 0 else 0.0
+        self.rounds += 1
+        self.last_loss = stats.loss
 
     # ------------------------------------------------------------------------------ overlapped rounds
     def _train_overlapped(self) -> None:
@@ -693,10 +697,7 @@ class Peer:
                 self.log_metric({"event": "round", "steps": H, "compute_seconds": compute, "loss": stats.loss,
                                  "tokens": stats.tokens, "base_version": base, "wait_seconds": self._round_wait,
                                  "fold_seconds": self._round_fold, "overlap": True})
-                self.inner_steps = H
-                self.steps_per_second = H / compute if compute > 0 else 0.0
-                self.rounds += 1
-                self.last_loss = stats.loss
+                self._round_done(H, compute, stats)
                 self._submit_in_background(delta, base, stats, compute)
         finally:
             if self._submitter is not None:  # the last submission is still worth its reply, unless we are leaving

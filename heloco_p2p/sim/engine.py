@@ -199,7 +199,19 @@ class Simulation:
         return SimResult(self.spec, self.at_tokens, self.at_time, self.curve, self.commits, workers)
 
     def _run_async(self) -> None:
-        heap = [(self._start(w), w.index) for w in self.workers]
+        def after_commit(w: Worker, stats) -> None:
+            if self.dylu is not None:
+                compute = self._round_seconds(w, stats.steps) - self.spec.comm_seconds[w.index]
+                self.dylu.update(w.index, stats.steps / compute)
+
+        self._async_events(lambda w, first: self._start(w),
+                           lambda w: (w.trainer.run_round(None, w.steps), w.base_version), after_commit)
+
+    def _async_events(self, start, run_round, after_commit) -> None:
+        """The asynchronous event loop both modes share: pop the next finishing worker, run its
+        round (``run_round(w) -> ((Δ, stats), base version)``), commit, record, and schedule its
+        next round (``start(w, first) -> finish time``)."""
+        heap = [(start(w, True), w.index) for w in self.workers]
         heapq.heapify(heap)
         while not self._done():
             t, idx = heapq.heappop(heap)
@@ -208,15 +220,13 @@ class Simulation:
                 break
             self.now = t
             w = self.workers[idx]
-            pseudo_grad, stats = w.trainer.run_round(None, w.steps)
-            info = self.engine.commit(pseudo_grad, w.base_version, worker=str(w.index),
-                                      seconds=self._round_seconds(w, stats.steps))
+            (pseudo_grad, stats), base = run_round(w)
+            info = self.engine.commit(pseudo_grad, base, worker=str(w.index), seconds=self._round_seconds(w, stats.steps))
             self.tokens += stats.tokens
             self._record(w, info, stats)
-            if self.dylu is not None:
-                self.dylu.update(w.index, stats.steps / (self._round_seconds(w, stats.steps) - self.spec.comm_seconds[idx]))
+            after_commit(w, stats)
             self._evaluate_token_marks()
-            heapq.heappush(heap, (self._start(w), idx))
+            heapq.heappush(heap, (start(w, False), idx))
 
     def _run_sync(self) -> None:
         while not self._done():
@@ -262,26 +272,15 @@ class Simulation:
         for w in self.workers:
             w.trainer.load_params(self.engine.params)
             w.base_version = self.engine.version
-        heap = [(self._start_overlapped(w, 0.0), w.index) for w in self.workers]
-        heapq.heapify(heap)
-        while not self._done():
-            t, idx = heapq.heappop(heap)
-            self._evaluate_time_marks(until=t)
-            if self._done():
-                break
-            self.now = t
-            w = self.workers[idx]
-            (pseudo_grad, stats), base = self._run_overlapped_round(w)
-            info = self.engine.commit(pseudo_grad, base, worker=str(w.index), seconds=self._round_seconds(w, stats.steps))
-            self.tokens += stats.tokens
-            self._record(w, info, stats)
+
+        def after_commit(w: Worker, stats) -> None:
             w.fold_params = [p.detach().clone() for p in self.engine.params]  # the reply, folded in next round
             w.fold_version = self.engine.version
             if self.dylu is not None:
                 self.dylu.update(w.index, 1.0 / (self.spec.step_time * w.slowness))
-            self._evaluate_token_marks()
-            heapq.heappush(heap, (self._start_overlapped(w, w.round_end), idx))
 
+        self._async_events(lambda w, first: self._start_overlapped(w, 0.0 if first else w.round_end),
+                           self._run_overlapped_round, after_commit)
 
 def _batched(blocks: Iterator[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
     while True:
