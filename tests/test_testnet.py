@@ -1,4 +1,4 @@
-"""The testnet end to end: three tiny peers for about a minute, then a consistent summary."""
+"""The testnet end to end: three tiny peers for a minute and a half, then a consistent summary."""
 import json
 
 import pytest
@@ -23,7 +23,7 @@ def _cast(tmp_path):
 def test_testnet_writes_a_consistent_summary(tmp_path):
     cfg = write_test_config(tmp_path / "cfg.yaml")
     out = tmp_path / "out"
-    summary = run_testnet(load_profiles(_cast(tmp_path)), str(cfg), minutes=1.0, out=out, live=False, eval_every=20)
+    summary = run_testnet(load_profiles(_cast(tmp_path)), str(cfg), minutes=1.5, out=out, live=False, eval_every=20)
     assert json.loads((out / "summary.json").read_text()) == summary
     assert summary["commits"] >= 10
     assert summary["commits"] == summary["accepted_rounds"]  # no faults: every commit acknowledged once
