@@ -158,3 +158,53 @@ def test_region_fair_weights_follow_round_times_in_the_simulator(cfg):
     later = res.commits[first_slow:]
     assert {round(c["fairness_weight"], 9) for c in later if c["worker"] == 0} == {0.625}
     assert {round(c["fairness_weight"], 9) for c in later if c["worker"] == 1} == {2.5}
+
+
+def test_runs_are_logged_as_they_finish_and_resume_reuses_them(tmp_path, monkeypatch):
+    from heloco_p2p.sim import runner
+
+    sim_cfg = {
+        "name": "resume", "base": "configs/tiny.yaml",
+        "overrides": {"data.seq_len": 32, "data.val_blocks": 2, "inner.batch_size": 2, "inner.warmup_steps": 2,
+                      "inner.total_steps": 50},
+        "regions": ["de", "fr"], "steps_per_round": 2, "step_time": 1.0,
+        "experiments": [{"algorithms": ["heloco"], "heterogeneity": ["h"], "data": ["non-iid"]}],
+        "heterogeneity_levels": {"h": [1.0, 2.0]},
+        "seeds": [0, 1], "token_budget": 600, "time_budget": 6, "eval_points": 1, "processes": 1,
+    }
+    path = tmp_path / "sim.yaml"
+    path.write_text(yaml.safe_dump(sim_cfg))
+    ran = []
+    real = runner._run_spec_job
+    monkeypatch.setattr(runner, "_run_spec_job", lambda job: ran.append(job[1].run_id) or real(job))
+    out = tmp_path / "out"
+    first = run_config(load_sim_config(path), out, progress=False)
+    assert len(ran) == 2
+    lines = (out / "runs.jsonl").read_text().splitlines()
+    assert [json.loads(x)["run_id"] for x in lines] == ran  # one line per finished run
+
+    # a resumed run reuses both and writes the same results
+    ran.clear()
+    again = run_config(load_sim_config(path), out, progress=False, resume=True)
+    assert ran == [] and again["runs"] == first["runs"]
+
+    # a crash cut the last line short, and the config now asks for one more seed: only the cut run
+    # and the new seed run; the intact one is reused
+    (out / "runs.jsonl").write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])
+    sim_cfg["seeds"] = [0, 1, 2]
+    path.write_text(yaml.safe_dump(sim_cfg))
+    ran.clear()
+    third = run_config(load_sim_config(path), out, progress=False, resume=True)
+    assert [r.split("|")[3] for r in ran] == ["seed1", "seed2"]
+    assert third["runs"][:4] == first["runs"]
+
+    # a changed specification (another lr) is a new run, never a reused one; without --resume the log starts afresh
+    sim_cfg["lr_grid"] = {"heloco": [0.3]}
+    sim_cfg["seeds"] = [0]
+    path.write_text(yaml.safe_dump(sim_cfg))
+    ran.clear()
+    run_config(load_sim_config(path), out, progress=False, resume=True)
+    assert ran == ["heloco|h|non-iid|seed0|lr0.3"]
+    ran.clear()
+    run_config(load_sim_config(path), out, progress=False)
+    assert len(ran) == 1 and len((out / "runs.jsonl").read_text().splitlines()) == 1

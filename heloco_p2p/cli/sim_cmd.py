@@ -15,8 +15,11 @@ from heloco_p2p.cli import log_level_option
 @click.option("--processes", type=click.IntRange(min=1), default=None, help="Parallel runs (default: the config's).")
 @click.option("--seed", "seeds", type=int, multiple=True, help="Override the config's seeds (repeatable).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--resume", is_flag=True,
+              help="Reuse the runs already finished in --out (runs.jsonl) whose specification is unchanged; "
+                   "run only the rest. Without it, runs.jsonl is started afresh.")
 @log_level_option
-def simulate(config_path, out_dir, processes, seeds, no_progress):
+def simulate(config_path, out_dir, processes, seeds, no_progress, resume):
     """Run every algorithm × heterogeneity × data × seed of a simulator config; write results.json,
     curves.jsonl, commits.jsonl, results.md and plots into --out."""
     from heloco_p2p.config import ConfigError
@@ -32,7 +35,7 @@ def simulate(config_path, out_dir, processes, seeds, no_progress):
         cfg.processes = processes
     if seeds:
         cfg.seeds = list(seeds)
-    run_config(cfg, out_dir, progress=not no_progress)
+    run_config(cfg, out_dir, progress=not no_progress, resume=resume)
     command = "heloco-peer " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     md = write_sim_report(out_dir, command=command)
     click.echo(md.read_text())

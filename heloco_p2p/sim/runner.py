@@ -7,6 +7,12 @@ and seed of that algorithm runs at that lr. Every algorithm is thus compared at 
 
 Outputs in ``out_dir``: results.json (final values), curves.jsonl (evaluations along the way),
 commits.jsonl (one line per commit), results.md and plots (heloco_p2p.report).
+
+Every run is appended to ``out_dir/runs.jsonl`` the moment it finishes (one line, flushed and
+fsynced), so a long comparison stopped or crashed half-way loses only the runs in progress:
+``resume=True`` (``heloco-peer simulate --resume``) reuses every logged run whose full
+specification (algorithm preset with all its arguments, lr, speeds, seed, budgets, ...) equals one
+the config asks for, and runs the rest. A line cut short by a crash is skipped.
 """
 from __future__ import annotations
 
@@ -57,6 +63,49 @@ def _init_process(threads: int) -> None:
 def run_spec(cfg: SimConfig, spec: SimSpec) -> SimResult:
     run_cfg, tok, streams, val = _data(cfg)
     return Simulation(run_cfg, spec, cfg.regions, streams, val, tokenizer=tok).run()
+
+
+RUN_LOG = "runs.jsonl"
+
+
+def _spec_key(spec: SimSpec) -> str:
+    """The identity of a run: its whole specification, the preset's arguments included."""
+    return json.dumps(asdict(spec), sort_keys=True)
+
+
+def _result_from_line(line: dict, spec: SimSpec) -> SimResult:
+    return SimResult(spec, line["at_tokens"], line["at_time"], line["curve"], line["commits"], line["workers"])
+
+
+class RunLog:
+    """``runs.jsonl``: one line per finished run (spec, final values, curve, commits, workers)."""
+
+    def __init__(self, path: Path, resume: bool):
+        self.path = path
+        self.lines: dict[str, dict] = {}
+        if resume and path.exists():
+            for raw in path.read_text().splitlines():
+                try:
+                    line = json.loads(raw)
+                    self.lines[line["key"]] = line
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    logger.warning("%s: skipping a line that does not parse (cut short by a crash?)", path)
+            logger.info("resuming: %d finished runs in %s", len(self.lines), path)
+        elif path.exists():
+            path.unlink()
+
+    def get(self, spec: SimSpec) -> SimResult | None:
+        line = self.lines.get(_spec_key(spec))
+        return None if line is None else _result_from_line(line, spec)
+
+    def add(self, res: SimResult, seconds: float) -> None:
+        line = {"key": _spec_key(res.spec), "run_id": res.spec.run_id, "seconds": seconds, "at_tokens": res.at_tokens,
+                "at_time": res.at_time, "curve": res.curve, "commits": res.commits, "workers": res.workers}
+        self.lines[line["key"]] = line
+        with open(self.path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def _run_spec_job(args) -> dict:
@@ -110,7 +159,9 @@ def _score(res: SimResult) -> float:
 class _Pool:
     """Runs jobs in worker processes (or inline for one process), with a progress bar and ETA."""
 
-    def __init__(self, cfg: SimConfig, total: int, progress: bool):
+    def __init__(self, cfg: SimConfig, total: int, progress: bool, log: RunLog):
+        import sys
+
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         self.cfg = cfg
@@ -118,6 +169,10 @@ class _Pool:
                                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                                  TextColumn("{task.fields[last]}"), disable=not progress)
         self.task = self.progress.add_task("runs", total=total, last="")
+        self.log = log
+        # without a live bar (no terminal: nohup, CI, a pipe) each finished run is one log line
+        self.log_lines = not (progress and sys.stderr.isatty())
+        self.t0 = time.perf_counter()
         self.executor = None
         if cfg.processes > 1:
             self.executor = ProcessPoolExecutor(cfg.processes, mp_context=get_context("spawn"),
@@ -133,26 +188,42 @@ class _Pool:
         self.progress.__exit__(*exc)
 
     def map(self, specs: list[SimSpec]) -> list[SimResult]:
-        jobs = [(self.cfg, s) for s in specs]
+        """Results in the order of ``specs``; runs already in the log are not run again."""
+        outs: list[SimResult | None] = [self.log.get(s) for s in specs]
+        reused = sum(o is not None for o in outs)
+        if reused:
+            self.progress.update(self.task, advance=reused, last=f"{reused} runs reused from {RUN_LOG}")
+        missing = [i for i, o in enumerate(outs) if o is None]
         if self.executor is None:
             _init_process(self.cfg.threads_per_process)
-            outs = []
-            for job in jobs:
-                outs.append(self._done(_run_spec_job(job)))
+            for i in missing:
+                outs[i] = self._done(_run_spec_job((self.cfg, specs[i])))
             return outs
-        futures = [self.executor.submit(_run_spec_job, job) for job in jobs]
-        return [self._done(f.result()) for f in futures]
+        futures = {self.executor.submit(_run_spec_job, (self.cfg, specs[i])): i for i in missing}
+        from concurrent.futures import as_completed
+
+        for f in as_completed(futures):  # logged as they finish, not in submission order
+            outs[futures[f]] = self._done(f.result())
+        return outs
 
     def _done(self, out: dict) -> SimResult:
         res = out["result"]
-        self.progress.update(self.task, advance=1,
-                             last=f"{res.spec.run_id}: {res.at_time['val_loss']['mean']:.3f} ({out['seconds']:.0f}s)")
-        logger.debug("%s done in %.1fs", res.spec.run_id, out["seconds"])
+        self.log.add(res, out["seconds"])
+        last = f"{res.spec.run_id}: {res.at_time['val_loss']['mean']:.3f} ({out['seconds']:.0f}s)"
+        self.progress.update(self.task, advance=1, last=last)
+        if self.log_lines:
+            task = self.progress.tasks[0]
+            done, total = int(task.completed), int(task.total or 0)
+            elapsed = time.perf_counter() - self.t0
+            eta = task.time_remaining
+            logger.info("run %d/%d done: %s; elapsed %.0f s%s", done, total, last, elapsed,
+                        f", ETA {eta:.0f} s" if eta is not None else "")
         return res
 
 
-def run_config(cfg: SimConfig, out_dir: str | Path, progress: bool = True) -> dict:
-    """Run every cell of ``cfg`` (with the lr sweep) and write the outputs; returns results.json's dict."""
+def run_config(cfg: SimConfig, out_dir: str | Path, progress: bool = True, resume: bool = False) -> dict:
+    """Run every cell of ``cfg`` (with the lr sweep) and write the outputs; returns results.json's dict.
+    ``resume``: reuse the finished runs logged in ``out_dir/runs.jsonl`` (module docstring)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cells = _cells(cfg)
@@ -161,7 +232,8 @@ def run_config(cfg: SimConfig, out_dir: str | Path, progress: bool = True) -> di
     swept = [a for a in dict.fromkeys(a for a, _, _ in cells) if len(cfg.lr_grid.get(a) or []) > 1]
     phase1 = [make_spec(cfg, a, sweep_het, "non-iid", seed0, lr) for a in swept for lr in cfg.lr_grid[a]]
     t0 = time.perf_counter()
-    with _Pool(cfg, len(phase1) + len(cells) * len(cfg.seeds), progress) as pool:
+    log = RunLog(out / RUN_LOG, resume)
+    with _Pool(cfg, len(phase1) + len(cells) * len(cfg.seeds), progress, log) as pool:
         sweep = pool.map(phase1)
         best_lr: dict[str, float] = {}
         for a in swept:
