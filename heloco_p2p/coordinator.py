@@ -95,6 +95,20 @@ def fairness_inputs(header: dict, peer: str) -> tuple[str, float | None]:
     return worker, seconds
 
 
+MAX_TOKENS_PER_STEP = 1 << 24  # a batch of 16M tokens per inner step: far above any real one
+
+
+def submission_tokens(header: dict, steps: int) -> int:
+    """The tokens a submission says it trained on (its ``stats.tokens``), counted toward the run's
+    ``max_tokens``: 0 when missing, ``malformed`` when not an integer in [0, steps × 2^24]."""
+    stats = header.get("stats")
+    tokens = stats.get("tokens", 0) if isinstance(stats, dict) else 0
+    if type(tokens) is not int or not 0 <= tokens <= steps * MAX_TOKENS_PER_STEP:
+        raise WireError("malformed", f"stats.tokens must be an integer in [0, steps × {MAX_TOKENS_PER_STEP}], "
+                                     f"got {str(tokens)[:40]!r}")
+    return tokens
+
+
 def header_int(header: dict, key: str, default: int | None = None, lo: int = 0, hi: int = _MAX_INT) -> int:
     """An integer header field in [lo, hi]; ``malformed`` otherwise (bool is not an integer here)."""
     value = header.get(key, default)
@@ -129,6 +143,7 @@ class CommitState:
     applied: dict[str, int] = field(default_factory=dict)  # peer id -> last applied sequence number
     applied_count: dict[str, int] = field(default_factory=dict)  # peer id -> submissions committed
     total_steps: int = 0  # inner steps in all committed pseudo-gradients
+    total_tokens: int = 0  # tokens in all committed pseudo-gradients (as their senders counted them)
     contributors: set = field(default_factory=set)
     recent_norms: deque = field(default_factory=lambda: deque(maxlen=64))
 
@@ -163,26 +178,27 @@ class CommitState:
         return norm
 
     def apply(self, pseudo_grad: list[torch.Tensor], base_version: int, peer: str, seq: int, steps: int, norm: float,
-              worker: str | None = None, seconds: float | None = None):
+              worker: str | None = None, seconds: float | None = None, tokens: int = 0):
         """Commit one submission; ``worker``/``seconds`` feed the region-fair weight (outer.fairness):
-        the sender's region and how long its round took."""
+        the sender's region and how long its round took; ``tokens`` counts toward the run's budget."""
         info = self.engine.commit(pseudo_grad, base_version, worker=worker, seconds=seconds)
-        self._record(peer, seq, steps, norm)
+        self._record(peer, seq, steps, norm, tokens)
         return info
 
-    def _record(self, peer: str, seq: int, steps: int, norm: float) -> None:
+    def _record(self, peer: str, seq: int, steps: int, norm: float, tokens: int = 0) -> None:
         self.applied[peer] = seq
         self.applied_count[peer] = self.applied_count.get(peer, 0) + 1
         self.total_steps += steps
+        self.total_tokens += tokens
         self.contributors.add(peer)
         self.recent_norms.append(norm)
 
-    def apply_sync(self, items: list[tuple[str, int, int, float, list[torch.Tensor]]], base_version: int):
+    def apply_sync(self, items: list[tuple[str, int, int, int, float, list[torch.Tensor]]], base_version: int):
         """Synchronous DiLoCo: one outer step on the mean of one pseudo-gradient per peer.
-        ``items``: (peer, seq, steps, norm, Δ) each."""
+        ``items``: (peer, seq, steps, tokens, norm, Δ) each."""
         info = self.engine.sync_commit([d for *_, d in items], base_version)
-        for peer, seq, steps, norm, _ in items:
-            self._record(peer, seq, steps, norm)
+        for peer, seq, steps, tokens, norm, _ in items:
+            self._record(peer, seq, steps, norm, tokens)
         return info
 
     def is_duplicate(self, peer: str, seq: int) -> bool:
@@ -192,7 +208,8 @@ class CommitState:
     def state_dict(self) -> dict:
         return {"engine": self.engine.state_dict(), "term": self.term, "applied": dict(self.applied),
                 "applied_count": dict(self.applied_count),
-                "total_steps": self.total_steps, "contributors": sorted(self.contributors),
+                "total_steps": self.total_steps, "total_tokens": self.total_tokens,
+                "contributors": sorted(self.contributors),
                 "recent_norms": list(self.recent_norms)}
 
     def load_state_dict(self, state: dict) -> None:
@@ -210,8 +227,9 @@ class CommitState:
             return dict(value)
 
         term, total_steps = state.get("term"), state.get("total_steps")
-        if type(term) is not int or term < 0 or type(total_steps) is not int or total_steps < 0:
-            raise ValueError("commit state: term and total_steps must be integers >= 0")
+        total_tokens = state.get("total_tokens", 0)  # states written before the token budget have none
+        if any(type(v) is not int or v < 0 for v in (term, total_steps, total_tokens)):
+            raise ValueError("commit state: term, total_steps and total_tokens must be integers >= 0")
         applied, applied_count = ledger("applied"), ledger("applied_count")
         contributors, norms = state.get("contributors"), state.get("recent_norms")
         if not isinstance(contributors, (list, tuple, set)) or not all(isinstance(c, str) for c in contributors):
@@ -228,6 +246,7 @@ class CommitState:
         self.applied = applied
         self.applied_count = applied_count
         self.total_steps = total_steps
+        self.total_tokens = total_tokens
         self.contributors = set(contributors)
         self.recent_norms = deque(norms, maxlen=64)
 
@@ -270,7 +289,7 @@ class CoordinatorService:
         self.node, self.state, self.limits = node, state, limits
         self.mode = mode  # "async": commit each Δ alone; "sync": barrier, average, commit (sync DiLoCo)
         self.barrier_timeout = barrier_timeout
-        self.pending: dict[str, tuple] = {}  # sync mode: peer -> (seq, steps, norm, Δ, future)
+        self.pending: dict[str, tuple] = {}  # sync mode: peer -> (seq, steps, tokens, norm, Δ, future)
         self._participants: set[str] = set()  # sync mode: peers the barrier waits for (kept by the peer's maintenance)
         self._submit_gate = None
         self.expected = [(tuple(s), torch.float32) for s in shapes]
@@ -348,8 +367,8 @@ class CoordinatorService:
         return float(len(recent))
 
     # -- submit -------------------------------------------------------------------------------
-    def _parse_submit(self, header: dict) -> tuple[int, int, int, int]:
-        """(term, seq, base_version, steps) of a submission header, or WireError with the reason."""
+    def _parse_submit(self, header: dict) -> tuple[int, int, int, int, int]:
+        """(term, seq, base_version, steps, tokens) of a submission header, or WireError with the reason."""
         run_id = header.get("run_id")
         if run_id != self.node.run_id:
             raise WireError("unknown_run", f"this coordinator serves run {self.node.run_id!r}, not "
@@ -360,6 +379,7 @@ class CoordinatorService:
         steps = header_int(header, "steps", default=0, hi=self.limits.max_steps)
         if not isinstance(header.get("stats", {}), dict):
             raise WireError("malformed", "header field 'stats' must be an object")
+        tokens = submission_tokens(header, steps)
         if not isinstance(header.get("tensors"), list):
             raise WireError("malformed", "header field 'tensors' must be the list of tensor metadata")
         names = header.get("names")
@@ -372,11 +392,11 @@ class CoordinatorService:
                 raise WireError("layout_mismatch", f"{len(names)} tensor names sent, {len(mine)} expected; first "
                                                    f"difference at {bad}: {names[bad] if bad < len(names) else None!r} "
                                                    f"vs {mine[bad] if bad < len(mine) else None!r}")
-        return term, seq, base_version, steps
+        return term, seq, base_version, steps, tokens
 
     async def _handle_submit(self, header: dict, payload: bytes, remote: str) -> tuple[dict, bytes]:
         try:
-            term, seq, base_version, steps = self._parse_submit(header)
+            term, seq, base_version, steps, tokens = self._parse_submit(header)
         except WireError as exc:
             return self._reject(remote, exc.code, exc.message)
         if not self.active:
@@ -396,13 +416,14 @@ class CoordinatorService:
         t_decode = time.perf_counter() - t0
         peer = remote
         if self.mode == "sync":
-            return await self._handle_sync_submit(delta, peer, seq, base_version, steps)
+            return await self._handle_sync_submit(delta, peer, seq, base_version, steps, tokens)
         async with self.lock:
             if not self.active:
                 return {"status": "not_coordinator", "term": self.highest_term_seen, "message": "stepped down"}, b""
             if self.state.is_duplicate(peer, seq):
                 reply = {"status": "accepted", "duplicate": True, "version": self.state.version, "term": self.state.term,
-                         "staleness": None, "schedule_step": self.state.schedule_step()}
+                         "staleness": None, "schedule_step": self.state.schedule_step(),
+                         "run_tokens": self.state.total_tokens}
                 return reply, await loop.run_in_executor(None, self._encode_params)
             try:
                 norm = await loop.run_in_executor(None, self.state.check, delta, base_version, self.limits)
@@ -412,11 +433,11 @@ class CoordinatorService:
             t1 = time.perf_counter()
             worker, seconds = fairness_inputs(header, peer)
             info = await loop.run_in_executor(None, self.state.apply, delta, base_version, peer, seq, steps, norm,
-                                              worker, seconds)
+                                              worker, seconds, tokens)
             digest = await loop.run_in_executor(None, params_digest, self.state.engine.params)
             t2 = time.perf_counter()
             if not await self._replicate_commit(peer, seq, steps, base_version, header.get("tensors", []), payload,
-                                                version_before, digest, worker, seconds):
+                                                version_before, digest, worker, seconds, tokens):
                 # a standby follows a newer term: another peer coordinates, and this commit (applied
                 # here only) must not be acknowledged; the sender resubmits to the new coordinator
                 return {"status": "not_coordinator", "term": self.highest_term_seen,
@@ -436,11 +457,12 @@ class CoordinatorService:
             timing = {"decode": t_decode, "commit": t2 - t1, "replicate": t3 - t2, "encode_reply": time.perf_counter() - t3}
             reply = {"status": "accepted", "duplicate": False, "version": info.version, "term": self.state.term,
                      "staleness": info.staleness, "branches": summary["branches"],
-                     "schedule_step": self.state.schedule_step(), "timing": timing}
+                     "schedule_step": self.state.schedule_step(), "run_tokens": self.state.total_tokens, "timing": timing}
         return reply, data
 
     # -- synchronous barrier ------------------------------------------------------------------
-    async def _handle_sync_submit(self, delta, peer: str, seq: int, base_version: int, steps: int) -> tuple[dict, bytes]:
+    async def _handle_sync_submit(self, delta, peer: str, seq: int, base_version: int, steps: int,
+                                  tokens: int = 0) -> tuple[dict, bytes]:
         """Wait until every participant has sent its Δ for the current version, then one averaged
         commit answers them all (synchronous DiLoCo in the real swarm)."""
         loop = asyncio.get_running_loop()
@@ -449,7 +471,8 @@ class CoordinatorService:
                 return {"status": "not_coordinator", "term": self.highest_term_seen, "message": "stepped down"}, b""
             if self.state.is_duplicate(peer, seq):
                 return ({"status": "accepted", "duplicate": True, "version": self.state.version, "term": self.state.term,
-                         "staleness": None, "schedule_step": self.state.schedule_step()},
+                         "staleness": None, "schedule_step": self.state.schedule_step(),
+                         "run_tokens": self.state.total_tokens},
                         await loop.run_in_executor(None, self._encode_params))
             if base_version != self.state.version:
                 return self._reject(peer, "too_stale", f"a synchronous round starts from the current version "
@@ -459,7 +482,7 @@ class CoordinatorService:
             except Rejection as exc:
                 return self._reject(peer, exc.code, str(exc))
             future = loop.create_future()
-            self.pending[peer] = (seq, steps, norm, delta, future)
+            self.pending[peer] = (seq, steps, tokens, norm, delta, future)
         await self.check_barrier()
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout=self.barrier_timeout)
@@ -476,7 +499,7 @@ class CoordinatorService:
             waiting_for = self.participants - set(self.pending)
             if waiting_for and not force:
                 return
-            items = [(p, seq, steps, norm, d) for p, (seq, steps, norm, d, _) in sorted(self.pending.items())]
+            items = [(p, seq, steps, tokens, norm, d) for p, (seq, steps, tokens, norm, d, _) in sorted(self.pending.items())]
             futures = [f for (*_, f) in self.pending.values()]
             self.pending = {}
             t1 = time.perf_counter()
@@ -504,7 +527,7 @@ class CoordinatorService:
             timing = {"decode": 0.0, "commit": t2 - t1, "replicate": t3 - t2, "encode_reply": time.perf_counter() - t3}
             reply = {"status": "accepted", "duplicate": False, "version": info.version, "term": self.state.term,
                      "staleness": 0, "branches": summary["branches"], "schedule_step": self.state.schedule_step(),
-                     "timing": timing, "peers": len(items)}
+                     "run_tokens": self.state.total_tokens, "timing": timing, "peers": len(items)}
             for f in futures:
                 if not f.done():
                     f.set_result((reply, data))
@@ -523,14 +546,14 @@ class CoordinatorService:
 
     async def _replicate_commit(self, peer: str, seq: int, steps: int, base_version: int, tensors: list,
                                 payload: bytes, version_before: int, digest: str, worker: str | None = None,
-                                seconds: float | None = None) -> bool:
+                                seconds: float | None = None, tokens: int = 0) -> bool:
         """Forward the commit to every standby and wait for each; a standby that cannot follow gets
         the full state; one that does not answer is dropped (and named no more in the lease).
         Returns False, after stepping down, when a standby answers ``fenced``: it follows a newer
         term, so this peer no longer coordinates and must not acknowledge the commit."""
         msg = {"kind": "commit", "term": self.state.term, "version_before": version_before, "base_version": base_version,
                "peer": peer, "seq": seq, "steps": steps, "tensors": tensors, "digest": digest,
-               "worker": worker, "seconds": seconds}
+               "worker": worker, "seconds": seconds, "tokens": tokens}
         for sb in list(self.standbys):
             try:
                 reply, _ = await asyncio.wait_for(self.node.acall(sb, "replicate", msg, payload), timeout=30)
@@ -601,6 +624,7 @@ class CoordinatorService:
         if kind == "commit":
             for key in ("version_before", "base_version", "seq", "steps"):
                 header_int(header, key)
+            header_int(header, "tokens", default=0)
             header_str(header, "peer")
             header_str(header, "digest")
             if not isinstance(header.get("tensors"), list):
@@ -655,7 +679,8 @@ class CoordinatorService:
                 return {"status": "rejected", "reason": "not_finite", "message": "the pseudo-gradient contains NaN or Inf"}, b""
             self._follow(term, remote)
             await loop.run_in_executor(None, self.state.apply, delta, header["base_version"], header["peer"],
-                                       header["seq"], header["steps"], norm, header.get("worker"), header.get("seconds"))
+                                       header["seq"], header["steps"], norm, header.get("worker"), header.get("seconds"),
+                                       header.get("tokens", 0))
             mine = await loop.run_in_executor(None, params_digest, self.state.engine.params)
             if mine != header["digest"]:
                 logger.warning("standby: digest differs at version %d; asking for the full state", self.state.version)

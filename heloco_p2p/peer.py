@@ -92,6 +92,7 @@ class Peer:
         self.global_params: list[torch.Tensor] | None = None
         self.rounds = 0
         self.tokens = 0
+        self.run_tokens = 0  # tokens committed in the whole run, as the coordinator last said
         self.accepted = 0
         self.rejected = 0
         self.last_loss = float("nan")
@@ -448,6 +449,7 @@ class Peer:
                 if self.lease is None or c.term != self.lease.term:
                     logger.info("coordinator: %s (term %d, version %d)", c.peer_id[-8:], c.term, c.version)
                 self.lease, self.lease_seen_at = c, now
+                self.run_tokens = max(self.run_tokens, c.tokens)
                 self.service.note_term(c.term)
                 break
         return self.lease
@@ -457,13 +459,14 @@ class Peer:
 
         async def _consistent():
             async with svc.lock:  # the digest must be of θ at exactly this version
-                return st.term, st.version, params_digest(st.engine.params)
+                return st.term, st.version, params_digest(st.engine.params), st.total_tokens
 
-        term, version, digest = self.node.run(_consistent(), timeout=60)
+        term, version, digest, run_tokens = self.node.run(_consistent(), timeout=60)
         stale = list(svc.staleness_recent)
         record = LeaseRecord(peer_id=self.node.peer_id, term=term, version=version,
                              digest=digest, standbys=list(svc.standbys),
                              maddrs=self.node.visible_maddrs(), renewed=time.time(), commits=svc.commits_this_term,
+                             tokens=run_tokens,
                              rejected=svc.rejected_this_term, commits_per_minute=svc.commits_per_minute(),
                              mean_staleness=float(sum(stale) / len(stale)) if stale else 0.0,
                              branches={str(k): int(v) for k, v in svc.branches.items()},
@@ -622,6 +625,10 @@ class Peer:
             return False
         if self.genesis.max_versions and self.version >= self.genesis.max_versions:
             logger.info("the run reached its budget of %d versions", self.genesis.max_versions)
+            return False
+        if self.genesis.max_tokens and self.run_tokens >= self.genesis.max_tokens:
+            logger.info("the run reached its budget of %d tokens (%d committed)", self.genesis.max_tokens,
+                        self.run_tokens)
             return False
         return True
 
@@ -790,6 +797,7 @@ class Peer:
                 self._adopt(params, int(reply["version"]), int(reply.get("schedule_step", 0)))
                 self.accepted += 1
                 self.tokens += stats.tokens
+                self.run_tokens = max(self.run_tokens, int(reply.get("run_tokens", 0)))
                 self.last_staleness = int(reply["staleness"] or 0)
                 ack = {"event": "ack", "seq": self.seq, "version": self.version, "term": int(reply["term"]),
                        "digest": params_digest(params),

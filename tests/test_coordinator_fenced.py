@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 
 import torch
 
@@ -10,26 +9,9 @@ from heloco_p2p.coordinator import CommitState, CoordinatorService, SubmissionLi
 from heloco_p2p.outer import build_engine
 from heloco_p2p.swarm.wire import encode_tensors
 
+from fakes import FakeNode
+
 SHAPES = [(4,), (2, 3)]
-
-
-class FakeNode:
-    """Just what CoordinatorService uses: handlers are recorded, replicate calls are answered."""
-
-    run_id = "fenced"
-    peer_id = "QmCoordinator"
-    max_payload_bytes = 1 << 20
-
-    def __init__(self, replicate_reply: dict):
-        self.replicate_reply = replicate_reply
-        self.calls = []
-
-    def add_handler(self, name, handler, **kwargs):
-        return SimpleNamespace()
-
-    async def acall(self, peer_id, name, header, payload=b"", **kwargs):
-        self.calls.append((peer_id, name, header.get("kind")))
-        return self.replicate_reply, b""
 
 
 def _submit(service, state, seq):

@@ -173,6 +173,7 @@ class _Pool:
         # without a live bar (no terminal: nohup, CI, a pipe) each finished run is one log line
         self.log_lines = not (progress and sys.stderr.isatty())
         self.t0 = time.perf_counter()
+        self.reused = 0
         self.executor = None
         if cfg.processes > 1:
             self.executor = ProcessPoolExecutor(cfg.processes, mp_context=get_context("spawn"),
@@ -191,6 +192,7 @@ class _Pool:
         """Results in the order of ``specs``; runs already in the log are not run again."""
         outs: list[SimResult | None] = [self.log.get(s) for s in specs]
         reused = sum(o is not None for o in outs)
+        self.reused += reused
         if reused:
             self.progress.update(self.task, advance=reused, last=f"{reused} runs reused from {RUN_LOG}")
         missing = [i for i, o in enumerate(outs) if o is None]
@@ -215,7 +217,8 @@ class _Pool:
             task = self.progress.tasks[0]
             done, total = int(task.completed), int(task.total or 0)
             elapsed = time.perf_counter() - self.t0
-            eta = task.time_remaining
+            ran = done - self.reused  # the ETA counts only runs made in this invocation
+            eta = elapsed / ran * (total - done) if ran > 0 else None
             logger.info("run %d/%d done: %s; elapsed %.0f s%s", done, total, last, elapsed,
                         f", ETA {eta:.0f} s" if eta is not None else "")
         return res

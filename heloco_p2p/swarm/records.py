@@ -78,6 +78,7 @@ class LeaseRecord(pydantic.BaseModel):
     maddrs: List[StrictStr]
     renewed: StrictFloat
     commits: StrictInt  # commits served in this term
+    tokens: StrictInt = 0  # tokens committed in the whole run (toward genesis.max_tokens)
     rejected: StrictInt
     commits_per_minute: StrictFloat
     mean_staleness: StrictFloat
