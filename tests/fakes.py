@@ -1,7 +1,12 @@
 """Test doubles shared by several test modules (importable: pytest puts tests/ on sys.path)."""
 from __future__ import annotations
 
+import zlib
 from types import SimpleNamespace
+
+import torch
+
+SEQ = 16  # block length of the synthetic streams (and of the sim_run_cfg fixture in conftest.py)
 
 
 class FakeNode:
@@ -23,3 +28,15 @@ class FakeNode:
         self.calls.append((peer_id, name, header.get("kind")))
         self.headers.append(header)
         return self.replicate_reply, b""
+
+
+def synthetic_streams(region: str, seed: int):
+    """Endless synthetic token blocks for the simulator: a region-specific deterministic pattern
+    (seeded by a stable hash of the region, the same in every process), so runs are cheap."""
+    g = torch.Generator().manual_seed(zlib.crc32(region.encode()) % 10_000 + seed)
+    while True:
+        yield torch.randint(0, 64, (SEQ,), generator=g)
+
+
+def synthetic_val_blocks(regions: list[str]) -> dict:
+    return {r: torch.stack([next(synthetic_streams(r, 99)) for _ in range(2)]) for r in regions}

@@ -11,7 +11,7 @@ from heloco_p2p.local import InnerTrainer, build_model
 from heloco_p2p.local.model import trainable_params
 from heloco_p2p.sim import SimSpec, Simulation
 
-SEQ = 16
+from fakes import SEQ, synthetic_streams as streams, synthetic_val_blocks as val_blocks
 
 
 class Toy(torch.nn.Module):
@@ -84,19 +84,8 @@ def test_fold_in_outside_a_round_is_refused():
 
 # -- the simulator's overlap mode ---------------------------------------------------------------
 @pytest.fixture(scope="module")
-def sim_cfg():
-    return load_config("configs/tiny.yaml", overrides={"data.seq_len": SEQ, "inner.batch_size": 2,
-                                                        "inner.warmup_steps": 2, "inner.total_steps": 100})
-
-
-def streams(region, seed):
-    g = torch.Generator().manual_seed(hash(region) % 10_000 + seed)
-    while True:
-        yield torch.randint(0, 64, (SEQ,), generator=g)
-
-
-def val_blocks(regions):
-    return {r: torch.stack([next(streams(r, 99)) for _ in range(2)]) for r in regions}
+def sim_cfg(sim_run_cfg):
+    return sim_run_cfg
 
 
 def spec(algo, slowness, comm, overlap, H=2, time=12.5):

@@ -7,34 +7,21 @@ import torch
 import yaml
 
 from heloco_p2p.algorithms import ALGORITHMS
-from heloco_p2p.config import load_config
 from heloco_p2p.local import InnerTrainer, build_model
 from heloco_p2p.local.model import trainable_params
 from heloco_p2p.sim import SimSpec, Simulation, load_sim_config, run_config
 
-SEQ = 16
+from fakes import SEQ, synthetic_streams as streams, synthetic_val_blocks as val_blocks
 
 
 @pytest.fixture(scope="module")
-def cfg():
-    return load_config("configs/tiny.yaml", overrides={"data.seq_len": SEQ, "inner.batch_size": 2,
-                                                        "inner.warmup_steps": 2, "inner.total_steps": 100})
-
-
-def streams(region, seed):
-    """Synthetic token blocks: a region-specific deterministic pattern, so runs are cheap."""
-    g = torch.Generator().manual_seed(hash(region) % 10_000 + seed)
-    while True:
-        yield torch.randint(0, 64, (SEQ,), generator=g)
+def cfg(sim_run_cfg):
+    return sim_run_cfg
 
 
 def batched(blocks, n):
     while True:
         yield torch.stack([next(blocks) for _ in range(n)])
-
-
-def val_blocks(regions):
-    return {r: torch.stack([next(streams(r, 99)) for _ in range(2)]) for r in regions}
 
 
 def spec(algo, slowness, H=1, tokens=1, time=12.0, seed=0, data="non-iid"):
