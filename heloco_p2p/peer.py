@@ -11,6 +11,7 @@ election. See docs/protocol.md.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -84,6 +85,10 @@ class Peer:
         self.role = "joining"
         self.lease: LeaseRecord | None = None
         self.lease_seen_at = 0.0
+        # the DHT key each peer signs its records with, learned from the peer itself over an
+        # authenticated libp2p stream: a lease claim counts only if signed by the peer it names
+        self._record_keys: dict[str, tuple[bytes, float]] = {}  # peer id -> (key, when learned)
+        self._key_probes: dict[str, tuple[float, object]] = {}  # peer id -> (started, concurrent future)
         self.last_lease_expired_at: float | None = None
         # above every sequence number an earlier process with this identity used: the ledger must
         # not take a restarted peer's new submissions for duplicates of its old ones
@@ -383,7 +388,8 @@ class Peer:
         st = self.commit_state
         if header.get("meta_only"):  # what this peer holds, without θ (a resuming peer asks: _swarm_holds)
             return {"status": "ok", "version": max(self.version, st.version), "term": st.term,
-                    "highest_term": self.service.highest_term_seen, "role": self.role}, b""
+                    "highest_term": self.service.highest_term_seen, "role": self.role,
+                    "record_key": self.node.records.owner.hex()}, b""
         if self.service.active or (self.role == "standby" and st.version >= self.version):
             params, version, source = st.engine.params, st.version, self.role
         elif self.global_params is not None:
@@ -438,21 +444,63 @@ class Peer:
     # ------------------------------------------------------------------------------ lease
     def _refresh_lease(self) -> LeaseRecord | None:
         """Read the lease claims and believe the highest consistent one (docs/protocol.md)."""
-        claims = self.node.records.lease_claims()
+        claims = self.node.records.lease_claims_by_owner()
         now = time.time()
-        live = [c for c in claims if c.renewed + self.cfg.swarm.lease_seconds > now] if self.cfg else claims
-        for c in live:
+        live = [(o, c) for o, c in claims if c.renewed + self.cfg.swarm.lease_seconds > now] if self.cfg else claims
+        for owner, c in live:
             believable = (self.lease is None or c.term > self.lease.term and (c.peer_id in self.lease.standbys
                           or self.lease.renewed + 3 * self.cfg.swarm.lease_seconds < now)
                           or c.term == self.lease.term and c.peer_id == self.lease.peer_id)
-            if believable:
+            if believable and self._claim_is_its_holders(owner, c):
                 if self.lease is None or c.term != self.lease.term:
                     logger.info("coordinator: %s (term %d, version %d)", c.peer_id[-8:], c.term, c.version)
                 self.lease, self.lease_seen_at = c, now
                 self.run_tokens = max(self.run_tokens, c.tokens)
                 self.service.note_term(c.term)
                 break
+        if self.lease is not None:  # learn the standbys' keys before they claim, so a failover waits for no probe
+            for pid in self.lease.standbys:
+                self._record_key(pid)
         return self.lease
+
+    def _claim_is_its_holders(self, owner: bytes, claim: LeaseRecord) -> bool:
+        """True when the DHT key that signed ``claim`` is the key of the peer it names. Anyone can
+        write a lease record under their own key and put any peer id in it (a keyless attacker in
+        an open run, or a key holder); such a claim, e.g. a higher term naming a listed standby,
+        would depose a live coordinator. Each peer's key is asked from that peer over libp2p,
+        whose secure channel proves the peer id (docs/security.md)."""
+        if claim.peer_id == self.node.peer_id:
+            return owner == self.node.records.owner
+        key = self._record_key(claim.peer_id)
+        if key is not None and owner != key:
+            logger.warning("ignoring a lease claim naming %s (term %d) signed by a key that is not that peer's",
+                           claim.peer_id[-8:], claim.term)
+            if time.time() - self._record_keys[claim.peer_id][1] > 30:  # the peer may have a new key: ask again
+                del self._record_keys[claim.peer_id]
+        return key is not None and owner == key
+
+    def _record_key(self, peer_id: str) -> bytes | None:
+        """``peer_id``'s record key, or None while it is being asked for (without blocking: the
+        answer is there on a later lease read, 0.5 s on). A failed ask is retried after 5 s."""
+        if peer_id in self._record_keys:
+            return self._record_keys[peer_id][0]
+        started, future = self._key_probes.get(peer_id, (0.0, None))
+        if future is not None and future.done():
+            try:
+                self._record_keys[peer_id] = (future.result(), time.time())
+                del self._key_probes[peer_id]
+                return self._record_keys[peer_id][0]
+            except Exception as exc:
+                logger.debug("could not learn the record key of %s: %s", peer_id[-8:], exc)
+                future = None
+        if future is None and time.time() - started >= 5.0:
+            async def ask():
+                header, _ = await asyncio.wait_for(
+                    self.node.acall(peer_id, "state", {"run_id": self.opts.run_id, "meta_only": True}), 10)
+                return bytes.fromhex(header["record_key"])
+
+            self._key_probes[peer_id] = (time.time(), asyncio.run_coroutine_threadsafe(ask(), self.node.loop))
+        return None
 
     def _publish_lease(self) -> None:
         st, svc = self.commit_state, self.service

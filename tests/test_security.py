@@ -375,3 +375,48 @@ def test_a_keyed_swarm_trains_rate_limits_without_losing_rounds_and_shuts_out_a_
         sw.close()
         for name in sw.procs:
             assert not sw.group_alive(name), f"{name} left processes behind"
+
+
+@pytest.mark.slow
+def test_a_forged_lease_claim_in_an_open_run_deposes_no_one(tmp_path):
+    """Without a swarm key anyone may write lease records under their own DHT key. A claim of a
+    later term naming the listed standby (the move that would depose the coordinator) is ignored:
+    it is not signed by that standby's own key, which peers learn from the standby itself."""
+    from heloco_p2p.launcher import LocalSwarm, write_test_config
+
+    cfg = write_test_config(tmp_path / "cfg.yaml", num_standbys=1)
+    sw = LocalSwarm(tmp_path, f"open-{uuid.uuid4().hex[:6]}")
+    forger = None
+    try:
+        sw.start("a", "de", "--config", str(cfg))
+        sw.start("b", "fr")
+        forger = SwarmNode(sw.run_id, initial_peers=[sw.maddr], client_mode=True)
+        genuine = None
+
+        def standby_listed():
+            nonlocal genuine
+            claims = forger.records.lease_claims()
+            genuine = claims[0] if claims and claims[0].standbys else None
+            return genuine is not None and len(sw.events("a", "commit")) >= 3
+
+        sw.wait_until(standby_listed, 240, "3 commits and a standby in the lease")
+        standby = genuine.standbys[0]
+        forged = genuine.copy(update={"peer_id": standby, "term": genuine.term + 1, "standbys": [genuine.peer_id]})
+        before = len(sw.events("a", "commit"))
+        deadline = time.time() + 20
+        while time.time() < deadline:  # kept live for 5 lease periods
+            assert forger.records.publish_lease(forged.copy(update={"renewed": time.time()}), ttl=8)
+            time.sleep(1.0)
+        # an open reader does see it as the highest claim...
+        assert forger.records.lease_claims()[0].peer_id == standby
+        sw.wait_until(lambda: len(sw.events("a", "commit")) >= before + 3, 120, "commits after the forgery")
+        # ...but nobody believed it: the coordinator kept its term and nobody took over
+        assert {c["term"] for c in sw.events("a", "commit")} == {genuine.term}
+        assert not sw.all_events("takeover")
+        assert "signed by a key that is not that peer's" in (tmp_path / "a.log").read_text()
+    finally:
+        if forger is not None:
+            forger.shutdown()
+        sw.close()
+        for name in sw.procs:
+            assert not sw.group_alive(name), f"{name} left processes behind"

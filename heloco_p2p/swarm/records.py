@@ -183,5 +183,10 @@ class RunRecords:
 
     def lease_claims(self) -> list[LeaseRecord]:
         """Every unexpired claim, highest term first (ties: most recently renewed first)."""
-        claims = self._read("coordinator", LeaseRecord).values()
-        return sorted(claims, key=lambda c: (c.term, c.renewed), reverse=True)
+        return [claim for _, claim in self.lease_claims_by_owner()]
+
+    def lease_claims_by_owner(self) -> list[tuple[bytes, LeaseRecord]]:
+        """``lease_claims`` with the owner key (subkey) that signed each: a claim is its named
+        peer's only if that key is the peer's own (``Peer._claim_is_its_holders``)."""
+        claims = self._read("coordinator", LeaseRecord).items()
+        return sorted(claims, key=lambda oc: (oc[1].term, oc[1].renewed), reverse=True)
