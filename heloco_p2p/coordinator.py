@@ -42,7 +42,7 @@ def params_digest(params: list[torch.Tensor]) -> str:
     """blake2b of θ's bytes: equal digests mean bitwise-equal replicas."""
     h = hashlib.blake2b(digest_size=16)
     for p in params:
-        h.update(p.detach().contiguous().cpu().numpy().tobytes())
+        h.update(p.detach().contiguous().cpu().numpy())  # the buffer itself: no copy of θ
     return h.hexdigest()
 
 
