@@ -65,7 +65,10 @@ class LocalSwarm:
             args += ["--initial-peers", self.live_maddr(exclude=name) or self.maddr]
         if self.swarm_key_file and "--swarm-key-file" not in extra:
             args += ["--swarm-key-file", str(self.swarm_key_file)]
-        log = open(self.dir / f"{name}.log", "w")
+        path = self.dir / f"{name}.log"
+        if path.exists():  # a restarted peer: the earlier process's log is kept as NAME.log.N
+            path.rename(self.dir / f"{name}.log.{len(list(self.dir.glob(f'{name}.log.*')))}")
+        log = open(path, "w")
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
         self.procs[name] = proc
         if self.maddr is None:

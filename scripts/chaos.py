@@ -37,7 +37,6 @@ import json
 import os
 import platform
 import random
-import shutil
 import statistics
 import sys
 import time
@@ -81,11 +80,8 @@ def _live_lease(client, lease_seconds: float):
 
 
 def _restart(sw, name: str, profile, *extra: str) -> None:
-    """The same peer again (same identity, metrics and checkpoint directory); its last log is kept."""
-    log = sw.dir / f"{name}.log"
-    if log.exists():
-        n = len(list(sw.dir.glob(f"{name}.log.*")))
-        shutil.copy(log, sw.dir / f"{name}.log.{n}")
+    """The same peer again (same identity, metrics and checkpoint directory); LocalSwarm.start keeps
+    its earlier log as NAME.log.N."""
     sw.start(name, profile.region, *_peer_args(profile), *extra)
 
 
