@@ -35,6 +35,7 @@ from heloco_p2p.local.model import param_names, trainable_params
 from heloco_p2p.local.solo import source_spec
 from heloco_p2p.outer import DyLU, build_engine
 from heloco_p2p.swarm.node import SwarmNode, start_error_message
+from heloco_p2p.swarm.holders import HolderKeys
 from heloco_p2p.swarm.records import PROTOCOL_VERSION, GenesisRecord, LeaseRecord, PeerRecord
 from heloco_p2p.swarm.wire import WireError, encode_tensors
 
@@ -85,10 +86,9 @@ class Peer:
         self.role = "joining"
         self.lease: LeaseRecord | None = None
         self.lease_seen_at = 0.0
-        # the DHT key each peer signs its records with, learned from the peer itself over an
-        # authenticated libp2p stream: a lease claim counts only if signed by the peer it names
-        self._record_keys: dict[str, tuple[bytes, float]] = {}  # peer id -> (key, when learned)
-        self._key_probes: dict[str, tuple[float, object]] = {}  # peer id -> (started, concurrent future)
+        # the DHT key each peer signs its records with, learned from the peer itself: a lease
+        # claim counts only if signed by the peer it names (swarm/holders.py); set once the node runs
+        self.holder_keys: HolderKeys | None = None
         self.last_lease_expired_at: float | None = None
         # above every sequence number an earlier process with this identity used: the ledger must
         # not take a restarted peer's new submissions for duplicates of its old ones
@@ -136,6 +136,7 @@ class Peer:
                                   swarm_key=swarm_key)
         except Exception as exc:
             raise JoinError(start_error_message(exc, o.initial_peers)) from None
+        self.holder_keys = HolderKeys(self.node.peer_id, self.node.records.owner, self._ask_record_key, self.node.loop)
         try:
             from heloco_p2p.swarm.lifetime import guard_children
 
@@ -305,7 +306,8 @@ class Peer:
         deadline = time.time() + sw.lease_seconds * (1 + sw.num_standbys / 2) + sw.heartbeat_seconds
         while True:
             now = time.time()
-            claims = self.node.records.lease_claims()
+            claims = [c for owner, c in self.node.records.lease_claims_by_owner()  # only claims their holder signed
+                      if owner == self.holder_keys.get_blocking(c.peer_id, timeout=10)]
             live = [c for c in claims if c.renewed + sw.lease_seconds > now]
             if live or now >= deadline:
                 break
@@ -317,7 +319,10 @@ class Peer:
             version = max(version, p.version)
             try:  # the highest term a peer has seen is in no record; ask (headers only)
                 header, _ = self.node.call(p.peer_id, "state", {"run_id": self.opts.run_id, "meta_only": True}, timeout=10)
-                highest = max(highest, int(header.get("highest_term", header.get("term", 0))))
+                self.holder_keys.learn(p.peer_id, bytes.fromhex(header["record_key"]))
+                seen = int(header.get("highest_term", header.get("term", 0)))
+                if seen < 2 ** 31:  # a term no real run reaches is a peer's lie: it would make ours unusable
+                    highest = max(highest, seen)
                 version = max(version, int(header.get("version", 0)))
             except Exception as exc:
                 logger.debug("resume: %s did not answer (%s)", p.peer_id[-8:], exc)
@@ -407,6 +412,7 @@ class Peer:
         self.role = "catching_up"
         expected = [(tuple(p.shape), torch.float32) for p in trainable_params(self.model)]
         deadline = time.time() + 120
+        self._wait_for_lease(5.0)  # a fresh joiner believes a claim once its holder told us its key
         while time.time() < deadline and not self.stop_event.is_set():
             self._refresh_lease()
             candidates = []
@@ -460,47 +466,25 @@ class Peer:
                 break
         if self.lease is not None:  # learn the standbys' keys before they claim, so a failover waits for no probe
             for pid in self.lease.standbys:
-                self._record_key(pid)
+                self.holder_keys.get(pid)
+        return self.lease
+
+    def _wait_for_lease(self, seconds: float) -> LeaseRecord | None:
+        """Read the lease until one is believed or ``seconds`` passed (none may exist: a new run)."""
+        end = time.time() + seconds
+        while self._refresh_lease() is None and time.time() < end and self.node.records.lease_claims():
+            time.sleep(0.25)
         return self.lease
 
     def _claim_is_its_holders(self, owner: bytes, claim: LeaseRecord) -> bool:
-        """True when the DHT key that signed ``claim`` is the key of the peer it names. Anyone can
-        write a lease record under their own key and put any peer id in it (a keyless attacker in
-        an open run, or a key holder); such a claim, e.g. a higher term naming a listed standby,
-        would depose a live coordinator. Each peer's key is asked from that peer over libp2p,
-        whose secure channel proves the peer id (docs/security.md)."""
-        if claim.peer_id == self.node.peer_id:
-            return owner == self.node.records.owner
-        key = self._record_key(claim.peer_id)
-        if key is not None and owner != key:
-            logger.warning("ignoring a lease claim naming %s (term %d) signed by a key that is not that peer's",
-                           claim.peer_id[-8:], claim.term)
-            if time.time() - self._record_keys[claim.peer_id][1] > 30:  # the peer may have a new key: ask again
-                del self._record_keys[claim.peer_id]
-        return key is not None and owner == key
+        """True when the DHT key that signed ``claim`` is the key of the peer it names
+        (swarm/holders.py; docs/security.md, "Lease claims are bound to their holder")."""
+        return self.holder_keys.signed_by_holder(owner, claim.peer_id)
 
-    def _record_key(self, peer_id: str) -> bytes | None:
-        """``peer_id``'s record key, or None while it is being asked for (without blocking: the
-        answer is there on a later lease read, 0.5 s on). A failed ask is retried after 5 s."""
-        if peer_id in self._record_keys:
-            return self._record_keys[peer_id][0]
-        started, future = self._key_probes.get(peer_id, (0.0, None))
-        if future is not None and future.done():
-            try:
-                self._record_keys[peer_id] = (future.result(), time.time())
-                del self._key_probes[peer_id]
-                return self._record_keys[peer_id][0]
-            except Exception as exc:
-                logger.debug("could not learn the record key of %s: %s", peer_id[-8:], exc)
-                future = None
-        if future is None and time.time() - started >= 5.0:
-            async def ask():
-                header, _ = await asyncio.wait_for(
-                    self.node.acall(peer_id, "state", {"run_id": self.opts.run_id, "meta_only": True}), 10)
-                return bytes.fromhex(header["record_key"])
-
-            self._key_probes[peer_id] = (time.time(), asyncio.run_coroutine_threadsafe(ask(), self.node.loop))
-        return None
+    async def _ask_record_key(self, peer_id: str) -> bytes:
+        header, _ = await asyncio.wait_for(
+            self.node.acall(peer_id, "state", {"run_id": self.opts.run_id, "meta_only": True}), 10)
+        return bytes.fromhex(header["record_key"])
 
     def _publish_lease(self) -> None:
         st, svc = self.commit_state, self.service

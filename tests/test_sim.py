@@ -185,6 +185,19 @@ def test_runs_are_logged_as_they_finish_and_resume_reuses_them(tmp_path, monkeyp
     assert [r.split("|")[3] for r in ran] == ["seed1", "seed2"]
     assert third["runs"][:4] == first["runs"]
 
+    # lines that do not parse or lack fields are skipped, and dropped from the log, so that new lines
+    # never land on a fragment; a changed run config (the model, the data settings) is never reused
+    good = (out / "runs.jsonl").read_text().splitlines()
+    (out / "runs.jsonl").write_text("\n".join(good) + "\n" + json.dumps({"key": "k"}) + "\n" + good[0][:40])
+    ran.clear()
+    run_config(load_sim_config(path), out, progress=False, resume=True)
+    assert ran == [] and (out / "runs.jsonl").read_text().splitlines() == good
+    sim_cfg["overrides"]["inner.batch_size"] = 3
+    path.write_text(yaml.safe_dump(sim_cfg))
+    run_config(load_sim_config(path), out, progress=False, resume=True)
+    assert len(ran) == 3
+    sim_cfg["overrides"]["inner.batch_size"] = 2
+
     # a changed specification (another lr) is a new run, never a reused one; without --resume the log starts afresh
     sim_cfg["lr_grid"] = {"heloco": [0.3]}
     sim_cfg["seeds"] = [0]

@@ -25,7 +25,7 @@ from dataclasses import asdict
 from multiprocessing import get_context
 from pathlib import Path
 
-from heloco_p2p.fsutil import atomic_write_json
+from heloco_p2p.fsutil import atomic_write_json, atomic_write_text
 from heloco_p2p.sim.config import SimConfig
 from heloco_p2p.sim.engine import SimResult, SimSpec, Simulation
 
@@ -68,9 +68,15 @@ def run_spec(cfg: SimConfig, spec: SimSpec) -> SimResult:
 RUN_LOG = "runs.jsonl"
 
 
-def _spec_key(spec: SimSpec) -> str:
-    """The identity of a run: its whole specification, the preset's arguments included."""
-    return json.dumps(asdict(spec), sort_keys=True)
+def _spec_key(cfg: SimConfig, spec: SimSpec) -> str:
+    """The identity of a run: its whole specification (the preset's arguments included) and
+    everything of the config it depends on: the run config (model, inner loop, data settings:
+    its digest) and the regions."""
+    return json.dumps({"spec": asdict(spec), "run_config": cfg.run_config().digest(), "regions": list(cfg.regions)},
+                      sort_keys=True)
+
+
+_LINE_FIELDS = ("key", "run_id", "at_tokens", "at_time", "curve", "commits", "workers")
 
 
 def _result_from_line(line: dict, spec: SimSpec) -> SimResult:
@@ -80,26 +86,35 @@ def _result_from_line(line: dict, spec: SimSpec) -> SimResult:
 class RunLog:
     """``runs.jsonl``: one line per finished run (spec, final values, curve, commits, workers)."""
 
-    def __init__(self, path: Path, resume: bool):
-        self.path = path
+    def __init__(self, cfg: SimConfig, path: Path, resume: bool):
+        self.cfg, self.path = cfg, path
         self.lines: dict[str, dict] = {}
         if resume and path.exists():
+            kept, skipped = [], 0
             for raw in path.read_text().splitlines():
                 try:
                     line = json.loads(raw)
-                    self.lines[line["key"]] = line
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    logger.warning("%s: skipping a line that does not parse (cut short by a crash?)", path)
+                    if not isinstance(line, dict) or any(k not in line for k in _LINE_FIELDS):
+                        raise ValueError("a field is missing")
+                except ValueError:  # JSONDecodeError is a ValueError
+                    skipped += 1
+                    continue
+                self.lines[line["key"]] = line
+                kept.append(raw)
+            if skipped:
+                logger.warning("%s: skipped %d lines that do not parse (cut short by a crash?)", path, skipped)
+            # rewrite the log with its good lines only: new lines never land on a fragment
+            atomic_write_text(path, "".join(raw + "\n" for raw in kept))
             logger.info("resuming: %d finished runs in %s", len(self.lines), path)
         elif path.exists():
             path.unlink()
 
     def get(self, spec: SimSpec) -> SimResult | None:
-        line = self.lines.get(_spec_key(spec))
+        line = self.lines.get(_spec_key(self.cfg, spec))
         return None if line is None else _result_from_line(line, spec)
 
     def add(self, res: SimResult, seconds: float) -> None:
-        line = {"key": _spec_key(res.spec), "run_id": res.spec.run_id, "seconds": seconds, "at_tokens": res.at_tokens,
+        line = {"key": _spec_key(self.cfg, res.spec), "run_id": res.spec.run_id, "seconds": seconds, "at_tokens": res.at_tokens,
                 "at_time": res.at_time, "curve": res.curve, "commits": res.commits, "workers": res.workers}
         self.lines[line["key"]] = line
         with open(self.path, "a") as f:
@@ -235,7 +250,7 @@ def run_config(cfg: SimConfig, out_dir: str | Path, progress: bool = True, resum
     swept = [a for a in dict.fromkeys(a for a, _, _ in cells) if len(cfg.lr_grid.get(a) or []) > 1]
     phase1 = [make_spec(cfg, a, sweep_het, "non-iid", seed0, lr) for a in swept for lr in cfg.lr_grid[a]]
     t0 = time.perf_counter()
-    log = RunLog(out / RUN_LOG, resume)
+    log = RunLog(cfg, out / RUN_LOG, resume)
     with _Pool(cfg, len(phase1) + len(cells) * len(cfg.seeds), progress, log) as pool:
         sweep = pool.map(phase1)
         best_lr: dict[str, float] = {}

@@ -30,7 +30,7 @@ from hivemind.utils import get_dht_time
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: lease claims count only when signed by their holder (record_key)
 
 StrictFloat, StrictInt, StrictStr, StrictBool = pydantic.StrictFloat, pydantic.StrictInt, pydantic.StrictStr, pydantic.StrictBool
 
