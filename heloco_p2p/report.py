@@ -269,7 +269,9 @@ def write_sim_report(out_dir: str | Path, command: str | None = None) -> Path:
         lines += [f"Command: `{command}`", ""]
     lines += [f"Base config `{cfg['base']}` with overrides `{cfg['overrides']}`; workers/regions {cfg['regions']}; "
               f"H={cfg['steps_per_round']}; seeds {cfg['seeds']}; token budget {cfg['token_budget']:,}; "
-              f"virtual time budget {cfg['time_budget']:g} s; wall time {results.get('wall_seconds', 0):.0f} s.", ""]
+              f"virtual time budget {cfg['time_budget']:g} s; wall time {results.get('wall_seconds', 0):.0f} s"
+              + (f" ({results['reused_runs']} of the runs reused from runs.jsonl, made by earlier invocations)"
+                 if results.get("reused_runs") else "") + ".", ""]
     if cfg.get("lr_grid"):
         lines += ["Outer learning rates were swept per algorithm on seed "
                   f"{cfg['seeds'][0]} ({cfg['lr_grid']}); each algorithm is shown at its best lr.", ""]

@@ -174,6 +174,7 @@ def test_runs_are_logged_as_they_finish_and_resume_reuses_them(tmp_path, monkeyp
     ran.clear()
     again = run_config(load_sim_config(path), out, progress=False, resume=True)
     assert ran == [] and again["runs"] == first["runs"]
+    assert first["reused_runs"] == 0 and again["reused_runs"] == 2
 
     # a crash cut the last line short, and the config now asks for one more seed: only the cut run
     # and the new seed run; the intact one is reused

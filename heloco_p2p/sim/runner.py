@@ -270,7 +270,8 @@ def run_config(cfg: SimConfig, out_dir: str | Path, progress: bool = True, resum
         "lr_sweep": [{"algorithm": r.spec.algorithm.name, "heterogeneity": r.spec.heterogeneity, "data": r.spec.data,
                       "seed": r.spec.seed, "outer_lr": r.spec.lr, "score": _score(r),
                       "chosen": best_lr[r.spec.algorithm.name] == r.spec.lr} for r in sweep],
-        "wall_seconds": time.perf_counter() - t0,
+        "wall_seconds": time.perf_counter() - t0,  # of this invocation
+        "reused_runs": pool.reused,
     }
     atomic_write_json(out / "results.json", results)
     with open(out / "curves.jsonl", "w") as f:
