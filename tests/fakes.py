@@ -1,7 +1,9 @@
 """Test doubles shared by several test modules (importable: pytest puts tests/ on sys.path)."""
 from __future__ import annotations
 
+import importlib.util
 import zlib
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -40,3 +42,12 @@ def synthetic_streams(region: str, seed: int):
 
 def synthetic_val_blocks(regions: list[str]) -> dict:
     return {r: torch.stack([next(synthetic_streams(r, 99)) for _ in range(2)]) for r in regions}
+
+
+def load_script(name: str):
+    """A module of scripts/ (they are not a package), e.g. ``load_script("bench")``."""
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,22 +1,16 @@
 """scripts/bench.py: the result schema, the steady-state utilization, the commit item on small
 shapes, and the report it writes into docs/results.md (the multi-process items run in
 ``python scripts/bench.py --quick``)."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from heloco_p2p.report import replace_section
 
-ROOT = Path(__file__).resolve().parent.parent
+from fakes import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_suite", ROOT / "scripts" / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench")
 
 
 def detail():

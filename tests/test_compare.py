@@ -1,20 +1,16 @@
 """scripts/compare.py: variant parsing, and the table's tail means checked by hand on fake runs."""
-import importlib.util
 import json
 from pathlib import Path
 
 import click
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from fakes import load_script
 
 
 @pytest.fixture(scope="module")
 def compare():
-    spec = importlib.util.spec_from_file_location("compare_script", ROOT / "scripts" / "compare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("compare")
 
 
 def test_variants_parse_to_dotted_overrides(compare):
