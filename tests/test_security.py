@@ -330,6 +330,15 @@ def test_genesis_and_peer_records_of_a_keyless_peer_are_ignored(nodes):
 
 
 # ---------------------------------------------------------------------------- a real keyed swarm
+def _shut_down(sw, node):
+    """Stop an in-test DHT node and the swarm; no peer may leave a process behind."""
+    if node is not None:
+        node.shutdown()
+    sw.close()
+    for name in sw.procs:
+        assert not sw.group_alive(name), f"{name} left processes behind"
+
+
 @pytest.mark.slow
 def test_a_keyed_swarm_trains_rate_limits_without_losing_rounds_and_shuts_out_a_keyless_peer(tmp_path):
     from heloco_p2p.launcher import LocalSwarm, write_test_config
@@ -370,11 +379,7 @@ def test_a_keyed_swarm_trains_rate_limits_without_losing_rounds_and_shuts_out_a_
         assert any("unauthenticated" in r for r in refused.values()), refused
         assert any("rate_limited" in r for r in refused.values()), refused
     finally:
-        if observer is not None:
-            observer.shutdown()
-        sw.close()
-        for name in sw.procs:
-            assert not sw.group_alive(name), f"{name} left processes behind"
+        _shut_down(sw, observer)
 
 
 @pytest.mark.slow
@@ -415,8 +420,4 @@ def test_a_forged_lease_claim_in_an_open_run_deposes_no_one(tmp_path):
         assert not sw.all_events("takeover")
         assert "signed by a key that is not that peer's" in (tmp_path / "a.log").read_text()
     finally:
-        if forger is not None:
-            forger.shutdown()
-        sw.close()
-        for name in sw.procs:
-            assert not sw.group_alive(name), f"{name} left processes behind"
+        _shut_down(sw, forger)
