@@ -11,7 +11,9 @@ it cannot disturb training. What it shows is a pure function of the records it r
 over the submissions it saw (a peer record carries only its last one) and peers whose records
 have expired (shown as silent rather than vanishing). ``render`` turns a snapshot into a rich
 table. Times are the peers' own wall clocks: a peer whose clock runs behind the monitor's by
-more than ``silent_after`` looks silent.
+more than ``silent_after`` looks silent. The table fits the console it is printed on: columns
+are abbreviated or dropped in a fixed order of priority (``NARROWING``) rather than every cell
+being cut.
 """
 from __future__ import annotations
 
@@ -19,11 +21,18 @@ import math
 import time
 from typing import Collection, Iterable, Mapping, Optional
 
+from rich import box
+from rich.console import Console, ConsoleOptions, Group
+from rich.measure import Measurement
+from rich.table import Table
+from rich.text import Text
+
 from heloco_p2p.swarm.records import GenesisRecord, LeaseRecord, PeerRecord
 
 COORDINATOR_KEYS = ("peer_id", "term", "version", "commits_per_min", "standbys")
 PEER_KEYS = ("peer_id", "name", "region", "role", "device", "speed", "inner_steps", "staleness_last",
-             "staleness_mean", "tokens", "last_loss", "bytes_in", "bytes_out", "last_seen", "alive", "rejected")
+             "staleness_mean", "tokens", "last_loss", "bytes_in", "bytes_out", "last_seen", "alive", "rejected",
+             "reachability")
 
 # peer_id -> (accepted count when last sampled, samples, sum of staleness over the samples)
 StalenessHistory = Mapping[str, tuple[int, int, int]]
@@ -66,6 +75,15 @@ def observe_staleness(history: StalenessHistory, peers: Iterable[PeerRecord]) ->
     return out
 
 
+def reachability(maddrs: Iterable[str]) -> str:
+    """How others can dial a peer, from the addresses its record announces: ``direct`` (at least
+    one address of its own), ``relayed`` (only through a relay's ``/p2p-circuit``) or ``none``."""
+    maddrs = list(maddrs)
+    if not maddrs:
+        return "none"
+    return "relayed" if all("/p2p-circuit" in m for m in maddrs) else "direct"
+
+
 def _finite_or_none(x: float) -> Optional[float]:
     return float(x) if math.isfinite(x) and x >= 0 else None  # peers publish -1 before their first loss
 
@@ -85,6 +103,7 @@ def peer_row(r: PeerRecord, now: float, silent_after: float, history: StalenessH
         # refusals of this peer's requests: its own count of rejected submissions, or what the
         # coordinator's lease reports for it (by reason) when that is more
         "rejected": {"total": max(r.rejected, sum((refused or {}).values())), **dict(sorted((refused or {}).items()))},
+        "reachability": reachability(r.maddrs),
     }
 
 
@@ -136,6 +155,7 @@ class Monitor:
         self.silent_after, self.lease_seconds, self.forget_after = silent_after, lease_seconds, forget_after
         self.known: dict[str, PeerRecord] = {}
         self.history: dict[str, tuple[int, int, int]] = {}
+        self.lease: Optional[LeaseRecord] = None  # the live claim of the last poll (its branch counts, run tokens)
 
     def poll(self, now: float | None = None) -> dict:
         peers, claims = self.records.peers(), self.records.lease_claims()
@@ -144,6 +164,7 @@ class Monitor:
         self.known = {pid: r for pid, r in self.known.items() if now - r.heartbeat <= self.forget_after}
         self.history = observe_staleness(self.history, peers)
         present = {r.peer_id for r in peers}
+        self.lease = live_coordinator(claims, now, self.lease_seconds)
         return snapshot(self.known.values(), claims, now, silent_after=self.silent_after,
                         lease_seconds=self.lease_seconds, staleness_history=self.history,
                         absent=[pid for pid in self.known if pid not in present])
@@ -190,17 +211,92 @@ def _refusals(rejected: dict) -> str:
     return str(rejected["total"]) + (f" ({reasons})" if reasons else "")
 
 
-def render(snap: dict, run_id: str, now: float, genesis: GenesisRecord | None = None, note: str = ""):
-    """A rich renderable: the run and its coordinator above one table row per peer."""
-    from rich import box
-    from rich.console import Group
-    from rich.table import Table
-    from rich.text import Text
-
-    peers = snap["peers"]
+def display_names(peers: Iterable[dict]) -> dict[str, str]:
+    """peer id -> the name to show: its name, or ``name~<id tail>`` when several peers share it."""
+    peers = list(peers)
     taken = [p["name"] for p in peers]
-    names = {p["peer_id"]: p["name"] if p["name"] and taken.count(p["name"]) == 1  # a shared name gets its id's tail
-             else f"{p['name']}~{p['peer_id'][-6:]}" for p in peers}
+    return {p["peer_id"]: p["name"] if p["name"] and taken.count(p["name"]) == 1
+            else f"{p['name']}~{p['peer_id'][-6:]}" for p in peers}
+
+
+COLUMNS = ("peer", "reg", "role", "dev", "st/s", "H", "stale", "tokens", "loss", "rej", "in/out", "seen", "net")
+# How the table narrows to fit, step by step until it does: the least useful detail goes first.
+# peer, role and tokens are never dropped (what is the peer doing, and is it contributing).
+NARROWING = (("abbreviate", "rej"), ("drop", "dev"), ("drop", "in/out"), ("drop", "net"), ("abbreviate", "role"),
+             ("drop", "H"), ("drop", "rej"), ("drop", "st/s"), ("drop", "reg"), ("drop", "seen"), ("drop", "stale"),
+             ("drop", "loss"))
+SHORT_ROLES = {"coordinator": "coord", "standby": "stby", "training": "train", "catching_up": "catch",
+               "observer": "obs", "silent": "silent", "left": "left"}
+CAPTION = {"st/s": "st/s and H: of the last round", "stale": "stale: staleness last/mean",
+           "rej": "rej: requests refused (by reason, as the coordinator reports them)", "in/out": "in/out: bytes",
+           "seen": "seen: last heartbeat", "net": "net: how others dial it (direct, relayed, none)"}
+
+
+class PeerTable:
+    """The peer table, built for the width of the console it is printed on (see ``NARROWING``)."""
+
+    def __init__(self, peers: list[dict], now: float):
+        self.peers, self.now = peers, now
+        self.names = display_names(peers)
+
+    def cells(self, p: dict, abbreviated: set[str]) -> dict[str, Text | str]:
+        if p["role"] == "left":
+            role, style = "left", "dim"
+        elif not p["alive"]:
+            role, style = "silent", "bold red"
+        else:
+            role, style = p["role"], "bold cyan" if p["role"] == "coordinator" else "green"
+        if "role" in abbreviated:
+            role = SHORT_ROLES.get(role, role[:5])
+        rejected = p["rejected"]
+        return {
+            "peer": self.names[p["peer_id"]], "reg": p["region"], "role": Text(role, style=style), "dev": p["device"],
+            "st/s": f"{p['speed']:.2f}", "H": str(p["inner_steps"]),
+            "stale": "-" if p["staleness_last"] is None else f"{p['staleness_last']}/{p['staleness_mean']:.1f}",
+            "tokens": human_count(p["tokens"]), "loss": "-" if p["last_loss"] is None else f"{p['last_loss']:.3f}",
+            "rej": str(rejected["total"]) if "rej" in abbreviated else _refusals(rejected),
+            "in/out": f"{human_bytes(p['bytes_in'])}/{human_bytes(p['bytes_out'])}",
+            "seen": human_age(self.now - p["last_seen"]), "net": p.get("reachability", "-"),
+        }
+
+    def build(self, dropped: set[str], abbreviated: set[str]) -> Table:
+        shown = [c for c in COLUMNS if c not in dropped]
+        caption = "; ".join(text for col, text in CAPTION.items() if col in shown)
+        if dropped:
+            caption += f" (not shown, to fit: {', '.join(c for c in COLUMNS if c in dropped)})"
+        alive = sum(p["alive"] for p in self.peers)
+        table = Table(title=f"{alive} of {len(self.peers)} peers alive", title_justify="left", box=box.SIMPLE_HEAD,
+                      pad_edge=False, collapse_padding=True, caption=caption, caption_justify="left")
+        for col in shown:
+            table.add_column(col, justify="left" if col in ("peer", "reg", "role", "dev", "net") else "right",
+                             no_wrap=True)
+        for p in self.peers:
+            cells = self.cells(p, abbreviated)
+            table.add_row(*(cells[c] for c in shown), style="dim" if not p["alive"] else None)
+        return table
+
+    def fitted(self, console: Console, width: int) -> Table:
+        """The widest form of the table (fewest steps of ``NARROWING``) that fits in ``width``."""
+        dropped: set[str] = set()
+        abbreviated: set[str] = set()
+        wide = console.options.update_width(10_000)  # measure the natural width, not one clamped to the console's
+        table = self.build(dropped, abbreviated)
+        for action, col in NARROWING:
+            if Measurement.get(console, wide, table).maximum <= width:
+                break
+            (dropped if action == "drop" else abbreviated).add(col)
+            table = self.build(dropped, abbreviated)
+        return table
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions):
+        yield self.fitted(console, options.max_width)
+
+
+def render(snap: dict, run_id: str, now: float, genesis: GenesisRecord | None = None, note: str = ""):
+    """A rich renderable: the run and its coordinator above one table row per peer, fitted to the
+    console's width when printed."""
+    peers = snap["peers"]
+    names = display_names(peers)
     head = Text(f"run {run_id}", style="bold")
     if genesis is not None:
         budget = ", ".join(b for b in (f"{genesis.max_versions} versions" if genesis.max_versions else "",
@@ -216,29 +312,7 @@ def render(snap: dict, run_id: str, now: float, genesis: GenesisRecord | None = 
         coord = Text.assemble(("coordinator ", "bold"), (names.get(c["peer_id"], c["peer_id"][-8:]), "bold cyan"),
                               f"  term {c['term']}  version {c['version']}  {c['commits_per_min']:.1f} commits/min"
                               f"  standbys: {standbys}")
-    alive = sum(p["alive"] for p in peers)
-    table = Table(title=f"{alive} of {len(peers)} peers alive", title_justify="left", box=box.SIMPLE_HEAD,
-                  pad_edge=False, collapse_padding=True,
-                  caption="st/s and H: of the last round; stale: staleness last/mean; rej: requests refused "
-                          "(by reason, as the coordinator reports them); in/out: bytes; "
-                          "seen: last heartbeat",
-                  caption_justify="left")
-    for col in ("peer", "reg", "role", "dev", "st/s", "H", "stale", "tokens", "loss", "rej", "in/out", "seen"):
-        table.add_column(col, justify="left" if col in ("peer", "reg", "role", "dev") else "right", no_wrap=True)
-    for p in peers:
-        if p["role"] == "left":
-            role = Text("left", style="dim")
-        elif not p["alive"]:
-            role = Text("silent", style="bold red")
-        else:
-            role = Text(p["role"], style="bold cyan" if p["role"] == "coordinator" else "green")
-        stale = "-" if p["staleness_last"] is None else f"{p['staleness_last']}/{p['staleness_mean']:.1f}"
-        table.add_row(names[p["peer_id"]], p["region"], role, p["device"], f"{p['speed']:.2f}", str(p["inner_steps"]),
-                      stale, human_count(p["tokens"]), "-" if p["last_loss"] is None else f"{p['last_loss']:.3f}",
-                      _refusals(p["rejected"]),
-                      f"{human_bytes(p['bytes_in'])}/{human_bytes(p['bytes_out'])}", human_age(now - p["last_seen"]),
-                      style="dim" if not p["alive"] else None)
-    parts = [head, coord, table]
+    parts = [head, coord, PeerTable(peers, now)]
     if note:
         parts.append(Text(note, style="yellow"))
     return Group(*parts)

@@ -16,8 +16,8 @@ from click.testing import CliRunner
 
 from heloco_p2p.cli import main
 from heloco_p2p.launcher import ROOT, LocalSwarm, write_test_config
-from heloco_p2p.monitor import (COORDINATOR_KEYS, PEER_KEYS, Monitor, live_coordinator, observe_staleness, render,
-                                snapshot)
+from heloco_p2p.monitor import (COORDINATOR_KEYS, NARROWING, PEER_KEYS, Monitor, live_coordinator, observe_staleness,
+                                reachability, render, snapshot)
 from heloco_p2p.swarm.records import LeaseRecord, PeerRecord
 
 NOW = 1_800_000_000.0
@@ -44,7 +44,7 @@ def test_snapshot_json_has_exactly_the_documented_keys():
     assert all(tuple(p) == PEER_KEYS for p in snap["peers"])
     assert set(PEER_KEYS) == {"peer_id", "name", "region", "role", "device", "speed", "inner_steps", "staleness_last",
                               "staleness_mean", "tokens", "last_loss", "bytes_in", "bytes_out", "last_seen", "alive",
-                              "rejected"}
+                              "rejected", "reachability"}
     assert json.loads(json.dumps(snap, allow_nan=False)) == snap
     a = snap["peers"][0]
     assert (a["name"], a["speed"], a["inner_steps"], a["tokens"], a["last_loss"], a["bytes_in"], a["bytes_out"],
@@ -126,6 +126,46 @@ def test_the_table_shows_each_peer_its_state_and_the_coordinator():
     assert rows["d"][6] == "-" and rows["a"][6] == "2/2.0"
     console.print(render(snapshot([], [], NOW), "demo", NOW))
     assert "coordinator: none" in console.export_text()
+
+
+def table_lines(snap: dict, width: int) -> list[str]:
+    from rich.console import Console
+
+    console = Console(record=True, width=width)
+    console.print(render(snap, "demo", NOW))
+    return console.export_text().splitlines()
+
+
+def test_the_table_fits_the_terminal_by_dropping_columns_not_cutting_cells():
+    lease = claim("madrid", 3, rejections={"Qmmadrid": {"rate_limited": 2, "too_stale": 1}})
+    snap = snapshot([peer("madrid", region="es", role="standby", tokens=123456, loss=5.4321),
+                     peer("paris", region="fr", role="coordinator")], [lease], NOW)
+    wide = table_lines(snap, 200)
+    header = next(line for line in wide if line.split()[:1] == ["peer"])
+    assert header.split() == ["peer", "reg", "role", "dev", "st/s", "H", "stale", "tokens", "loss", "rej", "in/out",
+                              "seen", "net"]
+    for width in (80, 60, 40):
+        lines = table_lines(snap, width)
+        row = next(line for line in lines if line.split()[:1] == ["madrid"])
+        assert "…" not in row and len(row.rstrip()) <= width  # no cell is cut; whole columns went instead
+        assert "123.5k" in row  # tokens are never dropped
+        header = next(line for line in lines if line.split()[:1] == ["peer"])
+        assert header.split()[0] == "peer" and "tokens" in header
+        assert "not shown, to fit: " in " ".join(" ".join(lines).split())
+    at80 = next(line for line in table_lines(snap, 80) if line.split()[:1] == ["madrid"]).split()
+    assert at80[:3] == ["madrid", "es", "standby"] and "5.432" in at80
+    at40 = next(line for line in table_lines(snap, 40) if line.split()[:1] == ["madrid"]).split()
+    assert at40[:2] == ["madrid", "stby"]  # the role is abbreviated and the region dropped before the loss
+    # the narrowing order is a list of known columns, each dropped at most once
+    drops = [col for action, col in NARROWING if action == "drop"]
+    assert len(drops) == len(set(drops)) and {"peer", "role", "tokens"}.isdisjoint(drops)
+
+
+def test_reachability_comes_from_the_announced_addresses():
+    assert reachability(["/ip4/1.2.3.4/tcp/1/p2p/QmA"]) == "direct"
+    assert reachability(["/ip4/1.2.3.4/tcp/1/p2p/QmR/p2p-circuit/p2p/QmA"]) == "relayed"
+    assert reachability([]) == "none"
+    assert snapshot([peer("a", maddrs=[])], [], NOW)["peers"][0]["reachability"] == "none"
 
 
 class FakeRecords:

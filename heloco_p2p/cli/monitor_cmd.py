@@ -19,8 +19,9 @@ from heloco_p2p.swarm.node import start_error_message
 @click.option("--json", "as_json", is_flag=True,
               help="Print snapshots as JSON (one line each): {coordinator: {peer_id, term, version, commits_per_min, "
                    "standbys} or null, peers: [{peer_id, name, region, role, device, speed, inner_steps, "
-                   "staleness_last, staleness_mean, tokens, last_loss, bytes_in, bytes_out, last_seen, alive}]}. "
-                   "last_seen is the heartbeat's unix time. A peer record holds only its last staleness: "
+                   "staleness_last, staleness_mean, tokens, last_loss, bytes_in, bytes_out, last_seen, alive, rejected, "
+                   "reachability}]}. last_seen is the heartbeat's unix time; reachability: direct, relayed or none "
+                   "(from the addresses the peer announces). A peer record holds only its last staleness: "
                    "staleness_mean is the mean over the submissions this monitor saw, so with --once it equals "
                    "staleness_last.")
 @click.option("--interval", type=click.FloatRange(min=0.2), default=2.0, show_default=True,
