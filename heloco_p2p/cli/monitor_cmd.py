@@ -1,6 +1,7 @@
 """``heloco-peer monitor``: a live view of a run, read only from its DHT records."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -44,12 +45,35 @@ def monitor(run_id, initial_peers, once, as_json, interval, silent_after, lease_
     peer's RPC, so watching never disturbs training. A peer that left shows as left (or, once
     its record expired, silent). Ctrl+C stops it.
     """
-    from heloco_p2p.monitor import Monitor, wait_for_genesis
-    from heloco_p2p.swarm.node import SwarmNode
-    from heloco_p2p.swarm.records import PROTOCOL_VERSION
+    from heloco_p2p.monitor import Monitor
 
     # hivemind's INFO lines would scroll through the live table
     logging.getLogger("hivemind").setLevel(max(logging.WARNING, logging.getLogger().level))
+    try:
+        with observe_run(run_id, initial_peers, host_maddrs, timeout, "monitor") as (node, genesis):
+            mon = Monitor(node.records, silent_after=silent_after, lease_seconds=lease_seconds)
+            if once:
+                _print(mon.poll(), as_json, run_id, genesis)
+                return
+            if as_json:
+                while True:
+                    _print(mon.poll(), True, run_id, genesis)
+                    time.sleep(interval)
+            _live(mon, run_id, genesis, interval)
+    except KeyboardInterrupt:
+        pass
+
+
+@contextlib.contextmanager
+def observe_run(run_id: str, initial_peers, host_maddrs, timeout: float, what: str):
+    """A read-only DHT client of run ``run_id`` (client mode: it serves nothing and writes no
+    record), with its children guarded, and the run's genesis record: ``(node, genesis)``.
+    Exits with code 2 and a message saying what to fix when no peer answers or the run is not found."""
+    from heloco_p2p.monitor import wait_for_genesis
+    from heloco_p2p.swarm.lifetime import guard_children, stop_reaper
+    from heloco_p2p.swarm.node import SwarmNode
+    from heloco_p2p.swarm.records import PROTOCOL_VERSION
+
     try:
         node = SwarmNode(run_id, initial_peers=initial_peers, host_maddrs=host_maddrs, client_mode=True,
                          startup_timeout=30.0)
@@ -58,8 +82,6 @@ def monitor(run_id, initial_peers, once, as_json, interval, silent_after, lease_
     reaper = None
     try:
         try:
-            from heloco_p2p.swarm.lifetime import guard_children
-
             reaper = guard_children(node.child_pids())
         except Exception as exc:  # best effort, as in a peer
             logging.getLogger(__name__).debug("could not guard child processes: %s", exc)
@@ -68,24 +90,12 @@ def monitor(run_id, initial_peers, once, as_json, interval, silent_after, lease_
             _fail(f"no run {run_id!r} found through {' '.join(initial_peers)}: the peers there answered but hold no "
                   f"record of it; check --run-id (a run exists once its first peer started with --config)")
         if genesis.protocol_version != PROTOCOL_VERSION:
-            click.echo(f"warning: run {run_id!r} speaks protocol {genesis.protocol_version}, this monitor "
+            click.echo(f"warning: run {run_id!r} speaks protocol {genesis.protocol_version}, this {what} "
                        f"{PROTOCOL_VERSION}: records it cannot read are not shown", err=True)
-        mon = Monitor(node.records, silent_after=silent_after, lease_seconds=lease_seconds)
-        if once:
-            _print(mon.poll(), as_json, run_id, genesis)
-            return
-        if as_json:
-            while True:
-                _print(mon.poll(), True, run_id, genesis)
-                time.sleep(interval)
-        _live(mon, run_id, genesis, interval)
-    except KeyboardInterrupt:
-        pass
+        yield node, genesis
     finally:
         node.shutdown()
         if reaper is not None:
-            from heloco_p2p.swarm.lifetime import stop_reaper
-
             stop_reaper(reaper)
 
 
