@@ -43,8 +43,8 @@ def _ortho(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 HELOCO = registry.check_args("correction", "heloco", {})
 
 
-# ---------------------------------------------------------------- heloco as read
-@pytest.mark.parametrize("c", [0.1 + 1e-9, 0.35, 0.99, 1.0])
+# ---------------------------------------------------------------- heloco (Table 3 defaults)
+@pytest.mark.parametrize("c", [0.2 + 1e-9, 0.35, 0.99, 1.0])
 def test_heloco_keeps_an_aligned_pseudo_grad_bitwise(c):
     delta, m = _pair(c)
     out, dec, _ = _correct("heloco", delta, m)
@@ -66,21 +66,25 @@ def test_heloco_shrink_removes_share_beta_of_the_opposing_component(c, nd, nm):
 
 
 def test_heloco_shrink_with_beta_max_1_is_pcgrads_projection():
-    delta, m = _pair(-0.8, 1.0, 0.2)  # conf ≈ 0.83, k_s·0.8·conf > 1: β capped at β_max = 1
-    shrunk, dec, _ = _correct("heloco", delta, m)
+    delta, m = _pair(-0.8, 1.0, 0.2)  # κ 1: conf ≈ 0.83, k_s·0.8·conf > 1: β capped at β_max = 1
+    shrunk, dec, _ = _correct("heloco", delta, m, {"beta_max": 1.0, "k_s": 2.0, "kappa": 1.0})
     projected, _, _ = _correct("pcgrad", delta, m)
     assert dec.s == pytest.approx(0.8, rel=1e-12)  # s = −β c with β = 1
     torch.testing.assert_close(shrunk, projected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("c", [1e-9, 0.02, 0.1 - 1e-9])
-def test_heloco_reorient_keeps_the_norm_and_follows_the_formula(c):
+@pytest.mark.parametrize("rule", ["normalized", "printed"])
+@pytest.mark.parametrize("c", [1e-9, 0.02, 0.2 - 1e-9])
+def test_heloco_reorient_keeps_the_norm_and_follows_the_formula(c, rule):
     nd, nm = 1.5, 0.7
     delta, m = _pair(c, nd, nm)
-    out, dec, stats = _correct("heloco", delta, m)
+    out, dec, stats = _correct("heloco", delta, m, {"lambda_rule": rule})
     c_meas = stats.cosines[0]
     conf = nd / (nd + HELOCO["kappa"] * nm + HELOCO["eps"])
-    lam = min(HELOCO["k_d"] * (1 - c_meas) * conf, 1.0)
+    if rule == "normalized":
+        lam = min(HELOCO["k_d"] * (HELOCO["c_ok"] - c_meas) / (HELOCO["c_ok"] - HELOCO["c_bad"]) * conf, 1.0)
+    else:
+        lam = min(HELOCO["k_d"] * (1 - c_meas) * conf, 1.0)
     u = (1 - lam) * delta / nd + lam * m / nm
     assert dec.branch == "reorient"
     assert out.norm().item() == pytest.approx(nd, rel=1e-12)
@@ -88,12 +92,13 @@ def test_heloco_reorient_keeps_the_norm_and_follows_the_formula(c):
     assert _along(out, m) > _along(delta, m)  # bent towards m
 
 
-def test_heloco_as_read_jumps_at_zero_cosine():
-    # documented discontinuity: just below 0, β ≈ 0; just above, λ ≈ k_d·conf
+def test_heloco_jumps_at_zero_cosine():
+    # documented discontinuity: just below 0, β ≈ 0; just above, λ ≈ k_d·c_ok/(c_ok − c_bad)·conf
     below, _, _ = _correct("heloco", *_pair(-1e-9))
     above, _, _ = _correct("heloco", *_pair(1e-9))
-    conf = 1.0 / (2.0 + HELOCO["eps"])
-    assert (above - below).norm().item() > 0.5 * HELOCO["k_d"] * conf
+    conf = 1.0 / (1.0 + HELOCO["kappa"] + HELOCO["eps"])
+    lam = HELOCO["k_d"] * HELOCO["c_ok"] / (HELOCO["c_ok"] - HELOCO["c_bad"]) * conf
+    assert (above - below).norm().item() > 0.5 * lam
 
 
 @given(

@@ -260,7 +260,7 @@ def test_build_engine_accepts_every_registered_combination():
     for opt in registry.names("optimizer"):
         for corr in registry.names("correction"):
             for w in registry.names("staleness_weight"):
-                engine = build_engine(_tensors(0), opt, {}, corr, {}, w)
+                engine = build_engine(_tensors(0), opt, {}, corr, {}, w, num_workers=4)
                 engine.commit(_tensors(1), 0)
                 info = engine.commit(_tensors(2), 0)
                 assert all(torch.isfinite(p).all() for p in engine.params)

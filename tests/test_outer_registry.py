@@ -12,7 +12,7 @@ from heloco_p2p.outer.registry import Arg, register
 def test_registered_names():
     assert registry.names("optimizer") == ["delayed_nesterov", "lookahead", "nesterov"]
     assert registry.names("correction") == ["heloco", "heloco_smooth", "none", "pcgrad", "staleness"]
-    assert registry.names("staleness_weight") == ["inverse_sqrt", "none", "power"]
+    assert registry.names("staleness_weight") == ["base", "base_inverse_sqrt", "inverse_sqrt", "none", "power"]
 
 
 def test_unknown_name_is_named_with_the_allowed_names():
@@ -112,4 +112,4 @@ def test_registering_a_taken_name_with_another_class_fails():
 
 def test_describe_lists_defaults_for_docs():
     d = registry.describe("correction")["heloco"]
-    assert d["args"]["c_ok"][0] == 0.1 and "c_ok" in d["args"]["c_ok"][2]
+    assert d["args"]["c_ok"][0] == 0.2 and "c_ok" in d["args"]["c_ok"][2]  # Table 3

@@ -10,7 +10,9 @@ and the engine applies it in one pass over memory (two when a ≠ 1 and s ≠ 0)
 (branch ``skip``) on a block without a usable reference: no momentum yet, Δ_b = 0, or
 ‖m_b‖ < momentum_floor · ‖Δ_b‖ (m_b ≈ 0 relative to Δ_b, e.g. the start of training).
 
-The HeLoCo constants below are provisional: no values are published; the simulator sweeps them.
+``heloco`` takes the published constants (Table 3 of Asif et al. 2026, read from the first
+author's reference code: ALGORITHMS.md, section HeLoCo); ``heloco_smooth`` is this project's
+continuous variant, its constants provisional.
 """
 from __future__ import annotations
 
@@ -56,7 +58,6 @@ _FLOOR = Arg(1e-6, "skip a block when ‖m_b‖ < momentum_floor·‖Δ_b‖ (mo
 _C_OK = Arg(0.1, "c_ok: blocks with cos(Δ_b, m_b) >= c_ok pass unchanged", min=0.0, max=1.0)
 _KAPPA = Arg(1.0, "κ in conf = ‖Δ‖/(‖Δ‖ + κ‖m‖ + ε): how much a large momentum lowers confidence", min=0.0)
 _EPS = Arg(1e-12, "ε: guards divisions (absolute, in norm units)", min=0.0)
-_BETA_MAX = Arg(1.0, "β_max: largest share of the opposing component removed (1 = PCGrad)", min=0.0, max=1.0)
 
 
 class Correction(Registered):
@@ -105,39 +106,57 @@ class NoCorrection(Correction):
 
 @register("correction", "heloco")
 class HeLoCo(Correction):
-    """HeLoCo's per-block rule as read by a third party (the paper's exact rule is unpublished).
+    """HeLoCo's block-wise directional correction (Algorithm 2), with the published constants.
 
-        û = Δ/‖Δ‖, v̂ = m/‖m‖, c = ûᵀv̂, conf = ‖Δ‖/(‖Δ‖ + κ‖m‖ + ε)
-        c ≥ c_ok       keep:      Δ̂ = Δ
-        c < 0          shrink:    Δ̂ = Δ − β c ‖Δ‖ v̂,  β = min(k_s·(−c)·conf, β_max)
-        0 ≤ c < c_ok   reorient:  ũ = (1−λ)û + λv̂,  Δ̂ = ‖Δ‖ ũ / max(‖ũ‖, ε),  λ = min(k_d·(1−c)·conf, 1)
+        û = Δ/‖Δ‖, v̂ = m/‖m‖, c = clamp(ûᵀv̂, −1, 1), conf = ‖Δ‖/(‖Δ‖ + κ‖m‖ + ε)   (Eqs. 7–8, 15)
+        c ≥ c_ok       keep:      Δ̂ = Δ                                                (Eq. 9)
+        c < 0          shrink:    Δ̂ = Δ − β c ‖Δ‖ v̂,  β = min(k_s·(−c)·conf, β_max)     (Eqs. 10–11)
+        0 ≤ c < c_ok   reorient:  ũ = (1−λ)û + λv̂,  Δ̂ = ‖Δ‖ ũ / max(‖ũ‖, ε)             (Eqs. 12–13)
+          lambda_rule normalized (default, the authors' experiment code; continuous at c_ok):
+                         λ = min(k_d·(c_ok − c)/(c_ok − c_bad)·conf, 1)
+          lambda_rule printed (Eq. 14 as printed):
+                         λ = min(k_d·(1 − c)·conf, 1)
 
     shrink removes the share β of the component opposing m (β = 1 is PCGrad's projection);
     reorient bends Δ towards m and keeps ‖Δ‖ (‖ũ‖² = (1−λ)² + λ² + 2λ(1−λ)c ≥ 1/2 for c ≥ 0).
-    The rule jumps at c = 0 (β → 0 just below, λ ≈ k_d·conf just above) and at c = c_ok;
-    see ``heloco_smooth`` for a continuous variant. Defaults chosen by ablation (docs/algorithms.md).
-    Source: Asif et al. 2026, HeLoCo (arXiv 2606.00271); reading in ALGORITHMS.md.
+    Defaults: Table 3 (c_ok 0.2, k_s 0.5, k_d 1.0, β_max 0.5, κ 3.0, ε 1e-8; c_bad −0.2). The
+    method as published also dispatches θ̄ = θ − ημm and weights Δ by ρ = 1/√K before this
+    rule: that is the ``heloco`` preset (heloco_p2p/algorithms.py), not this class alone.
+    Source: Asif et al. 2026, HeLoCo (arXiv 2606.00271); the first author's reference code.
     """
 
     ARGS = {
-        "c_ok": _C_OK,
-        "k_s": Arg(2.0, "k_s: shrink strength, β = min(k_s·(−c)·conf, β_max)", min=0.0),
-        "beta_max": _BETA_MAX,
-        "k_d": Arg(0.2, "k_d: reorient strength, λ = min(k_d·(1−c)·conf, 1)", min=0.0),
-        "kappa": _KAPPA,
-        "eps": _EPS,
+        "c_ok": Arg(0.2, "c_ok: blocks with cos(Δ_b, m_b) >= c_ok pass unchanged", min=0.0, max=1.0),
+        "k_s": Arg(0.5, "k_s: shrink strength, β = min(k_s·(−c)·conf, β_max)", min=0.0),
+        "beta_max": Arg(0.5, "β_max: largest share of the opposing component removed (1 = PCGrad)", min=0.0, max=1.0),
+        "k_d": Arg(1.0, "k_d: reorient strength (see lambda_rule)", min=0.0),
+        "kappa": Arg(3.0, _KAPPA.doc, min=0.0),
+        "eps": Arg(1e-8, _EPS.doc, min=0.0),
+        "lambda_rule": Arg("normalized", "λ of the reorient branch: normalized (k_d·(c_ok−c)/(c_ok−c_bad)·conf, "
+                           "the authors' code) or printed (k_d·(1−c)·conf, Eq. 14)",
+                           choices=("normalized", "printed")),
+        "c_bad": Arg(-0.2, "c_bad: the cosine at which the normalized λ reaches k_d·conf (< c_ok)",
+                     min=-1.0, max=1.0),
         "momentum_floor": _FLOOR,
     }
 
+    @classmethod
+    def check_combined(cls, args: dict) -> None:
+        if args["c_bad"] >= args["c_ok"]:
+            raise ValueError(f"c_bad: must be < c_ok ({args['c_ok']!r}), got {args['c_bad']!r}")
+
     def rule(self, block: Block) -> Decision:
-        p, c = self.args, block.cosine
+        p, c = self.args, max(-1.0, min(1.0, block.cosine))
         if c >= p["c_ok"]:
             return KEEP
         conf = self.confidence(block, p["kappa"], p["eps"])
         if c < 0.0:
             beta = min(p["k_s"] * -c * conf, p["beta_max"])
             return Decision("shrink", 1.0, -beta * c)
-        lam = min(p["k_d"] * (1.0 - c) * conf, 1.0)
+        if p["lambda_rule"] == "normalized":
+            lam = min(p["k_d"] * (p["c_ok"] - c) / (p["c_ok"] - p["c_bad"]) * conf, 1.0)
+        else:
+            lam = min(p["k_d"] * (1.0 - c) * conf, 1.0)
         u = max(math.sqrt((1.0 - lam) ** 2 + lam**2 + 2.0 * lam * (1.0 - lam) * c), p["eps"])
         return Decision("reorient", (1.0 - lam) / u, lam / u)
 

@@ -10,7 +10,12 @@
 A commit is: check the inputs (a rejected commit changes nothing) → per-block scalars
 (‖Δ_b‖, ‖m_b‖, cos) → the correction's decision per block → Δ̂ materialised only for blocks it
 changes → G = ρ(τ)·ρ_w·Δ̂ (staleness and region-fair weights) → one outer optimizer step →
-version + 1.
+version + 1. With ``weight_order="before"`` the staleness weight multiplies Δ before the
+correction instead (G = ρ_w·Δ̂(ρΔ)), as in HeLoCo's experiment code.
+
+Where a round starts (``dispatch_params``): ``current`` hands out θ; ``lookahead`` hands out
+θ̄ = θ − η·μ·m (HeLoCo's Eq. 5). A worker measures Δ from the point it was handed, and the
+engine applies Δ to θ, never to θ̄: θ̄ is derived from (θ, m) on demand and is not state.
 """
 from __future__ import annotations
 
@@ -31,6 +36,8 @@ from .staleness import StalenessWeight
 from .stats import BlockStats, block_stats
 
 STATE_FORMAT = "heloco_p2p.outer.engine/1"
+DISPATCH = ("current", "lookahead")
+WEIGHT_ORDERS = ("after", "before")
 
 
 def _json_float(x: float | None) -> float | None:
@@ -143,6 +150,10 @@ class OuterEngine:
     :param staleness_weight: ρ(τ) instance; None means ρ = 1
     :param fairness: ρ_w instance (region-fair weight per worker); None means ρ_w = 1
     :param names: a name per block for CommitInfo and error messages (default "0", "1", ...)
+    :param dispatch: ``current`` (rounds start from θ) or ``lookahead`` (from θ − η·μ·m)
+    :param weight_order: ``after`` (G = ρ·Δ̂, the default) or ``before`` (Δ̂ of ρ·Δ) the correction
+    :param num_workers: K for staleness weights that need it, used when a commit gives none
+        (the simulator's fixed K; a swarm passes K with every commit instead)
 
     Prefer ``build_engine`` (by names and args, as in a config). Not thread-safe: the caller
     serialises commits.
@@ -156,7 +167,16 @@ class OuterEngine:
         staleness_weight: StalenessWeight | None = None,
         names: Sequence[str] | None = None,
         fairness: Fairness | None = None,
+        dispatch: str = "current",
+        weight_order: str = "after",
+        num_workers: int | None = None,
     ) -> None:
+        if dispatch not in DISPATCH:
+            raise ValueError(f"dispatch: must be one of {', '.join(DISPATCH)}, got {dispatch!r}")
+        if weight_order not in WEIGHT_ORDERS:
+            raise ValueError(f"weight_order: must be one of {', '.join(WEIGHT_ORDERS)}, got {weight_order!r}")
+        if num_workers is not None:
+            StalenessWeight.check_num_workers(num_workers)
         if not isinstance(params, (list, tuple)) or not params:
             raise ValueError("params: expected a non-empty list of tensors")
         for i, p in enumerate(params):
@@ -170,29 +190,35 @@ class OuterEngine:
         self.correction = correction
         self.staleness_weight = staleness_weight or registry.build("staleness_weight", "none")
         self.fairness = fairness or registry.build("fairness", "none")
+        self.dispatch = dispatch
+        self.weight_order = weight_order
+        self.num_workers = num_workers
         self.version = 0
         self._work: list[Tensor] | None = None  # scratch for corrected blocks and sync means; not state
 
     # ------------------------------------------------------------------ the two commits
     def commit(self, pseudo_grad: Sequence[Tensor], base_version: int, worker: str | None = None,
-               seconds: float | None = None) -> CommitInfo:
+               seconds: float | None = None, num_workers: int | None = None) -> CommitInfo:
         """Correct one pseudo-gradient, apply it, and advance the version by one.
 
-        :param pseudo_grad: Δ = θ(base_version) − θ_local, one tensor per block (converted to θ's dtype)
+        :param pseudo_grad: Δ = θ̄(base_version) − θ_local, one tensor per block (converted to
+            θ's dtype), measured from the point ``dispatch_params`` gave at base_version
         :param base_version: the version the round started from; staleness τ = version − base_version
         :param worker: who sent Δ (a peer id, a worker index), for the region-fair weight ρ_w
         :param seconds: how long that worker's round took (for ``fairness: compute_time``)
-        :raises ValueError: bad base_version (negative or > version), layout, NaN/inf in Δ, or
-            bad seconds; the state is then left bitwise unchanged
+        :param num_workers: K for a staleness weight that needs it (``base``); None: the engine's
+        :raises ValueError: bad base_version (negative or > version), layout, NaN/inf in Δ, bad
+            seconds, or no K where the weight needs one; the state is then left bitwise unchanged
         """
         v0 = self._check_base_version(base_version)
         delta = self._layout(pseudo_grad, "pseudo_grad")
         if seconds is not None and not (isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
                                         and math.isfinite(seconds) and seconds > 0):
             raise ValueError(f"seconds: must be a finite number > 0, got {seconds!r}")
-        return self._commit(delta, v0, 1, worker, seconds)
+        return self._commit(delta, v0, 1, worker, seconds, num_workers)
 
-    def sync_commit(self, pseudo_grads: Sequence[Sequence[Tensor]], base_version: int) -> CommitInfo:
+    def sync_commit(self, pseudo_grads: Sequence[Sequence[Tensor]], base_version: int,
+                    num_workers: int | None = None) -> CommitInfo:
         """Synchronous DiLoCo: one outer step on the mean of k pseudo-gradients.
 
             Δ = (1/k) Σ_i Δ_i ;  θ ← OuterOpt(θ, correction(Δ))
@@ -209,28 +235,36 @@ class OuterEngine:
             raise ValueError("pseudo_grads: expected a non-empty list of pseudo-gradients")
         deltas = [self._layout(pg, f"pseudo_grads[{k}]") for k, pg in enumerate(pseudo_grads)]
         if len(deltas) == 1:
-            return self._commit(deltas[0], v0, 1)
+            return self._commit(deltas[0], v0, 1, num_workers=num_workers)
         mean = self._scratch()
         torch._foreach_copy_(mean, deltas[0])
         for k, d in enumerate(deltas[1:], start=2):
             torch._foreach_lerp_(mean, d, 1.0 / k)  # mean_k = mean_{k-1} + (Δ_k − mean_{k-1})/k
-        return self._commit(mean, v0, len(deltas))
+        return self._commit(mean, v0, len(deltas), num_workers=num_workers)
 
     def _commit(self, delta: list[Tensor], base_version: int, count: int, worker: str | None = None,
-                seconds: float | None = None) -> CommitInfo:
+                seconds: float | None = None, num_workers: int | None = None) -> CommitInfo:
         staleness = self.version - base_version
+        # ρ first: a missing K must refuse the commit before anything (fairness estimates) changes
+        rho = self.staleness_weight.weight(staleness, self.num_workers if num_workers is None else num_workers)
+        before = self.weight_order == "before" and rho != 1.0
+        if before:  # ρ in (0, 1]: NaN/inf in Δ stay NaN/inf and are refused below. Δ̂ of ρΔ: the correction's confidence compares ‖ρΔ‖ with ‖m‖ (HeLoCo's code)
+            work = self._scratch()
+            for w, d in zip(work, delta):
+                torch.mul(d, rho, out=w)  # the scratch, never the caller's tensors
+            delta = work
         momentum = self.optimizer.momentum
         fixed = apply_correction(  # raises on NaN/inf in Δ before any state changes
             self.correction, delta, momentum, self.optimizer.momentum_unit, staleness, self._scratch, self.names
         )
-        rho = self.staleness_weight.weight(staleness)
         key = None if worker is None else str(worker)
         rho_w = self.fairness.weight(key, seconds, self.version)
         combine = getattr(self.fairness, "combine", None)
         g = fixed.tensors if combine is None else combine(key, fixed.tensors, self.version)
-        self.optimizer.step(self.params, g, scale=rho * rho_w)
+        self.optimizer.step(self.params, g, scale=rho_w if before else rho * rho_w)
         self.version += 1
         stats, decisions = fixed.stats, fixed.decisions
+        unweight = 1.0 / rho if before else 1.0  # report norms of Δ and Δ̂ without ρ in both orders
         return CommitInfo(
             version=self.version,
             base_version=base_version,
@@ -242,8 +276,8 @@ class OuterEngine:
             names=list(self.names),
             branches=[d.branch for d in decisions],
             cosines=list(stats.cosines),
-            norms_before=list(stats.delta_norms),
-            norms_after=[_norm_after(d, nd, c) for d, nd, c in zip(decisions, stats.delta_norms, stats.cosines)],
+            norms_before=[nd * unweight for nd in stats.delta_norms],
+            norms_after=[_norm_after(d, nd, c) * unweight for d, nd, c in zip(decisions, stats.delta_norms, stats.cosines)],
             momentum_norms=list(stats.momentum_norms) if stats.momentum_norms is not None else [None] * len(delta),
             fairness_weight=rho_w,
         )
@@ -279,6 +313,21 @@ class OuterEngine:
             self._work = [torch.empty_like(p) for p in self.params]
         return self._work
 
+    # ------------------------------------------------------------------ dispatch
+    def dispatch_params(self) -> list[Tensor]:
+        """Where a round started now begins: θ (``current``) or θ̄ = θ − η·μ·m (``lookahead``).
+
+        ``current``, and ``lookahead`` before the momentum exists, return the live θ tensors
+        themselves (no copy: read them, copy them, never write them); ``lookahead`` with a
+        momentum returns new tensors, computed the same way every time (bitwise reproducible).
+        Source: HeLoCo's Eq. 5 (Asif et al. 2026, arXiv 2606.00271; ALGORITHMS.md).
+        """
+        m = self.optimizer.momentum
+        coef = self.optimizer.dispatch_coefficient
+        if self.dispatch == "current" or m is None or coef == 0.0:
+            return self.params
+        return torch._foreach_add(self.params, m, alpha=-coef)
+
     # ------------------------------------------------------------------ state
     @property
     def momentum(self) -> list[Tensor] | None:
@@ -297,6 +346,8 @@ class OuterEngine:
             "staleness_weight_args": dict(self.staleness_weight.args),
             "fairness": self.fairness.name,
             "fairness_args": dict(self.fairness.args),
+            "dispatch": self.dispatch,
+            "weight_order": self.weight_order,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -331,6 +382,8 @@ class OuterEngine:
         config = state.get("config")
         if isinstance(config, dict) and "fairness" not in config:  # states written before fairness existed
             config = {**config, "fairness": "none", "fairness_args": {}}
+        if isinstance(config, dict) and "dispatch" not in config:  # states written before the dispatch option
+            config = {**config, "dispatch": "current", "weight_order": "after"}
         if not isinstance(config, dict) or config.get("optimizer") != self.optimizer.name:
             raise ValueError(f"state: optimizer {config.get('optimizer') if isinstance(config, dict) else None!r} "
                              f"!= this engine's {self.optimizer.name!r}")
@@ -356,7 +409,8 @@ class OuterEngine:
         n = sum(p.numel() for p in self.params)
         return (f"OuterEngine(version={self.version}, blocks={len(self.params)}, numel={n}, "
                 f"optimizer={self.optimizer!r}, correction={self.correction!r}, "
-                f"staleness_weight={self.staleness_weight!r}, fairness={self.fairness!r})")
+                f"staleness_weight={self.staleness_weight!r}, fairness={self.fairness!r}, "
+                f"dispatch={self.dispatch!r}, weight_order={self.weight_order!r})")
 
 
 @dataclass
@@ -439,6 +493,9 @@ def build_engine(
     names: Sequence[str] | None = None,
     fairness: str | None = None,
     fairness_args: dict[str, Any] | None = None,
+    dispatch: str = "current",
+    weight_order: str = "after",
+    num_workers: int | None = None,
 ) -> OuterEngine:
     """An OuterEngine from registered names and arguments, as a run config gives them.
 
@@ -452,6 +509,9 @@ def build_engine(
     :param names: optional block names (e.g. from ``model.named_parameters()``)
     :param fairness: None (ρ_w = 1) | ``none`` | ``compute_time`` | ``commit_share``
     :param fairness_args: e.g. ``{"alpha": 1.0, "rho_max": 10.0}``
+    :param dispatch: ``current`` | ``lookahead`` (see ``OuterEngine.dispatch_params``)
+    :param weight_order: ``after`` | ``before`` the correction, for the staleness weight
+    :param num_workers: K for ``base`` weights when a commit gives none
     :raises ValueError: unknown name or bad argument (message starts with the key)
 
     Example::
@@ -466,4 +526,7 @@ def build_engine(
         registry.build("staleness_weight", staleness_weight or "none", staleness_weight_args),
         names=names,
         fairness=registry.build("fairness", fairness or "none", fairness_args),
+        dispatch=dispatch,
+        weight_order=weight_order,
+        num_workers=num_workers,
     )

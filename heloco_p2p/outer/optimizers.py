@@ -10,6 +10,9 @@ Every optimizer exposes the momentum that corrections use as the reference direc
 ``momentum_unit``, the factor that expresses that buffer in pseudo-gradient units: an EMA buffer
 is already a weighted mean of Δs (unit 1); a sum buffer m ← μm + Δ grows to ≈ Δ/(1−μ) (unit 1−μ).
 Corrections compare ‖Δ‖ with ‖m‖·unit so their constants mean the same under every optimizer.
+
+``dispatch_coefficient`` is η·μ, the step along the momentum a look-ahead dispatch takes:
+θ̄ = θ − η·μ·m with the optimizer's own η, μ and momentum buffer m (HeLoCo's Eq. 5).
 """
 from __future__ import annotations
 
@@ -57,6 +60,11 @@ class OuterOptimizer(Registered):
     def momentum_unit(self) -> float:
         """Multiply ‖momentum‖ by this to express it in pseudo-gradient units."""
         return 1.0
+
+    @property
+    def dispatch_coefficient(self) -> float:
+        """η·μ: a look-ahead dispatch hands out θ − η·μ·m (0 for an optimizer without momentum)."""
+        return self.args.get("lr", 0.0) * self.args.get("momentum", 0.0)
 
     def step(self, params: list[Tensor], pseudo_grad: list[Tensor], scale: float = 1.0) -> None:
         """Apply one outer update to ``params`` in place; ``pseudo_grad`` is only read.

@@ -39,18 +39,22 @@ class Arg:
     :param min: lower bound, inclusive unless ``min_open``
     :param max: upper bound, inclusive unless ``max_open``
     :param integer: accept only integers (otherwise any finite real number)
+    :param choices: accept only these strings (a named option, e.g. ``lambda_rule``)
     """
 
-    default: float | int
+    default: float | int | str
     doc: str
     min: float | None = None
     max: float | None = None
     min_open: bool = False
     max_open: bool = False
     integer: bool = False
+    choices: tuple[str, ...] | None = None
 
     def allowed(self) -> str:
         """Human-readable allowed values, e.g. ``a number in [0, 1)``."""
+        if self.choices is not None:
+            return "one of " + ", ".join(self.choices)
         what = "an integer" if self.integer else "a number"
         if self.min is not None and self.max is not None:
             lo, hi = "(" if self.min_open else "[", ")" if self.max_open else "]"
@@ -63,6 +67,10 @@ class Arg:
 
     def check(self, value: Any) -> float | int:
         """Return ``value`` as int/float if allowed; raise ValueError(``must be ..., got ...``)."""
+        if self.choices is not None:
+            if isinstance(value, str) and value in self.choices:
+                return value
+            raise ValueError(f"must be {self.allowed()}, got {value!r}")
         if self.integer:
             ok = isinstance(value, int) and not isinstance(value, bool)
         else:
