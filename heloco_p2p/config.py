@@ -19,6 +19,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from heloco_p2p.algorithms import ALGORITHMS, resolve_outer
+from heloco_p2p.outer import registry
+
 REPO_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -72,7 +75,13 @@ class DataConfig(_Section):
 
 
 class InnerConfig(_Section):
-    """The inner loop: AdamW (or bitsandbytes 8-bit AdamW), warmup + cosine, clipping."""
+    """The inner loop: AdamW (or bitsandbytes 8-bit AdamW), warmup + cosine, clipping.
+
+    The cosine ends at ``min_lr_ratio``·lr (default 0.1), or at the absolute ``min_lr`` when that
+    is given (HeLoCo's paper: 1e-6 with no warm-up); giving both is an error. The schedule counts
+    the worker's own inner steps over ``total_steps`` and stays at the floor after them.
+    ``fresh_optimizer``: a new AdamW every round (HeLoCo's paper) instead of one kept across rounds.
+    """
 
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     lr: float = Field(1e-3, gt=0)
@@ -82,6 +91,8 @@ class InnerConfig(_Section):
     warmup_steps: int = Field(50, ge=0)
     total_steps: int = Field(10_000, gt=0)  # horizon of the cosine schedule
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    min_lr: float | None = Field(None, ge=0)  # absolute floor of the cosine (exclusive with min_lr_ratio)
+    fresh_optimizer: bool = False  # a new inner optimizer (no moments) at the start of every round
     grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
     batch_size: int = Field(16, gt=0)
     steps_per_round: int = Field(50, gt=0)  # H
@@ -95,6 +106,12 @@ class InnerConfig(_Section):
             raise ValueError(f"betas must each be in [0, 1), got {self.betas}")
         if self.warmup_steps >= self.total_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < total_steps ({self.total_steps})")
+        if self.min_lr is not None:
+            if "min_lr_ratio" in self.model_fields_set:
+                raise ValueError(f"min_lr ({self.min_lr}) and min_lr_ratio ({self.min_lr_ratio}) are both set: the "
+                                 f"floor of the cosine is one or the other; remove one")
+            if self.min_lr > self.lr:
+                raise ValueError(f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
         return self
 
 
@@ -102,18 +119,25 @@ class OuterConfig(_Section):
     """The outer optimizer and the correction of incoming pseudo-gradients, chosen by name from
     the registries in heloco_p2p.outer (e.g. ``optimizer: lookahead``, ``correction: heloco``).
     ``optimizer_args`` / ``correction_args`` go to the chosen class and are checked against it.
-    ``algorithm`` names a preset instead (the names of the simulator: sync_diloco, async_diloco,
-    async_dn, async_dn_dylu, async_mla, heloco, heloco_dylu, async_pcgrad); it sets the mode
-    (sync or async), optimizer, correction and DyLU, and ``optimizer_args`` / ``correction_args``
-    given here override the preset's."""
+    ``algorithm`` names a preset instead (heloco_p2p.algorithms; ``heloco-peer algorithms`` lists
+    them); it sets the mode (sync or async), optimizer, correction, dispatch, staleness weight and
+    DyLU, and ``optimizer_args`` / ``correction_args`` given here are checked against the preset's
+    components and override its arguments; ``dispatch``, ``staleness_weight``, ``weight_order``
+    and ``fairness`` given here replace the preset's (left out: the preset's). With a preset,
+    ``optimizer``, ``correction`` and ``dylu`` here are not used."""
 
     algorithm: str | None = None  # a named preset (heloco_p2p.algorithms), e.g. heloco or sync_diloco
     optimizer: str = "lookahead"
     optimizer_args: dict[str, Any] = Field(default_factory=dict)
     correction: str = "none"
     correction_args: dict[str, Any] = Field(default_factory=dict)
-    staleness_weight: str = "none"  # ρ(τ) applied to the corrected Δ: none | inverse_sqrt | power
+    # where a round starts: current (θ) | lookahead (θ̄ = θ − η·μ·m, HeLoCo's Eq. 5); None: the preset's, else current
+    dispatch: Literal["current", "lookahead"] | None = None
+    # ρ: none | inverse_sqrt | power | base (1/√K) | base_inverse_sqrt; None: the preset's, else none
+    staleness_weight: str | None = None
     staleness_weight_args: dict[str, Any] = Field(default_factory=dict)
+    # ρ applied after the correction (G = ρ·Δ̂) or before it (Δ̂ of ρΔ); None: the preset's, else after
+    weight_order: Literal["after", "before"] | None = None
     # region-fair weight ρ_w per sender: none | compute_time | commit_share (None: the preset's, else none)
     fairness: str | None = None
     fairness_args: dict[str, Any] = Field(default_factory=dict)
@@ -232,20 +256,18 @@ def _lists_to_tuples(tree: dict) -> dict:
 
 
 def _check_outer_names(cfg: RunConfig, source: str) -> None:
-    from heloco_p2p.outer import registry  # outer/ is pure math; importing it here is downward
-
-    if cfg.outer.algorithm is not None:
-        from heloco_p2p.algorithms import ALGORITHMS
-
-        if cfg.outer.algorithm not in ALGORITHMS:
-            raise ConfigError(f"{source}: outer.algorithm: unknown algorithm {cfg.outer.algorithm!r}; "
-                              f"allowed: {', '.join(ALGORITHMS)}")
+    """Check the outer section's names and arguments against the components it resolves to: with
+    ``algorithm: heloco``, ``correction_args`` are the heloco correction's, not those of the
+    section's own ``correction`` field (which a preset does not use)."""
+    if cfg.outer.algorithm is not None and cfg.outer.algorithm not in ALGORITHMS:
+        raise ConfigError(f"{source}: outer.algorithm: unknown algorithm {cfg.outer.algorithm!r}; "
+                          f"allowed: {', '.join(ALGORITHMS)}")
+    _, preset = resolve_outer(cfg.outer)
     try:
-        registry.check_args("optimizer", cfg.outer.optimizer, cfg.outer.optimizer_args)
-        registry.check_args("correction", cfg.outer.correction, cfg.outer.correction_args)
-        registry.check_args("staleness_weight", cfg.outer.staleness_weight, cfg.outer.staleness_weight_args)
-        if cfg.outer.fairness is not None or cfg.outer.fairness_args:
-            registry.check_args("fairness", cfg.outer.fairness or "none", cfg.outer.fairness_args)
+        registry.check_args("optimizer", preset.optimizer, preset.optimizer_args)
+        registry.check_args("correction", preset.correction, preset.correction_args)
+        registry.check_args("staleness_weight", preset.staleness_weight, preset.staleness_weight_args)
+        registry.check_args("fairness", preset.fairness, preset.fairness_args)
     except ValueError as exc:
         raise ConfigError(f"{source}: outer.{exc}") from None
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from heloco_p2p.algorithms import resolve_outer
+from heloco_p2p.algorithms import build_outer_engine, resolve_outer
 from heloco_p2p.config import RunConfig, config_from_dict, load_config
 from heloco_p2p.coordinator import CommitState, CoordinatorService, SubmissionLimits, params_digest, unpack_params
 from heloco_p2p.data import TokenBlocks, load_tokenizer, open_source, tokenizer_digest, validation_blocks
@@ -33,7 +33,7 @@ from heloco_p2p.checkpoint import CheckpointError, Checkpointer, load_checkpoint
 from heloco_p2p.local import InnerTrainer, build_model, validation_loss
 from heloco_p2p.local.model import param_names, trainable_params
 from heloco_p2p.local.solo import source_spec
-from heloco_p2p.outer import DyLU, build_engine
+from heloco_p2p.outer import DyLU, registry
 from heloco_p2p.swarm.node import SwarmNode, start_error_message
 from heloco_p2p.swarm.holders import HolderKeys
 from heloco_p2p.swarm.records import PROTOCOL_VERSION, GenesisRecord, LeaseRecord, PeerRecord
@@ -162,10 +162,16 @@ class Peer:
         limits = SubmissionLimits.from_config(self.cfg.swarm)
         theta0 = [p.detach().clone() for p in trainable_params(self.model)]
         mode, self.preset = resolve_outer(self.cfg.outer)
-        engine = build_engine(theta0, self.preset.optimizer, self.preset.optimizer_args, self.preset.correction,
-                              self.preset.correction_args, self.cfg.outer.staleness_weight,
-                              self.cfg.outer.staleness_weight_args, names=param_names(self.model),
-                              fairness=self.preset.fairness, fairness_args=self.preset.fairness_args)
+        if self.preset.dispatch != "current":  # replies, state downloads and catch-up would still hand out θ
+            raise JoinError(f"outer.dispatch: {self.preset.dispatch!r} (algorithm {self.preset.name!r}) is not supported "
+                            f"by the swarm yet; set outer.dispatch: current (docs/algorithms.md)")
+        if registry.get("staleness_weight", self.preset.staleness_weight).needs_num_workers:  # K not counted yet
+            raise JoinError(f"outer.staleness_weight: {self.preset.staleness_weight!r} needs the number of workers K, "
+                            f"which the swarm does not count yet; set outer.staleness_weight: none (docs/algorithms.md)")
+        try:  # the simulator's factory: one run config, one algorithm (K unknown here: None)
+            engine = build_outer_engine(self.preset, theta0, names=param_names(self.model), num_workers=None)
+        except ValueError as exc:
+            raise JoinError(f"outer: {exc}") from None
         self.commit_state = CommitState(engine)
         self.service = CoordinatorService(self.node, self.commit_state, [tuple(p.shape) for p in theta0], limits,
                                           reply_compression=self.cfg.swarm.reply_compression,

@@ -43,9 +43,10 @@ def main() -> None:
 
 
 def _register() -> None:
-    from heloco_p2p.cli import data_cmd, join_cmd, sim_cmd, testnet_cmd, train_cmd
+    from heloco_p2p.cli import algorithms_cmd, data_cmd, join_cmd, sim_cmd, testnet_cmd, train_cmd
     from heloco_p2p.cli import dashboard_cmd, export_cmd, keygen_cmd, monitor_cmd
 
+    main.add_command(algorithms_cmd.algorithms)
     main.add_command(data_cmd.data)
     main.add_command(train_cmd.train)
     main.add_command(train_cmd.eval_cmd)

@@ -20,6 +20,7 @@ from heloco_p2p.data.sources import (
     SourceInfo,
     builtin_regions,
     builtin_sources,
+    books_shard,
     open_region,
     open_source,
 )
@@ -27,6 +28,6 @@ from heloco_p2p.data.tokenizer import load_tokenizer, tokenizer_digest
 
 __all__ = [
     "BibleError", "BibleSource", "FilesSource", "HELD_OUT_BOOKS", "HFSource", "Source", "SourceError",
-    "SourceInfo", "TokenBlocks", "builtin_regions", "builtin_sources", "cache_dir", "load_tokenizer",
+    "SourceInfo", "TokenBlocks", "books_shard", "builtin_regions", "builtin_sources", "cache_dir", "load_tokenizer",
     "open_region", "open_source", "token_array", "tokenizer_digest", "validation_blocks",
 ]

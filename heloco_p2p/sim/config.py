@@ -33,7 +33,9 @@ class Experiment(_Strict):
 
     algorithms: list[str]
     heterogeneity: list[str]
-    data: list[Literal["non-iid", "iid"]] = ["non-iid"]
+    # non-iid: one language per worker; iid: every batch mixes the languages; non-iid-disjoint:
+    # one language AND a disjoint share of the books per worker (different content, sim/engine.py)
+    data: list[Literal["non-iid", "iid", "non-iid-disjoint"]] = ["non-iid"]
 
 
 class Variant(_Strict):
@@ -45,6 +47,10 @@ class Variant(_Strict):
     correction_args: dict[str, Any] = Field(default_factory=dict)
     fairness: str | None = None
     fairness_args: dict[str, Any] = Field(default_factory=dict)
+    staleness_weight: str | None = None  # ρ by name (None: the base's, or the config's staleness_weight)
+    staleness_weight_args: dict[str, Any] = Field(default_factory=dict)
+    dispatch: Literal["current", "lookahead"] | None = None
+    weight_order: Literal["after", "before"] | None = None
     steps_per_round: int | None = Field(None, gt=0)  # H for this name (None: the config's)
     dylu: bool | None = None
     overlap: bool | None = None  # overlapped rounds for this name (None: the config's ``overlap``)
@@ -70,6 +76,9 @@ class SimConfig(_Strict):
     processes: int = Field(2, gt=0)
     threads_per_process: int = Field(1, gt=0)
     overlap: bool = False  # overlapped rounds: start the next round before the reply (sim/engine.py)
+    # ρ for every asynchronous algorithm and variant (None: each preset's own). HeLoCo's paper gives
+    # every asynchronous rule ρ = base (1/√K), so that an ablation compares rules, not step sizes.
+    staleness_weight: str | None = None
 
     @model_validator(mode="after")
     def _names_exist(self) -> "SimConfig":
@@ -90,27 +99,36 @@ class SimConfig(_Strict):
         for a in self.lr_grid:
             if a not in algos:
                 raise ValueError(f"lr_grid: unknown algorithm {a!r}")
+        if self.staleness_weight is not None:
+            registry.check_args("staleness_weight", self.staleness_weight, {})
         return self
 
     def levels(self) -> dict[str, list[float]]:
         return {**HETEROGENEITY_LEVELS, **self.heterogeneity_levels}
 
     def algorithms(self) -> dict[str, AlgorithmPreset]:
-        algos = dict(ALGORITHMS)
+        algos = {name: self._with_rho(p) for name, p in ALGORITHMS.items()}
         for name, v in self.variants.items():
             if v.base not in ALGORITHMS:
                 raise ValueError(f"variants.{name}.base: unknown algorithm {v.base!r}; known: {', '.join(ALGORITHMS)}")
-            base = ALGORITHMS[v.base]
+            base = self._with_rho(ALGORITHMS[v.base])
             if v.correction is not None and v.correction != base.correction:
                 base = replace(base, correction=v.correction, correction_args={})
-            preset = base.with_args(v.optimizer_args, v.correction_args, v.fairness, v.fairness_args)
+            preset = base.with_args(v.optimizer_args, v.correction_args, v.fairness, v.fairness_args,
+                                    v.staleness_weight, v.staleness_weight_args, v.dispatch, v.weight_order)
             try:
                 registry.check_args("correction", preset.correction, preset.correction_args)
                 registry.check_args("fairness", preset.fairness, preset.fairness_args)
+                registry.check_args("staleness_weight", preset.staleness_weight, preset.staleness_weight_args)
             except ValueError as exc:
                 raise ValueError(f"variants.{name}.{exc}") from None
             algos[name] = replace(preset, name=name, dylu=preset.dylu if v.dylu is None else v.dylu)
         return algos
+
+    def _with_rho(self, preset: AlgorithmPreset) -> AlgorithmPreset:
+        if self.staleness_weight is None or preset.mode != "async":
+            return preset
+        return preset.with_args(staleness_weight=self.staleness_weight)
 
     def overlap_for(self, algorithm: str) -> bool:
         v = self.variants.get(algorithm)

@@ -11,11 +11,23 @@ A worker's model holds the global parameters it started its round from until its
 popped, so running the round lazily at that moment gives exactly what running it at its start
 would have: its result depends only on its start parameters, its data and its optimizer state.
 
+Where a round starts is the engine's ``dispatch_params()``: θ, or θ̄ = θ − η·μ·m for a
+look-ahead dispatch (HeLoCo). The worker's Δ is measured from that point (Δ = θ̄ − θ_local) and
+the engine applies it to θ. The engine, its DyLU and its ρ come from the same factories as the
+swarm's (``heloco_p2p.algorithms.build_outer_engine`` / ``build_dylu``), and K, the number of
+workers, goes with every commit for weights that need it (``staleness_weight: base``).
+
 Overlapped rounds (``SimSpec.overlap``, asynchronous algorithms only) model a peer that does not
 wait for its reply: after its last step it submits and starts the next round at once from its
 local θ; the reply (θ right after its commit, ``comm_w`` later) is folded in after the first
 ``ceil(comm_w / step_w)`` steps of that round (``InnerTrainer.fold_in``), or after the round's
-last step, waiting for it, when it comes later than that.
+last step, waiting for it, when it comes later than that. The reply is the dispatch point right
+after that commit (θ̄ for a look-ahead dispatch), so the folded-in round's Δ is measured from the
+point it now stands on, as in a blocking round.
+
+Data splits: ``non-iid`` (worker w trains on its region's language), ``iid`` (every batch mixes
+all languages), ``non-iid-disjoint`` (its language AND a disjoint share of the content: worker w
+of n gets the train books b with b's position ≡ w mod n, ``block_streams(region, seed, (w, n))``).
 """
 from __future__ import annotations
 
@@ -27,11 +39,10 @@ from typing import Callable, Iterator
 
 import torch
 
-from heloco_p2p.algorithms import AlgorithmPreset
+from heloco_p2p.algorithms import AlgorithmPreset, build_dylu, build_outer_engine
 from heloco_p2p.config import RunConfig
 from heloco_p2p.local import InnerTrainer, build_model, evaluate_regions
-from heloco_p2p.local.model import trainable_params
-from heloco_p2p.outer import DyLU
+from heloco_p2p.local.model import param_names, trainable_params
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +55,7 @@ class SimSpec:
     lr: float
     heterogeneity: str
     slowness: list[float]
-    data: str  # "non-iid" | "iid"
+    data: str  # "non-iid" | "iid" | "non-iid-disjoint"
     seed: int
     steps_per_round: int
     step_time: float  # virtual seconds per inner step at slowness 1
@@ -100,7 +111,9 @@ def mixture_batches(streams: list[Iterator[torch.Tensor]], batch_size: int, offs
 
 class Simulation:
     """Runs one ``SimSpec``. ``block_streams(region, seed)`` gives an endless iterator of token
-    blocks of one language; ``val_blocks`` maps every language to its fixed validation blocks."""
+    blocks of one language (``block_streams(region, seed, (w, n))``: of share w of n of its
+    content, for ``non-iid-disjoint``); ``val_blocks`` maps every language to its fixed
+    validation blocks."""
 
     def __init__(self, cfg: RunConfig, spec: SimSpec, regions: list[str],
                  block_streams: Callable[[str, int], Iterator[torch.Tensor]],
@@ -115,14 +128,18 @@ class Simulation:
             if spec.data == "iid":
                 streams = [block_streams(r, seed) for r in regions]
                 batches, label = mixture_batches(streams, batch, offset=w), "mix"
+            elif spec.data == "non-iid-disjoint":
+                batches, label = _batched(block_streams(region, seed, (w, len(regions))), batch), region
             else:
                 batches, label = _batched(block_streams(region, seed), batch), region
             model = build_model(cfg.model, tokenizer, seed=spec.seed)  # every worker starts from θ_0
             self.workers.append(Worker(w, label, slow, InnerTrainer(model, cfg.inner, batches)))
         self.eval_model = build_model(cfg.model, tokenizer, seed=spec.seed)
         theta0 = [p.detach().clone() for p in trainable_params(self.eval_model)]
-        self.engine = spec.algorithm.build_engine(theta0, lr=spec.lr, num_workers=len(regions))
-        self.dylu = DyLU(min_steps=1) if spec.algorithm.dylu else None
+        self.num_workers = len(regions)  # K: fixed in a simulation
+        self.engine = build_outer_engine(spec.algorithm, theta0, names=param_names(self.eval_model),
+                                         num_workers=self.num_workers, lr=spec.lr)
+        self.dylu = build_dylu(spec.algorithm)
         self.now, self.tokens = 0.0, 0
         self.curve: list[dict] = []
         self.commits: list[dict] = []
@@ -173,11 +190,12 @@ class Simulation:
         self.commits.append({"t": self.now, "worker": w.index, "region": w.region, "staleness": info.staleness,
                              "version": info.version, "steps": stats.steps, "loss": stats.loss,
                              "branches": summary["branches"], "cosine": summary["mean_cosine"],
-                             "fairness_weight": summary["fairness_weight"]})
+                             "fairness_weight": summary["fairness_weight"],
+                             "staleness_weight": summary["staleness_weight"]})
 
     def _start(self, w: Worker) -> float:
-        """Worker w starts a round from the current global parameters; returns its finish time."""
-        w.trainer.load_params(self.engine.params)
+        """Worker w starts a round from the current dispatch point; returns its finish time."""
+        w.trainer.load_params(self.engine.dispatch_params())
         w.base_version = self.engine.version
         H = self.spec.steps_per_round
         w.steps = self.dylu.steps_for(w.index, H) if self.dylu is not None else H
@@ -221,7 +239,8 @@ class Simulation:
             self.now = t
             w = self.workers[idx]
             (pseudo_grad, stats), base = run_round(w)
-            info = self.engine.commit(pseudo_grad, base, worker=str(w.index), seconds=self._round_seconds(w, stats.steps))
+            info = self.engine.commit(pseudo_grad, base, worker=str(w.index), seconds=self._round_seconds(w, stats.steps),
+                                      num_workers=self.num_workers)
             self.tokens += stats.tokens
             self._record(w, info, stats)
             after_commit(w, stats)
@@ -236,7 +255,7 @@ class Simulation:
                 break
             self.now = finish
             results = [w.trainer.run_round(None, w.steps) for w in self.workers]
-            info = self.engine.sync_commit([d for d, _ in results], self.engine.version)
+            info = self.engine.sync_commit([d for d, _ in results], self.engine.version, num_workers=self.num_workers)
             for w, (_, stats) in zip(self.workers, results):
                 self.tokens += stats.tokens
                 self._record(w, info, stats)
@@ -270,11 +289,12 @@ class Simulation:
 
     def _run_async_overlapped(self) -> None:
         for w in self.workers:
-            w.trainer.load_params(self.engine.params)
+            w.trainer.load_params(self.engine.dispatch_params())
             w.base_version = self.engine.version
 
         def after_commit(w: Worker, stats) -> None:
-            w.fold_params = [p.detach().clone() for p in self.engine.params]  # the reply, folded in next round
+            # the reply: the dispatch point right after this commit, folded in next round
+            w.fold_params = [p.detach().clone() for p in self.engine.dispatch_params()]
             w.fold_version = self.engine.version
             if self.dylu is not None:
                 self.dylu.update(w.index, 1.0 / (self.spec.step_time * w.slowness))

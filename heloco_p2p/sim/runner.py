@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -38,7 +38,7 @@ def _data(cfg: SimConfig):
     """Tokenizer, block-stream factory and validation blocks, built once per process."""
     key = (cfg.base, json.dumps(cfg.overrides, sort_keys=True), tuple(cfg.regions))
     if key not in _CACHE:
-        from heloco_p2p.data import TokenBlocks, load_tokenizer, open_source, validation_blocks
+        from heloco_p2p.data import TokenBlocks, books_shard, load_tokenizer, open_source, validation_blocks
         from heloco_p2p.local.solo import source_spec
 
         run_cfg = cfg.run_config()
@@ -46,8 +46,9 @@ def _data(cfg: SimConfig):
         sources = {r: open_source(source_spec(run_cfg, r)) for r in cfg.regions}
         val = {r: validation_blocks(s, tok, run_cfg.data.seq_len, run_cfg.data.val_blocks) for r, s in sources.items()}
 
-        def streams(region: str, seed: int):
-            return iter(TokenBlocks(sources[region], tok, seq_len=run_cfg.data.seq_len, split="train", seed=seed))
+        def streams(region: str, seed: int, shard: tuple[int, int] | None = None):
+            source = sources[region] if shard is None else books_shard(sources[region], *shard)
+            return iter(TokenBlocks(source, tok, seq_len=run_cfg.data.seq_len, split="train", seed=seed))
 
         _CACHE[key] = (run_cfg, tok, streams, val)
     return _CACHE[key]
@@ -131,8 +132,9 @@ def _run_spec_job(args) -> dict:
 
 
 def make_spec(cfg: SimConfig, algorithm: str, heterogeneity: str, data: str, seed: int, lr: float | None) -> SimSpec:
-    preset = cfg.algorithms()[algorithm]
     run_cfg = cfg.run_config()
+    # DyLU's floor comes from the run config's outer section, as in the swarm (algorithms.resolve_outer)
+    preset = replace(cfg.algorithms()[algorithm], dylu_min_steps=run_cfg.outer.dylu_min_steps)
     levels = cfg.levels()
     n_params = None
     comm = [0.0] * len(cfg.regions)
@@ -296,8 +298,10 @@ def _key(r: SimResult) -> dict:
 
 
 def _entries(r: SimResult) -> list[dict]:
+    a = r.spec.algorithm
     return [{**_key(r), "budget": budget, "tokens": int(point["tokens"]), "virtual_seconds": float(point["virtual_seconds"]),
-             "val_loss": point["val_loss"]}
+             "val_loss": point["val_loss"], "staleness_weight": a.staleness_weight, "dispatch": a.dispatch,
+             "weight_order": a.weight_order}
             for budget, point in (("tokens", r.at_tokens), ("time", r.at_time))]
 
 
