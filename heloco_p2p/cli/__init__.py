@@ -44,7 +44,7 @@ def main() -> None:
 
 def _register() -> None:
     from heloco_p2p.cli import algorithms_cmd, data_cmd, join_cmd, sim_cmd, testnet_cmd, train_cmd
-    from heloco_p2p.cli import dashboard_cmd, export_cmd, keygen_cmd, monitor_cmd
+    from heloco_p2p.cli import dashboard_cmd, doctor_cmd, export_cmd, keygen_cmd, monitor_cmd
 
     main.add_command(algorithms_cmd.algorithms)
     main.add_command(data_cmd.data)
@@ -54,6 +54,7 @@ def _register() -> None:
     main.add_command(join_cmd.join)
     main.add_command(monitor_cmd.monitor)
     main.add_command(dashboard_cmd.dashboard)
+    main.add_command(doctor_cmd.doctor)
     main.add_command(export_cmd.export)
     main.add_command(export_cmd.generate)
     main.add_command(testnet_cmd.testnet)
