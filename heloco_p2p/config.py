@@ -153,6 +153,9 @@ class SwarmConfig(_Section):
     lease_seconds: float = Field(10.0, gt=0)  # a coordinator lease lapses this long after its last renewal
     heartbeat_seconds: float = Field(3.0, gt=0)
     num_standbys: int = Field(1, ge=0)
+    # a submission is acknowledged only once this many standbys hold its commit (0: acknowledge
+    # unreplicated commits, which a coordinator's death loses: docs/reliability.md)
+    min_replicas: int = Field(1, ge=0)
     max_staleness: int = Field(64, ge=0)
     norm_factor: float = Field(10.0, gt=1)  # reject ‖Δ‖ above this × the median of recent accepted norms
     max_steps: int = Field(100_000, gt=0)  # inner steps one submission may claim (they set the run's lr schedule)
@@ -185,6 +188,9 @@ class RunConfig(_Section):
             raise ValueError(
                 f"model.vocab_size ({self.model.vocab_size}) must equal data.vocab_size ({self.data.vocab_size})"
             )
+        if self.swarm.min_replicas > self.swarm.num_standbys:
+            raise ValueError(f"swarm.min_replicas ({self.swarm.min_replicas}) exceeds swarm.num_standbys "
+                             f"({self.swarm.num_standbys}): no commit could ever be acknowledged")
         if self.data.seq_len > self.model.max_seq_len:
             raise ValueError(f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
         return self

@@ -285,8 +285,28 @@ class CoordinatorService:
 
     def __init__(self, node, state: CommitState, shapes: list[tuple[int, ...]], limits: SubmissionLimits,
                  reply_compression: str = "none", config_digest: str = "", mode: str = "async",
-                 barrier_timeout: float = 300.0):
+                 barrier_timeout: float = 300.0, min_replicas: int = 1, lease_seconds: float = 10.0):
         self.node, self.state, self.limits = node, state, limits
+        # a submission is acknowledged only once this many standbys hold its commit (swarm.min_replicas),
+        # unless no other peer is alive to hold it (``others_alive`` == 0: a lone peer commits, loudly)
+        self.min_replicas = min_replicas
+        # live peers that could be standbys (kept by the peer's maintenance); None: not known yet, so
+        # the rule holds (only a peer that saw nobody else alive acknowledges unreplicated commits)
+        self.others_alive: int | None = None
+        self.lease_seconds = lease_seconds
+        # acknowledge only while the lease is surely ours: until a fraction of a lease period after the
+        # start of its last successful renewal (monotonic: a frozen process wakes up past it)
+        self.lease_until = 0.0
+        # (holder, term) of the lease this peer believes, from the DHT under the holder-bound rule
+        # (roles/lease.py): only that holder, in that term, may replicate to this peer or hand it the role
+        self.believed: tuple[str, int] | None = None
+        self.verify_lease = None  # blocking callable: re-read the lease from the DHT now (set by the peer)
+        self._last_verify = 0.0
+        self._heirs: set[str] = set()  # every standby named in this term (a dropped one may have taken over)
+        self.replicated_version = state.version  # the newest version at least ``required_replicas()`` standbys hold
+        self.replicate_rtts: deque = deque(maxlen=20)  # seconds of recent replications (their timeout follows them)
+        self.replicate_floor = max(2.0, lease_seconds / 2)
+        self.snapshot: tuple[int, int, str, int] | None = None  # (term, version, θ digest, tokens) of the last commit
         self.mode = mode  # "async": commit each Δ alone; "sync": barrier, average, commit (sync DiLoCo)
         self.barrier_timeout = barrier_timeout
         self.pending: dict[str, tuple] = {}  # sync mode: peer -> (seq, steps, tokens, norm, Δ, future)
@@ -341,19 +361,84 @@ class CoordinatorService:
 
     # -- role changes -------------------------------------------------------------------------
     def activate(self, term: int) -> None:
+        """Hold the role in ``term``: the caller publishes the lease claim right after, so the lease
+        counts as renewed now."""
         self.state.term = term
         self.highest_term_seen = max(self.highest_term_seen, term)
         self.active = True
+        self.believed = (self.node.peer_id, term)
+        self._heirs = set(self.standbys)
+        self.replicated_version = self.state.version  # a standby's replica was current when it took over
         self.commits_this_term = 0
         self.rejected_this_term = 0
         self.branches.clear()
+        self.mark_committed(params_digest(self.state.engine.params))
+        self.renewed(time.monotonic())
         logger.info("coordinator for term %d at version %d", term, self.state.version)
 
     def step_down(self, higher_term: int) -> None:
+        """Only on a term this peer believes (a verified lease claim, or replication from its
+        holder): an unverified number in a message deposes no one."""
         if self.active:
             logger.warning("stepping down: saw term %d > my term %d", higher_term, self.state.term)
         self.active = False
         self.highest_term_seen = max(self.highest_term_seen, higher_term)
+
+    def renewed(self, started: float) -> None:
+        """The lease claim written from ``started`` (time.monotonic) on is in the DHT: acknowledge
+        until 3/4 of a lease period after that. Peers see it lapse at renewal + lease_seconds."""
+        self.lease_until = max(self.lease_until, started + 0.75 * self.lease_seconds)
+
+    def lease_valid(self) -> bool:
+        return self.active and time.monotonic() < self.lease_until
+
+    def heirs(self) -> set[str]:
+        """The peers that may claim this term's successor: every standby named in this term."""
+        return self._heirs | set(self.standbys)
+
+    def drop_standby(self, standby: str) -> None:
+        if standby in self.standbys:
+            self.standbys.remove(standby)
+        self._heirs.add(standby)
+
+    def required_replicas(self) -> int:
+        """Standbys that must hold a commit before it is acknowledged: ``min_replicas``, or 0 for a
+        lone peer (nobody to replicate to; the lease and the log say so)."""
+        return 0 if self.others_alive == 0 and not self.standbys else self.min_replicas
+
+    def waiting_for_standby(self) -> bool:
+        return self.active and len(self.standbys) < self.required_replicas()
+
+    def mark_committed(self, digest: str) -> None:
+        """What the next lease renewal publishes; written under the commit lock, read without it
+        (one tuple assignment), so that renewing the lease never waits for a commit."""
+        self.snapshot = (self.state.term, self.state.version, digest, self.state.total_tokens)
+
+    def replicate_timeout(self) -> float:
+        """Seconds to wait for a standby: 5 × the slowest recent replication, at least
+        ``replicate_floor`` (half a lease), at most 120 s."""
+        if not self.replicate_rtts:
+            return self.replicate_floor
+        return min(120.0, max(self.replicate_floor, 5.0 * max(self.replicate_rtts)))
+
+    def _from_holder(self, remote: str, term: int) -> bool:
+        return self.believed == (remote, term)
+
+    async def _verify(self, force: bool = False) -> None:
+        """Re-read the lease from the DHT (at most once a second unless ``force``): a sender that
+        is not the holder we believe may hold a claim newer than our last read."""
+        if self.verify_lease is None or (not force and time.monotonic() - self._last_verify < 1.0):
+            return
+        self._last_verify = time.monotonic()
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.verify_lease)
+        except Exception as exc:  # the DHT can fail; then nothing is believed anew
+            logger.info("re-reading the lease failed: %s", exc)
+
+    def _busy(self, message: str, retry_after: float = 1.0) -> tuple[dict, bytes]:
+        """Not now, and not the sender's fault: it keeps its Δ and resubmits the same sequence number."""
+        return {"status": "rejected", "reason": "busy", "retry_after": retry_after, "message": message,
+                "term": self.state.term, "version": self.state.version}, b""
 
     def note_term(self, term: int) -> None:
         if term > self.highest_term_seen:
@@ -420,11 +505,18 @@ class CoordinatorService:
         async with self.lock:
             if not self.active:
                 return {"status": "not_coordinator", "term": self.highest_term_seen, "message": "stepped down"}, b""
+            if not self.lease_valid():  # frozen, or the renewal failed: the lease may have lapsed
+                return self._busy("the coordinator is confirming its lease", retry_after=0.5)
+            required = self.required_replicas()
             if self.state.is_duplicate(peer, seq):
+                if required and self.replicated_version < self.state.version:
+                    return self._busy("this submission is committed but no standby holds it yet")
                 reply = {"status": "accepted", "duplicate": True, "version": self.state.version, "term": self.state.term,
                          "staleness": None, "schedule_step": self.state.schedule_step(),
                          "run_tokens": self.state.total_tokens}
                 return reply, await loop.run_in_executor(None, self._encode_params)
+            if len(self.standbys) < required:
+                return self._busy(f"waiting for a standby ({len(self.standbys)} of {required} hold the state)")
             try:
                 norm = await loop.run_in_executor(None, self.state.check, delta, base_version, self.limits)
             except Rejection as exc:
@@ -435,13 +527,25 @@ class CoordinatorService:
             info = await loop.run_in_executor(None, self.state.apply, delta, base_version, peer, seq, steps, norm,
                                               worker, seconds, tokens)
             digest = await loop.run_in_executor(None, params_digest, self.state.engine.params)
+            self.mark_committed(digest)
             t2 = time.perf_counter()
-            if not await self._replicate_commit(peer, seq, steps, base_version, header.get("tensors", []), payload,
-                                                version_before, digest, worker, seconds, tokens):
-                # a standby follows a newer term: another peer coordinates, and this commit (applied
-                # here only) must not be acknowledged; the sender resubmits to the new coordinator
+            held = await self._replicate_commit(peer, seq, steps, base_version, header.get("tensors", []), payload,
+                                                version_before, digest, worker, seconds, tokens)
+            if not self.active:
+                # a standby follows a newer term that this peer verified: another peer coordinates, and
+                # this commit (applied here only) must not be acknowledged; the sender resubmits there
                 return {"status": "not_coordinator", "term": self.highest_term_seen,
                         "message": "a standby follows a newer term; read the lease again"}, b""
+            if held < required:  # committed here, held by too few: not acknowledged (the retry is a duplicate)
+                logger.warning("commit %d is held by %d standbys of the %d required: not acknowledged",
+                               info.version, held, required)
+                return self._busy(f"the commit is held by {held} of {required} standbys; a new standby is recruited")
+            self.replicated_version = info.version
+            if not self.lease_valid():  # held, but the lease may have lapsed meanwhile: the retry is a duplicate
+                return self._busy("the coordinator is confirming its lease", retry_after=0.5)
+            if required == 0 and self.min_replicas > 0:
+                logger.warning("version %d acknowledged with no replica: no other peer is alive to hold it",
+                               info.version)
             summary = info.summary()
             self.commits_this_term += 1
             self.commit_times.append(time.time())
@@ -450,7 +554,7 @@ class CoordinatorService:
             self.acknowledged.append((peer, seq, info.version))
             if self.on_commit is not None:
                 self.on_commit({**summary, "peer": peer, "seq": seq, "norm": norm, "digest": digest,
-                                "term": self.state.term, "stats": header.get("stats", {})})
+                                "term": self.state.term, "stats": header.get("stats", {}), "replicas": held})
             t3 = time.perf_counter()
             data = await loop.run_in_executor(None, self._encode_params)
             self.commit_seconds.append(time.perf_counter() - t1)
@@ -469,7 +573,11 @@ class CoordinatorService:
         async with self.lock:
             if not self.active:
                 return {"status": "not_coordinator", "term": self.highest_term_seen, "message": "stepped down"}, b""
+            if not self.lease_valid():
+                return self._busy("the coordinator is confirming its lease", retry_after=0.5)
             if self.state.is_duplicate(peer, seq):
+                if self.required_replicas() and self.replicated_version < self.state.version:
+                    return self._busy("this submission is committed but no standby holds it yet")
                 return ({"status": "accepted", "duplicate": True, "version": self.state.version, "term": self.state.term,
                          "staleness": None, "schedule_step": self.state.schedule_step(),
                          "run_tokens": self.state.total_tokens},
@@ -505,13 +613,24 @@ class CoordinatorService:
             t1 = time.perf_counter()
             info = await loop.run_in_executor(None, self.state.apply_sync, items, self.state.version)
             digest = await loop.run_in_executor(None, params_digest, self.state.engine.params)
+            self.mark_committed(digest)
             t2 = time.perf_counter()
+            held = 0
             for sb in list(self.standbys):  # a sync commit is rare and large: standbys take the whole state
                 try:
                     await self.send_full_state(sb)
+                    held += 1
                 except Exception as exc:
                     logger.warning("standby %s did not take the sync commit (%s); dropping it", sb[-8:], exc)
-                    self.standbys.remove(sb)
+                    self.drop_standby(sb)
+            required = self.required_replicas()
+            if held < required or not self.lease_valid():  # committed, not acknowledged: the retries are duplicates
+                busy = self._busy(f"the commit is held by {held} of {required} standbys")
+                for f in futures:
+                    if not f.done():
+                        f.set_result(busy)
+                return
+            self.replicated_version = info.version
             summary = info.summary()
             self.commits_this_term += 1
             self.commit_times.append(time.time())
@@ -546,38 +665,62 @@ class CoordinatorService:
 
     async def _replicate_commit(self, peer: str, seq: int, steps: int, base_version: int, tensors: list,
                                 payload: bytes, version_before: int, digest: str, worker: str | None = None,
-                                seconds: float | None = None, tokens: int = 0) -> bool:
-        """Forward the commit to every standby and wait for each; a standby that cannot follow gets
-        the full state; one that does not answer is dropped (and named no more in the lease).
-        Returns False, after stepping down, when a standby answers ``fenced``: it follows a newer
-        term, so this peer no longer coordinates and must not acknowledge the commit."""
+                                seconds: float | None = None, tokens: int = 0) -> int:
+        """Forward the commit to every standby and wait for each (at most ``replicate_timeout()``);
+        returns how many hold it. A standby that cannot follow gets the full state; one that does not
+        answer, refuses, or answers ``fenced`` is dropped (and named no more in the lease). ``fenced``
+        (it follows a newer term) is a reason to re-read the lease at once: this peer steps down only
+        on a claim it verifies there, never on the number in the reply."""
         msg = {"kind": "commit", "term": self.state.term, "version_before": version_before, "base_version": base_version,
                "peer": peer, "seq": seq, "steps": steps, "tensors": tensors, "digest": digest,
                "worker": worker, "seconds": seconds, "tokens": tokens}
+        held, fenced = 0, False
         for sb in list(self.standbys):
+            t0 = time.monotonic()
             try:
-                reply, _ = await asyncio.wait_for(self.node.acall(sb, "replicate", msg, payload), timeout=30)
-                if reply.get("status") == "fenced":
-                    term = reply.get("term")
-                    self.step_down(term if isinstance(term, int) and not isinstance(term, bool) else self.state.term + 1)
-                    logger.warning("standby %s follows term %s: commit %d is not acknowledged", sb[-8:], term,
-                                   version_before + 1)
-                    return False
-                if reply.get("status") == "out_of_sync":
+                reply, _ = await asyncio.wait_for(self.node.acall(sb, "replicate", msg, payload),
+                                                  timeout=self.replicate_timeout())
+                status = reply.get("status")
+                if status == "fenced":
+                    fenced = True
+                    raise RuntimeError(f"it follows term {str(reply.get('term'))[:20]}")
+                if status == "out_of_sync":
                     await self.send_full_state(sb)
-                elif reply.get("status") != "ok":
-                    raise RuntimeError(reply)
+                elif status != "ok":
+                    raise RuntimeError(str(reply)[:300])
+                else:
+                    self.replicate_rtts.append(time.monotonic() - t0)
+                held += 1
             except Exception as exc:
-                logger.warning("standby %s did not take commit %d (%s); dropping it", sb[-8:], version_before + 1, exc)
-                self.standbys.remove(sb)
-        return True
+                logger.warning("standby %s did not take commit %d (%s); dropping it", sb[-8:], version_before + 1,
+                               exc if str(exc) else type(exc).__name__)
+                self.drop_standby(sb)
+        if fenced:
+            await self._verify(force=True)
+        return held
 
     async def send_full_state(self, standby: str) -> None:
+        """The whole commit state to ``standby`` (call with the commit lock held, so that no commit
+        slips between the copy and the standby's listing). Its time bounds later replication waits."""
         data = await asyncio.get_running_loop().run_in_executor(None, self.state.to_bytes)
+        t0 = time.monotonic()
         reply, _ = await asyncio.wait_for(self.node.acall(standby, "replicate", {"kind": "full", "term": self.state.term,
-                                                                                  "version": self.state.version}, data), 60)
+                                                                                  "version": self.state.version}, data),
+                                          10.0 + len(data) / 5e6)
         if reply.get("status") != "ok":
-            raise RuntimeError(f"standby refused the full state: {reply}")
+            raise RuntimeError(f"standby refused the full state: {str(reply)[:300]}")
+        self.replicate_rtts.append(time.monotonic() - t0)
+
+    async def recruit(self, standby: str) -> None:
+        """Make ``standby`` hold the state and list it; every commit so far is then replicated."""
+        async with self.lock:
+            if not self.active or standby in self.standbys:
+                return
+            await self.send_full_state(standby)
+            self.standbys.append(standby)
+            self._heirs.add(standby)
+            if len(self.standbys) >= self.required_replicas():
+                self.replicated_version = self.state.version
 
     async def hand_over(self) -> str | None:
         """Leaving: stop committing, then ask the first standby that answers to take the next term.
@@ -606,6 +749,8 @@ class CoordinatorService:
             return {"status": "rejected", "reason": exc.code, "message": exc.message}, b""
         if term < self.highest_term_seen or self.state.version != version or self.on_handover is None:
             return {"status": "refused", "message": f"replica at version {self.state.version}, term {self.highest_term_seen}"}, b""
+        if not await self._sent_by_holder(remote, term):
+            return self._not_holder(term)
         if self.term_sources.get(term) != remote:
             return {"status": "refused", "message": f"only the coordinator of term {term}, whose commits this replica "
                                                     "holds, can hand the role over"}, b""
@@ -640,6 +785,8 @@ class CoordinatorService:
             kind, term = self._parse_replicate(header)
         except WireError as exc:
             return {"status": "rejected", "reason": exc.code, "message": exc.message}, b""
+        if term >= self.highest_term_seen and not await self._sent_by_holder(remote, term):
+            return self._not_holder(term)  # before a full state is even parsed
         loop = asyncio.get_running_loop()
         incoming = None
         if kind == "full":
@@ -651,6 +798,8 @@ class CoordinatorService:
             if term < self.highest_term_seen:
                 return {"status": "fenced", "term": self.highest_term_seen,
                         "message": f"term {term} is older than term {self.highest_term_seen}"}, b""
+            if not self._from_holder(remote, term):  # the belief changed while we waited for the lock
+                return self._not_holder(term)
             # one coordinator per term: only the peer that replicated first in a term may replicate in it
             source = self.term_sources.get(term, self.node.peer_id if self.active and term == self.state.term else None)
             if source is not None and source != remote:
@@ -686,6 +835,21 @@ class CoordinatorService:
                 logger.warning("standby: digest differs at version %d; asking for the full state", self.state.version)
                 return {"status": "out_of_sync", "version": self.state.version}, b""
             return {"status": "ok", "version": self.state.version}, b""
+
+    async def _sent_by_holder(self, remote: str, term: int) -> bool:
+        """Whether ``remote`` holds the lease of ``term`` as this peer believes it, after one fresh
+        read of the lease if not (its claim may be newer than our last read). A term in a message is
+        never proof: only the holder-bound claim in the DHT is (roles/lease.py)."""
+        if self._from_holder(remote, term):
+            return True
+        await self._verify()
+        return self._from_holder(remote, term)
+
+    def _not_holder(self, term: int) -> tuple[dict, bytes]:
+        believed = f"{self.believed[0][-8:]} in term {self.believed[1]}" if self.believed else "no lease yet"
+        return {"status": "refused", "reason": "not_lease_holder", "term": self.highest_term_seen,
+                "message": f"the sender does not hold the lease of term {term} as this peer reads it ({believed}); "
+                           "only the lease holder may replicate or hand over"}, b""
 
     def _follow(self, term: int, remote: str) -> None:
         """``remote`` coordinates ``term`` (it replicated to us): remember it, and follow the term

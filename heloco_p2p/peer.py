@@ -12,6 +12,7 @@ election. See docs/protocol.md.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import math
@@ -34,6 +35,7 @@ from heloco_p2p.local import InnerTrainer, build_model, validation_loss
 from heloco_p2p.local.model import param_names, trainable_params
 from heloco_p2p.local.solo import source_spec
 from heloco_p2p.outer import DyLU, registry
+from heloco_p2p.roles import lease as lease_rules
 from heloco_p2p.swarm.node import SwarmNode, start_error_message
 from heloco_p2p.swarm.holders import HolderKeys
 from heloco_p2p.swarm.records import PROTOCOL_VERSION, GenesisRecord, LeaseRecord, PeerRecord
@@ -44,6 +46,10 @@ logger = logging.getLogger(__name__)
 
 class StopRequested(Exception):
     """Raised inside a round when the peer was asked to leave."""
+
+
+class LeaseMoved(Exception):
+    """The submission in flight went to a coordinator whose lease another peer now holds."""
 
 
 class JoinError(RuntimeError):
@@ -86,6 +92,12 @@ class Peer:
         self.role = "joining"
         self.lease: LeaseRecord | None = None
         self.lease_seen_at = 0.0
+        self._lease_lock = threading.Lock()  # the maintenance, renewal, submit and handler threads all read the lease
+        self._woke_at = -math.inf  # time.monotonic() when this process last found it had not run for a while
+        self._holder_answered_since: float | None = None  # a lapsed lease whose holder still answers as coordinator
+        self._recruit_failed: dict[str, float] = {}  # peer id -> when making it a standby last failed
+        self._renewer: threading.Thread | None = None
+        self._paused_since: float | None = None  # a coordinator whose lease may have lapsed, re-confirming it
         # the DHT key each peer signs its records with, learned from the peer itself: a lease
         # claim counts only if signed by the peer it names (swarm/holders.py); set once the node runs
         self.holder_keys: HolderKeys | None = None
@@ -176,9 +188,12 @@ class Peer:
         self.service = CoordinatorService(self.node, self.commit_state, [tuple(p.shape) for p in theta0], limits,
                                           reply_compression=self.cfg.swarm.reply_compression,
                                           config_digest=self.cfg.digest(), mode=mode,
-                                          barrier_timeout=self.cfg.swarm.barrier_timeout)
+                                          barrier_timeout=self.cfg.swarm.barrier_timeout,
+                                          min_replicas=self.cfg.swarm.min_replicas,
+                                          lease_seconds=self.cfg.swarm.lease_seconds)
         self.service.on_commit = lambda summary: self.log_metric({"event": "commit", **summary})
         self.service.on_handover = self._took_over_by_handover
+        self.service.verify_lease = self._refresh_lease
         self.node.add_handler("genesis", self._serve_genesis)
         self.node.add_handler("state", self._serve_state)
         if saved is not None:
@@ -189,6 +204,8 @@ class Peer:
             self._catch_up()
         self._maint = threading.Thread(target=self._maintenance, name="maintenance", daemon=True)
         self._maint.start()
+        self._renewer = threading.Thread(target=self._renew_lease_loop, name="lease", daemon=True)
+        self._renewer.start()
 
     def _load_swarm_key(self):
         if not self.opts.swarm_key_file:
@@ -400,7 +417,7 @@ class Peer:
         if header.get("meta_only"):  # what this peer holds, without θ (a resuming peer asks: _swarm_holds)
             return {"status": "ok", "version": max(self.version, st.version), "term": st.term,
                     "highest_term": self.service.highest_term_seen, "role": self.role,
-                    "record_key": self.node.records.owner.hex()}, b""
+                    "coordinating": self.service.active, "record_key": self.node.records.owner.hex()}, b""
         if self.service.active or (self.role == "standby" and st.version >= self.version):
             params, version, source = st.engine.params, st.version, self.role
         elif self.global_params is not None:
@@ -455,25 +472,28 @@ class Peer:
 
     # ------------------------------------------------------------------------------ lease
     def _refresh_lease(self) -> LeaseRecord | None:
-        """Read the lease claims and believe the highest consistent one (docs/protocol.md)."""
-        claims = self.node.records.lease_claims_by_owner()
-        now = time.time()
-        live = [(o, c) for o, c in claims if c.renewed + self.cfg.swarm.lease_seconds > now] if self.cfg else claims
-        for owner, c in live:
-            believable = (self.lease is None or c.term > self.lease.term and (c.peer_id in self.lease.standbys
-                          or self.lease.renewed + 3 * self.cfg.swarm.lease_seconds < now)
-                          or c.term == self.lease.term and c.peer_id == self.lease.peer_id)
-            if believable and self._claim_is_its_holders(owner, c):
-                if self.lease is None or c.term != self.lease.term:
-                    logger.info("coordinator: %s (term %d, version %d)", c.peer_id[-8:], c.term, c.version)
-                self.lease, self.lease_seen_at = c, now
-                self.run_tokens = max(self.run_tokens, c.tokens)
-                self.service.note_term(c.term)
-                break
-        if self.lease is not None:  # learn the standbys' keys before they claim, so a failover waits for no probe
-            for pid in self.lease.standbys:
-                self.holder_keys.get(pid)
-        return self.lease
+        """Read the lease claims from the DHT and believe one by THE rule (roles/lease.py). A later
+        term believed here is the only thing that makes this peer's coordinator step down."""
+        with self._lease_lock:
+            claims = self.node.records.lease_claims_by_owner()
+            now, svc = time.time(), self.service
+            heirs = None
+            if svc.active and self.lease is not None:  # a coordinator may have dropped the standby that took over
+                heirs = set(self.lease.standbys) | svc.heirs()
+            claim = lease_rules.believe(self.lease, claims, now, self.cfg.swarm.lease_seconds,
+                                        self.holder_keys.signed_by_holder, heirs)
+            if claim is not None:
+                if self.lease is None or claim.term != self.lease.term:
+                    logger.info("coordinator: %s (term %d, version %d)", claim.peer_id[-8:], claim.term, claim.version)
+                self.lease, self.lease_seen_at = claim, now
+                self.run_tokens = max(self.run_tokens, claim.tokens)
+                svc.note_term(claim.term)  # a coordinator of an earlier term steps down here
+                if not svc.active:
+                    svc.believed = (claim.peer_id, claim.term)
+            if self.lease is not None:  # learn the standbys' keys before they claim, so a failover waits for no probe
+                for pid in self.lease.standbys:
+                    self.holder_keys.get(pid)
+            return self.lease
 
     def _wait_for_lease(self, seconds: float) -> LeaseRecord | None:
         """Read the lease until one is believed or ``seconds`` passed (none may exist: a new run)."""
@@ -482,24 +502,18 @@ class Peer:
             time.sleep(0.25)
         return self.lease
 
-    def _claim_is_its_holders(self, owner: bytes, claim: LeaseRecord) -> bool:
-        """True when the DHT key that signed ``claim`` is the key of the peer it names
-        (swarm/holders.py; docs/security.md, "Lease claims are bound to their holder")."""
-        return self.holder_keys.signed_by_holder(owner, claim.peer_id)
-
     async def _ask_record_key(self, peer_id: str) -> bytes:
         header, _ = await asyncio.wait_for(
             self.node.acall(peer_id, "state", {"run_id": self.opts.run_id, "meta_only": True}), 10)
         return bytes.fromhex(header["record_key"])
 
-    def _publish_lease(self) -> None:
-        st, svc = self.commit_state, self.service
-
-        async def _consistent():
-            async with svc.lock:  # the digest must be of θ at exactly this version
-                return st.term, st.version, params_digest(st.engine.params), st.total_tokens
-
-        term, version, digest, run_tokens = self.node.run(_consistent(), timeout=60)
+    def _publish_lease(self) -> bool:
+        """Write (renew) this coordinator's claim. Reads the last commit's snapshot, never the commit
+        lock, so a slow replication cannot stop the renewal; acknowledging goes on only while the
+        renewed lease surely holds (``CoordinatorService.lease_valid``)."""
+        svc = self.service
+        started = time.monotonic()
+        term, version, digest, run_tokens = svc.snapshot
         stale = list(svc.staleness_recent)
         record = LeaseRecord(peer_id=self.node.peer_id, term=term, version=version,
                              digest=digest, standbys=list(svc.standbys),
@@ -508,40 +522,118 @@ class Peer:
                              rejected=svc.rejected_this_term, commits_per_minute=svc.commits_per_minute(),
                              mean_staleness=float(sum(stale) / len(stale)) if stale else 0.0,
                              branches={str(k): int(v) for k, v in svc.branches.items()},
-                             rejections=self.node.rejection_summary())
-        self.node.records.publish_lease(record, ttl=self.cfg.swarm.lease_seconds)
+                             rejections=self.node.rejection_summary(), min_replicas=svc.min_replicas,
+                             replicas=len(svc.standbys), waiting_for_standby=svc.waiting_for_standby())
+        if not self.node.records.publish_lease(record, ttl=self.cfg.swarm.lease_seconds):
+            logger.warning("could not renew the lease in the DHT")
+            return False
+        if term == svc.state.term and svc.active:
+            svc.renewed(started)
         self.lease, self.lease_seen_at = record, time.time()
+        return True
+
+    def _live_peers(self) -> list[PeerRecord]:
+        """Other peers whose heartbeat is fresh (3 heartbeat periods) and that have not left."""
+        now, sw = time.time(), self.cfg.swarm
+        return [p for p in self.node.records.peers() if p.peer_id != self.node.peer_id and p.role != "left"
+                and p.heartbeat + 3 * sw.heartbeat_seconds > now]
 
     def _choose_standbys(self) -> None:
+        """Keep ``num_standbys`` standbys: a live training peer gets the full state, then the commits.
+        One that failed is not tried again for 30 s, so a frozen peer does not block the others."""
         svc, want = self.service, self.cfg.swarm.num_standbys
+        live = self._live_peers()
+        svc.others_alive = len(live)
+        if svc.waiting_for_standby():
+            logger.warning("waiting for a standby: %d of %d hold the state; submissions are answered busy",
+                           len(svc.standbys), svc.required_replicas())
+        elif svc.active and not svc.standbys and svc.min_replicas > 0 and not live:
+            logger.warning("no other peer is alive: commits are acknowledged with no replica")
         if len(svc.standbys) >= want:
             return
         now = time.time()
-        alive = [p for p in self.node.records.peers()
-                 if p.peer_id != self.node.peer_id and p.peer_id not in svc.standbys and p.role in ("training", "standby")
-                 and p.heartbeat + 3 * self.cfg.swarm.heartbeat_seconds > now]
-        for p in sorted(alive, key=lambda p: p.peer_id)[: want - len(svc.standbys)]:
+        candidates = [p for p in live if p.peer_id not in svc.standbys and p.role in ("training", "standby")
+                      and now - self._recruit_failed.get(p.peer_id, -math.inf) > 30.0]
+        for p in sorted(candidates, key=lambda p: p.peer_id)[: want - len(svc.standbys)]:
             try:
-                async def _add(pid=p.peer_id):
-                    async with svc.lock:  # no commit may slip between the copy and the listing
-                        await svc.send_full_state(pid)
-                        svc.standbys.append(pid)
-
-                self.node.run(_add(), timeout=90)
+                self.node.run(svc.recruit(p.peer_id), timeout=None)
                 logger.info("standby %s holds a replica at version %d", p.peer_id[-8:], self.commit_state.version)
             except Exception as exc:
-                logger.warning("could not make %s a standby: %s", p.peer_id[-8:], exc)
+                self._recruit_failed[p.peer_id] = time.time()
+                logger.warning("could not make %s a standby: %s", p.peer_id[-8:], exc if str(exc) else type(exc).__name__)
+
+    def _renew_lease_loop(self) -> None:
+        """The coordinator's lease renewal, on its own thread so that nothing else delays it. A
+        process that notices it did not run for a while (frozen, swapped out) refreshes its view
+        before acting on it: as coordinator it re-confirms the lease before renewing it."""
+        sw = self.cfg.swarm
+        last_renew = time.monotonic()
+        while self._tick(0.25):
+            tick = time.monotonic()
+            svc = self.service
+            if not svc.active:
+                continue
+            try:
+                if not svc.lease_valid() and not self._reconfirm_lease():
+                    continue
+                if svc.active and (tick - last_renew >= sw.lease_seconds / 3 or not svc.lease_valid()):
+                    if self._publish_lease():
+                        last_renew = tick
+            except Exception as exc:  # the DHT can hiccup; the next tick retries
+                logger.warning("lease renewal: %s", exc)
+
+    def _tick(self, period: float) -> bool:
+        """Wait ``period`` seconds (False: the peer is stopping). A wait that took much longer means
+        this process did not run (frozen, swapped out): note it, so that its view is refreshed
+        before it acts on the lease."""
+        t0 = time.monotonic()
+        if self.stop_event.wait(period):
+            return False
+        late = time.monotonic() - t0 - period
+        if late > max(1.0, self.cfg.swarm.lease_seconds / 3):
+            self._woke_at = time.monotonic()
+            logger.warning("this process did not run for %.1f s; refreshing the lease before acting", late + period)
+        return True
+
+    def _reconfirm_lease(self) -> bool:
+        """The lease may have lapsed under this coordinator (it was frozen, or could not renew):
+        re-read it from the DHT (stepping down on a believed later claim) and ask the heirs whether
+        one of them coordinates a later term; go on only if nobody does. An heir's answer alone
+        deposes no one: it only waits, for at most ``STALE_LEASES`` lease periods, for its claim."""
+        svc, sw = self.service, self.cfg.swarm
+        self._refresh_lease()
+        if not svc.active:
+            self.role = "training"
+            return False
+        if self._paused_since is None:
+            self._paused_since = time.monotonic()
+        if time.monotonic() - self._paused_since < lease_rules.STALE_LEASES * sw.lease_seconds:
+            for pid in svc.heirs():
+                header = self._ask_meta(pid, timeout=min(2.0, sw.lease_seconds / 2))
+                if header and header.get("coordinating") is True and isinstance(header.get("term"), int) \
+                        and header["term"] > svc.state.term:
+                    logger.warning("%s says it coordinates term %d; waiting for its lease claim", pid[-8:], header["term"])
+                    return False
+        self._paused_since = None
+        return True
+
+    def _ask_meta(self, peer_id: str, timeout: float) -> dict | None:
+        """A peer's ``state`` headers (what it holds, its role), or None when it does not answer."""
+        try:
+            header, _ = self.node.call(peer_id, "state", {"run_id": self.opts.run_id, "meta_only": True}, timeout=timeout)
+            return header if isinstance(header, dict) else None
+        except Exception:
+            return None
 
     def _maintenance(self) -> None:
         sw = self.cfg.swarm
         last_beat = last_renew = 0.0
-        while not self.stop_event.wait(0.5):
+        while self._tick(0.5):
             now = time.time()
             try:
                 if self.service.active:
                     if now - last_renew >= sw.lease_seconds / 3:
-                        self._choose_standbys()
-                        self._publish_lease()
+                        self._choose_standbys()  # the lease is renewed on its own thread (_renew_lease_loop)
                         last_renew = now
                     self.role = "coordinator"
                     if self.service.mode == "sync":
@@ -555,31 +647,54 @@ class Peer:
                 logger.warning("maintenance: %s", exc)
 
     def _watch_lease(self, now: float) -> None:
+        """Follow the lease (a coordinator steps down in ``_refresh_lease`` on a believed later
+        claim), and claim the next term as a standby when it lapsed: only from a fresh read of the
+        DHT, not just after this process was frozen, and only if the holder itself does not answer
+        as the live coordinator of its term (docs/protocol.md, "Election and failover")."""
         lease = self._refresh_lease()
-        svc = self.service
-        if lease is not None and lease.peer_id != self.node.peer_id and svc.active and lease.term > svc.state.term:
-            svc.step_down(lease.term)
-            self.role = "training"
+        svc, sw = self.service, self.cfg.swarm
         if not svc.active:
             self.role = "standby" if lease is not None and self.node.peer_id in lease.standbys else (
                 "training" if self.role in ("coordinator", "standby") else self.role)
         if lease is None or svc.active:
             return
-        expired_for = now - (lease.renewed + self.cfg.swarm.lease_seconds)
+        expired_for = lease_rules.lapsed_for(lease, now, sw.lease_seconds)
         if expired_for < 0 or self.node.peer_id not in lease.standbys:
+            self._holder_answered_since = None
             return
         rank = lease.standbys.index(self.node.peer_id)
-        grace = self.cfg.swarm.lease_seconds / 2
-        if expired_for >= rank * grace and self.commit_state.version >= lease.version:
-            term = max(lease.term, svc.highest_term_seen) + 1
-            svc.standbys = [s for s in lease.standbys if s != self.node.peer_id]
-            svc.activate(term)
-            self.role = "coordinator"
-            self._publish_lease()
-            self.log_metric({"event": "takeover", "term": term, "version": self.commit_state.version,
-                             "lease_expired_for": expired_for})
-            logger.warning("took over as coordinator: term %d at version %d (lease lapsed %.1fs ago)",
-                           term, self.commit_state.version, expired_for)
+        if expired_for < rank * sw.lease_seconds / 2 or self.commit_state.version < lease.version:
+            return
+        if time.monotonic() - self._woke_at < sw.lease_seconds:
+            return  # just woke up: the lease read may be older than the swarm; look again for a lease period
+        if self._holder_still_coordinates(lease):
+            return
+        term = max(lease.term, svc.highest_term_seen) + 1
+        svc.others_alive = len(self._live_peers())
+        svc.standbys = [s for s in lease.standbys if s != self.node.peer_id]
+        svc.activate(term)
+        self.role = "coordinator"
+        self._publish_lease()
+        self.log_metric({"event": "takeover", "term": term, "version": self.commit_state.version,
+                         "lease_expired_for": expired_for})
+        logger.warning("took over as coordinator: term %d at version %d (lease lapsed %.1fs ago)",
+                       term, self.commit_state.version, expired_for)
+
+    def _holder_still_coordinates(self, lease: LeaseRecord) -> bool:
+        """Ask the holder of a lapsed lease directly: a holder that answers as the coordinator of
+        that term is alive and will renew (its DHT write may be late), so no one claims; but not
+        for longer than ``STALE_LEASES`` lease periods, after which the swarm must go on."""
+        sw = self.cfg.swarm
+        header = self._ask_meta(lease.peer_id, timeout=min(2.0, sw.lease_seconds / 2))
+        alive = bool(header) and header.get("coordinating") is True and header.get("term") == lease.term
+        if not alive:
+            self._holder_answered_since = None
+            return False
+        if self._holder_answered_since is None:
+            self._holder_answered_since = time.monotonic()
+            logger.info("the lease of term %d lapsed but its holder %s answers as coordinator; not claiming",
+                        lease.term, lease.peer_id[-8:])
+        return time.monotonic() - self._holder_answered_since < lease_rules.STALE_LEASES * sw.lease_seconds
 
     def _update_participants(self, now: float) -> None:
         """Sync mode: the barrier waits for every live training peer that has trained before."""
@@ -816,10 +931,10 @@ class Peer:
             header["term"] = self.service.highest_term_seen
             t1 = time.perf_counter()
             try:
-                if lease.peer_id == self.node.peer_id:
-                    reply, data = self.node.run(self.service._handle_submit(header, payload, self.node.peer_id), timeout=sw.submit_timeout)
-                else:
-                    reply, data = self.node.call(lease.peer_id, "submit", header, payload, timeout=sw.submit_timeout)
+                reply, data = self._send_submission(lease, header, payload)
+            except LeaseMoved as exc:
+                logger.info("%s; resubmitting there", exc)
+                continue
             except Exception as exc:
                 logger.info("submission to %s failed (%s); retrying", lease.peer_id[-8:], exc if isinstance(exc, WireError)
                             else type(exc).__name__)
@@ -871,6 +986,31 @@ class Peer:
         self.seq += 1
         if not self.stop_event.is_set() and self._time_left():
             self._catch_up()
+
+    def _send_submission(self, lease: LeaseRecord, header: dict, payload: bytes) -> tuple[dict, bytes]:
+        """Send one submission to the lease holder and wait for the reply, but not past the moment
+        this peer believes a later lease (held by another peer): a submission in flight to a frozen
+        or deposed coordinator moves to the new one (the ledger makes the resend idempotent)."""
+        timeout = self.cfg.swarm.submit_timeout
+        if lease.peer_id == self.node.peer_id:
+            call = self.service._handle_submit(header, payload, self.node.peer_id)
+        else:
+            call = self.node.acall(lease.peer_id, "submit", header, payload)
+        future = asyncio.run_coroutine_threadsafe(asyncio.wait_for(call, timeout), self.node.loop)
+        while True:
+            try:
+                return future.result(timeout=0.5)
+            except concurrent.futures.TimeoutError:
+                if future.done():  # the call itself timed out
+                    raise
+                now = self.lease
+                if now is not None and now.term > lease.term and now.peer_id != lease.peer_id:
+                    future.cancel()
+                    raise LeaseMoved(f"the lease moved from {lease.peer_id[-8:]} (term {lease.term}) to "
+                                     f"{now.peer_id[-8:]} (term {now.term})") from None
+                if self.stop_event.is_set():
+                    future.cancel()
+                    raise
 
     # ------------------------------------------------------------------------------ leaving
     def evaluate(self) -> float:

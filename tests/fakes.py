@@ -1,6 +1,7 @@
 """Test doubles shared by several test modules (importable: pytest puts tests/ on sys.path)."""
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import zlib
 from pathlib import Path
@@ -30,6 +31,26 @@ class FakeNode:
         self.calls.append((peer_id, name, header.get("kind")))
         self.headers.append(header)
         return self.replicate_reply, b""
+
+
+class ScriptedNode(FakeNode):
+    """A FakeNode whose replicate answers are scripted per standby: a dict reply, or a number of
+    seconds to hang (a frozen standby), or an exception to raise (a dead one)."""
+
+    def __init__(self, script: dict, peer_id: str = "QmCoordinator"):
+        super().__init__({"status": "ok"})
+        self.script, self.peer_id = script, peer_id
+
+    async def acall(self, peer_id, name, header, payload=b"", **kwargs):
+        self.calls.append((peer_id, name, header.get("kind")))
+        self.headers.append(header)
+        answer = self.script.get(peer_id, {"status": "ok"})
+        if isinstance(answer, BaseException):
+            raise answer
+        if isinstance(answer, (int, float)):
+            await asyncio.sleep(answer)
+            return {"status": "ok"}, b""
+        return answer, b""
 
 
 def synthetic_streams(region: str, seed: int):

@@ -1,4 +1,5 @@
-"""A coordinator whose standby follows a newer term steps down and does not acknowledge."""
+"""A standby that answers ``fenced`` makes its coordinator re-read the lease at once: it steps down
+only on a later claim it verifies there, and never acknowledges the commit the standby refused."""
 from __future__ import annotations
 
 import asyncio
@@ -25,18 +26,30 @@ def _service(reply):
     state = CommitState(build_engine([torch.zeros(s) for s in SHAPES], "lookahead"))
     node = FakeNode(reply)
     service = CoordinatorService(node, state, SHAPES, SubmissionLimits(submit_rate=0.0))
-    service.activate(1)
     service.standbys = ["QmStandby"]
+    service.activate(1)
     return service, state, node
 
 
-def test_fenced_standby_means_no_ack_and_step_down():
+def test_fenced_standby_with_a_verified_later_claim_means_no_ack_and_step_down():
     service, state, node = _service({"status": "fenced", "term": 2})
+    verified = []
+    service.verify_lease = lambda: (verified.append(1), service.note_term(2))  # the DHT holds term 2's claim
     reply, data = _submit(service, state, 0)
     assert node.calls == [("QmStandby", "replicate", "commit")]
+    assert verified == [1]
     assert reply["status"] == "not_coordinator" and data == b""
     assert not service.active and service.highest_term_seen == 2
     assert len(service.acknowledged) == 0  # nothing acknowledged
+
+
+def test_fenced_reply_alone_deposes_no_one_and_acknowledges_nothing():
+    service, state, node = _service({"status": "fenced", "term": 99})
+    service.verify_lease = lambda: None  # the DHT shows no later claim: 99 is only a number in a reply
+    reply, data = _submit(service, state, 0)
+    assert reply["status"] == "rejected" and reply["reason"] == "busy" and data == b""
+    assert service.active and service.highest_term_seen == 1 and service.state.term == 1
+    assert service.standbys == [] and len(service.acknowledged) == 0
 
 
 def test_healthy_standby_gets_the_commit_and_the_sender_an_ack():
@@ -44,3 +57,4 @@ def test_healthy_standby_gets_the_commit_and_the_sender_an_ack():
     reply, data = _submit(service, state, 0)
     assert reply["status"] == "accepted" and reply["version"] == 1 and len(data) > 0
     assert service.active and node.calls == [("QmStandby", "replicate", "commit")]
+    assert service.replicated_version == 1

@@ -101,7 +101,8 @@ def rig():
             d = rand_delta(g)
             state.apply(d, state.version, client.peer_id, seq, 10, float(torch.cat([t.flatten() for t in d]).norm()))
         limits = SubmissionLimits(max_staleness=4, submit_rate=0.0, max_pending_submits=64)
-        service = CoordinatorService(server, state, SHAPES, limits)
+        service = CoordinatorService(server, state, SHAPES, limits, lease_seconds=3600.0)
+        service.others_alive = 0  # a lone coordinator: commits need no standby here
         service.activate(TERM)
         stub = SimpleNamespace(commit_state=state, service=service, role="coordinator", version=state.version,
                                global_params=None, cfg=SimpleNamespace(to_yaml=lambda: "name: fuzz\n"),
@@ -411,6 +412,7 @@ def test_every_handler_refuses_bad_input_and_state_stays_bitwise_unchanged(rig):
     svc.on_handover = handed.append
     try:
         svc.term_sources[TERM] = rig.client.peer_id
+        svc.believed = (rig.client.peer_id, TERM)  # the lease this standby reads names the client in TERM
         good_meta, good_payload = encode_tensors(rand_delta(g), "none")
         commit = {"kind": "commit", "term": TERM, "version_before": st.version, "base_version": st.version,
                   "peer": "p", "seq": 1, "steps": 3, "tensors": good_meta, "digest": "00"}
@@ -448,6 +450,16 @@ def test_every_handler_refuses_bad_input_and_state_stays_bitwise_unchanged(rig):
                            "NaN norms": _saved({**st.state_dict(), "recent_norms": [float("nan")]})}.items():
             fz.send_signed("replicate", full, body, "malformed", what=f"replicate full: {what}")
         assert not os.path.exists(marker), "a full state ran code from its sender"
+        # a participant that does not hold the lease: no state, no term, no role on its say-so
+        svc.believed = ("12D3KooWSomeoneElseHoldsTheLease", TERM)
+        fz.send_signed("replicate", full, st.to_bytes(), "refused", status="refused",
+                       what="replicate full: not the lease holder")
+        fz.send_signed("replicate", dict(commit, term=TERM + 1), good_payload, "refused", status="refused",
+                       what="replicate: a higher term from a non-holder")
+        fz.send_signed("handover", {"term": TERM, "version": st.version, "standbys": []}, b"", "refused",
+                       status="refused", what="handover: not the lease holder")
+        assert svc.highest_term_seen == TERM, "a term in a message was followed"
+        svc.believed = (rig.client.peer_id, TERM)
         svc.term_sources[TERM] = "12D3KooWSomeoneElseCoordinatesThisTerm"
         fz.send_signed("replicate", commit, good_payload, "fenced", status="fenced", what="replicate: not the term's source")
         fz.send_signed("replicate", full, st.to_bytes(), "fenced", status="fenced", what="replicate full: not the source")

@@ -76,6 +76,7 @@ def test_standby_applies_the_replicated_count():
     coord.activate(1)
     coord.standbys = ["QmStandby"]
     standby = CoordinatorService(FakeNode({"status": "ok"}), standby_state, SHAPES, SubmissionLimits(submit_rate=0.0))
+    standby.believed = ("QmCoordinator", 1)  # the lease it reads names the coordinator, in term 1
     for seq, tokens in enumerate([300, 500]):
         header, payload = _header(coord_state, seq, tokens)
         asyncio.run(coord._handle_submit(header, payload, "QmPeer"))

@@ -30,7 +30,8 @@ from hivemind.utils import get_dht_time
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 2  # 2: lease claims count only when signed by their holder (record_key)
+PROTOCOL_VERSION = 3  # 2: lease claims count only when signed by their holder (record_key)
+# 3: replicate and handover only from the believed lease holder; acknowledged means replicated (min_replicas)
 
 StrictFloat, StrictInt, StrictStr, StrictBool = pydantic.StrictFloat, pydantic.StrictInt, pydantic.StrictStr, pydantic.StrictBool
 
@@ -85,6 +86,11 @@ class LeaseRecord(pydantic.BaseModel):
     branches: Dict[StrictStr, StrictInt]  # correction branches fired in this term
     # requests this coordinator refused, by sender and reason (the senders with the most refusals)
     rejections: Dict[StrictStr, Dict[StrictStr, StrictInt]] = {}
+    # replication (swarm.min_replicas): a submission is acknowledged once min_replicas standbys hold it;
+    # waiting_for_standby: fewer hold the state, submissions are answered busy until one is recruited
+    min_replicas: StrictInt = 0
+    replicas: StrictInt = 0
+    waiting_for_standby: StrictBool = False
     mac: StrictStr = ""
 
 
@@ -187,6 +193,6 @@ class RunRecords:
 
     def lease_claims_by_owner(self) -> list[tuple[bytes, LeaseRecord]]:
         """``lease_claims`` with the owner key (subkey) that signed each: a claim is its named
-        peer's only if that key is the peer's own (``Peer._claim_is_its_holders``)."""
+        peer's only if that key is the peer's own (``roles/lease.py``)."""
         claims = self._read("coordinator", LeaseRecord).items()
         return sorted(claims, key=lambda oc: (oc[1].term, oc[1].renewed), reverse=True)

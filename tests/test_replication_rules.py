@@ -1,0 +1,278 @@
+"""The replication rules of an open swarm, unit-tested without a network (tests/fakes.py):
+
+- no forged state: only the holder of the lease a standby believes, in that term, may replicate to
+  it or hand it the role; a higher term in a message is never proof;
+- acknowledged means replicated: a submission is acknowledged only once ``min_replicas`` standbys
+  hold its commit (a lone peer excepted), and a frozen standby delays commits by a bounded time;
+- no coordinator outlives its lease: nothing is acknowledged once the lease could have lapsed;
+- the one lease-belief rule (roles/lease.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from heloco_p2p.config import load_config
+from heloco_p2p.coordinator import CommitState, CoordinatorService, SubmissionLimits, params_digest
+from heloco_p2p.outer import build_engine
+from heloco_p2p.roles import lease as lease_rules
+from heloco_p2p.swarm.records import LeaseRecord
+from heloco_p2p.swarm.wire import encode_tensors
+
+from fakes import ScriptedNode
+
+SHAPES = [(4,), (2, 3)]
+HOLDER, ATTACKER, STANDBY = "QmHolder", "QmAttacker", "QmStandby"
+
+
+def _state() -> CommitState:
+    return CommitState(build_engine([torch.ones(s) for s in SHAPES], "lookahead"))
+
+
+def _params(state):
+    return [p.clone() for p in state.engine.params]
+
+
+def _same(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def _submission(state, seq, value=0.01):
+    meta, payload = encode_tensors([torch.full(s, value) for s in SHAPES], "none")
+    return {"run_id": "fenced", "seq": seq, "base_version": state.version, "steps": 5, "term": 1,
+            "tensors": meta, "stats": {"seconds": 1.0}}, payload
+
+
+def _commit_header(state, term, value=0.01):
+    meta, payload = encode_tensors([torch.full(s, value) for s in SHAPES], "none")
+    return {"kind": "commit", "term": term, "version_before": state.version, "base_version": state.version,
+            "peer": "QmPeer", "seq": 0, "steps": 5, "tensors": meta, "digest": "0" * 32}, payload
+
+
+def _standby(believed=(HOLDER, 1)):
+    state = _state()
+    svc = CoordinatorService(ScriptedNode({}, peer_id=STANDBY), state, SHAPES, SubmissionLimits(submit_rate=0.0))
+    svc.believed = believed
+    svc.highest_term_seen = believed[1] if believed else 0
+    svc.verifications = []
+    svc.verify_lease = lambda: svc.verifications.append(time.monotonic())  # the DHT shows nothing new
+    return svc, state
+
+
+def _coordinator(script=None, lease_seconds=4.0, min_replicas=1, standbys=(STANDBY,)):
+    state = _state()
+    node = ScriptedNode(script or {})
+    svc = CoordinatorService(node, state, SHAPES, SubmissionLimits(submit_rate=0.0), min_replicas=min_replicas,
+                             lease_seconds=lease_seconds)
+    svc.standbys = list(standbys)
+    svc.activate(1)
+    return svc, state, node
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+# ---------------------------------------------------------------- no forged state
+def test_a_participants_forged_full_state_is_not_loaded():
+    svc, state = _standby()
+    before, version = _params(state), state.version
+    zero = CommitState(build_engine([torch.zeros(s) for s in SHAPES], "lookahead"))
+    reply, _ = run(svc._handle_replicate({"kind": "full", "term": 2, "version": 0}, zero.to_bytes(), ATTACKER))
+    assert reply["status"] == "refused" and reply["reason"] == "not_lease_holder"
+    assert _same(_params(state), before) and state.version == version
+    assert state.term == 0 and svc.highest_term_seen == 1  # the forged term 2 is followed nowhere
+    assert len(svc.verifications) == 1  # it re-read the lease once before refusing
+
+
+def test_a_forged_commit_of_a_higher_or_the_same_term_is_refused():
+    svc, state = _standby()
+    before = _params(state)
+    for term in (1, 2, 7):
+        header, payload = _commit_header(state, term)
+        reply, _ = run(svc._handle_replicate(header, payload, ATTACKER))
+        assert reply["status"] == "refused" and reply["reason"] == "not_lease_holder", term
+    assert _same(_params(state), before) and state.version == 0 and svc.highest_term_seen == 1
+
+
+def test_a_forged_handover_is_refused():
+    svc, state = _standby()
+    handed = []
+    svc.on_handover = handed.append
+    svc.term_sources[1] = ATTACKER  # even a sender that once replicated in the term is not the holder
+    reply, _ = run(svc._handle_handover({"term": 1, "version": 0, "standbys": []}, b"", ATTACKER))
+    assert reply["status"] == "refused" and handed == [] and not svc.active
+
+
+def test_the_believed_holder_replicates_and_hands_over():
+    svc, state = _standby()
+    holder = _state()
+    reply, _ = run(svc._handle_replicate({"kind": "full", "term": 1, "version": 0}, holder.to_bytes(), HOLDER))
+    assert reply["status"] == "ok"
+    header, payload = _commit_header(state, 1)
+    holder.apply([torch.full(s, 0.01) for s in SHAPES], 0, "QmPeer", 0, 5, 0.1)
+    header["digest"] = params_digest(holder.engine.params)
+    reply, _ = run(svc._handle_replicate(header, payload, HOLDER))
+    assert reply["status"] == "ok" and state.version == 1 and _same(_params(state), _params(holder))
+    handed = []
+    svc.on_handover = handed.append
+    reply, _ = run(svc._handle_handover({"term": 1, "version": 1, "standbys": []}, b"", HOLDER))
+    assert reply["status"] == "ok" and handed == [2] and svc.active and state.term == 2
+
+
+def test_a_new_holder_is_believed_after_one_fresh_read_of_the_lease():
+    svc, state = _standby(believed=(HOLDER, 1))
+
+    def read_dht():  # the DHT holds the claim of term 2 by STANDBY's successor
+        svc.believed = ("QmHeir", 2)
+        svc.note_term(2)
+
+    svc.verify_lease = read_dht
+    header, payload = _commit_header(state, 2)
+    header["digest"] = "x"
+    reply, _ = run(svc._handle_replicate(header, payload, "QmHeir"))
+    assert reply["status"] == "out_of_sync"  # it is followed now (the digest is made up: a full state is asked)
+
+
+def test_a_forged_replicate_does_not_depose_a_coordinator():
+    svc, state, _ = _coordinator()
+    header, payload = _commit_header(state, 5)
+    reply, _ = run(svc._handle_replicate(header, payload, ATTACKER))
+    assert reply["status"] == "refused" and svc.active and state.term == 1 and svc.highest_term_seen == 1
+
+
+# ---------------------------------------------------------------- acknowledged means replicated
+def test_a_frozen_standby_delays_one_commit_by_a_bounded_time_and_it_is_not_acknowledged():
+    svc, state, _ = _coordinator({STANDBY: 600.0}, lease_seconds=4.0)  # SIGSTOPped: never answers
+    header, payload = _submission(state, 0)
+    t0 = time.monotonic()
+    reply, _ = run(svc._handle_submit(header, payload, "QmPeer"))
+    stalled = time.monotonic() - t0
+    assert reply["status"] == "rejected" and reply["reason"] == "busy" and reply["retry_after"] > 0
+    assert stalled < 2 * 4.0 and stalled >= svc.replicate_floor - 0.1  # the floor (half a lease), not 30 s
+    assert svc.acknowledged == [] and svc.standbys == [] and state.version == 1 and svc.replicated_version == 0
+    # the sender keeps its Δ and resubmits the same number: not acknowledged while no standby holds it
+    svc.lease_until = time.monotonic() + 10
+    reply, _ = run(svc._handle_submit(header, payload, "QmPeer"))
+    assert reply["reason"] == "busy" and state.version == 1
+    # a new standby is recruited (full state): now the retry is acknowledged, and applied no second time
+    run(svc.recruit("QmOther"))
+    assert svc.standbys == ["QmOther"] and svc.replicated_version == 1
+    reply, data = run(svc._handle_submit(header, payload, "QmPeer"))
+    assert reply["status"] == "accepted" and reply["duplicate"] and state.version == 1 and len(data) > 0
+
+
+def test_no_standby_while_others_are_alive_means_busy_and_no_change():
+    svc, state, _ = _coordinator(standbys=())
+    svc.others_alive = 3
+    before = _params(state)
+    header, payload = _submission(state, 0)
+    reply, _ = run(svc._handle_submit(header, payload, "QmPeer"))
+    assert reply["status"] == "rejected" and reply["reason"] == "busy" and "waiting for a standby" in reply["message"]
+    assert state.version == 0 and _same(_params(state), before) and svc.waiting_for_standby()
+
+
+def test_a_lone_peer_commits_unreplicated():
+    svc, state, _ = _coordinator(standbys=())
+    svc.others_alive = 0  # the peer's maintenance saw nobody else alive
+    header, payload = _submission(state, 0)
+    reply, _ = run(svc._handle_submit(header, payload, "QmPeer"))
+    assert reply["status"] == "accepted" and state.version == 1 and not svc.waiting_for_standby()
+
+
+def test_min_replicas_zero_acknowledges_without_a_standby():
+    svc, state, _ = _coordinator(standbys=(), min_replicas=0)
+    svc.others_alive = 3
+    header, payload = _submission(state, 0)
+    reply, _ = run(svc._handle_submit(header, payload, "QmPeer"))
+    assert reply["status"] == "accepted" and state.version == 1
+
+
+def test_min_replicas_above_num_standbys_is_a_config_error():
+    with pytest.raises(ValueError, match="min_replicas"):
+        load_config("configs/tiny.yaml", overrides={"swarm.num_standbys": 1, "swarm.min_replicas": 2})
+
+
+def test_replication_timeout_follows_the_measured_round_trip():
+    svc, state, _ = _coordinator(lease_seconds=4.0)
+    assert svc.replicate_timeout() == pytest.approx(2.0)  # the floor: half a lease
+    svc.replicate_rtts.extend([0.01, 0.02])
+    assert svc.replicate_timeout() == pytest.approx(2.0)
+    svc.replicate_rtts.append(3.0)  # a large model on a slow link
+    assert svc.replicate_timeout() == pytest.approx(15.0)
+
+
+def test_the_lease_snapshot_follows_each_commit():
+    svc, state, _ = _coordinator()
+    header, payload = _submission(state, 0)
+    run(svc._handle_submit(header, payload, "QmPeer"))
+    assert svc.snapshot == (1, 1, params_digest(state.engine.params), 0)
+
+
+# ---------------------------------------------------------------- no coordinator outlives its lease
+def test_nothing_is_acknowledged_once_the_lease_could_have_lapsed():
+    svc, state, _ = _coordinator()
+    svc.lease_until = time.monotonic() - 1  # frozen past its lease, or its renewals failed
+    before = _params(state)
+    header, payload = _submission(state, 0)
+    reply, _ = run(svc._handle_submit(header, payload, "QmPeer"))
+    assert reply["reason"] == "busy" and state.version == 0 and _same(_params(state), before)
+    assert svc.acknowledged == []
+
+
+def test_a_commit_whose_replication_outlasts_the_lease_is_not_acknowledged():
+    svc, state, _ = _coordinator({STANDBY: 1.7}, lease_seconds=2.0)  # the lease holds 1.5 s from now
+    header, payload = _submission(state, 0)
+    reply, _ = run(svc._handle_submit(header, payload, "QmPeer"))
+    assert reply["reason"] == "busy" and svc.acknowledged == []
+    svc.renewed(time.monotonic())  # renewed: the retry is answered as the duplicate it is
+    reply, _ = run(svc._handle_submit(header, payload, "QmPeer"))
+    assert reply["status"] == "accepted" and reply["duplicate"] and state.version == 1
+
+
+# ---------------------------------------------------------------- the lease-belief rule
+def _claim(peer, term, renewed, standbys=()):
+    return LeaseRecord(peer_id=peer, term=term, version=0, digest="", standbys=list(standbys), maddrs=[],
+                       renewed=float(renewed), commits=0, rejected=0, commits_per_minute=0.0, mean_staleness=0.0,
+                       branches={})
+
+
+def _signed(owner, peer_id):
+    return owner == peer_id.encode()
+
+
+def test_a_claim_counts_only_if_its_holder_signed_it():
+    now = 100.0
+    claim = _claim("QmA", 1, now)
+    assert lease_rules.believe(None, [(b"QmA", claim)], now, 6.0, _signed) is claim
+    assert lease_rules.believe(None, [(b"QmB", claim)], now, 6.0, _signed) is None
+
+
+def test_a_later_term_is_believed_from_an_heir_only_while_the_lease_is_fresh():
+    now = 100.0
+    current = _claim(HOLDER, 2, now - 1, standbys=[STANDBY])
+    heir = _claim(STANDBY, 3, now)
+    stranger = _claim(ATTACKER, 9, now)
+    claims = [(b"QmStandby", heir), (b"QmAttacker", stranger)]
+    assert lease_rules.believe(current, claims, now, 6.0, _signed) is heir  # the stranger's higher term is not
+    assert lease_rules.believe(current, [(b"QmAttacker", stranger)], now, 6.0, _signed) is None
+    # a coordinator that dropped the standby that then took over still follows it (heirs of its term)
+    dropped = _claim(HOLDER, 2, now - 1, standbys=[])
+    assert lease_rules.believe(dropped, claims, now, 6.0, _signed, heirs={STANDBY}) is heir
+    assert lease_rules.believe(dropped, claims, now, 6.0, _signed) is None
+    # a reader whose lease was not renewed for 3 lease periods may follow anyone holder-bound
+    old = _claim(HOLDER, 2, now - 3 * 6.0 - 1, standbys=[STANDBY])
+    assert lease_rules.believe(old, claims, now, 6.0, _signed) is stranger
+
+
+def test_lapsed_claims_and_lower_terms_are_not_believed():
+    now = 100.0
+    current = _claim(HOLDER, 2, now - 1, standbys=[STANDBY])
+    assert lease_rules.believe(current, [(b"QmStandby", _claim(STANDBY, 3, now - 7))], now, 6.0, _signed) is None
+    assert lease_rules.believe(current, [(b"QmStandby", _claim(STANDBY, 1, now))], now, 6.0, _signed) is None
+    renewal = _claim(HOLDER, 2, now)
+    assert lease_rules.believe(current, [(b"QmHolder", renewal)], now, 6.0, _signed) is renewal
+    assert lease_rules.lapsed_for(current, now, 6.0) == pytest.approx(-5.0)
