@@ -3,6 +3,8 @@ machine, each a separate process with its own language and speed, watched live f
 
     summary = run_testnet(load_profiles("peers/*.yaml"), "configs/testnet.yaml", minutes=5, out=Path("runs/t"))
 
+While it runs, the dashboard (``heloco_p2p/tools/dashboard.py``) serves the swarm on
+``dashboard_port`` (its URL is logged and shown under the live view), with the validation curve.
 Writes into ``out``: summary.json, metrics.jsonl (every commit, heartbeat, round and the
 validation curve), report.md with plots, checkpoint/ (the final state, for ``heloco-peer
 export``), and peers/ (each peer's log and metrics).
@@ -26,6 +28,8 @@ from heloco_p2p.checkpoint import load_checkpoint
 from heloco_p2p.config import ConfigError, _format_errors, load_config
 from heloco_p2p.fsutil import atomic_write_json
 from heloco_p2p.launcher import LocalSwarm
+from heloco_p2p.monitor import Monitor, render
+from heloco_p2p.tools.dashboard import Dashboard, DashboardServer
 
 logger = logging.getLogger(__name__)
 
@@ -97,9 +101,11 @@ def _coordinator_now(sw: LocalSwarm) -> str | None:
 
 def run_testnet(profiles: list[PeerProfile], config_path: str, minutes: float, out: Path,
                 run_id: str | None = None, live: bool = True, eval_every: float = 30.0, during=None,
-                swarm_key_file: str | None = None) -> dict:
+                swarm_key_file: str | None = None, dashboard_host: str = "127.0.0.1",
+                dashboard_port: int | None = None) -> dict:
     """Run the cast for ``minutes``, then stop every peer and write the outputs; returns the summary.
     ``swarm_key_file``: every peer (and the observer) uses this swarm key (docs/security.md).
+    ``dashboard_port``: serve the dashboard there while the run lasts (taken: any free port; None: none).
     ``during(sw, client)``, if given, is called about once a second while the run lasts (scripts/chaos.py
     injects faults with it)."""
     from heloco_p2p.coordinator import unpack_params
@@ -114,7 +120,7 @@ def run_testnet(profiles: list[PeerProfile], config_path: str, minutes: float, o
     curve = [{"event": "val", "time": time.time(), "version": 0, "val_loss": evaluator(evaluator.theta0)}]
     sw = LocalSwarm(out / "peers", run_id, swarm_key_file=swarm_key_file)
     (out / "peers").mkdir(exist_ok=True)
-    client = None
+    client = dashboard = server = None
     interrupted = False
     t_start = time.time()
     try:
@@ -126,10 +132,19 @@ def run_testnet(profiles: list[PeerProfile], config_path: str, minutes: float, o
 
         client = SwarmNode(run_id, initial_peers=[sw.maddr], client_mode=True,
                            swarm_key=load_swarm_key(swarm_key_file) if swarm_key_file else None)
+        banner = ""
+        if dashboard_port is not None:
+            dashboard = Dashboard(Monitor(client.records, silent_after=3 * cfg.swarm.heartbeat_seconds,
+                                          lease_seconds=cfg.swarm.lease_seconds), run_id, interval=2.0)
+            _record_validation(dashboard, curve[0])
+            dashboard.start()
+            server = _serve_dashboard(dashboard, dashboard_host, dashboard_port)
+            banner = f"dashboard: {server.url}"
+            logger.info("%s (while the testnet runs)", banner)
         deadline = t_start + 60 * minutes
         next_eval = time.time() + eval_every
         with _LiveView(client, sw, enabled=live, lease_seconds=cfg.swarm.lease_seconds,
-                       silent_after=3 * cfg.swarm.heartbeat_seconds) as view:
+                       silent_after=3 * cfg.swarm.heartbeat_seconds, banner=banner) as view:
             while time.time() < deadline:
                 time.sleep(1.0)
                 view.refresh()
@@ -140,11 +155,17 @@ def run_testnet(profiles: list[PeerProfile], config_path: str, minutes: float, o
                     point = _fetch_and_evaluate(client, evaluator, unpack_params)
                     if point:
                         curve.append(point)
+                        if dashboard is not None:
+                            _record_validation(dashboard, point)
                         view.note(f"validation loss {point['val_loss']['mean']:.3f} at version {point['version']}")
     except KeyboardInterrupt:
         interrupted = True
         logger.warning("interrupted: stopping every peer")
     finally:
+        if server is not None:
+            server.stop()
+        if dashboard is not None:
+            dashboard.stop()
         _stop_all(sw)
         if client is not None:
             client.shutdown()
@@ -162,6 +183,20 @@ def run_testnet(profiles: list[PeerProfile], config_path: str, minutes: float, o
 
     write_testnet_report(out)
     return summary
+
+
+def _serve_dashboard(dashboard: Dashboard, host: str, port: int) -> DashboardServer:
+    """The dashboard on ``port``, or on any free port when that one is taken (a second testnet)."""
+    try:
+        return DashboardServer(dashboard, host, port).start()
+    except OSError as exc:
+        logger.warning("dashboard: port %d is taken (%s); using a free one", port, exc)
+        return DashboardServer(dashboard, host, 0).start()
+
+
+def _record_validation(dashboard: Dashboard, point: dict) -> None:
+    loss = point["val_loss"]
+    dashboard.record_validation(point["version"], loss["mean"], loss["per_language"], now=point["time"])
 
 
 def _fetch_and_evaluate(client, evaluator, unpack_params) -> dict | None:
@@ -262,10 +297,9 @@ class _LiveView:
     """The monitor's view of the swarm (heloco_p2p.monitor, read from the DHT), refreshed in place,
     with a line of notes (validation losses) under it."""
 
-    def __init__(self, client, sw: LocalSwarm, enabled: bool, lease_seconds: float = 10.0, silent_after: float = 10.0):
-        from heloco_p2p.monitor import Monitor
-
-        self.client, self.sw, self.enabled = client, sw, enabled
+    def __init__(self, client, sw: LocalSwarm, enabled: bool, lease_seconds: float = 10.0, silent_after: float = 10.0,
+                 banner: str = ""):
+        self.client, self.sw, self.enabled, self.banner = client, sw, enabled, banner
         self.monitor = Monitor(client.records, silent_after=silent_after, lease_seconds=lease_seconds)
         self.notes: list[str] = []
         self.live = None
@@ -295,7 +329,6 @@ class _LiveView:
                 logger.debug("live view: %s", exc)
 
     def _render(self):
-        from heloco_p2p.monitor import render
-
         now = time.time()
-        return render(self.monitor.poll(now), self.client.run_id, now, note="\n".join(self.notes))
+        lines = ([self.banner] if self.banner else []) + self.notes
+        return render(self.monitor.poll(now), self.client.run_id, now, note="\n".join(lines))

@@ -21,10 +21,16 @@ from heloco_p2p.cli import log_level_option
 @click.option("--no-live", is_flag=True, help="No live view (log lines only).")
 @click.option("--swarm-key-file", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Run a keyed swarm: every peer uses this swarm key (heloco-peer keygen FILE).")
+@click.option("--dashboard-port", type=click.IntRange(min=0, max=65535), default=8080, show_default=True,
+              help="Serve the dashboard on this port while the testnet runs (taken or 0: any free port).")
+@click.option("--dashboard-host", default="127.0.0.1", show_default=True, help="Address the dashboard listens on.")
+@click.option("--no-dashboard", is_flag=True, help="Serve no dashboard.")
 @log_level_option
-def testnet(peers_glob, config_path, minutes, out_dir, algorithm, run_id, eval_every, no_live, swarm_key_file):
+def testnet(peers_glob, config_path, minutes, out_dir, algorithm, run_id, eval_every, no_live, swarm_key_file,
+            dashboard_port, dashboard_host, no_dashboard):
     """Run the peer profiles as separate processes for --minutes, then write summary.json,
-    metrics.jsonl, report.md with plots and the final checkpoint into --out."""
+    metrics.jsonl, report.md with plots and the final checkpoint into --out. While it runs, the
+    dashboard (heloco-peer dashboard) serves the swarm and its validation curve; its URL is printed."""
     import yaml
 
     from heloco_p2p.config import ConfigError, load_config
@@ -41,7 +47,8 @@ def testnet(peers_glob, config_path, minutes, out_dir, algorithm, run_id, eval_e
     run_cfg = out / "run.yaml"
     run_cfg.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     summary = run_testnet(profiles, str(run_cfg), minutes, out, run_id=run_id, live=not no_live, eval_every=eval_every,
-                          swarm_key_file=swarm_key_file)
+                          swarm_key_file=swarm_key_file, dashboard_host=dashboard_host,
+                          dashboard_port=None if no_dashboard else dashboard_port)
     v = summary["val_loss"]
     click.echo(f"\nreport: {out / 'report.md'}")
     click.echo(f"{summary['wall_seconds'] / 60:.1f} min, {len(summary['peers'])} peers, {summary['commits']} commits, "

@@ -252,8 +252,15 @@ class Dashboard:
             with self._lock:
                 self._error = f"could not read the records: {type(exc).__name__}: {exc}"
             return
+        genesis = self.genesis
+        if genesis is None:  # a dashboard started with its run (the testnet) finds the record a moment later
+            try:
+                genesis = self.monitor.records.genesis()
+            except Exception as exc:
+                logger.debug("genesis not read: %s", exc)
         now = time.time() if now is None else now
         with self._lock:
+            self.genesis = genesis
             self._snap, self._lease, self._polled_at, self._error = snap, self.monitor.lease, now, ""
             self.history.add(snap, self.monitor.lease, now)
 

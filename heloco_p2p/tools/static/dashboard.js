@@ -6,9 +6,16 @@ const PALETTE = ["#0b7285", "#e8590c", "#5f3dc4", "#2b8a3e", "#c2255c", "#1864ab
                  "#087f5b", "#a61e4d", "#364fc7", "#5c940d"];
 const CHART_HEIGHT = 220;
 const charts = {};  // id -> {plot, keys}
+const colors = {};  // series name -> colour, the same in every chart (a language, a peer)
+
+function colorOf(key) {
+  if (key === "mean") return "#1d1d1f";
+  if (!(key in colors)) colors[key] = PALETTE[Object.keys(colors).length % PALETTE.length];
+  return colors[key];
+}
 
 function count(n) {
-  for (const [u, s] of [["G", 1e9], ["M", 1e6], ["k", 1e3]]) if (Math.abs(n) >= s) return (n / s).toFixed(1) + u;
+  for (const [u, s] of [["G", 1e9], ["M", 1e6], ["k", 1e3]]) if (Math.abs(n) >= s) return +(n / s).toFixed(1) + u;
   return String(Math.round(n));
 }
 function bytes(n) {
@@ -138,10 +145,12 @@ function renderChart(container, spec) {
     width: chartWidth(box), height: CHART_HEIGHT,
     scales: {x: {time: true}},
     // the mean over languages is drawn dark and dashed, apart from the languages themselves
-    series: [{}, ...keys.map((k, i) => ({label: k, stroke: k === "mean" ? "#1d1d1f" : PALETTE[i % PALETTE.length],
+    series: [{}, ...keys.map(k => ({label: k, stroke: colorOf(k),
                                           dash: k === "mean" ? [6, 4] : undefined, width: 2,
                                           points: {show: few}, spanGaps: false}))],
-    axes: [{}, {size: 56}],
+    // y labels: 12.5k rather than 12,500 (a wide number would be cut at the chart's edge)
+    axes: [{}, {size: 52, values: (u, splits) => splits.map(v => v === null ? "" : Math.abs(v) >= 1000 ? count(v)
+                                                                       : String(+v.toFixed(3)))}],
   };
   charts[spec.id] = {plot: new uPlot(opts, data, box), keys: keys.join("\u0000")};
 }
