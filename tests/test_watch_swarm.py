@@ -14,8 +14,10 @@ import urllib.request
 import uuid
 
 import pytest
+from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
+from heloco_p2p.cli import main
 from heloco_p2p.launcher import ROOT, LocalSwarm, write_test_config
 from heloco_p2p.monitor import COORDINATOR_KEYS, PEER_KEYS
 
@@ -146,15 +148,26 @@ def test_the_page_in_a_browser_shows_the_coordinator_every_peer_and_charts(swarm
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
 
 
-def run_doctor(*args: str, timeout: float = 120) -> tuple[int, dict]:
-    proc = subprocess.run([sys.executable, "-m", "heloco_p2p", "doctor", *args, "--json", "--log-level", "WARNING"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=timeout, start_new_session=True)
-    return proc.returncode, json.loads(proc.stdout.strip().splitlines()[-1])
+def run_doctor(tmp_path, *args: str, timeout: float = 120) -> tuple[int, dict]:
+    """``heloco-peer doctor --json`` as its own process. Output goes to a file: a grandchild
+    (torch_shm_manager) keeps pipes open for seconds after the doctor exits."""
+    out = tmp_path / "doctor.out"
+    with open(out, "w") as o:
+        proc = subprocess.Popen([sys.executable, "-m", "heloco_p2p", "doctor", *args, "--json", "--log-level", "WARNING"],
+                                stdout=o, stderr=subprocess.DEVNULL, cwd=ROOT, start_new_session=True)
+        try:
+            code = proc.wait(timeout)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # whatever it left (nothing, normally)
+            except ProcessLookupError:
+                pass
+    return code, json.loads(out.read_text().strip().splitlines()[-1])
 
 
 def test_doctor_passes_against_the_live_swarm(swarm, tmp_path):
-    code, report = run_doctor("--run-id", swarm.run_id, "--initial-peers", swarm.maddr, "--bench-seconds", "1",
-                              "--checkpoint-dir", str(tmp_path), "--threads", "1")
+    code, report = run_doctor(tmp_path, "--run-id", swarm.run_id, "--initial-peers", swarm.maddr, "--bench-seconds",
+                              "1", "--checkpoint-dir", str(tmp_path), "--threads", "1")
     checks = {c["name"]: c for c in report["checks"]}
     assert code == 0 and report["ok"], report
     assert list(checks) == ["initial peers", "run", "reachability", "clock", "run files", "bandwidth", "device",
@@ -170,9 +183,12 @@ def test_doctor_passes_against_the_live_swarm(swarm, tmp_path):
     assert checks["run"]["values"]["peers_alive"] == 3
 
 
-def test_doctor_fails_for_a_run_that_does_not_exist(swarm):
-    code, report = run_doctor("--run-id", "no-such-run", "--initial-peers", swarm.maddr, "--timeout", "1")
+def test_doctor_fails_for_a_run_that_does_not_exist(swarm, tmp_path):
+    # in this process (the command's imports are paid already); the live test above runs it as a person would
+    result = CliRunner().invoke(main, ["doctor", "--run-id", "no-such-run", "--initial-peers", swarm.maddr, "--timeout",
+                                       "1", "--checkpoint-dir", str(tmp_path), "--json", "--log-level", "WARNING"])
+    report = json.loads(result.stdout.strip().splitlines()[-1])
     checks = {c["name"]: c for c in report["checks"]}
-    assert code == 1 and not report["ok"]
+    assert result.exit_code == 1 and not report["ok"]
     assert checks["initial peers"]["status"] == "ok" and checks["run"]["status"] == "fail"
     assert "--run-id" in checks["run"]["fix"]

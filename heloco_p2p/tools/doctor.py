@@ -46,6 +46,7 @@ from heloco_p2p.data import load_tokenizer
 from heloco_p2p.data.tokenizer import tokenizer_digest
 from heloco_p2p.local import InnerTrainer, build_model, count_params, pick_device
 from heloco_p2p.monitor import live_coordinator, wait_for_genesis
+from heloco_p2p.swarm.lifetime import guard_children, stop_reaper
 from heloco_p2p.swarm.node import JOIN_HELP, SwarmNode, start_error_message
 from heloco_p2p.swarm.records import PROTOCOL_VERSION, GenesisRecord, PeerRecord
 
@@ -254,12 +255,19 @@ def run_checks(o: DoctorOptions) -> list[Check]:
                 checks.append(Check("initial peers", FAIL, start_error_message(exc, o.initial_peers)))
             checks += local_checks(o, None)
             return checks
+    reaper = None
     try:
+        try:
+            reaper = guard_children(node.child_pids())  # a killed doctor leaves no DHT process or p2pd behind
+        except Exception as exc:  # best effort, as in a peer
+            logger.debug("could not guard child processes: %s", exc)
         checks.append(Check("initial peers", OK, f"answered at {' '.join(o.initial_peers)}",
                             values={"visible_maddrs": node.visible_maddrs()}))
         checks += swarm_checks(o, node, reach)
     finally:
         node.shutdown()
+        if reaper is not None:
+            stop_reaper(reaper)
     return checks
 
 
