@@ -304,6 +304,7 @@ class CoordinatorService:
         self._last_verify = 0.0
         self._heirs: set[str] = set()  # every standby named in this term (a dropped one may have taken over)
         self.replicated_version = state.version  # the newest version at least ``required_replicas()`` standbys hold
+        self._unreplicated: list[dict] = []  # commit events of this term's commits that too few standbys hold yet
         self.replicate_rtts: deque = deque(maxlen=20)  # seconds of recent replications (their timeout follows them)
         self.replicate_floor = max(2.0, lease_seconds / 2)
         self.snapshot: tuple[int, int, str, int] | None = None  # (term, version, θ digest, tokens) of the last commit
@@ -369,6 +370,7 @@ class CoordinatorService:
         self.believed = (self.node.peer_id, term)
         self._heirs = set(self.standbys)
         self.replicated_version = self.state.version  # a standby's replica was current when it took over
+        self._unreplicated = []
         self.commits_this_term = 0
         self.rejected_this_term = 0
         self.branches.clear()
@@ -381,6 +383,10 @@ class CoordinatorService:
         holder): an unverified number in a message deposes no one."""
         if self.active:
             logger.warning("stepping down: saw term %d > my term %d", higher_term, self.state.term)
+            if self._unreplicated:
+                logger.warning("versions %d-%d were committed here only and never acknowledged: they are not the "
+                               "run's", self._unreplicated[0]["version"], self._unreplicated[-1]["version"])
+                self._unreplicated = []
         self.active = False
         self.highest_term_seen = max(self.highest_term_seen, higher_term)
 
@@ -536,25 +542,21 @@ class CoordinatorService:
                 # this commit (applied here only) must not be acknowledged; the sender resubmits there
                 return {"status": "not_coordinator", "term": self.highest_term_seen,
                         "message": "a standby follows a newer term; read the lease again"}, b""
+            summary = info.summary()
+            event = {**summary, "peer": peer, "seq": seq, "norm": norm, "digest": digest, "term": self.state.term,
+                     "stats": header.get("stats", {}), "replicas": held}
             if held < required:  # committed here, held by too few: not acknowledged (the retry is a duplicate)
                 logger.warning("commit %d is held by %d standbys of the %d required: not acknowledged",
                                info.version, held, required)
+                self._unreplicated.append(event)
                 return self._busy(f"the commit is held by {held} of {required} standbys; a new standby is recruited")
-            self.replicated_version = info.version
+            self._durable(event)
             if not self.lease_valid():  # held, but the lease may have lapsed meanwhile: the retry is a duplicate
                 return self._busy("the coordinator is confirming its lease", retry_after=0.5)
             if required == 0 and self.min_replicas > 0:
                 logger.warning("version %d acknowledged with no replica: no other peer is alive to hold it",
                                info.version)
-            summary = info.summary()
-            self.commits_this_term += 1
-            self.commit_times.append(time.time())
-            self.staleness_recent.append(info.staleness)
-            self.branches.update(summary["branches"])
             self.acknowledged.append((peer, seq, info.version))
-            if self.on_commit is not None:
-                self.on_commit({**summary, "peer": peer, "seq": seq, "norm": norm, "digest": digest,
-                                "term": self.state.term, "stats": header.get("stats", {}), "replicas": held})
             t3 = time.perf_counter()
             data = await loop.run_in_executor(None, self._encode_params)
             self.commit_seconds.append(time.perf_counter() - t1)
@@ -625,22 +627,19 @@ class CoordinatorService:
                     self.drop_standby(sb)
             required = self.required_replicas()
             if held < required or not self.lease_valid():  # committed, not acknowledged: the retries are duplicates
+                if held >= required:
+                    self._durable({**info.summary(), "peer": ",".join(p for p, *_ in items), "seq": -1,
+                                   "digest": digest, "term": self.state.term, "peers": len(items), "staleness": 0})
                 busy = self._busy(f"the commit is held by {held} of {required} standbys")
                 for f in futures:
                     if not f.done():
                         f.set_result(busy)
                 return
-            self.replicated_version = info.version
             summary = info.summary()
-            self.commits_this_term += 1
-            self.commit_times.append(time.time())
-            self.staleness_recent.append(0)
-            self.branches.update(summary["branches"])
+            self._durable({**summary, "peer": ",".join(p for p, *_ in items), "seq": -1, "digest": digest,
+                           "term": self.state.term, "peers": len(items), "staleness": 0})
             for p, seq, *_ in items:
                 self.acknowledged.append((p, seq, info.version))
-            if self.on_commit is not None:
-                self.on_commit({**summary, "peer": ",".join(p for p, *_ in items), "seq": -1, "digest": digest,
-                                "term": self.state.term, "peers": len(items)})
             t3 = time.perf_counter()
             data = await loop.run_in_executor(None, self._encode_params)
             timing = {"decode": 0.0, "commit": t2 - t1, "replicate": t3 - t2, "encode_reply": time.perf_counter() - t3}
@@ -650,6 +649,19 @@ class CoordinatorService:
             for f in futures:
                 if not f.done():
                     f.set_result((reply, data))
+
+    def _durable(self, event: dict) -> None:
+        """A commit that enough standbys hold (or a lone peer's): it is part of the run's history now
+        (metrics, the ``commit`` event chaos.py checks the chain with), with those held back before it."""
+        self.replicated_version = max(self.replicated_version, event["version"])
+        for e in self._unreplicated + [event]:
+            self.commits_this_term += 1
+            self.commit_times.append(time.time())
+            self.staleness_recent.append(e.get("staleness") or 0)
+            self.branches.update(e.get("branches", {}))
+            if self.on_commit is not None:
+                self.on_commit(e)
+        self._unreplicated = []
 
     def _reject(self, remote: str, code: str, message: str) -> tuple[dict, bytes]:
         self.rejected_this_term += 1
@@ -719,6 +731,10 @@ class CoordinatorService:
             await self.send_full_state(standby)
             self.standbys.append(standby)
             self._heirs.add(standby)
+            if len(self.standbys) >= self.required_replicas() and self._unreplicated:
+                logger.info("standby %s holds versions %d-%d, which no standby held before", standby[-8:],
+                            self._unreplicated[0]["version"], self._unreplicated[-1]["version"])
+                self._durable(self._unreplicated.pop())
             if len(self.standbys) >= self.required_replicas():
                 self.replicated_version = self.state.version
 

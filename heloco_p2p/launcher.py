@@ -122,6 +122,13 @@ class LocalSwarm:
         os.killpg(self.procs[name].pid, signal.SIGKILL)
         self.procs[name].wait(10)
 
+    def freeze(self, name: str) -> None:
+        """SIGSTOP the peer's whole process group: a frozen machine (the peer, its DHT, its p2pd)."""
+        os.killpg(self.procs[name].pid, signal.SIGSTOP)
+
+    def thaw(self, name: str) -> None:
+        os.killpg(self.procs[name].pid, signal.SIGCONT)
+
     def stop(self, name: str, sig=signal.SIGTERM, timeout: float = 60) -> int:
         self.procs[name].send_signal(sig)
         return self.procs[name].wait(timeout)
@@ -137,6 +144,10 @@ class LocalSwarm:
     def close(self) -> None:
         for name, p in self.procs.items():
             if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGCONT)  # a frozen peer cannot handle SIGTERM
+                except ProcessLookupError:
+                    pass
                 p.send_signal(signal.SIGTERM)
         deadline = time.time() + 30
         for name, p in self.procs.items():

@@ -524,7 +524,11 @@ class Peer:
                              branches={str(k): int(v) for k, v in svc.branches.items()},
                              rejections=self.node.rejection_summary(), min_replicas=svc.min_replicas,
                              replicas=len(svc.standbys), waiting_for_standby=svc.waiting_for_standby())
-        if not self.node.records.publish_lease(record, ttl=self.cfg.swarm.lease_seconds):
+        stored = self.node.records.publish_lease(record, ttl=self.cfg.swarm.lease_seconds)
+        took = time.monotonic() - started
+        if took > self.cfg.swarm.lease_seconds / 4:
+            logger.warning("renewing the lease took %.1f s", took)
+        if not stored:
             logger.warning("could not renew the lease in the DHT")
             return False
         if term == svc.state.term and svc.active:
@@ -601,7 +605,9 @@ class Peer:
         one of them coordinates a later term; go on only if nobody does. An heir's answer alone
         deposes no one: it only waits, for at most ``STALE_LEASES`` lease periods, for its claim."""
         svc, sw = self.service, self.cfg.swarm
+        t0 = time.monotonic()
         self._refresh_lease()
+        logger.info("the lease may have lapsed: re-reading it took %.1f s", time.monotonic() - t0)
         if not svc.active:
             self.role = "training"
             return False

@@ -147,6 +147,8 @@ def test_a_forged_replicate_does_not_depose_a_coordinator():
 # ---------------------------------------------------------------- acknowledged means replicated
 def test_a_frozen_standby_delays_one_commit_by_a_bounded_time_and_it_is_not_acknowledged():
     svc, state, _ = _coordinator({STANDBY: 600.0}, lease_seconds=4.0)  # SIGSTOPped: never answers
+    logged = []
+    svc.on_commit = logged.append  # the run's history: durable commits only
     header, payload = _submission(state, 0)
     t0 = time.monotonic()
     reply, _ = run(svc._handle_submit(header, payload, "QmPeer"))
@@ -154,6 +156,7 @@ def test_a_frozen_standby_delays_one_commit_by_a_bounded_time_and_it_is_not_ackn
     assert reply["status"] == "rejected" and reply["reason"] == "busy" and reply["retry_after"] > 0
     assert stalled < 2 * 4.0 and stalled >= svc.replicate_floor - 0.1  # the floor (half a lease), not 30 s
     assert svc.acknowledged == [] and svc.standbys == [] and state.version == 1 and svc.replicated_version == 0
+    assert logged == []
     # the sender keeps its Δ and resubmits the same number: not acknowledged while no standby holds it
     svc.lease_until = time.monotonic() + 10
     reply, _ = run(svc._handle_submit(header, payload, "QmPeer"))
@@ -161,6 +164,7 @@ def test_a_frozen_standby_delays_one_commit_by_a_bounded_time_and_it_is_not_ackn
     # a new standby is recruited (full state): now the retry is acknowledged, and applied no second time
     run(svc.recruit("QmOther"))
     assert svc.standbys == ["QmOther"] and svc.replicated_version == 1
+    assert [e["version"] for e in logged] == [1]  # durable now: in the history once
     reply, data = run(svc._handle_submit(header, payload, "QmPeer"))
     assert reply["status"] == "accepted" and reply["duplicate"] and state.version == 1 and len(data) > 0
 

@@ -144,7 +144,8 @@ def nodes(tmp_path_factory):
         engine = build_engine([torch.randn(s, generator=g) for s in SHAPES], "lookahead", {"lr": 0.7, "momentum": 0.9},
                               "heloco", {}, names=NAMES)
         state = CommitState(engine)
-        service = CoordinatorService(server, state, SHAPES, SubmissionLimits(submit_rate=0.0))
+        service = CoordinatorService(server, state, SHAPES, SubmissionLimits(submit_rate=0.0), lease_seconds=3600.0)
+        service.others_alive = 0  # a lone coordinator: commits need no standby here
         service.activate(1)
         stub = SimpleNamespace(commit_state=state, service=service, role="coordinator", version=0, global_params=None,
                                cfg=SimpleNamespace(to_yaml=lambda: "name: sec\n"), _tokenizer_bytes=lambda: b"{}")

@@ -133,12 +133,12 @@ class RunRecords:
     def _key(self, field: str) -> str:
         return f"{self.run_id}_{field}"
 
-    def _store(self, field: str, model: pydantic.BaseModel, ttl: float) -> bool:
+    def _store(self, field: str, model: pydantic.BaseModel, ttl: float, await_all_replicas: bool = True) -> bool:
         value = record_dict(model)
         if self.swarm_key is not None:
             value["mac"] = self.swarm_key.sign_record(self.run_id, field, self.owner, value)
         return bool(self.dht.store(self._key(field), value, expiration_time=get_dht_time() + ttl,
-                                   subkey=self.owner))
+                                   subkey=self.owner, await_all_replicas=await_all_replicas))
 
     def _read(self, field: str, model: type) -> dict[bytes, Any]:
         found = self.dht.get(self._key(field), latest=True)
@@ -185,7 +185,9 @@ class RunRecords:
 
     # lease --------------------------------------------------------------------------------
     def publish_lease(self, record: LeaseRecord, ttl: float) -> bool:
-        return self._store("coordinator", record, ttl)
+        """Returns once one DHT node stored the claim (the others in the background): a frozen
+        node among the replicas must not hold up the renewal of a lease for its wait timeout."""
+        return self._store("coordinator", record, ttl, await_all_replicas=False)
 
     def lease_claims(self) -> list[LeaseRecord]:
         """Every unexpired claim, highest term first (ties: most recently renewed first)."""
