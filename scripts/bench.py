@@ -25,7 +25,7 @@ Prints a table; writes bench/results.json (keys: utilization {peer: fraction}, s
 commit, wire, join, fan_in) and bench/results-detail.json (everything, with date, machine,
 command and the load average before and after); ``--write-results`` replaces the subsection
 "### Benchmark suite" of docs/results.md. Item functions come from bench_outer.py and
-bench_wire.py; peers are real processes on 127.0.0.1 (heloco_p2p.launcher).
+bench_wire.py; peers are real processes on 127.0.0.1 (heloco_p2p.tools.launcher).
 """
 from __future__ import annotations
 
@@ -54,8 +54,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import bench_outer  # noqa: E402
 import bench_wire  # noqa: E402
-from heloco_p2p.launcher import LocalSwarm  # noqa: E402
-from heloco_p2p.report import replace_section  # noqa: E402
+from heloco_p2p.tools.launcher import LocalSwarm  # noqa: E402
+from heloco_p2p.tools.report import replace_section  # noqa: E402
 
 RESULT_KEYS = ("utilization", "swarm_vs_solo", "commit", "wire", "join", "fan_in")
 RESULTS_HEADING = "### Benchmark suite"  # a subsection of "## Benchmarks" in docs/results.md
@@ -77,7 +77,7 @@ def _write_config(path: Path, base: str, update: dict) -> Path:
 
 def group_cpu_seconds(pgid: int) -> float:
     """CPU seconds (user + system) of every live process in a process group."""
-    from heloco_p2p.launcher import proc_stats
+    from heloco_p2p.tools.launcher import proc_stats
 
     tick = os.sysconf("SC_CLK_TCK")
     return sum((int(f[11]) + int(f[12])) / tick for _pid, _name, f in proc_stats() if int(f[2]) == pgid)
@@ -121,7 +121,7 @@ def steady_utilization(rounds: list[dict]) -> float | None:
 
 
 def measure_utilization(minutes: float, workdir: Path, overlap: bool) -> dict:
-    from heloco_p2p.testnet import load_profiles, run_testnet
+    from heloco_p2p.tools.testnet import load_profiles, run_testnet
 
     peers = workdir / "cast"
     peers.mkdir(parents=True, exist_ok=True)

@@ -31,8 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from heloco_p2p.launcher import LocalSwarm, write_test_config  # noqa: E402
-from heloco_p2p.report import replace_section  # noqa: E402
+from heloco_p2p.tools.launcher import LocalSwarm, write_test_config  # noqa: E402
+from heloco_p2p.tools.report import replace_section  # noqa: E402
 
 REGIONS = ["de", "fr", "en"]
 SWARM_HEADING = "### Submission costs, bytes and failover"  # a subsection of "## Swarm" in docs/results.md

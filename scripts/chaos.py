@@ -5,7 +5,7 @@ trains, restart them, and check that nothing acknowledged was lost.
     python scripts/chaos.py --minutes 9 --kills 10 --seed 0 --out runs/chaos --baseline --kill-all --write-results
 
 Fault run: the cast of --peers (peers/*.yaml: 4 peers at different speeds, 1 thread each) trains
---config through ``heloco_p2p.testnet.run_testnet``. --kills times, at roughly even intervals, the
+--config through ``heloco_p2p.tools.testnet.run_testnet``. --kills times, at roughly even intervals, the
 coordinator's whole process group is SIGKILLed (``LocalSwarm.kill``), with probability
 --other-kill-prob together with one random peer that is neither coordinator nor standby. A kill
 waits until the lease names a live standby, so every standby never dies at once. The killed peers
@@ -49,8 +49,8 @@ sys.path.insert(0, str(ROOT))
 
 from heloco_p2p.checkpoint import load_checkpoint, read_header  # noqa: E402
 from heloco_p2p.config import load_config  # noqa: E402
-from heloco_p2p.report import replace_section  # noqa: E402
-from heloco_p2p.testnet import _peer_args, load_profiles, run_testnet  # noqa: E402
+from heloco_p2p.tools.report import replace_section  # noqa: E402
+from heloco_p2p.tools.testnet import _peer_args, load_profiles, run_testnet  # noqa: E402
 
 HEADING = "## Chaos"
 

@@ -41,8 +41,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from heloco_p2p.launcher import LocalSwarm, write_test_config  # noqa: E402
-from heloco_p2p.report import replace_section  # noqa: E402
+from heloco_p2p.tools.launcher import LocalSwarm, write_test_config  # noqa: E402
+from heloco_p2p.tools.report import replace_section  # noqa: E402
 
 HEADING = "## Flood"
 
@@ -59,7 +59,7 @@ def rss_mib(pid: int) -> float:
 
 
 def children(pid: int) -> dict[int, str]:
-    from heloco_p2p.launcher import proc_stats
+    from heloco_p2p.tools.launcher import proc_stats
 
     return {child: name for child, name, f in proc_stats() if int(f[1]) == pid}
 

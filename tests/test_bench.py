@@ -3,7 +3,7 @@ shapes, and the report it writes into docs/results.md (the multi-process items r
 ``python scripts/bench.py --quick``)."""
 import pytest
 
-from heloco_p2p.report import replace_section
+from heloco_p2p.tools.report import replace_section
 
 from fakes import load_script
 

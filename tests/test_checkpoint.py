@@ -311,7 +311,7 @@ def test_join_resume_of_a_corrupted_checkpoint_fails_before_touching_the_network
 
 @pytest.mark.slow
 def test_join_resume_restarts_a_stopped_run_from_its_checkpoint(tmp_path):
-    from heloco_p2p.launcher import LocalSwarm, write_test_config
+    from heloco_p2p.tools.launcher import LocalSwarm, write_test_config
 
     cfg = write_test_config(tmp_path / "cfg.yaml", checkpoint_every=2)
     sw = LocalSwarm(tmp_path, f"resume-{uuid.uuid4().hex[:8]}")

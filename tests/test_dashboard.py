@@ -7,7 +7,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from heloco_p2p.monitor import PEER_KEYS, Monitor, snapshot
+from heloco_p2p.tools.monitor import PEER_KEYS, Monitor, snapshot
 from heloco_p2p.tools.dashboard import METRICS, Dashboard, DashboardServer, History
 from test_monitor import NOW, FakeRecords, claim, peer  # the monitor tests' record builders
 

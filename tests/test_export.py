@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from heloco_p2p.checkpoint import seal
 from heloco_p2p.cli import main
 from heloco_p2p.data import load_tokenizer, tokenizer_digest
-from heloco_p2p.launcher import LocalSwarm, write_test_config
+from heloco_p2p.tools.launcher import LocalSwarm, write_test_config
 from heloco_p2p.local import trainable_params
 
 

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from heloco_p2p.launcher import LocalSwarm, write_test_config
+from heloco_p2p.tools.launcher import LocalSwarm, write_test_config
 
 from fakes import load_script
 

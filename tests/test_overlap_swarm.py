@@ -4,7 +4,7 @@ import uuid
 
 import pytest
 
-from heloco_p2p.launcher import LocalSwarm, write_test_config
+from heloco_p2p.tools.launcher import LocalSwarm, write_test_config
 
 pytestmark = pytest.mark.slow
 

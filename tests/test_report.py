@@ -1,5 +1,5 @@
 """Editing docs/results.md sections: a benchmark replaces its own section and nothing else."""
-from heloco_p2p.report import replace_section
+from heloco_p2p.tools.report import replace_section
 
 MD = "# R\n\n## A\n\nx\n\n### S\n\nold\n\n### T\n\nt\n\n## B\n\nb\n"
 
@@ -26,7 +26,7 @@ def _lang_results():
 
 
 def test_language_table_gives_seed_means_and_the_worst_language():
-    from heloco_p2p.report import language_table
+    from heloco_p2p.tools.report import language_table
 
     md = language_table(_lang_results())
     assert "| heloco | 4.000 | 11.000 | 7.500 | 11.000 (en) |" in md
@@ -34,7 +34,7 @@ def test_language_table_gives_seed_means_and_the_worst_language():
 
 
 def test_paired_table_differences_on_the_same_seed():
-    from heloco_p2p.report import paired_table
+    from heloco_p2p.tools.report import paired_table
 
     md = paired_table(_lang_results(), "heloco")
     # seed 0: 6.0 − 7.0 = −1.0 ; seed 1: 6.5 − 8.0 = −1.5 → mean −1.25 ± 0.25

@@ -342,7 +342,7 @@ def _shut_down(sw, node):
 
 @pytest.mark.slow
 def test_a_keyed_swarm_trains_rate_limits_without_losing_rounds_and_shuts_out_a_keyless_peer(tmp_path):
-    from heloco_p2p.launcher import LocalSwarm, write_test_config
+    from heloco_p2p.tools.launcher import LocalSwarm, write_test_config
 
     key_file = tmp_path / "swarm.key"
     key = generate_key_file(key_file)
@@ -388,7 +388,7 @@ def test_a_forged_lease_claim_in_an_open_run_deposes_no_one(tmp_path):
     """Without a swarm key anyone may write lease records under their own DHT key. A claim of a
     later term naming the listed standby (the move that would depose the coordinator) is ignored:
     it is not signed by that standby's own key, which peers learn from the standby itself."""
-    from heloco_p2p.launcher import LocalSwarm, write_test_config
+    from heloco_p2p.tools.launcher import LocalSwarm, write_test_config
 
     cfg = write_test_config(tmp_path / "cfg.yaml", num_standbys=1)
     sw = LocalSwarm(tmp_path, f"open-{uuid.uuid4().hex[:6]}")

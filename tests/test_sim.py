@@ -121,7 +121,7 @@ def test_quick_style_config_end_to_end_losses_fall(tmp_path):
         assert set(r) >= {"algorithm", "heterogeneity", "data", "seed", "budget", "tokens", "virtual_seconds", "val_loss"}
         assert set(r["val_loss"]["per_language"]) == {"de", "fr"}
         assert r["val_loss"]["mean"] < math.log(4096) - 1.0  # untrained ≈ ln(vocab) = 8.3
-    from heloco_p2p.report import write_sim_report
+    from heloco_p2p.tools.report import write_sim_report
 
     md = write_sim_report(tmp_path / "out").read_text()
     assert "| heloco |" in md and "| sync_diloco |" in md

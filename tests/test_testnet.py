@@ -5,8 +5,8 @@ import pytest
 import yaml
 
 from heloco_p2p.config import ConfigError
-from heloco_p2p.launcher import write_test_config
-from heloco_p2p.testnet import load_profiles, run_testnet
+from heloco_p2p.tools.launcher import write_test_config
+from heloco_p2p.tools.testnet import load_profiles, run_testnet
 
 pytestmark = pytest.mark.slow
 

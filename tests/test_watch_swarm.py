@@ -18,8 +18,8 @@ from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
 from heloco_p2p.cli import main
-from heloco_p2p.launcher import ROOT, LocalSwarm, write_test_config
-from heloco_p2p.monitor import COORDINATOR_KEYS, PEER_KEYS
+from heloco_p2p.tools.launcher import ROOT, LocalSwarm, write_test_config
+from heloco_p2p.tools.monitor import COORDINATOR_KEYS, PEER_KEYS
 
 pytestmark = pytest.mark.slow
 

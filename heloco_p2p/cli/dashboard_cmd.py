@@ -39,7 +39,7 @@ def dashboard(run_id, initial_peers, host, port, interval, max_samples, silent_a
     Like `monitor`, it joins the DHT as a client and only reads the run's records, so it never
     disturbs training. Ctrl+C stops it.
     """
-    from heloco_p2p.monitor import Monitor
+    from heloco_p2p.tools.monitor import Monitor
     from heloco_p2p.tools.dashboard import Dashboard, DashboardServer
 
     logging.getLogger("hivemind").setLevel(max(logging.WARNING, logging.getLogger().level))

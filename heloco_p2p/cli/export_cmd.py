@@ -26,7 +26,7 @@ def export(ckpt_dir, out_dir):
     AutoModelForCausalLM.from_pretrained(OUT) loads it; heloco_export.json beside it names the
     run, version and term it came from.
     """
-    from heloco_p2p.export import ExportError, export_checkpoint
+    from heloco_p2p.tools.export import ExportError, export_checkpoint
 
     _quiet_transformers()
     try:
@@ -54,7 +54,7 @@ def export(ckpt_dir, out_dir):
 @log_level_option
 def generate(model_dir, prompt, max_new_tokens, temperature, top_k, seed, num_samples, threads):
     """Continue PROMPT with a saved model and print the text(s), prompt included."""
-    from heloco_p2p.export import ExportError, generate_text
+    from heloco_p2p.tools.export import ExportError, generate_text
 
     set_threads(threads)
     _quiet_transformers()

@@ -45,7 +45,7 @@ def monitor(run_id, initial_peers, once, as_json, interval, silent_after, lease_
     peer's RPC, so watching never disturbs training. A peer that left shows as left (or, once
     its record expired, silent). Ctrl+C stops it.
     """
-    from heloco_p2p.monitor import Monitor
+    from heloco_p2p.tools.monitor import Monitor
 
     # hivemind's INFO lines would scroll through the live table
     logging.getLogger("hivemind").setLevel(max(logging.WARNING, logging.getLogger().level))
@@ -69,7 +69,7 @@ def observe_run(run_id: str, initial_peers, host_maddrs, timeout: float, what: s
     """A read-only DHT client of run ``run_id`` (client mode: it serves nothing and writes no
     record), with its children guarded, and the run's genesis record: ``(node, genesis)``.
     Exits with code 2 and a message saying what to fix when no peer answers or the run is not found."""
-    from heloco_p2p.monitor import wait_for_genesis
+    from heloco_p2p.tools.monitor import wait_for_genesis
     from heloco_p2p.swarm.lifetime import guard_children, stop_reaper
     from heloco_p2p.swarm.node import SwarmNode
     from heloco_p2p.swarm.records import PROTOCOL_VERSION
@@ -105,7 +105,7 @@ def _print(snap: dict, as_json: bool, run_id: str, genesis) -> None:
         return
     from rich.console import Console
 
-    from heloco_p2p.monitor import render
+    from heloco_p2p.tools.monitor import render
 
     Console().print(render(snap, run_id, time.time(), genesis))
 
@@ -113,7 +113,7 @@ def _print(snap: dict, as_json: bool, run_id: str, genesis) -> None:
 def _live(mon, run_id: str, genesis, interval: float) -> None:
     from rich.live import Live
 
-    from heloco_p2p.monitor import render
+    from heloco_p2p.tools.monitor import render
 
     snap, note = mon.poll(), ""
     with Live(render(snap, run_id, time.time(), genesis), auto_refresh=False) as live:

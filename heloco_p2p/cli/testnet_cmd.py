@@ -34,7 +34,7 @@ def testnet(peers_glob, config_path, minutes, out_dir, algorithm, run_id, eval_e
     import yaml
 
     from heloco_p2p.config import ConfigError, load_config
-    from heloco_p2p.testnet import load_profiles, run_testnet
+    from heloco_p2p.tools.testnet import load_profiles, run_testnet
 
     out = Path(out_dir)
     try:

@@ -27,8 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from heloco_p2p.checkpoint import load_checkpoint
 from heloco_p2p.config import ConfigError, _format_errors, load_config
 from heloco_p2p.fsutil import atomic_write_json
-from heloco_p2p.launcher import LocalSwarm
-from heloco_p2p.monitor import Monitor, render
+from heloco_p2p.tools.launcher import LocalSwarm
+from heloco_p2p.tools.monitor import Monitor, render
 from heloco_p2p.tools.dashboard import Dashboard, DashboardServer
 
 logger = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ def run_testnet(profiles: list[PeerProfile], config_path: str, minutes: float, o
     summary["run_id"] = run_id
     _write_metrics(sw, curve, out / "metrics.jsonl")
     atomic_write_json(out / "summary.json", summary)
-    from heloco_p2p.report import write_testnet_report
+    from heloco_p2p.tools.report import write_testnet_report
 
     write_testnet_report(out)
     return summary
@@ -294,7 +294,7 @@ def _write_metrics(sw: LocalSwarm, curve: list[dict], path: Path) -> None:
 
 
 class _LiveView:
-    """The monitor's view of the swarm (heloco_p2p.monitor, read from the DHT), refreshed in place,
+    """The monitor's view of the swarm (heloco_p2p.tools.monitor, read from the DHT), refreshed in place,
     with a line of notes (validation losses) under it."""
 
     def __init__(self, client, sw: LocalSwarm, enabled: bool, lease_seconds: float = 10.0, silent_after: float = 10.0,
