@@ -70,6 +70,9 @@ class SimConfig(_Strict):
     seeds: list[int] = Field(min_length=1)
     token_budget: int = Field(gt=0)
     time_budget: float = Field(gt=0)  # virtual seconds
+    # per heterogeneity level (virtual seconds), e.g. the time the asynchronous runs need for the
+    # token budget at that level's speeds; a level not listed uses time_budget
+    time_budgets: dict[str, float] = Field(default_factory=dict)
     eval_points: int = Field(5, gt=0)
     lr_grid: dict[str, list[float]] = Field(default_factory=dict)  # algorithm -> outer lrs to sweep on seeds[0]
     sweep_heterogeneity: str | None = None  # level the sweep runs at (default: the first one listed)
@@ -99,6 +102,11 @@ class SimConfig(_Strict):
         for a in self.lr_grid:
             if a not in algos:
                 raise ValueError(f"lr_grid: unknown algorithm {a!r}")
+        for h, t in self.time_budgets.items():
+            if h not in levels:
+                raise ValueError(f"time_budgets: unknown heterogeneity {h!r}; known: {', '.join(levels)}")
+            if not t > 0:
+                raise ValueError(f"time_budgets.{h}: must be > 0, got {t!r}")
         if self.staleness_weight is not None:
             registry.check_args("staleness_weight", self.staleness_weight, {})
         return self

@@ -148,7 +148,8 @@ def make_spec(cfg: SimConfig, algorithm: str, heterogeneity: str, data: str, see
     return SimSpec(algorithm=preset, lr=preset.lr if lr is None else lr, heterogeneity=heterogeneity,
                    slowness=list(levels[heterogeneity]), data=data, seed=seed,
                    steps_per_round=cfg.steps_for(algorithm), step_time=cfg.step_time, comm_seconds=comm,
-                   token_budget=cfg.token_budget, time_budget=cfg.time_budget, eval_points=cfg.eval_points,
+                   token_budget=cfg.token_budget, time_budget=cfg.time_budgets.get(heterogeneity, cfg.time_budget),
+                   eval_points=cfg.eval_points,
                    overlap=cfg.overlap_for(algorithm))
 
 
