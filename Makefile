@@ -10,7 +10,7 @@ PIP    := $(VENV)/bin/pip
 #   and inside averaging that failure is silent.
 PINS := "torch==2.13.0" "numpy<2.4"
 
-.PHONY: venv test train testnet clean-venv
+.PHONY: venv lint test test-fast test-slow train testnet clean-venv
 
 venv: $(VENV)/.installed
 
@@ -19,6 +19,18 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(PINS) -e ".[dev]" --config-settings editable_mode=compat
 	touch $@
+
+# pyflakes, isort and bugbear over the package, the tests and the scripts (pyproject.toml [tool.ruff])
+lint: venv
+	$(VENV)/bin/ruff check heloco_p2p tests scripts
+
+# Two tiers (setup.cfg [tool:pytest] markers): the fast one (pure rules, messages, fakes; no process
+# started, under 2 minutes) and the slow one (real peers, DHTs, p2pd, subprocesses). `test` runs both.
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-slow: venv
+	$(PY) -m pytest -q -m slow tests
 
 test: venv
 	$(PY) -m pytest -q tests

@@ -54,6 +54,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import bench_outer  # noqa: E402
 import bench_wire  # noqa: E402
+
 from heloco_p2p.tools.launcher import LocalSwarm  # noqa: E402
 from heloco_p2p.tools.report import replace_section  # noqa: E402
 
@@ -435,7 +436,7 @@ async def _senders(maddr: str, run_id: str, n: int, seconds: list[float], payloa
             replies = []
             stop_at = time.perf_counter() + secs
 
-            async def loop(i):
+            async def loop(i, stop_at=stop_at, replies=replies):
                 while time.perf_counter() < stop_at:
                     replies.append(await submit(i))
 
@@ -557,7 +558,7 @@ def render(detail: dict) -> str:
                   f"1 thread each; a {s['seconds']:.0f} s swarm window between two solo windows of "
                   f"{s['seconds'] / 2:.0f} s): swarm "
               + " + ".join(f"{v:,.0f}" for v in s["swarm_tokens_per_second"].values())
-              + f" tokens/s, solo " + " + ".join(f"{v:,.0f}" for v in s["solo_tokens_per_second"].values())
+              + " tokens/s, solo " + " + ".join(f"{v:,.0f}" for v in s["solo_tokens_per_second"].values())
               + f" tokens/s; **swarm_vs_solo = {s['ratio']:.3f}** ({s['commits_in_window']} commits in the window, "
                 f"median RTT {s['median_rtt_ms']:.0f} ms)."
               + (f" Per CPU-second of every process on each side (swarm {s['swarm_cores']:.2f} cores, solo "

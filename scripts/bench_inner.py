@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from heloco_p2p.config import load_config  # noqa: E402
-from heloco_p2p.tools.report import replace_section  # noqa: E402
 from heloco_p2p.local import InnerTrainer, build_model, count_params  # noqa: E402
+from heloco_p2p.tools.report import replace_section  # noqa: E402
 
 
 def measure(name: str, threads: int, steps: int, warmup: int) -> dict:

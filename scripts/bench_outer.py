@@ -151,7 +151,7 @@ def main() -> None:
         engine = build_engine(params, opt, opt_args, corr, corr_args)
         infos = []
         # warm-up of at least one DN window, so every timed commit has a momentum
-        ms = timed(lambda: infos.append(engine.commit(delta, engine.version)), args.repeats,
+        ms = timed(lambda engine=engine, infos=infos: infos.append(engine.commit(delta, engine.version)), args.repeats,
                    max(args.warmup, opt_args.get("buffer_size", 1)), sync, next_delta)
         infos = infos[-args.repeats:]
         units = 4.0 + (dn_units(opt_args["buffer_size"]) if opt == "delayed_nesterov" else OPT_UNITS[opt])

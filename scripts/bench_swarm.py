@@ -91,21 +91,22 @@ def run_failover(kills: int, workdir: Path) -> dict:
         sw.start("p1", "fr")
         sw.start("p2", "en")
         sw.wait_until(lambda: len(sw.all_events("commit")) >= 10, 180, "10 commits")
-        for k in range(kills):
+        for _ in range(kills):
             seen = len(sw.all_events("takeover"))
             coordinator = _coordinator_name(sw)
             sw.wait_until(lambda: _has_standby(sw), 60, "a standby")
             killed_at = time.time()
             sw.kill(coordinator)
-            sw.wait_until(lambda: len(sw.all_events("takeover")) > seen, 90, "takeover")
+            sw.wait_until(lambda seen=seen: len(sw.all_events("takeover")) > seen, 90, "takeover")
             take = sorted(sw.all_events("takeover"), key=lambda e: e["time"])[seen]
             times.append(take["time"] - killed_at)
-            sw.wait_until(lambda: any(e["time"] > take["time"] for e in sw.all_events("commit")), 90, "a commit after takeover")
+            sw.wait_until(lambda take=take: any(e["time"] > take["time"] for e in sw.all_events("commit")), 90,
+                          "a commit after takeover")
             first = min((e for e in sw.all_events("commit") if e["time"] > take["time"]), key=lambda e: e["time"])
             gaps.append(first["time"] - killed_at)
             # the killed peer comes back with the same identity (same peer id, same records)
             sw.start(coordinator, "de" if coordinator == "p0" else ("fr" if coordinator == "p1" else "en"))
-            sw.wait_until(lambda: len(sw.events(coordinator, "ack")) >= 1 + _acks_before(sw, coordinator, killed_at), 180,
+            sw.wait_until(lambda c=coordinator, t=killed_at: len(sw.events(c, "ack")) >= 1 + _acks_before(sw, c, t), 180,
                           "the restarted peer's first commit")
     finally:
         sw.close()

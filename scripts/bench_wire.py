@@ -33,7 +33,12 @@ sys.path.insert(0, str(ROOT))
 from heloco_p2p.config import load_config  # noqa: E402
 from heloco_p2p.local import build_model, trainable_params  # noqa: E402
 from heloco_p2p.swarm.wire import (  # noqa: E402
-    COMPRESSIONS, decode_tensors, encode_tensors, read_message, request, write_message,
+    COMPRESSIONS,
+    decode_tensors,
+    encode_tensors,
+    read_message,
+    request,
+    write_message,
 )
 
 

@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 from heloco_p2p.checkpoint import load_checkpoint, read_header  # noqa: E402
 from heloco_p2p.config import load_config  # noqa: E402
 from heloco_p2p.tools.report import replace_section  # noqa: E402
-from heloco_p2p.tools.testnet import _peer_args, load_profiles, run_testnet  # noqa: E402
+from heloco_p2p.tools.testnet import load_profiles, peer_args, run_testnet  # noqa: E402
 
 HEADING = "## Chaos"
 
@@ -82,7 +82,7 @@ def _live_lease(client, lease_seconds: float):
 def _restart(sw, name: str, profile, *extra: str) -> None:
     """The same peer again (same identity, metrics and checkpoint directory); LocalSwarm.start keeps
     its earlier log as NAME.log.N."""
-    sw.start(name, profile.region, *_peer_args(profile), *extra)
+    sw.start(name, profile.region, *peer_args(profile), *extra)
 
 
 # ------------------------------------------------------------------------------ fault injection

@@ -29,6 +29,7 @@ def tiny_cfg():
 def sim_run_cfg():
     """A tiny run config for simulator tests on synthetic streams (tests/fakes.py)."""
     from heloco_p2p.config import load_config
+
     from fakes import SEQ
 
     return load_config("configs/tiny.yaml", overrides={"data.seq_len": SEQ, "inner.batch_size": 2,

@@ -20,8 +20,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from heloco_p2p.checkpoint import (CHECKPOINT_FILE, Checkpointer, CheckpointError, load_checkpoint, plan_resume,
-                                   read_header, save_checkpoint, seal)
+from heloco_p2p.checkpoint import (
+    CHECKPOINT_FILE,
+    Checkpointer,
+    CheckpointError,
+    load_checkpoint,
+    plan_resume,
+    read_header,
+    save_checkpoint,
+    seal,
+)
 from heloco_p2p.coordinator import CommitState, params_digest
 from heloco_p2p.outer import build_engine
 

@@ -6,10 +6,10 @@ import urllib.request
 import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-
-from heloco_p2p.tools.monitor import PEER_KEYS, Monitor, snapshot
-from heloco_p2p.tools.dashboard import METRICS, Dashboard, DashboardServer, History
 from test_monitor import NOW, FakeRecords, claim, peer  # the monitor tests' record builders
+
+from heloco_p2p.tools.dashboard import METRICS, Dashboard, DashboardServer, History
+from heloco_p2p.tools.monitor import PEER_KEYS, Monitor, snapshot
 
 
 def fill(records: FakeRecords, dash: Dashboard, polls: int) -> None:

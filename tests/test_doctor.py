@@ -7,8 +7,19 @@ from click.testing import CliRunner
 
 from heloco_p2p.cli import main
 from heloco_p2p.config import load_config
-from heloco_p2p.tools.doctor import (FAIL, OK, SKIP, WARN, Check, exit_code, judge_clock, judge_disk,
-                                     judge_reachability, judge_throughput, summary_line)
+from heloco_p2p.tools.doctor import (
+    FAIL,
+    OK,
+    SKIP,
+    WARN,
+    Check,
+    exit_code,
+    judge_clock,
+    judge_disk,
+    judge_reachability,
+    judge_throughput,
+    summary_line,
+)
 
 DEAD = "/ip4/127.0.0.1/tcp/9/p2p/QmYGQ8u9QGd9jVtGDz4AVz16ubyECCp7yYZztcy3bse6u9"  # nothing listens on port 9
 

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from heloco_p2p.checkpoint import seal
 from heloco_p2p.cli import main
 from heloco_p2p.data import load_tokenizer, tokenizer_digest
-from heloco_p2p.tools.launcher import LocalSwarm, write_test_config
 from heloco_p2p.local import trainable_params
+from heloco_p2p.tools.launcher import LocalSwarm, write_test_config
 
 
 def invoke(*args: str):

@@ -15,10 +15,19 @@ import pytest
 from click.testing import CliRunner
 
 from heloco_p2p.cli import main
-from heloco_p2p.tools.launcher import ROOT, LocalSwarm, write_test_config
-from heloco_p2p.tools.monitor import (COORDINATOR_KEYS, NARROWING, PEER_KEYS, Monitor, live_coordinator, observe_staleness,
-                                reachability, render, snapshot)
 from heloco_p2p.swarm.records import LeaseRecord, PeerRecord
+from heloco_p2p.tools.launcher import ROOT, LocalSwarm, write_test_config
+from heloco_p2p.tools.monitor import (
+    COORDINATOR_KEYS,
+    NARROWING,
+    PEER_KEYS,
+    Monitor,
+    live_coordinator,
+    observe_staleness,
+    reachability,
+    render,
+    snapshot,
+)
 
 NOW = 1_800_000_000.0
 

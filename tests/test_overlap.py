@@ -11,7 +11,9 @@ from heloco_p2p.local import InnerTrainer, build_model
 from heloco_p2p.local.model import trainable_params
 from heloco_p2p.sim import SimSpec, Simulation
 
-from fakes import SEQ, synthetic_streams as streams, synthetic_val_blocks as val_blocks
+from fakes import SEQ
+from fakes import synthetic_streams as streams
+from fakes import synthetic_val_blocks as val_blocks
 
 
 class Toy(torch.nn.Module):

@@ -11,7 +11,12 @@ import pytest
 
 from heloco_p2p.swarm import lifetime
 from heloco_p2p.swarm.lifetime import (
-    child_pids, group_pids, guard_children, is_alive, stop_reaper, terminate_group,
+    child_pids,
+    group_pids,
+    guard_children,
+    is_alive,
+    stop_reaper,
+    terminate_group,
 )
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from heloco_p2p.swarm.wire import (
-    COMPRESSIONS, MAGIC, WireError, decode_tensors, encode_tensors, linger_close, read_message, request, write_message,
+    COMPRESSIONS,
+    MAGIC,
+    WireError,
+    decode_tensors,
+    encode_tensors,
+    linger_close,
+    read_message,
+    request,
+    write_message,
 )
 
 # Shapes of a small Llama: embeddings, attention and MLP matrices, a norm gain, and odd sizes

@@ -9,8 +9,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from heloco_p2p.coordinator import (MAX_TOKENS_PER_STEP, CommitState, CoordinatorService, SubmissionLimits,
-                                    submission_tokens)
+from heloco_p2p.coordinator import (
+    MAX_TOKENS_PER_STEP,
+    CommitState,
+    CoordinatorService,
+    SubmissionLimits,
+    submission_tokens,
+)
 from heloco_p2p.outer import build_engine
 from heloco_p2p.peer import Peer
 from heloco_p2p.swarm.wire import WireError, encode_tensors

@@ -4,8 +4,7 @@ import hashlib
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from heloco_p2p.data import builtin_regions, builtin_sources, load_tokenizer, open_source, tokenizer_digest
-from heloco_p2p.data import bible
+from heloco_p2p.data import bible, builtin_regions, builtin_sources, load_tokenizer, open_source, tokenizer_digest
 from heloco_p2p.data import tokenizer as tokmod
 
 SMALL = dict(vocab_size=512, chars_per_language=100_000)  # fast builds for cache/determinism tests

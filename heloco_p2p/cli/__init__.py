@@ -43,8 +43,19 @@ def main() -> None:
 
 
 def _register() -> None:
-    from heloco_p2p.cli import algorithms_cmd, data_cmd, join_cmd, sim_cmd, testnet_cmd, train_cmd
-    from heloco_p2p.cli import dashboard_cmd, doctor_cmd, export_cmd, keygen_cmd, monitor_cmd
+    from heloco_p2p.cli import (
+        algorithms_cmd,
+        dashboard_cmd,
+        data_cmd,
+        doctor_cmd,
+        export_cmd,
+        join_cmd,
+        keygen_cmd,
+        monitor_cmd,
+        sim_cmd,
+        testnet_cmd,
+        train_cmd,
+    )
 
     main.add_command(algorithms_cmd.algorithms)
     main.add_command(data_cmd.data)

@@ -39,8 +39,8 @@ def dashboard(run_id, initial_peers, host, port, interval, max_samples, silent_a
     Like `monitor`, it joins the DHT as a client and only reads the run's records, so it never
     disturbs training. Ctrl+C stops it.
     """
-    from heloco_p2p.tools.monitor import Monitor
     from heloco_p2p.tools.dashboard import Dashboard, DashboardServer
+    from heloco_p2p.tools.monitor import Monitor
 
     logging.getLogger("hivemind").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
@@ -55,7 +55,7 @@ def dashboard(run_id, initial_peers, host, port, interval, max_samples, silent_a
                 dash.stop()
                 click.echo(f"error: cannot listen on {host}:{port}: {exc}; choose another --port (0: any free one)",
                            err=True)
-                raise SystemExit(2)
+                raise SystemExit(2) from None
             click.echo(f"dashboard of run {run_id}: {server.url}  (JSON {server.url}api/swarm.json, "
                        f"Prometheus {server.url}metrics)")
             try:

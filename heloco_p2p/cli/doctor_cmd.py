@@ -40,7 +40,8 @@ def doctor(run_id, initial_peers, host_maddrs, announce_maddrs, client_mode, swa
 
     Exit code 1 when joining with these options would fail, 0 otherwise (warnings included).
     """
-    from heloco_p2p.tools.doctor import DoctorOptions, as_json as checks_json, exit_code, run_checks, summary_line
+    from heloco_p2p.tools.doctor import DoctorOptions, exit_code, run_checks, summary_line
+    from heloco_p2p.tools.doctor import as_json as checks_json
 
     logging.getLogger("hivemind").setLevel(max(logging.ERROR, logging.getLogger().level))
     checks = run_checks(DoctorOptions(run_id=run_id, initial_peers=list(initial_peers), host_maddrs=list(host_maddrs),

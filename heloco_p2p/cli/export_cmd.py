@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from heloco_p2p.cli import log_level_option
-from heloco_p2p.cli.train_cmd import _fail, set_threads
+from heloco_p2p.cli.train_cmd import fail, set_threads
 
 
 def _quiet_transformers() -> None:
@@ -32,7 +32,7 @@ def export(ckpt_dir, out_dir):
     try:
         meta = export_checkpoint(ckpt_dir, out_dir)
     except ExportError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     click.echo(f"exported run {meta['run_id']} at version {meta['version']} (term {meta['term']}, "
                f"{meta['parameters']:,} parameters) to {out_dir}\n"
                f"try: heloco-peer generate --model {out_dir} --prompt 'In the beginning'")
@@ -62,7 +62,7 @@ def generate(model_dir, prompt, max_new_tokens, temperature, top_k, seed, num_sa
         texts = generate_text(model_dir, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                               top_k=top_k, seed=seed, num_samples=num_samples)
     except ExportError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     for i, text in enumerate(texts):
         if num_samples > 1:
             click.echo(f"--- sample {i + 1}")

@@ -9,7 +9,7 @@ import time
 import click
 
 from heloco_p2p.cli import log_level_option
-from heloco_p2p.cli.train_cmd import _fail
+from heloco_p2p.cli.train_cmd import fail
 from heloco_p2p.swarm.node import start_error_message
 
 
@@ -69,16 +69,16 @@ def observe_run(run_id: str, initial_peers, host_maddrs, timeout: float, what: s
     """A read-only DHT client of run ``run_id`` (client mode: it serves nothing and writes no
     record), with its children guarded, and the run's genesis record: ``(node, genesis)``.
     Exits with code 2 and a message saying what to fix when no peer answers or the run is not found."""
-    from heloco_p2p.tools.monitor import wait_for_genesis
     from heloco_p2p.swarm.lifetime import guard_children, stop_reaper
     from heloco_p2p.swarm.node import SwarmNode
     from heloco_p2p.swarm.records import PROTOCOL_VERSION
+    from heloco_p2p.tools.monitor import wait_for_genesis
 
     try:
         node = SwarmNode(run_id, initial_peers=initial_peers, host_maddrs=host_maddrs, client_mode=True,
                          startup_timeout=30.0)
     except Exception as exc:
-        _fail(start_error_message(exc, initial_peers))
+        fail(start_error_message(exc, initial_peers))
     reaper = None
     try:
         try:
@@ -87,7 +87,7 @@ def observe_run(run_id: str, initial_peers, host_maddrs, timeout: float, what: s
             logging.getLogger(__name__).debug("could not guard child processes: %s", exc)
         genesis = wait_for_genesis(node.records, timeout)
         if genesis is None:
-            _fail(f"no run {run_id!r} found through {' '.join(initial_peers)}: the peers there answered but hold no "
+            fail(f"no run {run_id!r} found through {' '.join(initial_peers)}: the peers there answered but hold no "
                   f"record of it; check --run-id (a run exists once its first peer started with --config)")
         if genesis.protocol_version != PROTOCOL_VERSION:
             click.echo(f"warning: run {run_id!r} speaks protocol {genesis.protocol_version}, this {what} "

@@ -23,8 +23,8 @@ def simulate(config_path, out_dir, processes, seeds, no_progress, resume):
     """Run every algorithm × heterogeneity × data × seed of a simulator config; write results.json,
     curves.jsonl, commits.jsonl, results.md and plots into --out."""
     from heloco_p2p.config import ConfigError
-    from heloco_p2p.tools.report import write_sim_report
     from heloco_p2p.sim import load_sim_config, run_config
+    from heloco_p2p.tools.report import write_sim_report
 
     try:
         cfg = load_sim_config(config_path)

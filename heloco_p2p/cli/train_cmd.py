@@ -10,7 +10,8 @@ import click
 from heloco_p2p.cli import log_level_option
 
 
-def _fail(msg: str) -> None:
+def fail(msg: str) -> None:
+    """Print ``error: MSG`` to stderr and exit 2 (click's status for a usage error); every command's."""
     click.echo(f"error: {msg}", err=True)
     sys.exit(2)
 
@@ -44,14 +45,14 @@ def train(config_path, region, max_steps, out_dir, resume_dir, eval_every, eval_
     try:
         if resume_dir:
             if config_path or out_dir:
-                _fail("--resume continues a run with its own config and directory; drop --config/--out")
+                fail("--resume continues a run with its own config and directory; drop --config/--out")
             run = SoloRun.resume(resume_dir)
         else:
             if not (config_path and region and out_dir):
-                _fail("give --config, --region and --out (or --resume DIR)")
+                fail("give --config, --region and --out (or --resume DIR)")
             run = SoloRun.create(load_config(config_path), region, out_dir, seed=seed)
     except (ConfigError, FileExistsError, FileNotFoundError, ValueError, KeyError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     set_threads(run.cfg.inner.threads if threads is None else threads)
     final = builtin_regions() if eval_regions == "all" else [r for r in eval_regions.split(",") if r]
     try:
@@ -94,12 +95,12 @@ def eval_cmd(model_dir, regions, seq_len, val_blocks, as_json, threads):
         model = AutoModelForCausalLM.from_pretrained(model_dir)
         tok = load_tokenizer(str(model_dir))
     except (OSError, ValueError) as exc:
-        _fail(f"{model_dir}: cannot load model and tokenizer: {exc}")
+        fail(f"{model_dir}: cannot load model and tokenizer: {exc}")
     wanted = builtin_regions() if regions == "all" else [r for r in regions.split(",") if r]
     try:
         blocks = {r: validation_blocks(open_source(specs.get(r, f"bible:{r}")), tok, seq_len, val_blocks) for r in wanted}
     except (ValueError, KeyError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     result = evaluate_regions(model, blocks)
     if as_json:
         click.echo(json.dumps(result, indent=2))

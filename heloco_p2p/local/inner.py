@@ -52,9 +52,8 @@ def lr_at(step: int, inner_cfg) -> float:
     span = max(1, inner_cfg.total_steps - inner_cfg.warmup_steps)
     progress = min(1.0, (step - inner_cfg.warmup_steps) / span)
     cosine = 0.5 * (1 + math.cos(math.pi * progress))
-    min_lr = getattr(inner_cfg, "min_lr", None)
-    if min_lr is not None:
-        return min_lr + (base - min_lr) * cosine
+    if inner_cfg.min_lr is not None:
+        return inner_cfg.min_lr + (base - inner_cfg.min_lr) * cosine
     floor = inner_cfg.min_lr_ratio
     return base * (floor + (1 - floor) * cosine)
 
@@ -185,7 +184,7 @@ class InnerTrainer:
             raise ValueError(f"H must be >= 1, got {H}")
         if global_params is not None:
             self.load_params(global_params)
-        if getattr(self.cfg, "fresh_optimizer", False):
+        if self.cfg.fresh_optimizer:
             self.optimizer = build_inner_optimizer(self.params, self.cfg)  # no moments from earlier rounds
         self._round_start = self.current_params()
         losses, norms, tokens = [], [], 0

@@ -46,10 +46,16 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.utils.crypto import RSAPrivateKey
 
 from heloco_p2p.swarm.auth import ReplayGuard, SwarmKey
-from heloco_p2p.swarm.records import RunRecords, make_validators
 from heloco_p2p.swarm.lifetime import p2p_daemon_pid
+from heloco_p2p.swarm.records import RunRecords, make_validators
 from heloco_p2p.swarm.wire import (
-    WireError, linger_close, read_head, read_payload, request, send_continue, write_message,
+    WireError,
+    linger_close,
+    read_head,
+    read_payload,
+    request,
+    send_continue,
+    write_message,
 )
 
 logger = logging.getLogger(__name__)

@@ -36,8 +36,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from heloco_p2p.tools.monitor import Monitor, display_names
 from heloco_p2p.swarm.records import GenesisRecord, LeaseRecord
+from heloco_p2p.tools.monitor import Monitor, display_names
 
 logger = logging.getLogger(__name__)
 

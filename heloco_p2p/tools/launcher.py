@@ -142,7 +142,7 @@ class LocalSwarm:
         return False
 
     def close(self) -> None:
-        for name, p in self.procs.items():
+        for p in self.procs.values():
             if p.poll() is None:
                 try:
                     os.killpg(p.pid, signal.SIGCONT)  # a frozen peer cannot handle SIGTERM
@@ -150,12 +150,12 @@ class LocalSwarm:
                     pass
                 p.send_signal(signal.SIGTERM)
         deadline = time.time() + 30
-        for name, p in self.procs.items():
+        for p in self.procs.values():
             try:
                 p.wait(max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
                 pass
-        for name, p in self.procs.items():
+        for p in self.procs.values():
             try:
                 os.killpg(p.pid, signal.SIGKILL)  # the whole group: nothing of ours stays behind
             except ProcessLookupError:

@@ -148,7 +148,7 @@ def _plot_curves(curves: list[dict], out: Path) -> list[str]:
                 seeds = defaultdict(list)
                 for p in points:
                     seeds[p["seed"]].append(p)
-                for i, (seed, pts) in enumerate(sorted(seeds.items())):
+                for i, (_seed, pts) in enumerate(sorted(seeds.items())):
                     pts = sorted(pts, key=lambda p: p[xkey])
                     ax.plot([p[xkey] for p in pts], [p["val_loss"]["mean"] for p in pts], marker="o", ms=3,
                             label=algo if i == 0 else None, alpha=0.85,

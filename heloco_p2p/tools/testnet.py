@@ -27,9 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from heloco_p2p.checkpoint import load_checkpoint
 from heloco_p2p.config import ConfigError, _format_errors, load_config
 from heloco_p2p.fsutil import atomic_write_json
+from heloco_p2p.tools.dashboard import Dashboard, DashboardServer
 from heloco_p2p.tools.launcher import LocalSwarm
 from heloco_p2p.tools.monitor import Monitor, render
-from heloco_p2p.tools.dashboard import Dashboard, DashboardServer
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,8 @@ def load_profiles(pattern: str) -> list[PeerProfile]:
     return profiles
 
 
-def _peer_args(p: PeerProfile) -> list[str]:
+def peer_args(p: PeerProfile) -> list[str]:
+    """The ``heloco-peer join`` options a profile sets (its speed, batch size, device, threads)."""
     return ["--speed", str(p.speed), "--batch-size", str(p.batch_size), "--device", p.device, "--threads", str(p.threads)]
 
 
@@ -125,9 +126,9 @@ def run_testnet(profiles: list[PeerProfile], config_path: str, minutes: float, o
     t_start = time.time()
     try:
         first, rest = profiles[0], profiles[1:]
-        sw.start(first.name, first.region, "--config", str(config_file), *_peer_args(first))
+        sw.start(first.name, first.region, "--config", str(config_file), *peer_args(first))
         for p in rest:
-            sw.start(p.name, p.region, *_peer_args(p))
+            sw.start(p.name, p.region, *peer_args(p))
         from heloco_p2p.swarm.auth import load_swarm_key
 
         client = SwarmNode(run_id, initial_peers=[sw.maddr], client_mode=True,
