@@ -88,7 +88,7 @@ def observe_run(run_id: str, initial_peers, host_maddrs, timeout: float, what: s
         genesis = wait_for_genesis(node.records, timeout)
         if genesis is None:
             fail(f"no run {run_id!r} found through {' '.join(initial_peers)}: the peers there answered but hold no "
-                  f"record of it; check --run-id (a run exists once its first peer started with --config)")
+                 f"record of it; check --run-id (a run exists once its first peer started with --config)")
         if genesis.protocol_version != PROTOCOL_VERSION:
             click.echo(f"warning: run {run_id!r} speaks protocol {genesis.protocol_version}, this {what} "
                        f"{PROTOCOL_VERSION}: records it cannot read are not shown", err=True)
