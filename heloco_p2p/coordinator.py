@@ -146,6 +146,10 @@ class CommitState:
     total_tokens: int = 0  # tokens in all committed pseudo-gradients (as their senders counted them)
     contributors: set = field(default_factory=set)
     recent_norms: deque = field(default_factory=lambda: deque(maxlen=64))
+    # contribution credit per peer, as this coordinator saw its pseudo-gradients (replicated: a
+    # failover keeps it): {"region", "commits", "tokens", "cos_sum", "cos_n", "keep", "rotate",
+    # "shrink", "blocks", "ratio_sum"}; see ``credit_summary``
+    credit: dict = field(default_factory=dict)
 
     @property
     def version(self) -> int:
@@ -183,7 +187,49 @@ class CommitState:
         the sender's region and how long its round took; ``tokens`` counts toward the run's budget."""
         info = self.engine.commit(pseudo_grad, base_version, worker=worker, seconds=seconds)
         self._record(peer, seq, steps, norm, tokens)
+        self._credit(peer, worker, tokens, info)
         return info
+
+    def _credit(self, peer: str, worker: str | None, tokens: int, info) -> None:
+        """What this commit says about its sender: tokens, and how HeLoCo treated its blocks."""
+        c = self.credit.setdefault(peer, {"region": "", "commits": 0, "tokens": 0, "cos_sum": 0.0, "cos_n": 0,
+                                          "keep": 0, "rotate": 0, "shrink": 0, "blocks": 0, "ratio_sum": 0.0})
+        if worker and worker.startswith("region:"):
+            c["region"] = worker[len("region:"):]
+        c["commits"] += 1
+        c["tokens"] += tokens
+        cos = info.mean_cosine()
+        if cos is not None and math.isfinite(cos):
+            c["cos_sum"] += cos
+            c["cos_n"] += 1
+        for b in info.branches:
+            c["blocks"] += 1
+            if b in ("keep", "skip"):
+                c["keep"] += 1
+            elif b == "shrink":
+                c["shrink"] += 1
+            else:  # reorient / rotate
+                c["rotate"] += 1
+        before = info.total_norm_before
+        c["ratio_sum"] += info.total_norm_after / before if before > 0 else 1.0
+        if len(self.credit) > 4096:  # bounded whatever the number of identities: drop the smallest
+            del self.credit[min(self.credit, key=lambda p: self.credit[p]["tokens"])]
+
+    def credit_summary(self, top: int = 64) -> dict[str, dict]:
+        """Per peer (the ``top`` with most tokens): commits, tokens, share of the run's tokens, mean
+        cosine of its blocks to the momentum, shares of its blocks kept / rotated / shrunk, and the
+        mean ‖Δ̂‖/‖Δ‖ (how much the correction changed its pseudo-gradients)."""
+        items = list(self.credit.items())  # one C-level copy: the lease renewal reads while commits write
+        total = max(1, sum(c["tokens"] for _, c in items))
+        out = {}
+        for peer, c in sorted(items, key=lambda kv: -kv[1]["tokens"])[:top]:
+            blocks = max(1, c["blocks"])
+            out[peer] = {"region": c["region"], "commits": float(c["commits"]), "tokens": float(c["tokens"]),
+                         "share": c["tokens"] / total,
+                         "cosine_mean": c["cos_sum"] / c["cos_n"] if c["cos_n"] else 0.0,
+                         "kept": c["keep"] / blocks, "rotated": c["rotate"] / blocks, "shrunk": c["shrink"] / blocks,
+                         "norm_ratio": c["ratio_sum"] / max(1, c["commits"])}
+        return out
 
     def _record(self, peer: str, seq: int, steps: int, norm: float, tokens: int = 0) -> None:
         self.applied[peer] = seq
@@ -199,6 +245,7 @@ class CommitState:
         info = self.engine.sync_commit([d for *_, d in items], base_version)
         for peer, seq, steps, tokens, norm, _ in items:
             self._record(peer, seq, steps, norm, tokens)
+            self._credit(peer, None, tokens, info)  # the cosine and branches are those of the mean
         return info
 
     def is_duplicate(self, peer: str, seq: int) -> bool:
@@ -210,7 +257,8 @@ class CommitState:
                 "applied_count": dict(self.applied_count),
                 "total_steps": self.total_steps, "total_tokens": self.total_tokens,
                 "contributors": sorted(self.contributors),
-                "recent_norms": list(self.recent_norms)}
+                "recent_norms": list(self.recent_norms),
+                "credit": {p: dict(c) for p, c in self.credit.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore ``state_dict()``; everything is checked before anything changes.
@@ -236,6 +284,7 @@ class CommitState:
             raise ValueError("commit state: contributors must be a list of peer ids")
         if not isinstance(norms, (list, tuple)) or not all(type(n) is float and math.isfinite(n) for n in norms):
             raise ValueError("commit state: recent_norms must be a list of finite floats")
+        credit = _check_credit(state.get("credit", {}))  # states written before credit have none
         try:
             self.engine.load_state_dict(state.get("engine"))  # checks everything before it changes anything
         except ValueError:
@@ -249,6 +298,7 @@ class CommitState:
         self.total_tokens = total_tokens
         self.contributors = set(contributors)
         self.recent_norms = deque(norms, maxlen=64)
+        self.credit = credit
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
@@ -259,6 +309,24 @@ class CommitState:
         """Load a state sent by a peer: tensors and plain containers only (never pickled objects,
         which would run the sender's code here), then checked as ``load_state_dict``."""
         self.load_state_dict(_parse_state(data))
+
+
+_CREDIT_INTS = ("commits", "tokens", "cos_n", "keep", "rotate", "shrink", "blocks")
+
+
+def _check_credit(credit) -> dict:
+    """A replicated credit table, type-checked field by field (it comes from another peer)."""
+    if not isinstance(credit, dict) or len(credit) > 4096:
+        raise ValueError("commit state: credit must map at most 4096 peer ids to counters")
+    out = {}
+    for peer, c in credit.items():
+        ok = isinstance(peer, str) and isinstance(c, dict) and isinstance(c.get("region"), str) \
+            and all(type(c.get(k)) is int and c[k] >= 0 for k in _CREDIT_INTS) \
+            and all(type(c.get(k)) is float and math.isfinite(c[k]) for k in ("cos_sum", "ratio_sum"))
+        if not ok:
+            raise ValueError(f"commit state: credit of {str(peer)[:20]!r} is malformed")
+        out[peer] = {"region": c["region"][:64], **{k: c[k] for k in _CREDIT_INTS + ("cos_sum", "ratio_sum")}}
+    return out
 
 
 def _norm(tensors: list[torch.Tensor]) -> float:

@@ -36,8 +36,8 @@ from heloco_p2p.local.model import param_names, trainable_params
 from heloco_p2p.local.solo import source_spec
 from heloco_p2p.outer import DyLU, registry
 from heloco_p2p.roles import lease as lease_rules
+from heloco_p2p.roles.evaluator import Evaluator
 from heloco_p2p.swarm.node import SwarmNode, start_error_message
-from heloco_p2p.swarm.holders import HolderKeys
 from heloco_p2p.swarm.records import PROTOCOL_VERSION, GenesisRecord, LeaseRecord, PeerRecord
 from heloco_p2p.swarm.wire import WireError, encode_tensors
 
@@ -46,6 +46,10 @@ logger = logging.getLogger(__name__)
 
 class StopRequested(Exception):
     """Raised inside a round when the peer was asked to leave."""
+
+
+# roles of peers that can hold a replica (an evaluator or a peer that left cannot)
+REPLICA_ROLES = ("training", "standby", "catching_up")
 
 
 class LeaseMoved(Exception):
@@ -81,6 +85,9 @@ class PeerOptions:
     overrides: dict = field(default_factory=dict)
     swarm_key_file: str | None = None  # the run's swarm key (docs/security.md); None: an open run
     overlap: bool | None = None  # overlapped rounds (None: the run's swarm.overlap)
+    evaluator: bool = False  # evaluate the global model per language and publish it instead of training
+    eval_every: float = 60.0  # evaluator: seconds between evaluations
+    eval_regions: list[str] | None = None  # evaluator: languages (None: every region the swarm trains)
 
 
 class Peer:
@@ -100,7 +107,7 @@ class Peer:
         self._paused_since: float | None = None  # a coordinator whose lease may have lapsed, re-confirming it
         # the DHT key each peer signs its records with, learned from the peer itself: a lease
         # claim counts only if signed by the peer it names (swarm/holders.py); set once the node runs
-        self.holder_keys: HolderKeys | None = None
+        self.holder_keys = None  # roles/lease.holder_keys(node), once the node runs
         self.last_lease_expired_at: float | None = None
         # above every sequence number an earlier process with this identity used: the ledger must
         # not take a restarted peer's new submissions for duplicates of its old ones
@@ -148,7 +155,7 @@ class Peer:
                                   swarm_key=swarm_key)
         except Exception as exc:
             raise JoinError(start_error_message(exc, o.initial_peers)) from None
-        self.holder_keys = HolderKeys(self.node.peer_id, self.node.records.owner, self._ask_record_key, self.node.loop)
+        self.holder_keys = lease_rules.holder_keys(self.node)
         try:
             from heloco_p2p.swarm.lifetime import guard_children
 
@@ -455,7 +462,7 @@ class Peer:
                     continue
                 self._adopt(params, int(header["version"]), int(header.get("schedule_step", 0)))
                 logger.info("caught up: version %d from %s (%s)", self.version, peer_id[-8:], header.get("source"))
-                self.role = "training"
+                self.role = "evaluator" if self.opts.evaluator else "training"
                 return
             time.sleep(1.0)
         raise JoinError("could not download the current state from any peer within 120 s")
@@ -502,11 +509,6 @@ class Peer:
             time.sleep(0.25)
         return self.lease
 
-    async def _ask_record_key(self, peer_id: str) -> bytes:
-        header, _ = await asyncio.wait_for(
-            self.node.acall(peer_id, "state", {"run_id": self.opts.run_id, "meta_only": True}), 10)
-        return bytes.fromhex(header["record_key"])
-
     def _publish_lease(self) -> bool:
         """Write (renew) this coordinator's claim. Reads the last commit's snapshot, never the commit
         lock, so a slow replication cannot stop the renewal; acknowledging goes on only while the
@@ -514,6 +516,7 @@ class Peer:
         svc = self.service
         started = time.monotonic()
         term, version, digest, run_tokens = svc.snapshot
+        credit = self.commit_state.credit_summary()
         stale = list(svc.staleness_recent)
         record = LeaseRecord(peer_id=self.node.peer_id, term=term, version=version,
                              digest=digest, standbys=list(svc.standbys),
@@ -523,7 +526,9 @@ class Peer:
                              mean_staleness=float(sum(stale) / len(stale)) if stale else 0.0,
                              branches={str(k): int(v) for k, v in svc.branches.items()},
                              rejections=self.node.rejection_summary(), min_replicas=svc.min_replicas,
-                             replicas=len(svc.standbys), waiting_for_standby=svc.waiting_for_standby())
+                             replicas=len(svc.standbys), waiting_for_standby=svc.waiting_for_standby(),
+                             credit={p: {k: v for k, v in c.items() if k != "region"} for p, c in credit.items()},
+                             credit_regions={p: c["region"] for p, c in credit.items()})
         stored = self.node.records.publish_lease(record, ttl=self.cfg.swarm.lease_seconds)
         took = time.monotonic() - started
         if took > self.cfg.swarm.lease_seconds / 4:
@@ -546,7 +551,7 @@ class Peer:
         """Keep ``num_standbys`` standbys: a live training peer gets the full state, then the commits.
         One that failed is not tried again for 30 s, so a frozen peer does not block the others."""
         svc, want = self.service, self.cfg.swarm.num_standbys
-        live = self._live_peers()
+        live = [p for p in self._live_peers() if p.role in REPLICA_ROLES]
         svc.others_alive = len(live)
         if svc.waiting_for_standby():
             logger.warning("waiting for a standby: %d of %d hold the state; submissions are answered busy",
@@ -676,7 +681,7 @@ class Peer:
         if self._holder_still_coordinates(lease):
             return
         term = max(lease.term, svc.highest_term_seen) + 1
-        svc.others_alive = len(self._live_peers())
+        svc.others_alive = len([p for p in self._live_peers() if p.role in REPLICA_ROLES])
         svc.standbys = [s for s in lease.standbys if s != self.node.peer_id]
         svc.activate(term)
         self.role = "coordinator"
@@ -802,6 +807,9 @@ class Peer:
         if not o.no_train:
             self.log_metric({"event": "eval", "version": self.version, "val_loss": self.evaluate()})
         self.log_metric({"event": "train_start"})
+        if o.evaluator:
+            self._evaluate_loop()
+            return
         if o.no_train:
             while not self.stop_event.wait(1.0):
                 if o.max_minutes and time.time() - started > 60 * o.max_minutes:
@@ -1017,6 +1025,32 @@ class Peer:
                 if self.stop_event.is_set():
                     future.cancel()
                     raise
+
+    def _evaluate_loop(self) -> None:
+        """The evaluator role: every ``eval_every`` seconds, the current global θ (downloaded from
+        the coordinator, else a standby or peer) evaluated per language, published in the DHT."""
+        o = self.opts
+        self.role = "evaluator"
+        ev = Evaluator(self.model, self.trainer.load_params, self.cfg, self.tokenizer, regions=o.eval_regions,
+                       own_region=o.region)
+        while not self.stop_event.is_set() and self._time_left():
+            t0 = time.time()
+            try:
+                if self.version > 0 or ev.history:  # the first state was downloaded when joining
+                    self._catch_up()
+                self.role = "evaluator"
+                regions = ev.regions_for(p.region for p in self._live_peers() if p.role != "evaluator")
+                point = ev.evaluate(self.global_params, self.version, regions)
+                self.node.records.publish_eval(ev.record(self.node.peer_id, self.name),
+                                               ttl=max(4 * o.eval_every, 300.0))
+                self.log_metric({"event": "eval", "version": point["version"],
+                                 "val_loss": {"mean": point["mean"], "per_language": point["per_language"]}})
+                logger.info("evaluated version %d: mean %.3f (%s)", point["version"], point["mean"],
+                            ", ".join(f"{r} {v:.2f}" for r, v in sorted(point["per_language"].items())))
+            except (JoinError, ValueError) as exc:
+                logger.warning("evaluation failed: %s", exc)
+                self.role = "evaluator"
+            self.stop_event.wait(max(0.0, o.eval_every - (time.time() - t0)))
 
     # ------------------------------------------------------------------------------ leaving
     def evaluate(self) -> float:

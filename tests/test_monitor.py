@@ -48,8 +48,9 @@ def claim(holder: str, term: int, renewed: float = NOW - 1.0, **fields) -> Lease
 # ---------------------------------------------------------------------------- the pure snapshot
 def test_snapshot_json_has_exactly_the_documented_keys():
     snap = snapshot([peer("a"), peer("b")], [claim("a", 1)], NOW)
-    assert set(snap) == {"coordinator", "peers"}
-    assert tuple(snap["coordinator"]) == COORDINATOR_KEYS == ("peer_id", "term", "version", "commits_per_min", "standbys")
+    assert set(snap) == {"coordinator", "peers", "credit", "validation"}
+    assert tuple(snap["coordinator"]) == COORDINATOR_KEYS == ("peer_id", "term", "version", "commits_per_min", "standbys",
+                                                             "min_replicas", "replicas", "waiting_for_standby")
     assert all(tuple(p) == PEER_KEYS for p in snap["peers"])
     assert set(PEER_KEYS) == {"peer_id", "name", "region", "role", "device", "speed", "inner_steps", "staleness_last",
                               "staleness_mean", "tokens", "last_loss", "bytes_in", "bytes_out", "last_seen", "alive",
@@ -95,7 +96,8 @@ def test_latest_heartbeat_of_a_peer_wins():
 def test_coordinator_is_the_highest_live_term():
     claims = [claim("a", 1), claim("b", 3, renewed=NOW - 11.0), claim("c", 2, standbys=["Qma"])]
     c = snapshot([], claims, NOW, lease_seconds=10.0)["coordinator"]
-    assert c == {"peer_id": "Qmc", "term": 2, "version": 20, "commits_per_min": 6.0, "standbys": ["Qma"]}
+    assert c == {"peer_id": "Qmc", "term": 2, "version": 20, "commits_per_min": 6.0, "standbys": ["Qma"],
+                 "min_replicas": 0, "replicas": 0, "waiting_for_standby": False}
     # equal terms: the most recently renewed claim
     assert live_coordinator([claim("a", 2, renewed=NOW - 3), claim("b", 2, renewed=NOW - 1)], NOW, 10.0).peer_id == "Qmb"
 
@@ -188,6 +190,7 @@ class FakeRecords:
         return list(self.claims)
 
 
+@pytest.mark.slow
 def test_monitor_keeps_peers_whose_records_expired_as_not_alive():
     records = FakeRecords()
     mon = Monitor(records, silent_after=10.0, forget_after=60.0)
@@ -239,7 +242,7 @@ def test_monitor_once_json_shows_both_peers_and_the_coordinator(swarm, tmp_path)
                                  "--log-level", "WARNING")
     assert code == 0, err
     snap = json.loads(out)
-    assert set(snap) == {"coordinator", "peers"}
+    assert set(snap) == {"coordinator", "peers", "credit", "validation"}
     rows = {p["name"]: p for p in snap["peers"]}
     assert set(rows) == {"a", "b"}
     assert all(p["alive"] and tuple(p) == PEER_KEYS for p in rows.values())
@@ -260,6 +263,7 @@ def test_monitor_says_when_the_run_is_not_found(swarm, tmp_path):
     assert "no run 'no-such-run' found" in err and "--run-id" in err
 
 
+@pytest.mark.slow
 def test_monitor_says_when_no_peer_answers():
     dead = "/ip4/127.0.0.1/tcp/9/p2p/QmYGQ8u9QGd9jVtGDz4AVz16ubyECCp7yYZztcy3bse6u9"  # nothing listens on port 9
     result = CliRunner().invoke(main, ["monitor", "--run-id", "x", "--initial-peers", dead, "--once", "--json",
@@ -268,8 +272,60 @@ def test_monitor_says_when_no_peer_answers():
     assert f"no peer answered at {dead}" in result.stderr and "firewalls/NAT" in result.stderr
 
 
+@pytest.mark.slow
 def test_monitor_says_when_the_address_is_not_a_multiaddr():
     result = CliRunner().invoke(main, ["monitor", "--run-id", "x", "--initial-peers", "127.0.0.1:31337", "--once",
                                        "--log-level", "WARNING"])
     assert result.exit_code == 2
     assert "not a valid peer address: 127.0.0.1:31337" in result.stderr
+
+
+# ---------------------------------------------------------------------------- credit and validation
+def test_credit_from_the_lease_is_shown_per_peer_and_summed_per_region():
+    credit = {"Qma": {"commits": 3.0, "tokens": 600.0, "share": 0.75, "cosine_mean": 0.4, "kept": 0.5, "rotated": 0.25,
+                      "shrunk": 0.25, "norm_ratio": 0.9},
+              "Qmb": {"commits": 1.0, "tokens": 200.0, "share": 0.25, "cosine_mean": -0.2, "kept": 0.0, "rotated": 0.0,
+                      "shrunk": 1.0, "norm_ratio": 0.5}}
+    lease = claim("a", 1, credit=credit, credit_regions={"Qma": "de", "Qmb": "de"},
+                  rejections={"Qmb": {"norm_too_large": 2}})
+    snap = snapshot([peer("a"), peer("b")], [lease], NOW)
+    a, b = snap["credit"]["peers"]["Qma"], snap["credit"]["peers"]["Qmb"]
+    assert (a["name"], a["commits"], a["tokens"], a["share"], a["rejected"]) == ("a", 3, 600, 0.75, 0)
+    assert (b["rejected"], b["shrunk"], b["cosine_mean"]) == (2, 1.0, -0.2)
+    assert snap["credit"]["regions"] == {"de": {"peers": 2, "commits": 4, "tokens": 800, "share": 1.0, "rejected": 2}}
+
+
+def test_validation_is_the_newest_evaluator_record_with_its_history():
+    from heloco_p2p.swarm.records import EvalRecord
+
+    old = EvalRecord(peer_id="Qme1", name="e1", version=3, time=NOW - 100, mean=7.0, losses={"de": 7.0})
+    new = EvalRecord(peer_id="Qme2", name="e2", version=9, time=NOW - 5, mean=6.0, losses={"de": 5.5, "ru": 6.5},
+                     history_versions=[4, 9], history_times=[NOW - 65, NOW - 5], history_means=[6.5, 6.0],
+                     history_losses=[{"de": 6.0, "ru": 7.0}, {"de": 5.5, "ru": 6.5}])
+    v = snapshot([], [], NOW, evals=[old, new])["validation"]
+    assert (v["evaluator"], v["version"], v["mean"], v["per_language"]) == ("Qme2", 9, 6.0, {"de": 5.5, "ru": 6.5})
+    assert [h["version"] for h in v["history"]] == [4, 9] and v["history"][0]["per_language"]["ru"] == 7.0
+    assert snapshot([], [], NOW)["validation"] is None
+
+
+def test_monitor_believes_only_claims_bound_to_their_holder():
+    class Records:
+        def peers(self):
+            return []
+
+        def lease_claims_by_owner(self):
+            return [(b"Qmz", claim("z", 9)), (b"Qma", claim("a", 1))]  # z's claim signed by z; a forged one names... a
+
+    class Keys:
+        def signed_by_holder(self, owner, peer_id):
+            return owner == peer_id.encode()
+
+        def get(self, peer_id):
+            return None
+
+    class Forged(Records):
+        def lease_claims_by_owner(self):
+            return [(b"Qmx", claim("z", 9)), (b"Qma", claim("a", 1))]  # a claim of term 9 signed by someone else
+
+    assert Monitor(Records(), lease_seconds=10.0, holder_keys=Keys()).poll(NOW)["coordinator"]["peer_id"] == "Qmz"
+    assert Monitor(Forged(), lease_seconds=10.0, holder_keys=Keys()).poll(NOW)["coordinator"]["peer_id"] == "Qma"

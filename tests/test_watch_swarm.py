@@ -89,7 +89,7 @@ def dashboard(swarm, tmp_path_factory):
 
 def test_swarm_json_has_the_monitor_keys_the_history_and_every_peer(swarm, dashboard):
     state = get_json(dashboard + "api/swarm.json")
-    assert {"coordinator", "peers", "history", "run"} == set(state)
+    assert {"coordinator", "peers", "credit", "validation", "history", "run"} == set(state)
     assert tuple(state["coordinator"]) == COORDINATOR_KEYS
     rows = {p["name"]: p for p in state["peers"]}
     assert set(rows) == set(REGIONS)

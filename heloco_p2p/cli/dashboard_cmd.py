@@ -6,6 +6,8 @@ import time
 
 import click
 
+from heloco_p2p.roles import lease as lease_rules
+
 from heloco_p2p.cli import log_level_option
 from heloco_p2p.cli.monitor_cmd import observe_run
 
@@ -45,7 +47,8 @@ def dashboard(run_id, initial_peers, host, port, interval, max_samples, silent_a
     logging.getLogger("hivemind").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         with observe_run(run_id, initial_peers, host_maddrs, timeout, "dashboard") as (node, genesis):
-            mon = Monitor(node.records, silent_after=silent_after, lease_seconds=lease_seconds)
+            mon = Monitor(node.records, silent_after=silent_after, lease_seconds=lease_seconds,
+                          holder_keys=lease_rules.holder_keys(node))
             dash = Dashboard(mon, run_id, genesis, interval=interval, max_samples=max_samples)
             dash.poll_once()  # the first page shows the swarm, not an empty table
             dash.start()

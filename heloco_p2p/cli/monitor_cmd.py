@@ -8,6 +8,8 @@ import time
 
 import click
 
+from heloco_p2p.roles import lease as lease_rules
+
 from heloco_p2p.cli import log_level_option
 from heloco_p2p.cli.train_cmd import fail
 from heloco_p2p.swarm.node import start_error_message
@@ -51,7 +53,8 @@ def monitor(run_id, initial_peers, once, as_json, interval, silent_after, lease_
     logging.getLogger("hivemind").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         with observe_run(run_id, initial_peers, host_maddrs, timeout, "monitor") as (node, genesis):
-            mon = Monitor(node.records, silent_after=silent_after, lease_seconds=lease_seconds)
+            mon = Monitor(node.records, silent_after=silent_after, lease_seconds=lease_seconds,
+                          holder_keys=lease_rules.holder_keys(node))
             if once:
                 _print(mon.poll(), as_json, run_id, genesis)
                 return

@@ -15,8 +15,10 @@ and in every case only when the claim is signed by the DHT key of the peer it na
 """
 from __future__ import annotations
 
+import asyncio
 from typing import Callable, Iterable, Optional
 
+from heloco_p2p.swarm.holders import HolderKeys
 from heloco_p2p.swarm.records import LeaseRecord
 
 STALE_LEASES = 3  # a lease not renewed for this many periods no longer decides who may follow it
@@ -62,3 +64,15 @@ def believe(current: Optional[LeaseRecord], claims: Iterable[tuple[bytes, LeaseR
         if follows(current, claim, now, lease_seconds, heirs) and signed_by_holder(owner, claim.peer_id):
             return claim
     return None
+
+
+def holder_keys(node) -> HolderKeys:
+    """The ``HolderKeys`` of a ``SwarmNode``: each peer's record key is asked from the peer itself
+    (``state`` with ``meta_only`` answers ``record_key``; libp2p proves who answered). Peers and
+    read-only clients (monitor, dashboard) alike."""
+
+    async def ask(peer_id: str) -> bytes:
+        header, _ = await asyncio.wait_for(node.acall(peer_id, "state", {"run_id": node.run_id, "meta_only": True}), 10)
+        return bytes.fromhex(header["record_key"])
+
+    return HolderKeys(node.peer_id, node.records.owner, ask, node.loop)

@@ -1,12 +1,13 @@
 """The run's DHT records: schemas, signatures, and typed read/write helpers.
 
-Three keys per run, each a dictionary whose subkeys are owned by one peer's RSA key (hivemind's
+Four keys per run, each a dictionary whose subkeys are owned by one peer's RSA key (hivemind's
 ``RSASignatureValidator``: a subkey containing ``[owner:<public key>]`` can only be written with
 that key's signature), and whose values must match a strict schema (``SchemaValidator``)::
 
     <run>_genesis      the run's identity: protocol, config and tokenizer digests, budget
     <run>_peers        one record per peer: region, speed, version, tokens, loss, role, heartbeat
-    <run>_coordinator  one lease claim per claimant: term, version, standbys, addresses, θ digest
+    <run>_coordinator  one lease claim per claimant: term, version, standbys, addresses, θ digest, credit
+    <run>_evals        one record per evaluator: validation loss per language of the global model
 
 hivemind's SchemaValidator names keys ``<prefix>_<field>``, hence ``_`` rather than ``.``.
 Monitoring reads only these records.
@@ -91,6 +92,27 @@ class LeaseRecord(pydantic.BaseModel):
     min_replicas: StrictInt = 0
     replicas: StrictInt = 0
     waiting_for_standby: StrictBool = False
+    # contribution credit as the coordinator saw it (CommitState.credit), the peers with most tokens:
+    # peer id -> {commits, tokens, cosine_mean, kept, rotated, shrunk, norm_ratio}; and their regions
+    credit: Dict[StrictStr, Dict[StrictStr, StrictFloat]] = {}
+    credit_regions: Dict[StrictStr, StrictStr] = {}
+    mac: StrictStr = ""
+
+
+class EvalRecord(pydantic.BaseModel):
+    """An evaluator's validation losses of the global model (``join --evaluator``), with a short
+    history: entry i of each ``history_*`` list is one evaluation, oldest first."""
+
+    peer_id: StrictStr
+    name: StrictStr
+    version: StrictInt  # the global version evaluated last
+    time: StrictFloat
+    mean: StrictFloat  # unweighted mean over the languages
+    losses: Dict[StrictStr, StrictFloat]  # region -> validation loss (token-mean cross-entropy)
+    history_versions: List[StrictInt] = []
+    history_times: List[StrictFloat] = []
+    history_means: List[StrictFloat] = []
+    history_losses: List[Dict[StrictStr, StrictFloat]] = []
     mac: StrictStr = ""
 
 
@@ -98,6 +120,7 @@ class RunSchema(pydantic.BaseModel):
     genesis: Dict[BytesWithPublicKey, GenesisRecord]
     peers: Dict[BytesWithPublicKey, PeerRecord]
     coordinator: Dict[BytesWithPublicKey, LeaseRecord]
+    evals: Dict[BytesWithPublicKey, EvalRecord]
 
 
 def make_validators(run_id: str, private_key) -> tuple[list, RSASignatureValidator]:
@@ -182,6 +205,14 @@ class RunRecords:
         expiration, so ``ttl`` must outlast the last heartbeat's."""
         record = record.copy(update={"role": "left", "heartbeat": time.time()})
         return self._store("peers", record, ttl=ttl)
+
+    # evaluations --------------------------------------------------------------------------
+    def publish_eval(self, record: EvalRecord, ttl: float) -> bool:
+        return self._store("evals", record, ttl)
+
+    def evals(self) -> list[EvalRecord]:
+        """Every evaluator's latest record, newest first."""
+        return sorted(self._read("evals", EvalRecord).values(), key=lambda r: -r.time)
 
     # lease --------------------------------------------------------------------------------
     def publish_lease(self, record: LeaseRecord, ttl: float) -> bool:

@@ -25,6 +25,7 @@ import asyncio
 import html
 import json
 import logging
+import math
 import statistics
 import threading
 import time
@@ -142,6 +143,11 @@ METRICS = {
     "heloco_region_peers_alive": "alive peers per language",
     "heloco_region_tokens": "tokens trained per language",
     "heloco_region_loss": "mean last training loss of the alive peers of a language",
+    "heloco_credit_commits": "commits of the peer's pseudo-gradients (the coordinator's credit)",
+    "heloco_credit_tokens": "tokens of the peer's committed pseudo-gradients (the coordinator's credit)",
+    "heloco_credit_share": "the peer's share of the run's committed tokens",
+    "heloco_credit_cosine": "mean cosine of the peer's pseudo-gradient blocks to the outer momentum",
+    "heloco_credit_blocks": "share of the peer's blocks HeLoCo kept, rotated or shrank",
     "heloco_validation_loss": "validation loss of the global model per language (last evaluation)",
     "heloco_validation_loss_mean": "validation loss of the global model, mean over languages (last evaluation)",
 }
@@ -212,6 +218,14 @@ class SwarmCollector:
             family("heloco_region_tokens", ["region"]).add_metric([r], v["tokens"])
             if v["losses"]:
                 family("heloco_region_loss", ["region"]).add_metric([r], statistics.fmean(v["losses"]))
+        for pid, c in snap.get("credit", {}).get("peers", {}).items():
+            labels = [pid, names.get(pid, c["name"]), c["region"]]
+            family("heloco_credit_commits", PEER_LABELS).add_metric(labels, c["commits"])
+            family("heloco_credit_tokens", PEER_LABELS).add_metric(labels, c["tokens"])
+            family("heloco_credit_share", PEER_LABELS).add_metric(labels, c["share"])
+            family("heloco_credit_cosine", PEER_LABELS).add_metric(labels, c["cosine_mean"])
+            for branch in ("kept", "rotated", "shrunk"):
+                family("heloco_credit_blocks", [*PEER_LABELS, "branch"]).add_metric(labels + [branch], c[branch])
         if last_val is not None:
             family("heloco_validation_loss_mean").add_metric([], last_val["mean"])
             for r, loss in sorted(last_val["per_language"].items()):
@@ -239,6 +253,7 @@ class Dashboard:
         self._lease: LeaseRecord | None = None
         self._polled_at: float | None = None
         self._error = ""
+        self._last_validation = -math.inf  # time of the newest evaluator point charted
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.registry = CollectorRegistry(auto_describe=False)
@@ -263,6 +278,12 @@ class Dashboard:
             self.genesis = genesis
             self._snap, self._lease, self._polled_at, self._error = snap, self.monitor.lease, now, ""
             self.history.add(snap, self.monitor.lease, now)
+        val = snap.get("validation")
+        if val is not None:  # an evaluator's record (join --evaluator): its points not charted yet
+            for point in val["history"] or [val]:
+                if point["time"] > self._last_validation:
+                    self.record_validation(point["version"], point["mean"], point["per_language"], now=point["time"])
+                    self._last_validation = point["time"]
 
     def record_validation(self, version: int, mean: float, per_language: dict[str, float],
                           now: float | None = None) -> None:

@@ -27,9 +27,11 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from heloco_p2p.swarm.records import GenesisRecord, LeaseRecord, PeerRecord
+from heloco_p2p.roles import lease as lease_rules
+from heloco_p2p.swarm.records import EvalRecord, GenesisRecord, LeaseRecord, PeerRecord
 
-COORDINATOR_KEYS = ("peer_id", "term", "version", "commits_per_min", "standbys")
+COORDINATOR_KEYS = ("peer_id", "term", "version", "commits_per_min", "standbys", "min_replicas", "replicas",
+                    "waiting_for_standby")
 PEER_KEYS = ("peer_id", "name", "region", "role", "device", "speed", "inner_steps", "staleness_last",
              "staleness_mean", "tokens", "last_loss", "bytes_in", "bytes_out", "last_seen", "alive", "rejected",
              "reachability")
@@ -40,10 +42,44 @@ StalenessHistory = Mapping[str, tuple[int, int, int]]
 
 # ---------------------------------------------------------------------------- pure: records -> snapshot
 def live_coordinator(claims: Iterable[LeaseRecord], now: float, lease_seconds: float) -> Optional[LeaseRecord]:
-    """The highest-term claim whose lease has not lapsed (``renewed + lease_seconds > now``);
-    equal terms: the most recently renewed. None when no claim is live."""
-    live = [c for c in claims if c.renewed + lease_seconds > now]
-    return max(live, key=lambda c: (c.term, c.renewed), default=None)
+    """The claim a reader with no earlier belief and no holder keys would believe (roles/lease.py):
+    the highest-term live claim; equal terms: the most recently renewed. ``Monitor`` applies the
+    whole rule (earlier belief, holder binding) when it has a ``HolderKeys``."""
+    return lease_rules.believe(None, [(b"", c) for c in claims], now, lease_seconds, lambda owner, peer: True)
+
+
+def credit_view(lease: Optional[LeaseRecord], names: Mapping[str, str], refused: Mapping[str, Mapping[str, int]]) -> dict:
+    """``{"peers": {peer_id: {...}}, "regions": {region: {...}}}``: the contribution credit the
+    coordinator publishes in its lease (accepted commits and tokens, share of the run's tokens, the
+    pseudo-gradients' mean cosine to the momentum, shares of blocks kept / rotated / shrunk, mean
+    ‖Δ̂‖/‖Δ‖) with each peer's refusals, summed per region."""
+    if lease is None:
+        return {"peers": {}, "regions": {}}
+    peers, regions = {}, {}
+    for pid, c in lease.credit.items():
+        region = lease.credit_regions.get(pid, "")
+        row = {"name": names.get(pid, pid[-8:]), "region": region, "commits": int(c.get("commits", 0)),
+               "tokens": int(c.get("tokens", 0)), "share": float(c.get("share", 0.0)),
+               "rejected": int(sum(refused.get(pid, {}).values())),
+               **{k: float(c.get(k, 0.0)) for k in ("cosine_mean", "kept", "rotated", "shrunk", "norm_ratio")}}
+        peers[pid] = row
+        agg = regions.setdefault(region or "?", {"peers": 0, "commits": 0, "tokens": 0, "share": 0.0, "rejected": 0})
+        agg["peers"] += 1
+        for k in ("commits", "tokens", "share", "rejected"):
+            agg[k] += row[k]
+    return {"peers": peers, "regions": dict(sorted(regions.items()))}
+
+
+def validation_view(evals: Iterable[EvalRecord]) -> Optional[dict]:
+    """The newest evaluator record: ``{"evaluator", "name", "version", "time", "mean", "per_language",
+    "history": [{"version", "time", "mean", "per_language"}, ...]}``, or None without one."""
+    latest = max(evals, key=lambda r: r.time, default=None)
+    if latest is None:
+        return None
+    history = [{"version": v, "time": t, "mean": m, "per_language": dict(pl)} for v, t, m, pl in
+               zip(latest.history_versions, latest.history_times, latest.history_means, latest.history_losses)]
+    return {"evaluator": latest.peer_id, "name": latest.name, "version": latest.version, "time": latest.time,
+            "mean": latest.mean, "per_language": dict(latest.losses), "history": history}
 
 
 def peer_state(record: PeerRecord, now: float, silent_after: float) -> str:
@@ -109,7 +145,8 @@ def peer_row(r: PeerRecord, now: float, silent_after: float, history: StalenessH
 
 def snapshot(peers: Iterable[PeerRecord], claims: Iterable[LeaseRecord], now: float, *, silent_after: float = 10.0,
              lease_seconds: float = 10.0, staleness_history: StalenessHistory | None = None,
-             absent: Collection[str] = ()) -> dict:
+             absent: Collection[str] = (), lease: Optional[LeaseRecord] = None,
+             evals: Iterable[EvalRecord] = ()) -> dict:
     """The swarm as the records describe it at time ``now`` (see the module docstring).
 
     :param peers: peer records (several per peer id are allowed: the latest heartbeat wins)
@@ -120,21 +157,30 @@ def snapshot(peers: Iterable[PeerRecord], claims: Iterable[LeaseRecord], now: fl
     :param staleness_history: from ``observe_staleness``; without it the mean is the last value
     :param absent: ids of peers whose records were read earlier but have left the DHT since
         (withdrawn or expired): shown, never alive
-    :return: ``{"coordinator": dict | None, "peers": [dict, ...]}`` with keys COORDINATOR_KEYS / PEER_KEYS;
+    :param lease: the claim the reader believes (``Monitor``: the holder-bound rule); default:
+        ``live_coordinator(claims)``
+    :param evals: evaluator records (``validation``)
+    :return: ``{"coordinator": dict | None, "peers": [dict, ...], "credit": dict, "validation": dict | None}``
+        with keys COORDINATOR_KEYS / PEER_KEYS;
         ``last_seen`` is the heartbeat's unix time; ``staleness_*`` and ``last_loss`` are None before
         the peer's first accepted submission / first round
     """
     history = staleness_history or {}
-    lease = live_coordinator(claims, now, lease_seconds)
+    if lease is None:
+        lease = live_coordinator(claims, now, lease_seconds)
     coordinator = None if lease is None else {
         "peer_id": lease.peer_id, "term": lease.term, "version": lease.version,
         "commits_per_min": float(lease.commits_per_minute), "standbys": list(lease.standbys),
+        "min_replicas": lease.min_replicas, "replicas": lease.replicas, "waiting_for_standby": lease.waiting_for_standby,
     }
     refused = lease.rejections if lease is not None else {}
+    latest = latest_per_peer(peers)
     rows = [peer_row(r, now, silent_after, history, present=r.peer_id not in absent, refused=refused.get(r.peer_id))
-            for r in latest_per_peer(peers).values()]
+            for r in latest.values()]
     rows.sort(key=lambda row: (row["name"], row["peer_id"]))
-    return {"coordinator": coordinator, "peers": rows}
+    names = {pid: r.name for pid, r in latest.items()}
+    return {"coordinator": coordinator, "peers": rows, "credit": credit_view(lease, names, refused),
+            "validation": validation_view(evals)}
 
 
 # ---------------------------------------------------------------------------- polling
@@ -150,24 +196,42 @@ class Monitor:
     :param forget_after: drop a silent peer from the view this long after its last heartbeat
     """
 
-    def __init__(self, records, silent_after: float = 10.0, lease_seconds: float = 10.0, forget_after: float = 600.0):
+    def __init__(self, records, silent_after: float = 10.0, lease_seconds: float = 10.0, forget_after: float = 600.0,
+                 holder_keys=None):
         self.records = records
+        # with a HolderKeys, the lease is believed by the peers' own rule (roles/lease.py): a claim its
+        # holder did not sign, or that does not follow the lease believed before, is not shown
+        self.holder_keys = holder_keys
+        self.believed: Optional[LeaseRecord] = None
         self.silent_after, self.lease_seconds, self.forget_after = silent_after, lease_seconds, forget_after
         self.known: dict[str, PeerRecord] = {}
         self.history: dict[str, tuple[int, int, int]] = {}
         self.lease: Optional[LeaseRecord] = None  # the live claim of the last poll (its branch counts, run tokens)
 
     def poll(self, now: float | None = None) -> dict:
-        peers, claims = self.records.peers(), self.records.lease_claims()
+        peers = self.records.peers()
+        if self.holder_keys is not None:
+            owned = self.records.lease_claims_by_owner()
+            claims, checker = [c for _, c in owned], self.holder_keys.signed_by_holder
+        else:
+            claims = self.records.lease_claims()
+            owned, checker = [(b"", c) for c in claims], (lambda owner, peer: True)
+        evals = self.records.evals() if hasattr(self.records, "evals") else []
         now = time.time() if now is None else now
         self.known.update(latest_per_peer(list(self.known.values()) + peers))
         self.known = {pid: r for pid, r in self.known.items() if now - r.heartbeat <= self.forget_after}
         self.history = observe_staleness(self.history, peers)
         present = {r.peer_id for r in peers}
-        self.lease = live_coordinator(claims, now, self.lease_seconds)
+        believed = lease_rules.believe(self.believed, owned, now, self.lease_seconds, checker)
+        if believed is not None:
+            self.believed = believed
+        self.lease = believed
+        if self.holder_keys is not None and self.believed is not None:
+            for pid in self.believed.standbys:  # learn the heirs' keys before they claim
+                self.holder_keys.get(pid)
         return snapshot(self.known.values(), claims, now, silent_after=self.silent_after,
                         lease_seconds=self.lease_seconds, staleness_history=self.history,
-                        absent=[pid for pid in self.known if pid not in present])
+                        absent=[pid for pid in self.known if pid not in present], lease=believed, evals=evals)
 
 
 def wait_for_genesis(records, timeout: float, poll: float = 0.5) -> Optional[GenesisRecord]:
@@ -312,7 +376,23 @@ def render(snap: dict, run_id: str, now: float, genesis: GenesisRecord | None = 
         coord = Text.assemble(("coordinator ", "bold"), (names.get(c["peer_id"], c["peer_id"][-8:]), "bold cyan"),
                               f"  term {c['term']}  version {c['version']}  {c['commits_per_min']:.1f} commits/min"
                               f"  standbys: {standbys}")
-    parts = [head, coord, PeerTable(peers, now)]
+    if c is not None and c.get("waiting_for_standby"):
+        coord.append("  waiting for a standby: submissions are answered busy", style="bold yellow")
+    elif c is not None and c.get("min_replicas") == 0:
+        coord.append("  min_replicas 0: acknowledged commits are lost if the coordinator dies", style="yellow")
+    elif c is not None and not c["standbys"]:
+        coord.append("  no standby: commits are not replicated", style="yellow")
+    parts = [head, coord]
+    val = snap.get("validation")
+    if val is not None:
+        langs = "  ".join(f"{r} {v:.2f}" for r, v in sorted(val["per_language"].items()))
+        parts.append(Text(f"validation (version {val['version']}, {human_age(now - val['time'])} ago): "
+                          f"mean {val['mean']:.3f}  {langs}"))
+    regions = snap.get("credit", {}).get("regions", {})
+    if regions:
+        parts.append(Text("credit by region: " + "  ".join(
+            f"{r} {100 * a['share']:.0f}% ({a['commits']} commits)" for r, a in regions.items())))
+    parts.append(PeerTable(peers, now))
     if note:
         parts.append(Text(note, style="yellow"))
     return Group(*parts)

@@ -89,6 +89,29 @@ function renderPeers(state, names) {
   }
 }
 
+function renderCredit(state, names) {
+  const body = document.querySelector("#credit tbody");
+  body.replaceChildren();
+  const credit = state.credit || {peers: {}, regions: {}};
+  const pct = x => (100 * x).toFixed(0) + "%";
+  for (const [pid, c] of Object.entries(credit.peers)) {
+    const tr = document.createElement("tr");
+    tr.dataset.peerId = pid;
+    const cells = [[names[pid] || c.name, ""], [c.region, ""], [String(c.commits), "num"], [count(c.tokens), "num"],
+      [pct(c.share), "num"], [String(c.rejected), "num"], [fixed(c.cosine_mean, 2), "num"],
+      [`${pct(c.kept)} / ${pct(c.rotated)} / ${pct(c.shrunk)}`, "num"], [fixed(c.norm_ratio, 2), "num"]];
+    for (const [text, cls] of cells) {
+      const td = document.createElement("td");
+      td.textContent = text;
+      if (cls) td.className = cls;
+      tr.appendChild(td);
+    }
+    body.appendChild(tr);
+  }
+  const regions = Object.entries(credit.regions).map(([r, a]) => `${r} ${pct(a.share)} (${a.commits} commits, ${a.peers} peers)`);
+  setText("credit-regions", regions.length ? "By region: " + regions.join(" · ") : "No credit published yet.");
+}
+
 // Each chart: a title, the x values (unix seconds) and named y series aligned with them.
 function chartSpecs(h) {
   const validation = {mean: h.validation.mean, ...h.validation.per_language};
@@ -159,6 +182,7 @@ function render(state) {
   const names = displayNames(state.peers);
   renderSummary(state, names);
   renderPeers(state, names);
+  renderCredit(state, names);
   const container = document.getElementById("charts");
   for (const spec of chartSpecs(state.history)) renderChart(container, spec);
   const h = state.history;
