@@ -8,7 +8,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(2)
+# One intra-op thread: the tests' tensors are small, and on a shared 2-core machine a second
+# OpenMP thread spins for its share (the fast tier under load ~5: 74 s of CPU with two threads,
+# 26 s with one). Peers started by the tests get --threads 1 as well (tools/launcher.py).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -252,6 +252,7 @@ def writer_files() -> dict:
             "tokenizer_json": "{}", "tokenizer_digest": "t" * 64}
 
 
+@pytest.mark.slow
 def test_a_writer_killed_mid_write_leaves_the_previous_checkpoint_intact(tmp_path):
     marker = tmp_path / "writing"
     child = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(tmp_path / "ckpt"), str(marker), str(ROOT)],

@@ -2,6 +2,7 @@
 import hashlib
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from heloco_p2p.cli import main
@@ -14,6 +15,7 @@ def _run(*args):
     return result
 
 
+@pytest.mark.slow
 def test_data_list_json_has_exactly_the_documented_keys(tokenizer):
     rows = json.loads(_run("data", "list", "--json", "--log-level", "WARNING").stdout)
     assert len(rows) == 13

@@ -71,6 +71,7 @@ def test_exit_code_is_one_only_when_a_check_failed():
         "joining would fail: b (warnings: c)"
 
 
+@pytest.mark.slow
 def test_doctor_against_a_dead_address_fails_and_says_how_to_fix_it(tmp_path):
     result = CliRunner().invoke(main, ["doctor", "--run-id", "x", "--initial-peers", DEAD, "--json",
                                        "--checkpoint-dir", str(tmp_path), "--log-level", "WARNING"])
@@ -85,6 +86,7 @@ def test_doctor_against_a_dead_address_fails_and_says_how_to_fix_it(tmp_path):
     assert checks["throughput"]["status"] == SKIP
 
 
+@pytest.mark.slow
 def test_doctor_text_output_marks_each_check_and_ends_with_a_verdict(tmp_path):
     result = CliRunner().invoke(main, ["doctor", "--run-id", "x", "--initial-peers", DEAD,
                                        "--checkpoint-dir", str(tmp_path), "--log-level", "WARNING"])

@@ -34,6 +34,8 @@ from heloco_p2p.swarm.auth import SwarmKey
 from heloco_p2p.swarm.node import SwarmNode
 from heloco_p2p.swarm.wire import MAGIC, WireError, decode_tensors, encode_tensors, read_message
 
+pytestmark = pytest.mark.slow  # real SwarmNodes (p2pd, DHT processes)
+
 RUN = "fuzz"
 SHAPES = [(8, 16), (16,), (4096, 2)]  # the last one is quantized by "8bit"
 NAMES = ["w", "b", "big"]

@@ -92,6 +92,7 @@ def test_adamw8bit_runs_on_cpu(tiny_cfg):
     assert type(trainer.optimizer).__name__ == "AdamW8bit"
 
 
+@pytest.mark.slow
 def test_loss_falls_over_200_steps_of_tiny_model(tiny_cfg, tokenizer):
     from heloco_p2p.data import TokenBlocks, open_source, validation_blocks
 

@@ -34,6 +34,7 @@ KEY = SwarmKey(b"s" * 32)
 
 
 # ---------------------------------------------------------------------------- keys and MACs, no network
+@pytest.mark.slow
 def test_keygen_writes_a_private_key_file_that_loads(tmp_path):
     path = tmp_path / "swarm.key"
     out = subprocess.run([sys.executable, "-m", "heloco_p2p", "keygen", str(path)], capture_output=True, text=True)
@@ -164,6 +165,7 @@ def submission(n, seq, scale=0.01):
             "names": NAMES}, payload
 
 
+@pytest.mark.slow
 def test_without_the_key_a_peer_cannot_submit_download_state_or_the_run_files(nodes):
     before = nodes.state.to_bytes()
     for caller in (nodes.keyless, nodes.other_key):
@@ -183,6 +185,7 @@ def test_without_the_key_a_peer_cannot_submit_download_state_or_the_run_files(no
     assert refused[nodes.other_key.peer_id] == {"unauthenticated": 3}
 
 
+@pytest.mark.slow
 def test_with_the_key_a_peer_submits_and_downloads_the_state(nodes):
     version = nodes.state.version
     reply, data = nodes.keyed.call(nodes.server.peer_id, "submit", *submission(nodes, 10 + version))
@@ -192,6 +195,7 @@ def test_with_the_key_a_peer_submits_and_downloads_the_state(nodes):
     assert all(torch.equal(a, b) for a, b in zip(params, nodes.state.engine.params))
 
 
+@pytest.mark.slow
 def test_a_state_download_from_an_impostor_is_refused(nodes):
     fake = [torch.zeros(s) for s in SHAPES]
 
@@ -209,6 +213,7 @@ def test_a_state_download_from_an_impostor_is_refused(nodes):
         assert info.value.code == "unauthenticated"
 
 
+@pytest.mark.slow
 def test_a_payload_is_never_sent_to_a_server_that_cannot_prove_the_key(nodes):
     received = []
 
@@ -240,6 +245,7 @@ def _raw(node, to, name, data):
     return node.run(go(), timeout=20)
 
 
+@pytest.mark.slow
 def test_a_replayed_request_is_refused(nodes):
     header, payload = submission(nodes, 1)
     header["base_version"] = -5  # a request refused for what it is, so the replay is what is measured
@@ -251,6 +257,7 @@ def test_a_replayed_request_is_refused(nodes):
     assert first["reason"] == "malformed" and second["reason"] == "replayed"
 
 
+@pytest.mark.slow
 def test_rate_limited_then_served_after_retry_after(nodes):
     gate = nodes.server.gates["submit"]
     gate.limits.rate, gate.limits.burst = 1.0, 2
@@ -265,6 +272,7 @@ def test_rate_limited_then_served_after_retry_after(nodes):
         gate.limits.rate = 0.0
 
 
+@pytest.mark.slow
 def test_busy_when_the_queue_is_full_and_state_unchanged(nodes):
     gate, service = nodes.server.gates["submit"], nodes.service
     gate.max_inflight = 1
@@ -296,6 +304,7 @@ def lease(peer_id, term):
                        commits=0, rejected=0, commits_per_minute=0.0, mean_staleness=0.0, branches={})
 
 
+@pytest.mark.slow
 def test_a_forged_lease_is_ignored_by_keyed_peers(nodes):
     keyed, stranger = nodes.keyed, nodes.keyless
     assert nodes.server.records.publish_lease(lease(nodes.server.peer_id, 5), ttl=30)
@@ -316,6 +325,7 @@ def test_a_forged_lease_is_ignored_by_keyed_peers(nodes):
     assert max(c.term for c in stranger.records.lease_claims()) == 9  # an open reader sees them all
 
 
+@pytest.mark.slow
 def test_genesis_and_peer_records_of_a_keyless_peer_are_ignored(nodes):
     stranger = nodes.keyless
     stranger.records.publish_genesis(GenesisRecord(protocol_version=1, run_id=RUN, config_digest="fake",

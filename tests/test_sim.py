@@ -97,6 +97,7 @@ def test_budgets_are_both_reached(cfg):
     assert res.at_time["tokens"] == sum(c["steps"] for c in res.commits if c["t"] < 5.0) * 2 * (SEQ - 1)
 
 
+@pytest.mark.slow
 def test_quick_style_config_end_to_end_losses_fall(tmp_path):
     sim_cfg = {
         "name": "test", "base": "configs/tiny.yaml",

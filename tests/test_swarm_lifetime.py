@@ -104,6 +104,7 @@ def cleanup(proc: subprocess.Popen) -> None:
     proc.stdout.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["peer_owns_p2pd", "dht_owns_p2pd"])
 def test_sigkilled_peer_leaves_no_dht_process_and_no_p2pd(layout):
     proc = start_script(PEER, layout)
@@ -122,6 +123,7 @@ def test_sigkilled_peer_leaves_no_dht_process_and_no_p2pd(layout):
         cleanup(proc)
 
 
+@pytest.mark.slow
 def test_reaper_guarding_from_a_thread_outlives_the_thread_but_not_the_process():
     proc = start_script(SLEEPERS, "thread")
     try:
@@ -134,6 +136,7 @@ def test_reaper_guarding_from_a_thread_outlives_the_thread_but_not_the_process()
         cleanup(proc)
 
 
+@pytest.mark.slow
 def test_pids_added_later_are_stopped_too():
     proc = start_script(SLEEPERS, "add")
     try:
@@ -145,6 +148,7 @@ def test_pids_added_later_are_stopped_too():
         cleanup(proc)
 
 
+@pytest.mark.slow
 def test_reaper_waits_without_cpu_and_stop_reaper_leaves_children_running():
     kid = subprocess.Popen(["sleep", "600"], start_new_session=True)
     try:
@@ -164,6 +168,7 @@ def test_reaper_waits_without_cpu_and_stop_reaper_leaves_children_running():
         kid.wait(5)
 
 
+@pytest.mark.slow
 def test_reaper_whose_parent_is_already_gone_stops_its_pids_at_once():
     kid = subprocess.Popen(["sleep", "600"], start_new_session=True)
     try:
@@ -183,6 +188,7 @@ def test_guard_children_refuses_its_own_pid():
         guard_children([os.getpid()])
 
 
+@pytest.mark.slow
 def test_terminate_group_ends_every_process_of_the_session_even_those_ignoring_sigterm():
     # sh and its background children ignore SIGTERM (an ignored signal stays ignored across exec)
     proc = subprocess.Popen(["sh", "-c", "trap '' TERM; sleep 600 & sleep 600 & sleep 600 & wait"],
@@ -205,6 +211,7 @@ def test_terminate_group_ends_every_process_of_the_session_even_those_ignoring_s
         proc.wait(5)
 
 
+@pytest.mark.slow
 def test_terminate_group_of_a_cooperative_session_returns_quickly():
     proc = subprocess.Popen(["sh", "-c", "sleep 600 & sleep 600 & wait"], start_new_session=True)
     try:

@@ -7,6 +7,8 @@ from heloco_p2p.peer import JoinError, Peer, PeerOptions
 from heloco_p2p.swarm.node import SwarmNode
 from heloco_p2p.swarm.records import PROTOCOL_VERSION, GenesisRecord, LeaseRecord, PeerRecord
 
+pytestmark = pytest.mark.slow  # real SwarmNodes (p2pd, DHT processes)
+
 
 def lease(peer_id, term, renewed=None):
     return LeaseRecord(peer_id=peer_id, term=term, version=3, digest="d", standbys=[], maddrs=[],

@@ -360,6 +360,7 @@ def test_request_returns_an_early_rejection_while_the_payload_is_still_being_sen
 # ---------------------------------------------------------------- over hivemind
 
 
+@pytest.mark.slow
 def test_12_mib_message_echoed_over_a_hivemind_binary_stream():
     """More than hivemind's 4 MiB persistent-connection message limit, which binary streams bypass."""
     from hivemind.p2p import P2P

@@ -77,6 +77,7 @@ def test_two_builds_into_different_cache_dirs_give_the_same_digest(tmp_path, mon
     assert digests[0] == digests[1] == hashlib.sha256(paths[0].read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_a_fresh_default_build_reproduces_the_cached_tokenizer(tokenizer, tmp_path, monkeypatch):
     monkeypatch.setenv("HELOCO_CACHE_DIR", str(tmp_path))
     assert hashlib.sha256(tokmod.build_tokenizer_json()).hexdigest() == tokenizer_digest(tokenizer)

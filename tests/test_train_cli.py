@@ -19,6 +19,7 @@ def trained(tmp_path_factory, tokenizer):
     return out, res.output
 
 
+@pytest.mark.slow
 def test_train_logs_falling_loss_and_saves_a_loadable_model(trained):
     out, output = trained
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -31,6 +32,7 @@ def test_train_logs_falling_loss_and_saves_a_loadable_model(trained):
     assert "validation loss (de)" in output
 
 
+@pytest.mark.slow
 def test_eval_command_reports_per_language(trained):
     out, _ = trained
     res = CliRunner().invoke(main, ["eval", "--model", str(out), "--regions", "de,fr", "--json"])
@@ -41,6 +43,7 @@ def test_eval_command_reports_per_language(trained):
     assert result["mean"] == pytest.approx(sum(result["per_language"].values()) / 2)
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_checkpoint(trained):
     out, _ = trained
     state = torch.load(out / "checkpoint" / "state.pt", weights_only=False)
@@ -52,6 +55,7 @@ def test_resume_continues_from_the_checkpoint(trained):
     assert steps[-1] == 70 and 61 not in steps and 70 in steps
 
 
+@pytest.mark.slow
 def test_train_refuses_to_overwrite_a_run(trained):
     out, _ = trained
     res = CliRunner().invoke(main, ["train", "--config", "configs/tiny.yaml", "--region", "de", "--max-steps", "5",

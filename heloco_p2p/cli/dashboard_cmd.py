@@ -6,10 +6,9 @@ import time
 
 import click
 
-from heloco_p2p.roles import lease as lease_rules
-
 from heloco_p2p.cli import log_level_option
 from heloco_p2p.cli.monitor_cmd import observe_run
+from heloco_p2p.roles import lease as lease_rules
 
 
 @click.command()

@@ -8,10 +8,9 @@ import time
 
 import click
 
-from heloco_p2p.roles import lease as lease_rules
-
 from heloco_p2p.cli import log_level_option
 from heloco_p2p.cli.train_cmd import fail
+from heloco_p2p.roles import lease as lease_rules
 from heloco_p2p.swarm.node import start_error_message
 
 
