@@ -54,7 +54,7 @@ _POLL_S = 0.02  # only while waiting for processes to exit, never while the pare
 # ---------------------------------------------------------------- /proc
 
 
-def _stat(pid: int) -> tuple[str, int, int, int] | None:
+def proc_stat(pid: int) -> tuple[str, int, int, int] | None:
     """(state, ppid, pgrp, starttime) of a process, or None if it does not exist."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -70,7 +70,7 @@ def _all_stats() -> dict[int, tuple[str, int, int, int]]:
     stats = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
-            st = _stat(int(name))
+            st = proc_stat(int(name))
             if st is not None:
                 stats[int(name)] = st
     return stats
@@ -83,7 +83,7 @@ def is_alive(pid: int, start_time: int | None = None) -> bool:
     :param start_time: if given, also require this start time (``/proc/<pid>/stat`` field 22),
         so that a recycled pid does not count as the same process
     """
-    st = _stat(pid)
+    st = proc_stat(pid)
     return st is not None and st[0] not in ("Z", "X") and (start_time is None or st[3] == start_time)
 
 
@@ -287,7 +287,7 @@ def _reaper_main(argv: list[str]) -> int:
 
     def add(pids: Iterable[int]) -> None:
         for pid in pids:
-            st = _stat(pid)
+            st = proc_stat(pid)
             if st is not None and st[0] not in "ZX":
                 guarded[pid] = st[3]  # start time: a pid recycled later is not ours to kill
 
@@ -337,7 +337,7 @@ def _reaper_main(argv: list[str]) -> int:
         if is_alive(pid, start):
             targets[pid] = start
             for child in child_pids(pid):
-                st = _stat(child)
+                st = proc_stat(child)
                 if st is not None:
                     targets[child] = st[3]
     if targets:
