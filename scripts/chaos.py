@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 
 from heloco_p2p.checkpoint import load_checkpoint, read_header  # noqa: E402
 from heloco_p2p.config import load_config  # noqa: E402
+from heloco_p2p.tools.monitor import live_coordinator  # noqa: E402
 from heloco_p2p.tools.report import replace_section  # noqa: E402
 from heloco_p2p.tools.testnet import load_profiles, peer_args, run_testnet  # noqa: E402
 
@@ -74,9 +75,8 @@ def _names(sw) -> dict[str, str]:
 
 
 def _live_lease(client, lease_seconds: float):
-    now = time.time()
-    live = [c for c in client.records.lease_claims() if c.renewed + lease_seconds > now]
-    return live[0] if live else None
+    """The live coordinator by the one lease rule (roles/lease.py), as a reader without history."""
+    return live_coordinator(client.records.lease_claims(), time.time(), lease_seconds)
 
 
 def _restart(sw, name: str, profile, *extra: str) -> None:

@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from heloco_p2p.tools.launcher import LocalSwarm, write_test_config  # noqa: E402
+from heloco_p2p.tools.monitor import live_coordinator  # noqa: E402
 from heloco_p2p.tools.report import replace_section  # noqa: E402
 
 HEADING = "## Flood"
@@ -251,7 +252,7 @@ def run(args) -> dict:
         sw.wait_until(lambda: len(sw.events("b", "ack")) >= 3, 240, "the honest peer's first submissions")
         coordinator = sw.events("a", "ack")[0]["peer"] if sw.events("a", "ack") else None
         observer = SwarmNode(run_id, initial_peers=[sw.maddr], client_mode=True, swarm_key=key)
-        coordinator = coordinator or observer.records.lease_claims()[0].peer_id
+        coordinator = coordinator or live_coordinator(observer.records.lease_claims(), time.time(), 60.0).peer_id
         header, payload = flood_request(cfg, run_id)
         flood = Flood(run_id, sw.maddr, coordinator, header, payload, args.senders, args.streams)
         flood.open()

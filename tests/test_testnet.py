@@ -26,7 +26,14 @@ def test_testnet_writes_a_consistent_summary(tmp_path):
     summary = run_testnet(load_profiles(_cast(tmp_path)), str(cfg), minutes=1.5, out=out, live=False, eval_every=20)
     assert json.loads((out / "summary.json").read_text()) == summary
     assert summary["commits"] >= 10
-    assert summary["commits"] == summary["accepted_rounds"]  # no faults: every commit acknowledged once
+    # no faults: every acknowledgement is a commit; a commit without one is at most one per peer, made
+    # while the peers stopped (its standby left first: held back, then made durable by the lone coordinator)
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    committed = {(e["peer"], e["seq"]) for e in events if e.get("event") == "commit"}
+    acked = {(e["peer"], e["seq"]) for e in events if e.get("event") == "ack"}
+    assert acked <= committed and len(committed) == summary["commits"]
+    assert summary["accepted_rounds"] <= summary["commits"] <= summary["accepted_rounds"] + 3
+    assert len(committed - acked) <= 3
     assert summary["commits"] == sum(1 for line in (out / "metrics.jsonl").read_text().splitlines()
                                      if '"event": "commit"' in line)
     assert summary["rejected"] == 0 and summary["coordinator_changes"] == 0

@@ -26,7 +26,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from heloco_p2p.checkpoint import load_checkpoint
 from heloco_p2p.config import ConfigError, _format_errors, load_config
+from heloco_p2p.data import load_tokenizer
 from heloco_p2p.fsutil import atomic_write_json
+from heloco_p2p.local import build_model
+from heloco_p2p.roles import lease as lease_rules
+from heloco_p2p.roles.evaluator import Evaluator
 from heloco_p2p.tools.dashboard import Dashboard, DashboardServer
 from heloco_p2p.tools.launcher import LocalSwarm
 from heloco_p2p.tools.monitor import Monitor, render
@@ -70,26 +74,22 @@ def peer_args(p: PeerProfile) -> list[str]:
 
 
 class _Evaluator:
-    """Validation loss of a θ on every language of the cast (the same fixed blocks each time)."""
+    """Validation loss of a θ on every language of the cast (the same fixed blocks each time),
+    through the evaluator role's own code (roles/evaluator.py), whose record it also publishes."""
 
     def __init__(self, cfg, regions: list[str]):
-        from heloco_p2p.data import load_tokenizer, open_source, validation_blocks
-        from heloco_p2p.local import build_model
-        from heloco_p2p.local.solo import source_spec
-
         self.tok = load_tokenizer(cfg.data.tokenizer, vocab_size=cfg.data.vocab_size)
         self.model = build_model(cfg.model, self.tok, seed=0)  # seed 0: the founder's θ0
         self.theta0 = [p.detach().clone() for p in self.model.parameters()]
-        self.blocks = {r: validation_blocks(open_source(source_spec(cfg, r)), self.tok, cfg.data.seq_len, cfg.data.val_blocks)
-                       for r in dict.fromkeys(regions)}
+        self.role = Evaluator(self.model, self._load, cfg, self.tok, regions=list(dict.fromkeys(regions)))
 
-    def __call__(self, params: list[torch.Tensor]) -> dict:
-        from heloco_p2p.local import evaluate_regions
+    def _load(self, params: list[torch.Tensor]) -> None:
+        for p, q in zip(self.model.parameters(), params):
+            p.copy_(q)
 
-        with torch.no_grad():
-            for p, q in zip(self.model.parameters(), params):
-                p.copy_(q)
-        return evaluate_regions(self.model, self.blocks)
+    def __call__(self, params: list[torch.Tensor], version: int = 0) -> dict:
+        point = self.role.evaluate(params, version, self.role.regions_for(()))
+        return {"mean": point["mean"], "per_language": point["per_language"]}
 
 
 def _coordinator_now(sw: LocalSwarm) -> str | None:
@@ -136,7 +136,8 @@ def run_testnet(profiles: list[PeerProfile], config_path: str, minutes: float, o
         banner = ""
         if dashboard_port is not None:
             dashboard = Dashboard(Monitor(client.records, silent_after=3 * cfg.swarm.heartbeat_seconds,
-                                          lease_seconds=cfg.swarm.lease_seconds), run_id, interval=2.0)
+                                          lease_seconds=cfg.swarm.lease_seconds, holder_keys=lease_rules.holder_keys(client)),
+                                  run_id, interval=2.0)
             _record_validation(dashboard, curve[0])
             dashboard.start()
             server = _serve_dashboard(dashboard, dashboard_host, dashboard_port)
@@ -153,7 +154,7 @@ def run_testnet(profiles: list[PeerProfile], config_path: str, minutes: float, o
                     during(sw, client)
                 if time.time() >= next_eval:
                     next_eval += eval_every
-                    point = _fetch_and_evaluate(client, evaluator, unpack_params)
+                    point = _fetch_and_evaluate(client, evaluator, unpack_params, view.lease())
                     if point:
                         curve.append(point)
                         if dashboard is not None:
@@ -200,19 +201,26 @@ def _record_validation(dashboard: Dashboard, point: dict) -> None:
     dashboard.record_validation(point["version"], loss["mean"], loss["per_language"], now=point["time"])
 
 
-def _fetch_and_evaluate(client, evaluator, unpack_params) -> dict | None:
-    claims = client.records.lease_claims()
-    if not claims:
+def _fetch_and_evaluate(client, evaluator, unpack_params, lease) -> dict | None:
+    """The believed coordinator's θ (``lease``: the live view's, by the peers' rule), evaluated;
+    the result is published as the testnet's evaluator record, as ``join --evaluator`` does."""
+    if lease is None:
         return None
     try:
-        header, payload = client.call(claims[0].peer_id, "state", {"run_id": client.run_id}, timeout=30)
+        header, payload = client.call(lease.peer_id, "state", {"run_id": client.run_id}, timeout=30)
         if header.get("status") != "ok":
             return None
         params = unpack_params(payload)
     except Exception as exc:  # the coordinator may be changing hands: try again next time
         logger.debug("evaluation fetch failed: %s", exc)
         return None
-    return {"event": "val", "time": time.time(), "version": int(header["version"]), "val_loss": evaluator(params)}
+    version = int(header["version"])
+    point = {"event": "val", "time": time.time(), "version": version, "val_loss": evaluator(params, version)}
+    try:
+        client.records.publish_eval(evaluator.role.record(client.peer_id, "testnet"), ttl=600.0)
+    except Exception as exc:
+        logger.debug("publishing the evaluation failed: %s", exc)
+    return point
 
 
 def _stop_all(sw: LocalSwarm) -> None:
@@ -301,7 +309,8 @@ class _LiveView:
     def __init__(self, client, sw: LocalSwarm, enabled: bool, lease_seconds: float = 10.0, silent_after: float = 10.0,
                  banner: str = ""):
         self.client, self.sw, self.enabled, self.banner = client, sw, enabled, banner
-        self.monitor = Monitor(client.records, silent_after=silent_after, lease_seconds=lease_seconds)
+        self.monitor = Monitor(client.records, silent_after=silent_after, lease_seconds=lease_seconds,
+                               holder_keys=lease_rules.holder_keys(client))
         self.notes: list[str] = []
         self.live = None
 
@@ -321,6 +330,14 @@ class _LiveView:
         self.notes = (self.notes + [time.strftime("%H:%M:%S ") + text])[-3:]
         if not self.enabled:
             logger.info(text)
+
+    def lease(self):
+        """The coordinator as the peers believe it (roles/lease.py), read now."""
+        try:
+            self.monitor.poll()
+        except Exception as exc:  # the DHT may hiccup: the last belief stands
+            logger.debug("lease read: %s", exc)
+        return self.monitor.lease
 
     def refresh(self) -> None:
         if self.live is not None:
