@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import signal
+import tempfile
 import threading
 import time
 import zlib
@@ -27,29 +28,28 @@ import torch
 import yaml
 
 from heloco_p2p.algorithms import build_outer_engine, resolve_outer
+from heloco_p2p.checkpoint import Checkpointer, CheckpointError, load_checkpoint, plan_resume
 from heloco_p2p.config import RunConfig, config_from_dict, load_config
-from heloco_p2p.coordinator import CommitState, CoordinatorService, SubmissionLimits, params_digest, unpack_params
 from heloco_p2p.data import TokenBlocks, load_tokenizer, open_source, tokenizer_digest, validation_blocks
-from heloco_p2p.checkpoint import CheckpointError, Checkpointer, load_checkpoint, plan_resume
 from heloco_p2p.local import InnerTrainer, build_model, validation_loss
 from heloco_p2p.local.model import param_names, trainable_params
 from heloco_p2p.local.solo import source_spec
 from heloco_p2p.outer import DyLU, registry
-from heloco_p2p.roles import lease as lease_rules
+from heloco_p2p.roles.commit_state import CommitState, SubmissionLimits, params_digest
+from heloco_p2p.roles.coordinator import CoordinatorService
+from heloco_p2p.roles.election import Election
 from heloco_p2p.roles.evaluator import Evaluator
+from heloco_p2p.swarm.auth import SwarmKeyError, load_swarm_key
+from heloco_p2p.swarm.lifetime import guard_children, stop_reaper
 from heloco_p2p.swarm.node import SwarmNode, start_error_message
 from heloco_p2p.swarm.records import PROTOCOL_VERSION, GenesisRecord, LeaseRecord, PeerRecord
-from heloco_p2p.swarm.wire import WireError, encode_tensors
+from heloco_p2p.swarm.wire import WireError, encode_tensors, pack_params, unpack_params
 
 logger = logging.getLogger(__name__)
 
 
 class StopRequested(Exception):
     """Raised inside a round when the peer was asked to leave."""
-
-
-# roles of peers that can hold a replica (an evaluator or a peer that left cannot)
-REPLICA_ROLES = ("training", "standby", "catching_up")
 
 
 class LeaseMoved(Exception):
@@ -96,19 +96,9 @@ class Peer:
         self.stop_event = threading.Event()
         self.node: SwarmNode | None = None
         self.cfg: RunConfig | None = None
-        self.role = "joining"
-        self.lease: LeaseRecord | None = None
-        self.lease_seen_at = 0.0
-        self._lease_lock = threading.Lock()  # the maintenance, renewal, submit and handler threads all read the lease
-        self._woke_at = -math.inf  # time.monotonic() when this process last found it had not run for a while
-        self._holder_answered_since: float | None = None  # a lapsed lease whose holder still answers as coordinator
-        self._recruit_failed: dict[str, float] = {}  # peer id -> when making it a standby last failed
+        self._role = "joining"  # until the election exists (then it owns the role)
+        self.election: Election | None = None  # the lease as this peer lives it (roles/election.py)
         self._renewer: threading.Thread | None = None
-        self._paused_since: float | None = None  # a coordinator whose lease may have lapsed, re-confirming it
-        # the DHT key each peer signs its records with, learned from the peer itself: a lease
-        # claim counts only if signed by the peer it names (swarm/holders.py); set once the node runs
-        self.holder_keys = None  # roles/lease.holder_keys(node), once the node runs
-        self.last_lease_expired_at: float | None = None
         # above every sequence number an earlier process with this identity used: the ledger must
         # not take a restarted peer's new submissions for duplicates of its old ones
         self.seq = time.time_ns() // 1000
@@ -116,7 +106,6 @@ class Peer:
         self.global_params: list[torch.Tensor] | None = None
         self.rounds = 0
         self.tokens = 0
-        self.run_tokens = 0  # tokens committed in the whole run, as the coordinator last said
         self.accepted = 0
         self.rejected = 0
         self.last_loss = float("nan")
@@ -133,6 +122,17 @@ class Peer:
         self._reply_ready = threading.Event()  # set when the submission in flight has finished
         self._fold: tuple | None = None  # (θ, version, schedule step) the training thread folds in next
         self._first_step_logged = False
+
+    @property
+    def role(self) -> str:
+        return self.election.role if self.election is not None else self._role
+
+    @role.setter
+    def role(self, value: str) -> None:
+        if self.election is not None:
+            self.election.role = value
+        else:
+            self._role = value
 
     # ------------------------------------------------------------------------------ metrics
     def log_metric(self, record: dict) -> None:
@@ -155,10 +155,7 @@ class Peer:
                                   swarm_key=swarm_key)
         except Exception as exc:
             raise JoinError(start_error_message(exc, o.initial_peers)) from None
-        self.holder_keys = lease_rules.holder_keys(self.node)
         try:
-            from heloco_p2p.swarm.lifetime import guard_children
-
             self._reaper = guard_children(self.node.child_pids())
         except Exception as exc:  # guarding is best effort; the launcher also kills the process group
             logger.warning("could not guard child processes: %s", exc)
@@ -199,8 +196,7 @@ class Peer:
                                           min_replicas=self.cfg.swarm.min_replicas,
                                           lease_seconds=self.cfg.swarm.lease_seconds)
         self.service.on_commit = lambda summary: self.log_metric({"event": "commit", **summary})
-        self.service.on_handover = self._took_over_by_handover
-        self.service.verify_lease = self._refresh_lease
+        self.election = Election(self.node, self.cfg, self.service, self.stop_event, self.log_metric, role=self._role)
         self.node.add_handler("genesis", self._serve_genesis)
         self.node.add_handler("state", self._serve_state)
         if saved is not None:
@@ -211,14 +207,12 @@ class Peer:
             self._catch_up()
         self._maint = threading.Thread(target=self._maintenance, name="maintenance", daemon=True)
         self._maint.start()
-        self._renewer = threading.Thread(target=self._renew_lease_loop, name="lease", daemon=True)
+        self._renewer = threading.Thread(target=self.election.renew_loop, name="lease", daemon=True)
         self._renewer.start()
 
     def _load_swarm_key(self):
         if not self.opts.swarm_key_file:
             return None
-        from heloco_p2p.swarm.auth import SwarmKeyError, load_swarm_key
-
         try:
             key = load_swarm_key(self.opts.swarm_key_file)
         except SwarmKeyError as exc:
@@ -245,7 +239,7 @@ class Peer:
         self.version = 0
         self.service.activate(term=1)
         self.role = "coordinator"
-        self._publish_lease()
+        self.election.publish()
         logger.info("founded run %s (config %s, tokenizer %s)", self.opts.run_id, record.config_digest[:12],
                     record.tokenizer_digest[:12])
 
@@ -324,7 +318,7 @@ class Peer:
         self._adopt(params, self.commit_state.version, self.commit_state.schedule_step())
         self.service.activate(plan.term)
         self.role = "coordinator"
-        self._publish_lease()
+        self.election.publish()
         self.log_metric({"event": "takeover", "term": plan.term, "version": self.version, "resumed": True,
                          "digest": params_digest(params)})
 
@@ -337,7 +331,7 @@ class Peer:
         while True:
             now = time.time()
             claims = [c for owner, c in self.node.records.lease_claims_by_owner()  # only claims their holder signed
-                      if owner == self.holder_keys.get_blocking(c.peer_id, timeout=10)]
+                      if owner == self.election.holder_keys.get_blocking(c.peer_id, timeout=10)]
             live = [c for c in claims if c.renewed + sw.lease_seconds > now]
             if live or now >= deadline:
                 break
@@ -349,7 +343,7 @@ class Peer:
             version = max(version, p.version)
             try:  # the highest term a peer has seen is in no record; ask (headers only)
                 header, _ = self.node.call(p.peer_id, "state", {"run_id": self.opts.run_id, "meta_only": True}, timeout=10)
-                self.holder_keys.learn(p.peer_id, bytes.fromhex(header["record_key"]))
+                self.election.holder_keys.learn(p.peer_id, bytes.fromhex(header["record_key"]))
                 seen = int(header.get("highest_term", header.get("term", 0)))
                 if seen < 2 ** 31:  # a term no real run reaches is a peer's lie: it would make ours unusable
                     highest = max(highest, seen)
@@ -398,8 +392,6 @@ class Peer:
         return {"config_yaml": self.cfg.to_yaml()}, self._tokenizer_bytes()
 
     def _tokenizer_bytes(self) -> bytes:
-        import tempfile
-
         with tempfile.TemporaryDirectory() as d:
             self.tokenizer.save_pretrained(d)
             return (Path(d) / "tokenizer.json").read_bytes()
@@ -432,22 +424,20 @@ class Peer:
         else:
             return {"status": "unavailable", "message": "no state yet"}, b""
         meta, data = encode_tensors([p.detach().clone() for p in params], "none")
-        from heloco_p2p.coordinator import _pack
-
         return {"status": "ok", "version": version, "term": st.term, "source": source,
-                "schedule_step": st.schedule_step()}, _pack(meta, data)
+                "schedule_step": st.schedule_step()}, pack_params(meta, data)
 
     def _catch_up(self) -> None:
         """Download the current θ: from the coordinator, else a standby, else any peer (newest first)."""
         self.role = "catching_up"
         expected = [(tuple(p.shape), torch.float32) for p in trainable_params(self.model)]
         deadline = time.time() + 120
-        self._wait_for_lease(5.0)  # a fresh joiner believes a claim once its holder told us its key
+        self.election.wait_for_lease(5.0)  # a fresh joiner believes a claim once its holder told us its key
         while time.time() < deadline and not self.stop_event.is_set():
-            self._refresh_lease()
+            self.election.refresh()
             candidates = []
-            if self.lease is not None:
-                candidates += [self.lease.peer_id] + list(self.lease.standbys)
+            if self.election.lease is not None:
+                candidates += [self.election.lease.peer_id] + list(self.election.lease.standbys)
             candidates += [p.peer_id for p in sorted(self.node.records.peers(), key=lambda p: -p.version)]
             for peer_id in dict.fromkeys(candidates):
                 if peer_id == self.node.peer_id:
@@ -478,234 +468,26 @@ class Peer:
         self.trainer.step = max(self.trainer.step, schedule_step)
 
     # ------------------------------------------------------------------------------ lease
-    def _refresh_lease(self) -> LeaseRecord | None:
-        """Read the lease claims from the DHT and believe one by THE rule (roles/lease.py). A later
-        term believed here is the only thing that makes this peer's coordinator step down."""
-        with self._lease_lock:
-            claims = self.node.records.lease_claims_by_owner()
-            now, svc = time.time(), self.service
-            heirs = None
-            if svc.active and self.lease is not None:  # a coordinator may have dropped the standby that took over
-                heirs = set(self.lease.standbys) | svc.heirs()
-            claim = lease_rules.believe(self.lease, claims, now, self.cfg.swarm.lease_seconds,
-                                        self.holder_keys.signed_by_holder, heirs)
-            if claim is not None:
-                if self.lease is None or claim.term != self.lease.term:
-                    logger.info("coordinator: %s (term %d, version %d)", claim.peer_id[-8:], claim.term, claim.version)
-                self.lease, self.lease_seen_at = claim, now
-                self.run_tokens = max(self.run_tokens, claim.tokens)
-                svc.note_term(claim.term)  # a coordinator of an earlier term steps down here
-                if not svc.active:
-                    svc.believed = (claim.peer_id, claim.term)
-            if self.lease is not None:  # learn the standbys' keys before they claim, so a failover waits for no probe
-                for pid in self.lease.standbys:
-                    self.holder_keys.get(pid)
-            return self.lease
-
-    def _wait_for_lease(self, seconds: float) -> LeaseRecord | None:
-        """Read the lease until one is believed or ``seconds`` passed (none may exist: a new run)."""
-        end = time.time() + seconds
-        while self._refresh_lease() is None and time.time() < end and self.node.records.lease_claims():
-            time.sleep(0.25)
-        return self.lease
-
-    def _publish_lease(self) -> bool:
-        """Write (renew) this coordinator's claim. Reads the last commit's snapshot, never the commit
-        lock, so a slow replication cannot stop the renewal; acknowledging goes on only while the
-        renewed lease surely holds (``CoordinatorService.lease_valid``)."""
-        svc = self.service
-        started = time.monotonic()
-        term, version, digest, run_tokens = svc.snapshot
-        credit = self.commit_state.credit_summary()
-        stale = list(svc.staleness_recent)
-        record = LeaseRecord(peer_id=self.node.peer_id, term=term, version=version,
-                             digest=digest, standbys=list(svc.standbys),
-                             maddrs=self.node.visible_maddrs(), renewed=time.time(), commits=svc.commits_this_term,
-                             tokens=run_tokens,
-                             rejected=svc.rejected_this_term, commits_per_minute=svc.commits_per_minute(),
-                             mean_staleness=float(sum(stale) / len(stale)) if stale else 0.0,
-                             branches={str(k): int(v) for k, v in svc.branches.items()},
-                             rejections=self.node.rejection_summary(), min_replicas=svc.min_replicas,
-                             replicas=len(svc.standbys), waiting_for_standby=svc.waiting_for_standby(),
-                             credit={p: {k: v for k, v in c.items() if k != "region"} for p, c in credit.items()},
-                             credit_regions={p: c["region"] for p, c in credit.items()})
-        stored = self.node.records.publish_lease(record, ttl=self.cfg.swarm.lease_seconds)
-        took = time.monotonic() - started
-        if took > self.cfg.swarm.lease_seconds / 4:
-            logger.warning("renewing the lease took %.1f s", took)
-        if not stored:
-            logger.warning("could not renew the lease in the DHT")
-            return False
-        if term == svc.state.term and svc.active:
-            svc.renewed(started)
-        self.lease, self.lease_seen_at = record, time.time()
-        return True
-
-    def _live_peers(self) -> list[PeerRecord]:
-        """Other peers whose heartbeat is fresh (3 heartbeat periods) and that have not left."""
-        now, sw = time.time(), self.cfg.swarm
-        return [p for p in self.node.records.peers() if p.peer_id != self.node.peer_id and p.role != "left"
-                and p.heartbeat + 3 * sw.heartbeat_seconds > now]
-
-    def _choose_standbys(self) -> None:
-        """Keep ``num_standbys`` standbys: a live training peer gets the full state, then the commits.
-        One that failed is not tried again for 30 s, so a frozen peer does not block the others."""
-        svc, want = self.service, self.cfg.swarm.num_standbys
-        live = [p for p in self._live_peers() if p.role in REPLICA_ROLES]
-        svc.others_alive = len(live)
-        if svc.waiting_for_standby():
-            logger.warning("waiting for a standby: %d of %d hold the state; submissions are answered busy",
-                           len(svc.standbys), svc.required_replicas())
-        elif svc.active and not svc.standbys and svc.min_replicas > 0 and not live:
-            logger.warning("no other peer is alive: commits are acknowledged with no replica")
-        if len(svc.standbys) >= want:
-            return
-        now = time.time()
-        candidates = [p for p in live if p.peer_id not in svc.standbys and p.role in ("training", "standby")
-                      and now - self._recruit_failed.get(p.peer_id, -math.inf) > 30.0]
-        for p in sorted(candidates, key=lambda p: p.peer_id)[: want - len(svc.standbys)]:
-            try:
-                self.node.run(svc.recruit(p.peer_id), timeout=None)
-                logger.info("standby %s holds a replica at version %d", p.peer_id[-8:], self.commit_state.version)
-            except Exception as exc:
-                self._recruit_failed[p.peer_id] = time.time()
-                logger.warning("could not make %s a standby: %s", p.peer_id[-8:], exc if str(exc) else type(exc).__name__)
-
-    def _renew_lease_loop(self) -> None:
-        """The coordinator's lease renewal, on its own thread so that nothing else delays it. A
-        process that notices it did not run for a while (frozen, swapped out) refreshes its view
-        before acting on it: as coordinator it re-confirms the lease before renewing it."""
-        sw = self.cfg.swarm
-        last_renew = time.monotonic()
-        while self._tick(0.25):
-            tick = time.monotonic()
-            svc = self.service
-            if not svc.active:
-                continue
-            try:
-                if not svc.lease_valid() and not self._reconfirm_lease():
-                    continue
-                if svc.active and (tick - last_renew >= sw.lease_seconds / 3 or not svc.lease_valid()):
-                    if self._publish_lease():
-                        last_renew = tick
-            except Exception as exc:  # the DHT can hiccup; the next tick retries
-                logger.warning("lease renewal: %s", exc)
-
-    def _tick(self, period: float) -> bool:
-        """Wait ``period`` seconds (False: the peer is stopping). A wait that took much longer means
-        this process did not run (frozen, swapped out): note it, so that its view is refreshed
-        before it acts on the lease."""
-        t0 = time.monotonic()
-        if self.stop_event.wait(period):
-            return False
-        late = time.monotonic() - t0 - period
-        if late > max(1.0, self.cfg.swarm.lease_seconds / 3):
-            self._woke_at = time.monotonic()
-            logger.warning("this process did not run for %.1f s; refreshing the lease before acting", late + period)
-        return True
-
-    def _reconfirm_lease(self) -> bool:
-        """The lease may have lapsed under this coordinator (it was frozen, or could not renew):
-        re-read it from the DHT (stepping down on a believed later claim) and ask the heirs whether
-        one of them coordinates a later term; go on only if nobody does. An heir's answer alone
-        deposes no one: it only waits, for at most ``STALE_LEASES`` lease periods, for its claim."""
-        svc, sw = self.service, self.cfg.swarm
-        t0 = time.monotonic()
-        self._refresh_lease()
-        logger.info("the lease may have lapsed: re-reading it took %.1f s", time.monotonic() - t0)
-        if not svc.active:
-            self.role = "training"
-            return False
-        if self._paused_since is None:
-            self._paused_since = time.monotonic()
-        if time.monotonic() - self._paused_since < lease_rules.STALE_LEASES * sw.lease_seconds:
-            for pid in svc.heirs():
-                header = self._ask_meta(pid, timeout=min(2.0, sw.lease_seconds / 2))
-                if header and header.get("coordinating") is True and isinstance(header.get("term"), int) \
-                        and header["term"] > svc.state.term:
-                    logger.warning("%s says it coordinates term %d; waiting for its lease claim", pid[-8:], header["term"])
-                    return False
-        self._paused_since = None
-        return True
-
-    def _ask_meta(self, peer_id: str, timeout: float) -> dict | None:
-        """A peer's ``state`` headers (what it holds, its role), or None when it does not answer."""
-        try:
-            header, _ = self.node.call(peer_id, "state", {"run_id": self.opts.run_id, "meta_only": True}, timeout=timeout)
-            return header if isinstance(header, dict) else None
-        except Exception:
-            return None
-
     def _maintenance(self) -> None:
         sw = self.cfg.swarm
         last_beat = last_renew = 0.0
-        while self._tick(0.5):
+        while self.election.tick(0.5):
             now = time.time()
             try:
                 if self.service.active:
                     if now - last_renew >= sw.lease_seconds / 3:
-                        self._choose_standbys()  # the lease is renewed on its own thread (_renew_lease_loop)
+                        self.election.choose_standbys()  # the lease is renewed on its own thread (_renew_lease_loop)
                         last_renew = now
                     self.role = "coordinator"
                     if self.service.mode == "sync":
                         self._update_participants(now)
-                self._watch_lease(now)
+                self.election.watch(now)
                 self._maybe_checkpoint()
                 if now - last_beat >= sw.heartbeat_seconds:
                     self._heartbeat()
                     last_beat = now
             except Exception as exc:  # the DHT can hiccup; keep the peer alive
                 logger.warning("maintenance: %s", exc)
-
-    def _watch_lease(self, now: float) -> None:
-        """Follow the lease (a coordinator steps down in ``_refresh_lease`` on a believed later
-        claim), and claim the next term as a standby when it lapsed: only from a fresh read of the
-        DHT, not just after this process was frozen, and only if the holder itself does not answer
-        as the live coordinator of its term (docs/protocol.md, "Election and failover")."""
-        lease = self._refresh_lease()
-        svc, sw = self.service, self.cfg.swarm
-        if not svc.active:
-            self.role = "standby" if lease is not None and self.node.peer_id in lease.standbys else (
-                "training" if self.role in ("coordinator", "standby") else self.role)
-        if lease is None or svc.active:
-            return
-        expired_for = lease_rules.lapsed_for(lease, now, sw.lease_seconds)
-        if expired_for < 0 or self.node.peer_id not in lease.standbys:
-            self._holder_answered_since = None
-            return
-        rank = lease.standbys.index(self.node.peer_id)
-        if expired_for < rank * sw.lease_seconds / 2 or self.commit_state.version < lease.version:
-            return
-        if time.monotonic() - self._woke_at < sw.lease_seconds:
-            return  # just woke up: the lease read may be older than the swarm; look again for a lease period
-        if self._holder_still_coordinates(lease):
-            return
-        term = max(lease.term, svc.highest_term_seen) + 1
-        svc.others_alive = len([p for p in self._live_peers() if p.role in REPLICA_ROLES])
-        svc.standbys = [s for s in lease.standbys if s != self.node.peer_id]
-        svc.activate(term)
-        self.role = "coordinator"
-        self._publish_lease()
-        self.log_metric({"event": "takeover", "term": term, "version": self.commit_state.version,
-                         "lease_expired_for": expired_for})
-        logger.warning("took over as coordinator: term %d at version %d (lease lapsed %.1fs ago)",
-                       term, self.commit_state.version, expired_for)
-
-    def _holder_still_coordinates(self, lease: LeaseRecord) -> bool:
-        """Ask the holder of a lapsed lease directly: a holder that answers as the coordinator of
-        that term is alive and will renew (its DHT write may be late), so no one claims; but not
-        for longer than ``STALE_LEASES`` lease periods, after which the swarm must go on."""
-        sw = self.cfg.swarm
-        header = self._ask_meta(lease.peer_id, timeout=min(2.0, sw.lease_seconds / 2))
-        alive = bool(header) and header.get("coordinating") is True and header.get("term") == lease.term
-        if not alive:
-            self._holder_answered_since = None
-            return False
-        if self._holder_answered_since is None:
-            self._holder_answered_since = time.monotonic()
-            logger.info("the lease of term %d lapsed but its holder %s answers as coordinator; not claiming",
-                        lease.term, lease.peer_id[-8:])
-        return time.monotonic() - self._holder_answered_since < lease_rules.STALE_LEASES * sw.lease_seconds
 
     def _update_participants(self, now: float) -> None:
         """Sync mode: the barrier waits for every live training peer that has trained before."""
@@ -717,12 +499,6 @@ class Peer:
             live.add(self.node.peer_id)
         self.service.participants = live
         self.node.run(self.service.check_barrier(), timeout=60)
-
-    def _took_over_by_handover(self, term: int) -> None:
-        self.role = "coordinator"
-        self._publish_lease()
-        self.log_metric({"event": "takeover", "term": term, "version": self.commit_state.version, "handover": True})
-        logger.warning("took over as coordinator by handover: term %d at version %d", term, self.commit_state.version)
 
     def _heartbeat(self) -> None:
         record = PeerRecord(peer_id=self.node.peer_id, name=self.name, region=self.opts.region,
@@ -790,9 +566,9 @@ class Peer:
         if self.genesis.max_versions and self.version >= self.genesis.max_versions:
             logger.info("the run reached its budget of %d versions", self.genesis.max_versions)
             return False
-        if self.genesis.max_tokens and self.run_tokens >= self.genesis.max_tokens:
+        if self.genesis.max_tokens and self.election.run_tokens >= self.genesis.max_tokens:
             logger.info("the run reached its budget of %d tokens (%d committed)", self.genesis.max_tokens,
-                        self.run_tokens)
+                        self.election.run_tokens)
             return False
         return True
 
@@ -938,7 +714,7 @@ class Peer:
         attempt = 0
         while time.time() < deadline and not self.stop_event.is_set() and self._time_left():
             attempt += 1
-            lease = self._refresh_lease()
+            lease = self.election.refresh()
             if lease is None:
                 time.sleep(0.5)
                 continue
@@ -964,7 +740,7 @@ class Peer:
                 self._adopt(params, int(reply["version"]), int(reply.get("schedule_step", 0)))
                 self.accepted += 1
                 self.tokens += stats.tokens
-                self.run_tokens = max(self.run_tokens, int(reply.get("run_tokens", 0)))
+                self.election.run_tokens = max(self.election.run_tokens, int(reply.get("run_tokens", 0)))
                 self.last_staleness = int(reply["staleness"] or 0)
                 ack = {"event": "ack", "seq": self.seq, "version": self.version, "term": int(reply["term"]),
                        "digest": params_digest(params),
@@ -1017,7 +793,7 @@ class Peer:
             except concurrent.futures.TimeoutError:
                 if future.done():  # the call itself timed out
                     raise
-                now = self.lease
+                now = self.election.lease
                 if now is not None and now.term > lease.term and now.peer_id != lease.peer_id:
                     future.cancel()
                     raise LeaseMoved(f"the lease moved from {lease.peer_id[-8:]} (term {lease.term}) to "
@@ -1039,7 +815,7 @@ class Peer:
                 if self.version > 0 or ev.history:  # the first state was downloaded when joining
                     self._catch_up()
                 self.role = "evaluator"
-                regions = ev.regions_for(p.region for p in self._live_peers() if p.role != "evaluator")
+                regions = ev.regions_for(p.region for p in self.election.live_peers() if p.role != "evaluator")
                 point = ev.evaluate(self.global_params, self.version, regions)
                 self.node.records.publish_eval(ev.record(self.node.peer_id, self.name),
                                                ttl=max(4 * o.eval_every, 300.0))
@@ -1083,7 +859,5 @@ class Peer:
             logger.debug("leaving: %s", exc)
         self.node.shutdown()
         if self._reaper is not None:
-            from heloco_p2p.swarm.lifetime import stop_reaper
-
             stop_reaper(self._reaper)
         logger.info("left the swarm")

@@ -269,8 +269,8 @@ def measure_swarm_vs_solo(seconds: float, workdir: Path, steps_per_round: int | 
 def measure_commit(repeats: int, warmup: int, shapes=None, digest_shapes=None) -> dict:
     """One commit of lookahead + heloco vs ``add_`` over the same tensors (bench_outer's traffic
     rule), plus what the coordinator adds per submission: the Δ check and the θ digest."""
-    from heloco_p2p.coordinator import CommitState, SubmissionLimits, params_digest
     from heloco_p2p.outer import build_engine
+    from heloco_p2p.roles.commit_state import CommitState, SubmissionLimits, params_digest
 
     shapes = shapes or bench_outer.llama_shapes()
     gen = torch.Generator().manual_seed(0)
@@ -320,9 +320,9 @@ def measure_submit_path(name: str) -> dict:
     """CPU ms (``time.process_time``, best of 2, one thread) of each step a submission costs the
     coordinator and its standby, for a config's layout: the profile of the submit path by step.
     The norm is shown both ways: the coordinator's, and float64 copies (how it was computed before)."""
-    from heloco_p2p.coordinator import _norm, _pack, params_digest
     from heloco_p2p.outer import build_engine
-    from heloco_p2p.swarm.wire import decode_tensors, encode_tensors
+    from heloco_p2p.roles.commit_state import params_digest, tensor_norm
+    from heloco_p2p.swarm.wire import decode_tensors, encode_tensors, pack_params
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -335,11 +335,11 @@ def measure_submit_path(name: str) -> dict:
         meta, payload = encode_tensors(delta, "none")
         steps = {
             "decode": lambda: decode_tensors(meta, payload, expected),
-            "norm": lambda: _norm(delta),
+            "norm": lambda: tensor_norm(delta),
             "norm_float64_copies": lambda: math.sqrt(sum(float(torch.sum(t.double() * t.double())) for t in delta)),
             "commit": lambda: engine.commit(delta, engine.version),
             "digest": lambda: params_digest(engine.params),
-            "encode_reply": lambda: _pack(*encode_tensors([p.detach() for p in engine.params], "none")),
+            "encode_reply": lambda: pack_params(*encode_tensors([p.detach() for p in engine.params], "none")),
         }
         out = {"params": sum(math.prod(s) for s in shapes)}
         for key, fn in steps.items():

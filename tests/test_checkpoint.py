@@ -30,8 +30,8 @@ from heloco_p2p.checkpoint import (
     save_checkpoint,
     seal,
 )
-from heloco_p2p.coordinator import CommitState, params_digest
 from heloco_p2p.outer import build_engine
+from heloco_p2p.roles.commit_state import CommitState, params_digest
 
 ROOT = Path(__file__).resolve().parent.parent
 

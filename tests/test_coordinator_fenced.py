@@ -6,8 +6,9 @@ import asyncio
 
 import torch
 
-from heloco_p2p.coordinator import CommitState, CoordinatorService, SubmissionLimits
 from heloco_p2p.outer import build_engine
+from heloco_p2p.roles.commit_state import CommitState, SubmissionLimits
+from heloco_p2p.roles.coordinator import CoordinatorService
 from heloco_p2p.swarm.wire import encode_tensors
 
 from fakes import FakeNode

@@ -27,12 +27,13 @@ import pytest
 import torch
 from hivemind.p2p import PeerID
 
-from heloco_p2p.coordinator import CommitState, CoordinatorService, SubmissionLimits, unpack_params
 from heloco_p2p.outer import build_engine
 from heloco_p2p.peer import Peer
+from heloco_p2p.roles.commit_state import CommitState, SubmissionLimits
+from heloco_p2p.roles.coordinator import CoordinatorService
 from heloco_p2p.swarm.auth import SwarmKey
 from heloco_p2p.swarm.node import SwarmNode
-from heloco_p2p.swarm.wire import MAGIC, WireError, decode_tensors, encode_tensors, read_message
+from heloco_p2p.swarm.wire import MAGIC, WireError, decode_tensors, encode_tensors, read_message, unpack_params
 
 pytestmark = pytest.mark.slow  # real SwarmNodes (p2pd, DHT processes)
 

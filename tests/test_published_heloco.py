@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from heloco_p2p.algorithms import ALGORITHMS, build_dylu, build_outer_engine, resolve_outer
 from heloco_p2p.cli import main
 from heloco_p2p.config import ConfigError, load_config
-from heloco_p2p.coordinator import CommitState
+from heloco_p2p.roles.commit_state import CommitState
 from heloco_p2p.data import books_shard, open_source
 from heloco_p2p.local import InnerTrainer, build_model
 from heloco_p2p.local.inner import lr_at

@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from heloco_p2p.config import load_config
-from heloco_p2p.coordinator import CommitState, CoordinatorService, SubmissionLimits, params_digest
 from heloco_p2p.outer import build_engine
 from heloco_p2p.roles import lease as lease_rules
+from heloco_p2p.roles.commit_state import CommitState, SubmissionLimits, params_digest
+from heloco_p2p.roles.coordinator import CoordinatorService
 from heloco_p2p.swarm.records import LeaseRecord
 from heloco_p2p.swarm.wire import encode_tensors
 

@@ -19,13 +19,14 @@ import torch
 from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
-from heloco_p2p.coordinator import CommitState, CoordinatorService, SubmissionLimits, unpack_params
 from heloco_p2p.outer import build_engine
 from heloco_p2p.peer import Peer
+from heloco_p2p.roles.commit_state import CommitState, SubmissionLimits
+from heloco_p2p.roles.coordinator import CoordinatorService
 from heloco_p2p.swarm.auth import ReplayGuard, SwarmKey, SwarmKeyError, generate_key_file, load_swarm_key
 from heloco_p2p.swarm.node import Gate, HandlerLimits, SwarmNode
 from heloco_p2p.swarm.records import GenesisRecord, LeaseRecord, PeerRecord
-from heloco_p2p.swarm.wire import CONTINUE, MAGIC, WireError, encode_tensors, read_head, read_message
+from heloco_p2p.swarm.wire import CONTINUE, MAGIC, WireError, encode_tensors, read_head, read_message, unpack_params
 
 RUN = "sec"
 SHAPES = [(4, 8), (8,)]
@@ -200,10 +201,10 @@ def test_a_state_download_from_an_impostor_is_refused(nodes):
     fake = [torch.zeros(s) for s in SHAPES]
 
     async def impostor_state(header, payload, remote):
-        from heloco_p2p.coordinator import _pack
+        from heloco_p2p.swarm.wire import pack_params
 
         meta, data = encode_tensors(fake, "none")
-        return {"status": "ok", "version": 999, "term": 99}, _pack(meta, data)
+        return {"status": "ok", "version": 999, "term": 99}, pack_params(meta, data)
 
     nodes.keyless.add_handler("state", impostor_state)
     nodes.other_key.add_handler("state", impostor_state)

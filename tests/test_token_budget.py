@@ -9,15 +9,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from heloco_p2p.coordinator import (
-    MAX_TOKENS_PER_STEP,
-    CommitState,
-    CoordinatorService,
-    SubmissionLimits,
-    submission_tokens,
-)
 from heloco_p2p.outer import build_engine
 from heloco_p2p.peer import Peer
+from heloco_p2p.roles.commit_state import MAX_TOKENS_PER_STEP, CommitState, SubmissionLimits, submission_tokens
+from heloco_p2p.roles.coordinator import CoordinatorService
 from heloco_p2p.swarm.wire import WireError, encode_tensors
 
 from fakes import FakeNode
@@ -116,6 +111,7 @@ def test_peer_stops_at_the_token_budget(run_tokens, budget, more):
     import threading
 
     peer = SimpleNamespace(stop_event=threading.Event(), opts=SimpleNamespace(max_rounds=None), rounds=0, version=3,
-                           genesis=SimpleNamespace(max_versions=0, max_tokens=budget), run_tokens=run_tokens,
+                           genesis=SimpleNamespace(max_versions=0, max_tokens=budget),
+                           election=SimpleNamespace(run_tokens=run_tokens),
                            _time_left=lambda: True)
     assert Peer._more_rounds(peer) is more

@@ -469,3 +469,23 @@ class _Prepend:
             self._first = self._first[len(head):]
             return head + (await self._reader.readexactly(n - len(head)) if n > len(head) else b"")
         return await self._reader.readexactly(n)
+
+
+def pack_params(meta: list[dict], data: bytes) -> bytes:
+    """Tensor metadata travels in the payload's own small JSON preamble so that replies stay one
+    message: u32 length | JSON | tensor bytes."""
+    blob = json.dumps(meta).encode()
+    return len(blob).to_bytes(4, "big") + blob + data
+
+
+def unpack_params(payload: bytes, expected=None) -> list[torch.Tensor]:
+    if len(payload) < 4:
+        raise WireError("truncated", "parameter payload shorter than its preamble")
+    n = int.from_bytes(payload[:4], "big")
+    if n > len(payload) - 4:
+        raise WireError("truncated", "parameter payload shorter than its metadata")
+    try:
+        meta = json.loads(payload[4:4 + n])
+    except ValueError as exc:
+        raise WireError("malformed", f"parameter metadata is not JSON: {exc}") from None
+    return decode_tensors(meta, payload[4 + n:], expected)

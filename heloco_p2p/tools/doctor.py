@@ -41,13 +41,13 @@ from hivemind.proto import dht_pb2
 from hivemind.utils import MAX_DHT_TIME_DISCREPANCY_SECONDS, get_dht_time
 
 from heloco_p2p.config import RunConfig, config_from_dict
-from heloco_p2p.coordinator import unpack_params
 from heloco_p2p.data import load_tokenizer
 from heloco_p2p.data.tokenizer import tokenizer_digest
 from heloco_p2p.local import InnerTrainer, build_model, count_params, pick_device
 from heloco_p2p.swarm.lifetime import guard_children, stop_reaper
 from heloco_p2p.swarm.node import JOIN_HELP, SwarmNode, start_error_message
 from heloco_p2p.swarm.records import PROTOCOL_VERSION, GenesisRecord, PeerRecord
+from heloco_p2p.swarm.wire import unpack_params
 from heloco_p2p.tools.monitor import live_coordinator, wait_for_genesis
 
 logger = logging.getLogger(__name__)

@@ -109,8 +109,8 @@ def run_testnet(profiles: list[PeerProfile], config_path: str, minutes: float, o
     ``dashboard_port``: serve the dashboard there while the run lasts (taken: any free port; None: none).
     ``during(sw, client)``, if given, is called about once a second while the run lasts (scripts/chaos.py
     injects faults with it)."""
-    from heloco_p2p.coordinator import unpack_params
     from heloco_p2p.swarm.node import SwarmNode
+    from heloco_p2p.swarm.wire import unpack_params
 
     cfg = load_config(config_path)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,338 @@
+"""The replicated state machine of a run: θ and the outer optimizer (``outer/``), the version,
+the term, the ledger of applied submissions, the token count, the norm history and each peer's
+contribution credit. Pure: it knows nothing of the network (``roles/coordinator.py`` serves it).
+
+A submission is identified by (peer id, sequence number). The ledger makes a retry idempotent:
+a peer whose reply was lost (its coordinator died after replicating) resubmits and is told
+"accepted (duplicate)" instead of having its update applied twice. ``CommitState.check`` refuses
+values that must not be committed (``bad_version``, ``too_stale``, ``not_finite``,
+``norm_too_large``) before anything changes.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import statistics
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from heloco_p2p.outer import OuterEngine
+from heloco_p2p.swarm.wire import BLOCK_SIZE_8BIT, WireError
+
+
+def params_digest(params: list[torch.Tensor]) -> str:
+    """blake2b of θ's bytes: equal digests mean bitwise-equal replicas."""
+    h = hashlib.blake2b(digest_size=16)
+    for p in params:
+        h.update(p.detach().contiguous().cpu().numpy())  # the buffer itself: no copy of θ
+    return h.hexdigest()
+
+
+class Rejection(Exception):
+    """A submission refused before it touched state; ``code`` is the reason sent to the peer."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class SubmissionLimits:
+    """What a submission may be, and how many the coordinator takes at once (``swarm`` config)."""
+
+    max_staleness: int = 64
+    # reject ‖Δ‖ > norm_factor × median of recent accepted norms; before norm_min_history
+    # accepted norms exist, ‖Δ‖ > norm_factor × max(‖θ‖, 1)
+    norm_factor: float = 10.0
+    norm_window: int = 32
+    norm_min_history: int = 5
+    max_steps: int = 100_000  # inner steps one submission may claim (they set the run's schedule)
+    submit_rate: float = 2.0  # submissions per second per peer (token bucket); 0: unlimited
+    submit_burst: float = 10.0
+    max_pending_submits: int = 8  # submissions admitted and not yet answered; more are told busy
+
+    @classmethod
+    def from_config(cls, swarm) -> "SubmissionLimits":
+        """From a ``SwarmConfig`` (fields of the same names; missing ones keep their defaults)."""
+        names = ("max_staleness", "norm_factor", "max_steps", "submit_rate", "submit_burst", "max_pending_submits")
+        return cls(**{n: getattr(swarm, n) for n in names if hasattr(swarm, n)})
+
+
+_MAX_INT = (1 << 53) - 1  # integers JSON carries exactly everywhere
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def fairness_inputs(header: dict, peer: str) -> tuple[str, float | None]:
+    """What the region-fair weight keys on: the sender's region (its peer id when the header names
+    none; at most 64 characters) and the seconds its round took (None when missing or not a finite
+    number > 0; clamped to [1 ms, 1 day])."""
+    region = header.get("region")
+    worker = f"region:{region[:64]}" if isinstance(region, str) and region else f"peer:{peer}"
+    stats = header.get("stats")
+    seconds = stats.get("seconds") if isinstance(stats, dict) else None
+    seconds = min(max(float(seconds), 1e-3), 86400.0) if positive(seconds) else None
+    return worker, seconds
+
+
+MAX_TOKENS_PER_STEP = 1 << 24  # a batch of 16M tokens per inner step: far above any real one
+
+
+def submission_tokens(header: dict, steps: int) -> int:
+    """The tokens a submission says it trained on (its ``stats.tokens``), counted toward the run's
+    ``max_tokens``: 0 when missing, ``malformed`` when not an integer in [0, steps × 2^24]."""
+    stats = header.get("stats")
+    tokens = stats.get("tokens", 0) if isinstance(stats, dict) else 0
+    if type(tokens) is not int or not 0 <= tokens <= steps * MAX_TOKENS_PER_STEP:
+        raise WireError("malformed", f"stats.tokens must be an integer in [0, steps × {MAX_TOKENS_PER_STEP}], "
+                                     f"got {str(tokens)[:40]!r}")
+    return tokens
+
+
+def header_int(header: dict, key: str, default: int | None = None, lo: int = 0, hi: int = _MAX_INT) -> int:
+    """An integer header field in [lo, hi]; ``malformed`` otherwise (bool is not an integer here)."""
+    value = header.get(key, default)
+    if type(value) is not int or not lo <= value <= hi:
+        raise WireError("malformed", f"header field {key!r} must be an integer in [{lo}, {hi}], got {str(value)[:40]!r}")
+    return value
+
+
+def header_str(header: dict, key: str, max_len: int = 256) -> str:
+    value = header.get(key)
+    if not isinstance(value, str) or len(value) > max_len:
+        raise WireError("malformed", f"header field {key!r} must be a string of at most {max_len} characters")
+    return value
+
+
+def max_submission_bytes(shapes: list[tuple[int, ...]]) -> int:
+    """The largest payload a pseudo-gradient of this layout can take on the wire (fp32, plus each
+    tensor's protobuf fields and, for 8-bit, its block table): anything larger is ``too_large``."""
+    total = 4096
+    for shape in shapes:
+        numel = math.prod(shape)
+        total += 4 * numel + 4 * (-(-numel // BLOCK_SIZE_8BIT)) + 1024 + 256 + 16 * len(shape)
+    return total
+
+
+@dataclass
+class CommitState:
+    """θ and the outer optimizer (``engine``), the term, and who submitted what."""
+
+    engine: OuterEngine
+    term: int = 0
+    applied: dict[str, int] = field(default_factory=dict)  # peer id -> last applied sequence number
+    applied_count: dict[str, int] = field(default_factory=dict)  # peer id -> submissions committed
+    total_steps: int = 0  # inner steps in all committed pseudo-gradients
+    total_tokens: int = 0  # tokens in all committed pseudo-gradients (as their senders counted them)
+    contributors: set = field(default_factory=set)
+    recent_norms: deque = field(default_factory=lambda: deque(maxlen=64))
+    # contribution credit per peer, as this coordinator saw its pseudo-gradients (replicated: a
+    # failover keeps it): {"region", "commits", "tokens", "cos_sum", "cos_n", "keep", "rotate",
+    # "shrink", "blocks", "ratio_sum"}; see ``credit_summary``
+    credit: dict = field(default_factory=dict)
+
+    @property
+    def version(self) -> int:
+        return self.engine.version
+
+    def schedule_step(self) -> int:
+        """Where a peer's inner learning-rate schedule should be: the run's inner steps per peer."""
+        return self.total_steps // max(1, len(self.contributors))
+
+    def check(self, pseudo_grad: list[torch.Tensor], base_version: int, limits: SubmissionLimits) -> float:
+        """Raise Rejection unless the submission may be committed; returns its norm. Reads only."""
+        if base_version < 0 or base_version > self.version:
+            raise Rejection("bad_version", f"base version {base_version} is not in [0, {self.version}]")
+        staleness = self.version - base_version
+        if staleness > limits.max_staleness:
+            raise Rejection("too_stale", f"staleness {staleness} exceeds the bound {limits.max_staleness}; download the current state")
+        norm = tensor_norm(pseudo_grad)
+        if not math.isfinite(norm):
+            raise Rejection("not_finite", "the pseudo-gradient contains NaN or Inf")
+        history = list(self.recent_norms)[-limits.norm_window:]
+        if len(history) >= limits.norm_min_history:
+            bound = limits.norm_factor * statistics.median(history)
+            if norm > bound:
+                raise Rejection("norm_too_large", f"‖Δ‖ = {norm:.4g} exceeds {limits.norm_factor:g} × the median of recent accepted norms ({bound:.4g})")
+        else:  # too few accepted norms for a median: bound Δ by the size of θ itself
+            bound = limits.norm_factor * max(tensor_norm(self.engine.params), 1.0)
+            if norm > bound:
+                raise Rejection("norm_too_large", f"‖Δ‖ = {norm:.4g} exceeds {limits.norm_factor:g} × max(‖θ‖, 1) "
+                                                  f"({bound:.4g}) while fewer than {limits.norm_min_history} norms were accepted")
+        return norm
+
+    def apply(self, pseudo_grad: list[torch.Tensor], base_version: int, peer: str, seq: int, steps: int, norm: float,
+              worker: str | None = None, seconds: float | None = None, tokens: int = 0):
+        """Commit one submission; ``worker``/``seconds`` feed the region-fair weight (outer.fairness):
+        the sender's region and how long its round took; ``tokens`` counts toward the run's budget."""
+        info = self.engine.commit(pseudo_grad, base_version, worker=worker, seconds=seconds)
+        self._record(peer, seq, steps, norm, tokens)
+        self._credit(peer, worker, tokens, info)
+        return info
+
+    def _credit(self, peer: str, worker: str | None, tokens: int, info) -> None:
+        """What this commit says about its sender: tokens, and how HeLoCo treated its blocks."""
+        c = self.credit.setdefault(peer, {"region": "", "commits": 0, "tokens": 0, "cos_sum": 0.0, "cos_n": 0,
+                                          "keep": 0, "rotate": 0, "shrink": 0, "blocks": 0, "ratio_sum": 0.0})
+        if worker and worker.startswith("region:"):
+            c["region"] = worker[len("region:"):]
+        c["commits"] += 1
+        c["tokens"] += tokens
+        cos = info.mean_cosine()
+        if cos is not None and math.isfinite(cos):
+            c["cos_sum"] += cos
+            c["cos_n"] += 1
+        for b in info.branches:
+            c["blocks"] += 1
+            if b in ("keep", "skip"):
+                c["keep"] += 1
+            elif b == "shrink":
+                c["shrink"] += 1
+            else:  # reorient / rotate
+                c["rotate"] += 1
+        before = info.total_norm_before
+        c["ratio_sum"] += info.total_norm_after / before if before > 0 else 1.0
+        if len(self.credit) > 4096:  # bounded whatever the number of identities: drop the smallest
+            del self.credit[min(self.credit, key=lambda p: self.credit[p]["tokens"])]
+
+    def credit_summary(self, top: int = 64) -> dict[str, dict]:
+        """Per peer (the ``top`` with most tokens): commits, tokens, share of the run's tokens, mean
+        cosine of its blocks to the momentum, shares of its blocks kept / rotated / shrunk, and the
+        mean ‖Δ̂‖/‖Δ‖ (how much the correction changed its pseudo-gradients)."""
+        items = list(self.credit.items())  # one C-level copy: the lease renewal reads while commits write
+        total = max(1, sum(c["tokens"] for _, c in items))
+        out = {}
+        for peer, c in sorted(items, key=lambda kv: -kv[1]["tokens"])[:top]:
+            blocks = max(1, c["blocks"])
+            out[peer] = {"region": c["region"], "commits": float(c["commits"]), "tokens": float(c["tokens"]),
+                         "share": c["tokens"] / total,
+                         "cosine_mean": c["cos_sum"] / c["cos_n"] if c["cos_n"] else 0.0,
+                         "kept": c["keep"] / blocks, "rotated": c["rotate"] / blocks, "shrunk": c["shrink"] / blocks,
+                         "norm_ratio": c["ratio_sum"] / max(1, c["commits"])}
+        return out
+
+    def _record(self, peer: str, seq: int, steps: int, norm: float, tokens: int = 0) -> None:
+        self.applied[peer] = seq
+        self.applied_count[peer] = self.applied_count.get(peer, 0) + 1
+        self.total_steps += steps
+        self.total_tokens += tokens
+        self.contributors.add(peer)
+        self.recent_norms.append(norm)
+
+    def apply_sync(self, items: list[tuple[str, int, int, int, float, list[torch.Tensor]]], base_version: int):
+        """Synchronous DiLoCo: one outer step on the mean of one pseudo-gradient per peer.
+        ``items``: (peer, seq, steps, tokens, norm, Δ) each."""
+        info = self.engine.sync_commit([d for *_, d in items], base_version)
+        for peer, seq, steps, tokens, norm, _ in items:
+            self._record(peer, seq, steps, norm, tokens)
+            self._credit(peer, None, tokens, info)  # the cosine and branches are those of the mean
+        return info
+
+    def is_duplicate(self, peer: str, seq: int) -> bool:
+        return seq <= self.applied.get(peer, -1)
+
+    # replication ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"engine": self.engine.state_dict(), "term": self.term, "applied": dict(self.applied),
+                "applied_count": dict(self.applied_count),
+                "total_steps": self.total_steps, "total_tokens": self.total_tokens,
+                "contributors": sorted(self.contributors),
+                "recent_norms": list(self.recent_norms),
+                "credit": {p: dict(c) for p, c in self.credit.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()``; everything is checked before anything changes.
+
+        :raises ValueError: a state of another layout or config, or fields of the wrong types
+        """
+        if not isinstance(state, dict):
+            raise ValueError("commit state: not a dict")
+
+        def ledger(key: str) -> dict:
+            value = state.get(key)
+            if not isinstance(value, dict) or not all(isinstance(k, str) and type(v) is int for k, v in value.items()):
+                raise ValueError(f"commit state: {key} must map peer ids to integers")
+            return dict(value)
+
+        term, total_steps = state.get("term"), state.get("total_steps")
+        total_tokens = state.get("total_tokens", 0)  # states written before the token budget have none
+        if any(type(v) is not int or v < 0 for v in (term, total_steps, total_tokens)):
+            raise ValueError("commit state: term, total_steps and total_tokens must be integers >= 0")
+        applied, applied_count = ledger("applied"), ledger("applied_count")
+        contributors, norms = state.get("contributors"), state.get("recent_norms")
+        if not isinstance(contributors, (list, tuple, set)) or not all(isinstance(c, str) for c in contributors):
+            raise ValueError("commit state: contributors must be a list of peer ids")
+        if not isinstance(norms, (list, tuple)) or not all(type(n) is float and math.isfinite(n) for n in norms):
+            raise ValueError("commit state: recent_norms must be a list of finite floats")
+        credit = _check_credit(state.get("credit", {}))  # states written before credit have none
+        try:
+            self.engine.load_state_dict(state.get("engine"))  # checks everything before it changes anything
+        except ValueError:
+            raise
+        except Exception as exc:  # engine parts of the wrong shape or type
+            raise ValueError(f"commit state: engine: {type(exc).__name__}: {str(exc)[:200]}") from None
+        self.term = max(self.term, term)
+        self.applied = applied
+        self.applied_count = applied_count
+        self.total_steps = total_steps
+        self.total_tokens = total_tokens
+        self.contributors = set(contributors)
+        self.recent_norms = deque(norms, maxlen=64)
+        self.credit = credit
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        torch.save(self.state_dict(), buf)
+        return buf.getvalue()
+
+    def load_bytes(self, data: bytes) -> None:
+        """Load a state sent by a peer: tensors and plain containers only (never pickled objects,
+        which would run the sender's code here), then checked as ``load_state_dict``."""
+        self.load_state_dict(parse_state(data))
+
+
+_CREDIT_INTS = ("commits", "tokens", "cos_n", "keep", "rotate", "shrink", "blocks")
+
+
+def _check_credit(credit) -> dict:
+    """A replicated credit table, type-checked field by field (it comes from another peer)."""
+    if not isinstance(credit, dict) or len(credit) > 4096:
+        raise ValueError("commit state: credit must map at most 4096 peer ids to counters")
+    out = {}
+    for peer, c in credit.items():
+        ok = isinstance(peer, str) and isinstance(c, dict) and isinstance(c.get("region"), str) \
+            and all(type(c.get(k)) is int and c[k] >= 0 for k in _CREDIT_INTS) \
+            and all(type(c.get(k)) is float and math.isfinite(c[k]) for k in ("cos_sum", "ratio_sum"))
+        if not ok:
+            raise ValueError(f"commit state: credit of {str(peer)[:20]!r} is malformed")
+        out[peer] = {"region": c["region"][:64], **{k: c[k] for k in _CREDIT_INTS + ("cos_sum", "ratio_sum")}}
+    return out
+
+
+def tensor_norm(tensors: list[torch.Tensor]) -> float:
+    """‖x‖ over all tensors in one float32 pass each; in float64 only when float32 overflows
+    (values past ~1e19) or the input is not finite. Squaring float64 copies instead allocates
+    2 × 8 bytes per parameter per norm: at 125M parameters 13× the CPU time and far more wall
+    time, the largest cost of a submission (docs/scaling.md, "The coordinator path")."""
+    total = sum(float(torch.linalg.vector_norm(t)) ** 2 for t in tensors)
+    if math.isfinite(total):
+        return math.sqrt(total)
+    return math.sqrt(sum(float(torch.sum(t.double() * t.double())) for t in tensors))
+
+
+
+def parse_state(data: bytes) -> dict:
+    """A full commit state sent by a peer: tensors and plain containers only (``weights_only``:
+    never pickled objects, which would run the sender's code here)."""
+    try:
+        state = torch.load(io.BytesIO(data), weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"the full state does not load ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not isinstance(state, dict):
+        raise ValueError("the full state is not a commit state")
+    return state
