@@ -28,6 +28,20 @@ checkpoint), commits while no one resumed, time to recover.
 
 Writes OUT/chaos.json (and each run's testnet outputs under OUT/faults, OUT/baseline,
 OUT/kill-all); --write-results replaces the "## Chaos" section of docs/reliability.md.
+
+Freeze and partition scenarios (instead of the kill run), each --runs times, one at a time:
+
+    python scripts/chaos.py --out runs/chaos-sc --freeze --partition --netns --tiny --runs 5 --write-results
+
+--freeze: the coordinator, the standby, and a training peer right after a round (its submission
+in flight) SIGSTOPped for --freeze-seconds; --partition (needs --netns: every peer in a network
+namespace of its own, heloco_p2p/tools/netns.py, root): the link coordinator↔standby cut for
+--cut-seconds while the other peers reach both, healed, then either side SIGKILLed; and the
+coordinator isolated from everyone for --isolate-seconds. Each run is checked with
+check_history (lost, forks, applied twice), the longest stall (no new version) from the first
+fault on, and the takeovers whose replaced holder was not frozen, killed or isolated in the 3
+lease periods before (unnecessary failovers). OUT/chaos.json "scenarios"; --write-results: one
+section per scenario under "## Chaos: freeze and partition" of docs/reliability.md.
 """
 from __future__ import annotations
 
@@ -304,6 +318,387 @@ def kill_all_run(args, profiles, out: Path) -> dict:
     return {"record": r, "history": history, "summary": summary}
 
 
+# ------------------------------------------------------------------------------ freeze and partition scenarios
+SCENARIOS = {
+    "freeze-coordinator": "the coordinator's process group SIGSTOPped for --freeze-seconds, then SIGCONT",
+    "freeze-standby": "the standby's process group SIGSTOPped for --freeze-seconds, then SIGCONT",
+    "freeze-trainer": "a training peer SIGSTOPped right after a round ended (its submission in flight) for "
+                      "--freeze-seconds, then SIGCONT",
+    "cut-kill-coordinator": "the link coordinator↔standby cut for --cut-seconds while every other peer reaches both; "
+                            "healed; a lease later the coordinator of the cut SIGKILLed (restarted after the takeover)",
+    "cut-kill-standby": "the same cut and heal; a lease later the standby of the cut SIGKILLed (then restarted)",
+    "isolate-coordinator": "the coordinator cut from everyone (its bridge port down: peers and observer) for "
+                           "--isolate-seconds, then back",
+}
+FREEZE = [s for s in SCENARIOS if s.startswith("freeze")]
+PARTITION = [s for s in SCENARIOS if not s.startswith("freeze")]
+SCENARIO_HEADING = "## Chaos: freeze and partition"
+
+
+def _latest_roles(sw) -> dict[str, tuple[float, str]]:
+    """name → (time, role) of each running peer's latest heartbeat."""
+    out = {}
+    for name, proc in sw.procs.items():
+        beats = sw.events(name, "heartbeat")
+        if proc.poll() is None and beats:
+            out[name] = (beats[-1]["time"], beats[-1].get("role"))
+    return out
+
+
+def _roles_now(sw, stale: float) -> tuple[str | None, str | None, list[str]]:
+    """(coordinator, standby, training peers) by the peers' own recent heartbeats."""
+    now, roles = time.time(), _latest_roles(sw)
+    fresh = {n: r for n, (t, r) in roles.items() if now - t < stale}
+    coord = [n for n, r in fresh.items() if r == "coordinator"]
+    standby = [n for n, r in fresh.items() if r == "standby"]
+    return (coord[0] if len(coord) == 1 else None, standby[0] if standby else None,
+            sorted(n for n, r in fresh.items() if r == "training"))
+
+
+def _commit_times(events: list[dict]) -> list[float]:
+    """When each version first entered the chain (the earliest commit event of each (version, digest))."""
+    first: dict[tuple, float] = {}
+    for e in events:
+        if e["event"] == "commit":
+            key = (e["version"], e["digest"])
+            first[key] = min(first.get(key, e["time"]), e["time"])
+    return sorted(first.values())
+
+
+def longest_stall(times: list[float], start: float, end: float) -> float:
+    """The longest time without a commit between ``start`` and ``end``."""
+    return _stall(times, start, end)[0]
+
+
+def _stall(times: list[float], start: float, end: float) -> tuple[float, float]:
+    """(length, start time) of the longest time without a commit between ``start`` and ``end``."""
+    marks = [start] + [t for t in times if start < t < end] + [end]
+    return max((b - a, a) for a, b in zip(marks, marks[1:]))
+
+
+def classify_takeovers(events: list[dict], unavailable: list[dict], lease_seconds: float, until: float) -> list[dict]:
+    """Each takeover before ``until`` (not a handover), with the holder it replaced (the last peer to
+    commit in an earlier term) and whether that holder was unavailable (frozen, killed, isolated:
+    ``unavailable`` windows {"peer", "start", "end"}) at some time in the 3 lease periods before it.
+    One that was not is unnecessary: the holder was alive and reachable by the swarm (a cut of the
+    single link holder↔claimant leaves it reachable by every other peer)."""
+    out = []
+    commits = [e for e in events if e["event"] == "commit"]
+    for t in (e for e in events if e["event"] == "takeover" and e["time"] < until):
+        if t.get("handover"):
+            out.append({"time": t["time"], "by": t["name"], "term": t["term"], "handover": True, "unnecessary": False})
+            continue
+        earlier = [c for c in commits if c["term"] < t["term"] and c["time"] <= t["time"]]
+        holder = max(earlier, key=lambda c: c["time"])["name"] if earlier else None
+        window = (t["time"] - 3 * lease_seconds, t["time"])
+        down = [w for w in unavailable if w["peer"] == holder and w["start"] <= window[1] and
+                (w["end"] is None or w["end"] >= window[0])]
+        out.append({"time": t["time"], "by": t["name"], "term": t["term"], "version": t["version"], "holder": holder,
+                    "holder_unavailable": [w["why"] for w in down], "unnecessary": holder is not None and not down})
+    return out
+
+
+def _newest_checkpoint(sw) -> Path | None:
+    headers = {p.parent: read_header(p.parent) for p in sw.dir.glob("ckpt-*/coordinator.pt")}
+    headers = {d: h for d, h in headers.items() if h}
+    return max(headers, key=lambda d: (headers[d]["term"], headers[d]["version"])) if headers else None
+
+
+def _stop_swarm(sw) -> None:
+    """Training peers first, the coordinator last (its checkpoint is then the final state)."""
+    import signal
+
+    coordinator, _, _ = _roles_now(sw, stale=30.0)
+    order = sorted((n for n, p in sw.procs.items() if p.poll() is None), key=lambda n: n == coordinator)
+    for n in order:
+        try:
+            sw.stop(n, signal.SIGTERM, timeout=60)
+        except Exception as exc:  # a peer that does not stop in time is SIGKILLed by close()
+            print(f"[chaos] {n} did not stop: {exc}", flush=True)
+    sw.close()
+
+
+class Scenario:
+    """One run of a freeze or partition scenario on a LocalSwarm (peers in namespaces with ``net``)."""
+
+    def __init__(self, name: str, args, profiles, config: Path, lease_seconds: float, net=None):
+        self.name, self.args, self.profiles, self.config, self.lease, self.net = \
+            name, args, {p.name: p for p in profiles}, config, lease_seconds, net
+        self.order = [p.name for p in profiles]
+        self.timeline: list[dict] = []      # what was done when
+        self.unavailable: list[dict] = []   # windows in which a peer was frozen, dead or isolated
+
+    def log(self, what: str, **info) -> None:
+        self.timeline.append({"time": time.time(), "what": what, **info})
+        print(f"[chaos] {self.name}: {what} {json.dumps(info, default=str)}", flush=True)
+
+    def down(self, peer: str, why: str) -> dict:
+        w = {"peer": peer, "why": why, "start": time.time(), "end": None}
+        self.unavailable.append(w)
+        return w
+
+    def run(self, sw) -> dict:
+        a = self.args
+        first = self.order[0]
+        sw.start(first, self.profiles[first].region, "--config", str(self.config), *peer_args(self.profiles[first]))
+        for n in self.order[1:]:
+            sw.start(n, self.profiles[n].region, *peer_args(self.profiles[n]))
+        t0 = time.time()
+        sw.wait_until(lambda: len(sw.all_events("commit")) >= a.warmup_commits and _roles_now(sw, 3 * self.lease)[1],
+                      300, f"{a.warmup_commits} commits and a standby")
+        self.log("warm", commits=len(sw.all_events("commit")), seconds=round(time.time() - t0, 1))
+        fault_start = time.time()
+        getattr(self, "_" + self.name.replace("-", "_"))(sw)
+        last_fault = max(w["end"] or time.time() for w in self.unavailable) if self.unavailable else time.time()
+        last_fault = max([last_fault] + [e["time"] for e in self.timeline])
+        # the rest of the run: at least 3 leases and 5 commits after the last fault, up to --scenario-minutes
+        deadline = max(t0 + 60 * a.scenario_minutes, last_fault + 3 * self.lease)
+        while time.time() < deadline or (len([t for t in _commit_times(_events(sw.dir)) if t > last_fault]) < 5
+                                          and time.time() < last_fault + 120):
+            self._restart_dead(sw)
+            time.sleep(1.0)
+        stop_at = time.time()
+        self.log("stop")
+        _stop_swarm(sw)
+        events = _events(sw.dir)
+        ckpt = _newest_checkpoint(sw)
+        history = check_history(events, ckpt)
+        times = _commit_times(events)
+        takeovers = classify_takeovers(events, self.unavailable, self.lease, stop_at)
+        after = [t for t in times if last_fault < t < stop_at]
+        stall, stall_at = _stall(times, fault_start, stop_at)
+        before = [e for e in self.timeline if e["time"] <= stall_at + 0.5]
+        return {"scenario": self.name, "history": history,
+                "stall_seconds": stall, "stall_leases": stall / self.lease,
+                "stall_started": {"after_first_fault": stall_at - fault_start,
+                                  "after": before[-1]["what"] if before else None,
+                                  "after_event_seconds": stall_at - before[-1]["time"] if before else None},
+                "takeovers": takeovers, "unnecessary_failovers": sum(1 for t in takeovers if t["unnecessary"]),
+                "failovers": sum(1 for t in takeovers if not t.get("handover")),
+                "commits": len(times), "commits_after_last_fault": len(after),
+                "terms": sorted({e["term"] for e in events if e["event"] == "commit"}),
+                "timeline": self.timeline, "unavailable": self.unavailable,
+                "seconds": stop_at - t0, "checkpoint": str(ckpt) if ckpt else None}
+
+    # ------------------------------------------------------------------ helpers
+    def _roles(self, sw, need_standby: bool = True, timeout: float = 120) -> tuple[str, str | None, list[str]]:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            c, s, t = _roles_now(sw, 3 * self.lease)
+            if c and (s or not need_standby):
+                return c, s, t
+            time.sleep(0.5)
+        raise TimeoutError(f"no coordinator{' and standby' if need_standby else ''} in {timeout:.0f} s")
+
+    def _restart_dead(self, sw) -> None:
+        """A killed peer comes back with its identity once a takeover followed the kill (or 30 s later)."""
+        for w in self.unavailable:
+            if w["why"] != "killed" or w["end"] is not None:
+                continue
+            took = [e for e in sw.all_events("takeover") if e["time"] > w["start"]]
+            if took or time.time() - w["start"] > 30:
+                p = self.profiles[w["peer"]]
+                _restart(sw, w["peer"], p)
+                w["end"] = time.time()
+                self.log("restarted", peer=w["peer"])
+
+    def _freeze(self, sw, peer: str, role: str) -> None:
+        w = self.down(peer, "frozen")
+        sw.freeze(peer)
+        self.log("freeze", peer=peer, role=role)
+        time.sleep(self.args.freeze_seconds)
+        sw.thaw(peer)
+        w["end"] = time.time()
+        self.log("thaw", peer=peer)
+
+    # ------------------------------------------------------------------ the scenarios
+    def _freeze_coordinator(self, sw) -> None:
+        c, _, _ = self._roles(sw)
+        self._freeze(sw, c, "coordinator")
+
+    def _freeze_standby(self, sw) -> None:
+        _, s, _ = self._roles(sw)
+        self._freeze(sw, s, "standby")
+
+    def _freeze_trainer(self, sw) -> None:
+        _, _, trainers = self._roles(sw)
+        if not trainers:
+            raise RuntimeError("no training peer to freeze (the cast needs 3 peers)")
+        peer = trainers[0]
+        rounds = len(sw.events(peer, "round"))
+        deadline = time.time() + 120
+        while len(sw.events(peer, "round")) == rounds and time.time() < deadline:
+            time.sleep(0.05)  # a round just ended: its submission is on its way
+        acks = len(sw.events(peer, "ack"))
+        self._freeze(sw, peer, "training")
+        self.timeline[-2]["acks_before"] = acks
+
+    def _cut_then(self, sw, kill: str | None) -> None:
+        c, s, _ = self._roles(sw)
+        self.net.cut(c, s)
+        self.log("cut", coordinator=c, standby=s)
+        time.sleep(self.args.cut_seconds)
+        self.net.heal(c, s)
+        self.log("heal", coordinator=c, standby=s, roles=dict(zip(("coordinator", "standby", "training"),
+                                                                   _roles_now(sw, 3 * self.lease))))
+        if kill is None:
+            return
+        time.sleep(self.lease)
+        victim = c if kill == "coordinator" else s
+        role = _latest_roles(sw).get(victim, (0, None))[1]
+        self.down(victim, "killed")
+        sw.kill(victim)
+        self.log("kill", peer=victim, side=kill, role_then=role)
+
+    def _cut_kill_coordinator(self, sw) -> None:
+        self._cut_then(sw, "coordinator")
+
+    def _cut_kill_standby(self, sw) -> None:
+        self._cut_then(sw, "standby")
+
+    def _isolate_coordinator(self, sw) -> None:
+        c, s, _ = self._roles(sw)
+        w = self.down(c, "isolated")
+        self.net.isolate(c)
+        self.log("isolate", peer=c, standby=s)
+        time.sleep(self.args.isolate_seconds)
+        self.net.rejoin(c)
+        w["end"] = time.time()
+        self.log("rejoin", peer=c)
+
+
+def scenario_runs(args, profiles, out: Path, save=None) -> dict:
+    """Every selected scenario, --runs times each, one run at a time (round robin over the scenarios);
+    ``save(results)`` after each run, so that an interrupted series keeps what it measured."""
+    from heloco_p2p.tools.launcher import write_test_config
+
+    names = args.scenarios
+    if any(n in PARTITION for n in names) and not args.netns:
+        raise SystemExit(f"{', '.join(n for n in names if n in PARTITION)}: partitions need --netns")
+    results: dict[str, list] = {}
+    for i in range(args.runs):
+        for name in names:
+            run_dir = out / "scenarios" / f"{name}-{i + 1}"
+            if run_dir.exists():
+                import shutil
+
+                shutil.rmtree(run_dir)
+            run_dir.mkdir(parents=True)
+            if args.tiny:
+                config = write_test_config(run_dir / "cfg.yaml", lease_seconds=args.lease_seconds, num_standbys=1)
+            else:
+                config = Path(args.config).resolve()
+            lease = load_config(config).swarm.lease_seconds
+            load = os.getloadavg()[0]
+            result = _one_scenario(name, args, profiles, config, lease, run_dir)
+            result.update(run=i + 1, load=[load, os.getloadavg()[0]], lease_seconds=lease, dir=str(run_dir))
+            results.setdefault(name, []).append(result)
+            if save is not None:
+                save(results)
+            h = result.get("history", {})
+            print(f"[chaos] {name} run {i + 1}: {result.get('error') or ''} acks {h.get('acks')} lost "
+                  f"{h.get('acked_but_lost')} forks {len(h.get('forks', []))} twice {h.get('submissions_committed_twice')}"
+                  f" stall {_fmt(result.get('stall_seconds'))} s, unnecessary failovers "
+                  f"{result.get('unnecessary_failovers')}", flush=True)
+    return results
+
+
+def _one_scenario(name, args, profiles, config, lease, run_dir: Path) -> dict:
+    from heloco_p2p.tools.launcher import LocalSwarm
+
+    run_id = f"{name}-{uuid.uuid4().hex[:6]}"
+    scenario = None
+    if args.netns:
+        from heloco_p2p.tools.netns import NetnsTestnet
+
+        net = NetnsTestnet()
+    else:
+        net = None
+    try:
+        if net is not None:
+            net.open()
+        sw = LocalSwarm(run_dir, run_id, netns=net)
+        scenario = Scenario(name, args, profiles, config, lease, net)
+        try:
+            return scenario.run(sw)
+        except Exception as exc:  # recorded as a failed run, with the timeline so far
+            import traceback
+
+            traceback.print_exc()
+            return {"scenario": name, "error": f"{type(exc).__name__}: {str(exc)[:2000]}",
+                    "timeline": scenario.timeline, "unavailable": scenario.unavailable}
+        finally:
+            sw.close()
+    finally:
+        if net is not None:
+            net.close()
+
+
+def render_scenarios(results: dict, meta: dict) -> dict[str, str]:
+    """One markdown section per scenario: heading → body."""
+    out = {}
+    for name, runs in results.items():
+        ok = [r for r in runs if "history" in r]
+        lines = [f"{meta['date']} · {meta['machine']} · `{meta['command']}` · tree {meta.get('tree', 'unknown')}", "",
+                 f"{SCENARIOS[name]}. {meta['cast']}; lease {runs[0].get('lease_seconds', '?'):g} s, 1 standby; "
+                 f"{len(runs)} run{'s' if len(runs) != 1 else ''} "
+                 f"({len(runs) - len(ok)} did not complete), one at a time under `nice -n 10`. Load average "
+                 "(1 min) at each run's start / end: "
+                 + ", ".join(f"{r['load'][0]:.1f}/{r['load'][1]:.1f}" for r in runs if r.get("load"))
+                 + f" on {os.cpu_count()} cores.", "",
+                 "| run | acknowledged | lost | forks | gaps | applied twice | longest stall | failovers | "
+                 "unnecessary failovers | commits after the last fault | terms |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in runs:
+            if "history" not in r:
+                lines.append(f"| {r.get('run')} | failed: {r['error'][:200]} | | | | | | | | | |")
+                continue
+            h = r["history"]
+            lines.append(f"| {r['run']} | {h['acks']} | **{h['acked_but_lost']}** | **{len(h['forks'])}** | "
+                         f"{len(h['gaps'])} | {h['submissions_committed_twice']} | {r['stall_seconds']:.1f} s "
+                         f"({r['stall_leases']:.1f} leases; from {_fmt(r['stall_started']['after_event_seconds'], '.0f')} s "
+                         f"after the {r['stall_started']['after']}) | {r['failovers']} | **{r['unnecessary_failovers']}** | "
+                         f"{r['commits_after_last_fault']} | {','.join(map(str, r['terms']))} |")
+        if ok:
+            lines += ["", f"In all: {sum(r['history']['acks'] for r in ok)} acknowledged, "
+                      f"{sum(r['history']['acked_but_lost'] for r in ok)} lost, "
+                      f"{sum(len(r['history']['forks']) for r in ok)} forks, "
+                      f"{sum(r['history']['submissions_committed_twice'] for r in ok)} applied twice, longest stall "
+                      f"{max(r['stall_seconds'] for r in ok):.1f} s, "
+                      f"{sum(r['unnecessary_failovers'] for r in ok)} unnecessary failovers."]
+        out[f"### {name}"] = "\n".join(lines)
+    return out
+
+
+def publish_scenarios(results: dict, meta: dict, write: bool) -> bool:
+    """Print (and with ``write`` put into docs/reliability.md) each scenario's section; True if sound."""
+    sections = render_scenarios(results, meta)
+    rel = ROOT / "docs" / "reliability.md"
+    md = rel.read_text()
+    if SCENARIO_HEADING not in md:
+        md = md.rstrip() + f"\n\n{SCENARIO_HEADING}\n\n" + (
+            "scripts/chaos.py --freeze / --partition (--netns: peers in network namespaces, "
+            "heloco_p2p/tools/netns.py). Every acknowledgement is checked against the final chain "
+            "(check_history: lost, forks, gaps, applied twice); the longest stall is the longest time without "
+            "a new version from the first fault to the end of the run; a failover is unnecessary when the "
+            "holder it replaced was not frozen, killed or isolated in the 3 lease periods before it (a cut of "
+            "the one link holder↔claimant leaves the holder reachable by every other peer).\n")
+    for heading, body in sections.items():
+        print(f"\n{heading}\n\n{body}")
+        if heading in md:
+            md = replace_section(md, heading, body)
+        else:  # under the scenarios' heading, after the sections already there
+            start = md.index(SCENARIO_HEADING)
+            nxt = md.find("\n## ", start + len(SCENARIO_HEADING))
+            cut = len(md) if nxt < 0 else nxt
+            md = md[:cut].rstrip() + f"\n\n{heading}\n\n{body}\n" + ("\n" + md[cut:].lstrip("\n") if nxt >= 0 else "")
+    if write:
+        rel.write_text(md)
+    bad = [r for runs in results.values() for r in runs if "history" in r and
+           (r["history"]["acked_but_lost"] or r["history"]["forks"] or r["history"]["submissions_committed_twice"])]
+    return not bad
+
+
 # ------------------------------------------------------------------------------ report
 def _fmt(x, spec=".1f") -> str:
     return "–" if x is None else format(x, spec)
@@ -447,7 +842,32 @@ def main() -> None:
     ap.add_argument("--no-faults", action="store_true", help="skip the fault run (e.g. only --kill-all)")
     ap.add_argument("--write-results", action="store_true")
     ap.add_argument("--render-only", action="store_true", help="rewrite the table from OUT/chaos.json, no runs")
+    sc = ap.add_argument_group("freeze and partition scenarios (instead of the kill run)")
+    sc.add_argument("--freeze", action="store_true", help="the freeze scenarios: " + ", ".join(FREEZE))
+    sc.add_argument("--partition", action="store_true", help="the partition scenarios (need --netns): "
+                    + ", ".join(PARTITION))
+    sc.add_argument("--scenario", action="append", default=[], choices=sorted(SCENARIOS), help="one scenario (repeatable)")
+    sc.add_argument("--netns", action="store_true", help="every peer in a network namespace of its own (root)")
+    sc.add_argument("--runs", type=int, default=1, help="runs of each scenario")
+    sc.add_argument("--scenario-minutes", type=float, default=3.0, help="length of each scenario run")
+    sc.add_argument("--freeze-seconds", type=float, default=15.0, help="how long a frozen peer stays frozen")
+    sc.add_argument("--cut-seconds", type=float, default=12.0, help="how long the coordinator↔standby link stays cut")
+    sc.add_argument("--isolate-seconds", type=float, default=15.0, help="how long the coordinator stays isolated")
+    sc.add_argument("--warmup-commits", type=int, default=10, help="commits before the fault")
+    sc.add_argument("--tiny", action="store_true", help="a 3-peer cast (de, fr, en) on the tiny test model "
+                    "(launcher.write_test_config) instead of --peers and --config")
+    sc.add_argument("--lease-seconds", type=float, default=6.0, help="--tiny: the lease")
     args = ap.parse_args()
+    args.scenarios = list(dict.fromkeys((FREEZE if args.freeze else []) + (PARTITION if args.partition else [])
+                                        + args.scenario))
+    if args.scenarios and args.render_only:  # the sections again, from OUT/chaos.json
+        saved = json.loads((args.out / "chaos.json").read_text())
+        runs = {n: saved["scenarios"][n] for n in args.scenarios if n in saved.get("scenarios", {})}
+        publish_scenarios(runs, saved["scenarios_meta"], args.write_results)
+        return
+    if args.scenarios:
+        scenarios_main(args)
+        return
     if args.render_only:
         results = json.loads((args.out / "chaos.json").read_text())
         cfg = load_config(args.config)
@@ -476,6 +896,37 @@ def main() -> None:
     results["load"] = [load_start, os.getloadavg()[0]]
     (args.out / "chaos.json").write_text(json.dumps(results, indent=2, default=str))
     _publish(results, args)
+
+
+def scenarios_main(args) -> None:
+    """--freeze / --partition / --scenario: run them, write OUT/chaos.json's "scenarios" and (with
+    --write-results) a section of docs/reliability.md per scenario; exit 1 on a loss or fork."""
+    from heloco_p2p.tools.testnet import PeerProfile
+
+    if args.tiny:
+        profiles = [PeerProfile(name=n, region=r, device="cpu", batch_size=8) for n, r in (("a", "de"), ("b", "fr"),
+                                                                                           ("c", "en"))]
+        cast = "3 peers (a de, b fr, c en) on the tiny test model (launcher.write_test_config)"
+    else:
+        profiles = load_profiles(args.peers)
+        cast = (f"{len(profiles)} peers ({', '.join(f'{p.name} {p.region} ×{p.speed:g}' for p in profiles)}), "
+                f"{Path(args.config).name}")
+    cast += ", each in its own network namespace" if args.netns else ", on 127.0.0.1"
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+            "date": str(datetime.date.today()), "tree": _tree(), "cast": cast,
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU only"}
+    path = args.out / "chaos.json"
+    saved = json.loads(path.read_text()) if path.exists() else {}
+
+    def save(results: dict) -> None:
+        saved.setdefault("scenarios", {}).update(results)
+        saved["scenarios_meta"] = meta
+        path.write_text(json.dumps(saved, indent=2, default=str))
+
+    results = scenario_runs(args, profiles, args.out, save)
+    if not publish_scenarios(results, meta, args.write_results):
+        sys.exit(1)
 
 
 def _publish(results: dict, args) -> None:

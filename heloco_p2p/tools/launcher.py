@@ -1,4 +1,6 @@
 """Start real peers as separate processes on 127.0.0.1, read their metrics, stop them all.
+With ``netns`` (a ``heloco_p2p.tools.netns.NetnsTestnet``), each peer runs in a network namespace
+of its own and listens on its bridge address instead, so links between peers can be cut.
 
 Each peer runs in its own session (process group) so that stopping it, even with SIGKILL,
 reaches its DHT process and p2pd too. Used by the tests, the benchmarks and the testnet.
@@ -51,9 +53,10 @@ def write_test_config(path: Path, outer: dict | None = None, **swarm) -> Path:
 
 
 class LocalSwarm:
-    def __init__(self, workdir: Path, run_id: str, swarm_key_file: str | Path | None = None):
+    def __init__(self, workdir: Path, run_id: str, swarm_key_file: str | Path | None = None, netns=None):
         self.dir, self.run_id = workdir, run_id
         self.swarm_key_file = swarm_key_file  # given to every peer started (docs/security.md)
+        self.netns = netns  # None: every peer on 127.0.0.1; else a NetnsTestnet: one namespace per peer
         self.procs: dict[str, subprocess.Popen] = {}
         self.maddr: str | None = None
 
@@ -65,6 +68,11 @@ class LocalSwarm:
             args += ["--initial-peers", self.live_maddr(exclude=name) or self.maddr]
         if self.swarm_key_file and "--swarm-key-file" not in extra:
             args += ["--swarm-key-file", str(self.swarm_key_file)]
+        if self.netns is not None:
+            address = self.netns.add(name)  # the same namespace (and address) for a restarted peer
+            if "--host-maddrs" not in extra:
+                args += ["--host-maddrs", f"/ip4/{address}/tcp/0"]
+            args = self.netns.exec_args(name, args)
         path = self.dir / f"{name}.log"
         if path.exists():  # a restarted peer: the earlier process's log is kept as NAME.log.N
             path.rename(self.dir / f"{name}.log.{len(list(self.dir.glob(f'{name}.log.*')))}")
@@ -79,7 +87,7 @@ class LocalSwarm:
         """The address of a peer that is still running (a restarted peer must not dial a dead one)."""
         for other, proc in self.procs.items():
             if other != exclude and proc.poll() is None:
-                m = re.search(r"/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+", (self.dir / f"{other}.log").read_text())
+                m = re.search(self._maddr_pattern(other), (self.dir / f"{other}.log").read_text())
                 if m:
                     return m.group(0)
         return None
@@ -87,13 +95,17 @@ class LocalSwarm:
     def wait_for_maddr(self, name: str, timeout: float = 90) -> str:
         deadline = time.time() + timeout
         while time.time() < deadline:
-            m = re.search(r"/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+", (self.dir / f"{name}.log").read_text())
+            m = re.search(self._maddr_pattern(name), (self.dir / f"{name}.log").read_text())
             if m:
                 return m.group(0)
             if self.procs[name].poll() is not None:
                 raise RuntimeError(f"{name} exited: {(self.dir / f'{name}.log').read_text()[-3000:]}")
             time.sleep(0.3)
         raise TimeoutError(f"{name} printed no address")
+
+    def _maddr_pattern(self, name: str) -> str:
+        host = "127.0.0.1" if self.netns is None else self.netns.address(name)
+        return r"/ip4/" + re.escape(host) + r"/tcp/\d+/p2p/\w+"
 
     def events(self, name: str, kind: str | None = None) -> list[dict]:
         path = self.dir / f"{name}.jsonl"
