@@ -156,7 +156,7 @@ class NetnsTestnet:
                 _ip("link", "del", link, check=False)
         cleanup(self.prefix)  # anything of ours a failed step left half-made
         try:
-            (STATE_DIR / f"{self.prefix}json").unlink()
+            _state_file(self.prefix).unlink()
         except OSError:
             pass
         if self._old_sigterm is not None or signal.getsignal(signal.SIGTERM) is _sigterm_to_exit:
@@ -170,7 +170,7 @@ class NetnsTestnet:
             pass
 
     def _write_state(self) -> None:
-        (STATE_DIR / f"{self.prefix}json").write_text(json.dumps({"prefix": self.prefix, "pid": os.getpid(),
+        _state_file(self.prefix).write_text(json.dumps({"prefix": self.prefix, "pid": os.getpid(),
                                                                   "subnet": str(self.net)}))
 
     # -------------------------------------------------------------------------------- peers
@@ -267,6 +267,11 @@ def _shape(dev: str, mbit: float, ns: str | None = None) -> None:
     _run((["ip", "netns", "exec", ns] if ns else []) + argv)
 
 
+def _state_file(prefix: str) -> Path:
+    """Where a run records its prefix and pid: STATE_DIR/hl-<6 hex>.json."""
+    return STATE_DIR / f"{prefix.rstrip('-')}.json"
+
+
 def _sigterm_to_exit(signum, frame):
     raise SystemExit(128 + signum)
 
@@ -304,7 +309,7 @@ def cleanup_leftovers(all_prefixes: bool = False) -> list[str]:
             pass
         except (OSError, ValueError, KeyError):
             pass
-        prefix = f.name[:-len("json")]
+        prefix = f.name[:-len(".json")] + "-"
         if PREFIX_RE.match(prefix):
             removed += cleanup(prefix)
         f.unlink(missing_ok=True)
