@@ -11,13 +11,10 @@ election. See docs/protocol.md.
 """
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import json
 import logging
 import math
 import signal
-import tempfile
 import threading
 import time
 import zlib
@@ -25,11 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from heloco_p2p.algorithms import build_outer_engine, resolve_outer
 from heloco_p2p.checkpoint import Checkpointer, CheckpointError, load_checkpoint, plan_resume
-from heloco_p2p.config import RunConfig, config_from_dict, load_config
+from heloco_p2p.config import RunConfig, load_config
 from heloco_p2p.data import TokenBlocks, load_tokenizer, open_source, tokenizer_digest, validation_blocks
 from heloco_p2p.local import InnerTrainer, build_model, validation_loss
 from heloco_p2p.local.model import param_names, trainable_params
@@ -39,25 +35,28 @@ from heloco_p2p.roles.commit_state import CommitState, SubmissionLimits, params_
 from heloco_p2p.roles.coordinator import CoordinatorService
 from heloco_p2p.roles.election import Election
 from heloco_p2p.roles.evaluator import Evaluator
+from heloco_p2p.roles.joining import (
+    JoinError,
+    StateServer,
+    download_state,
+    fetch_run_files,
+    find_genesis,
+    publish_genesis,
+    swarm_holds,
+    tensor_layout,
+    tokenizer_json,
+)
+from heloco_p2p.roles.submit import SubmitClient
 from heloco_p2p.swarm.auth import SwarmKeyError, load_swarm_key
 from heloco_p2p.swarm.lifetime import guard_children, stop_reaper
 from heloco_p2p.swarm.node import SwarmNode, start_error_message
-from heloco_p2p.swarm.records import PROTOCOL_VERSION, GenesisRecord, LeaseRecord, PeerRecord
-from heloco_p2p.swarm.wire import WireError, encode_tensors, pack_params, unpack_params
+from heloco_p2p.swarm.records import GenesisRecord, PeerRecord
 
 logger = logging.getLogger(__name__)
 
 
 class StopRequested(Exception):
     """Raised inside a round when the peer was asked to leave."""
-
-
-class LeaseMoved(Exception):
-    """The submission in flight went to a coordinator whose lease another peer now holds."""
-
-
-class JoinError(RuntimeError):
-    """The peer cannot join the run; the message says why and what to do."""
 
 
 @dataclass
@@ -162,7 +161,7 @@ class Peer:
         self.name = o.name or self.node.peer_id[-6:]
         logger.info("peer %s joined the DHT; others can join with --initial-peers %s", self.name,
                     " ".join(self.node.visible_maddrs()))
-        genesis = self._find_genesis(wait=0.0 if ((o.config or saved) and not o.initial_peers) else 10.0)
+        genesis = find_genesis(self.node.records, o.run_id, wait=0.0 if ((o.config or saved) and not o.initial_peers) else 10.0)
         founder = genesis is None
         if saved is not None:
             self.cfg, self.tokenizer = self._resume_files(saved, genesis)
@@ -173,6 +172,7 @@ class Peer:
             self.tokenizer = load_tokenizer(self.cfg.data.tokenizer, vocab_size=self.cfg.data.vocab_size)
         else:
             self.cfg, self.tokenizer = self._fetch_genesis_files(genesis)
+        self._tokenizer_file = tokenizer_json(self.tokenizer)
         self._build_local()
         self._open_checkpoints()
         limits = SubmissionLimits.from_config(self.cfg.swarm)
@@ -197,8 +197,12 @@ class Peer:
                                           lease_seconds=self.cfg.swarm.lease_seconds)
         self.service.on_commit = lambda summary: self.log_metric({"event": "commit", **summary})
         self.election = Election(self.node, self.cfg, self.service, self.stop_event, self.log_metric, role=self._role)
-        self.node.add_handler("genesis", self._serve_genesis)
-        self.node.add_handler("state", self._serve_state)
+        self.submitter = SubmitClient(self.node, self.election, self.service, self.cfg.swarm, o.region,
+                                      self.commit_state.engine.names, self.stop_event, self._time_left)
+        self.state_server = StateServer(self.cfg.to_yaml(), self._tokenizer_file, self.service, lambda: self.role,
+                                        lambda: (self.global_params, self.version), self.node.records.owner)
+        self.node.add_handler("genesis", self.state_server.serve_genesis)
+        self.node.add_handler("state", self.state_server.serve_state)
         if saved is not None:
             self._resume(saved, founder)
         elif founder:
@@ -220,21 +224,8 @@ class Peer:
         logger.info("swarm key %s: only peers with this key can take part", key.fingerprint)
         return key
 
-    def _find_genesis(self, wait: float) -> GenesisRecord | None:
-        deadline = time.time() + wait
-        while True:
-            g = self.node.records.genesis()
-            if g is not None:
-                if g.protocol_version != PROTOCOL_VERSION:
-                    raise JoinError(f"run {self.opts.run_id!r} speaks protocol {g.protocol_version}, this peer "
-                                    f"speaks {PROTOCOL_VERSION}: install the heloco-p2p version the run uses")
-                return g
-            if time.time() >= deadline:
-                return None
-            time.sleep(0.5)
-
     def _found(self) -> None:
-        record = self._publish_genesis()
+        record = self.genesis = publish_genesis(self.node, self.cfg, self.tokenizer)
         self.global_params = [p.detach().clone() for p in self.commit_state.engine.params]
         self.version = 0
         self.service.activate(term=1)
@@ -242,15 +233,6 @@ class Peer:
         self.election.publish()
         logger.info("founded run %s (config %s, tokenizer %s)", self.opts.run_id, record.config_digest[:12],
                     record.tokenizer_digest[:12])
-
-    def _publish_genesis(self) -> GenesisRecord:
-        cfg = self.cfg
-        record = GenesisRecord(protocol_version=PROTOCOL_VERSION, run_id=self.opts.run_id, config_digest=cfg.digest(),
-                               tokenizer_digest=tokenizer_digest(self.tokenizer), max_versions=cfg.swarm.max_versions,
-                               max_tokens=cfg.swarm.max_tokens, created=time.time(), founder=self.node.peer_id)
-        self.node.records.publish_genesis(record)
-        self.genesis = record
-        return record
 
     # ------------------------------------------------------------------------------ resuming
     def _load_resume_checkpoint(self):
@@ -283,7 +265,7 @@ class Peer:
         if not self.opts.checkpoint_dir:
             return
         ck = Checkpointer(self.opts.checkpoint_dir, run_id=self.opts.run_id, config_yaml=self.cfg.to_yaml(),
-                          config_digest=self.cfg.digest(), tokenizer_json=self._tokenizer_bytes().decode("utf-8"),
+                          config_digest=self.cfg.digest(), tokenizer_json=self._tokenizer_file.decode("utf-8"),
                           tokenizer_digest=tokenizer_digest(self.tokenizer), param_names=param_names(self.model),
                           every=self.cfg.swarm.checkpoint_every)
         try:
@@ -297,10 +279,10 @@ class Peer:
         run's state, join normally when the swarm holds newer state, refuse when the swarm went
         on from older state (checkpoint.plan_resume; docs/reliability.md, "Checkpoints")."""
         if founder:
-            self._publish_genesis()
+            self.genesis = publish_genesis(self.node, self.cfg, self.tokenizer)
             claims, highest, swarm_version = [], 0, 0
         else:
-            claims, highest, swarm_version = self._swarm_holds()
+            claims, highest, swarm_version = swarm_holds(self.node, self.election, self.cfg.swarm)
         plan = plan_resume(saved, claims, highest, swarm_version)
         logger.warning("resume: %s", plan.message)
         self.log_metric({"event": "resume", "action": plan.action, "term": plan.term, "checkpoint_version": saved.version,
@@ -322,79 +304,20 @@ class Peer:
         self.log_metric({"event": "takeover", "term": plan.term, "version": self.version, "resumed": True,
                          "digest": params_digest(params)})
 
-    def _swarm_holds(self) -> tuple[list, int, int]:
-        """Live lease claims, the highest term and the newest version that live peers report.
-        Waits long enough for a standby of a lapsed lease to claim first (rank r claims
-        r × lease/2 after the lapse), so that a resume never competes with a failover."""
-        sw = self.cfg.swarm
-        deadline = time.time() + sw.lease_seconds * (1 + sw.num_standbys / 2) + sw.heartbeat_seconds
-        while True:
-            now = time.time()
-            claims = [c for owner, c in self.node.records.lease_claims_by_owner()  # only claims their holder signed
-                      if owner == self.election.holder_keys.get_blocking(c.peer_id, timeout=10)]
-            live = [c for c in claims if c.renewed + sw.lease_seconds > now]
-            if live or now >= deadline:
-                break
-            time.sleep(0.5)
-        highest, version = max((c.term for c in claims), default=0), 0
-        for p in self.node.records.peers():
-            if p.peer_id == self.node.peer_id or p.role == "left" or p.heartbeat + 3 * sw.heartbeat_seconds < now:
-                continue
-            version = max(version, p.version)
-            try:  # the highest term a peer has seen is in no record; ask (headers only)
-                header, _ = self.node.call(p.peer_id, "state", {"run_id": self.opts.run_id, "meta_only": True}, timeout=10)
-                self.election.holder_keys.learn(p.peer_id, bytes.fromhex(header["record_key"]))
-                seen = int(header.get("highest_term", header.get("term", 0)))
-                if seen < 2 ** 31:  # a term no real run reaches is a peer's lie: it would make ours unusable
-                    highest = max(highest, seen)
-                version = max(version, int(header.get("version", 0)))
-            except Exception as exc:
-                logger.debug("resume: %s did not answer (%s)", p.peer_id[-8:], exc)
-        return live, highest, version
-
     def _fetch_genesis_files(self, genesis: GenesisRecord):
         """Config and tokenizer from any peer that has them, verified against the genesis digests."""
+        o = self.opts
         self.genesis = genesis
-        candidates = [genesis.founder] + [p.peer_id for p in self.node.records.peers() if p.peer_id != genesis.founder]
-        errors = []
-        for peer_id in candidates:
-            if peer_id == self.node.peer_id:
-                continue
-            try:
-                header, payload = self.node.call(peer_id, "genesis", {"run_id": self.opts.run_id}, timeout=30)
-            except Exception as exc:
-                errors.append(f"{peer_id[-8:]}: {exc}")
-                continue
-            if not isinstance(header.get("config_yaml"), str):  # refused (e.g. unauthenticated: no swarm key)
-                errors.append(f"{peer_id[-8:]}: {header.get('reason', header.get('status'))}: {header.get('message', '')}")
-                continue
-            cfg = config_from_dict(yaml.safe_load(header["config_yaml"]), source=f"run {self.opts.run_id} (from {peer_id[-8:]})")
-            if cfg.digest() != genesis.config_digest:
-                errors.append(f"{peer_id[-8:]}: config digest mismatch")
-                continue
-            tok_dir = Path(self.opts.identity or Path.home() / ".cache" / "heloco-p2p" / "runs") / f"{self.opts.run_id}-tokenizer"
-            tok_dir.mkdir(parents=True, exist_ok=True)
-            (tok_dir / "tokenizer.json").write_bytes(payload)
-            tok = load_tokenizer(str(tok_dir / "tokenizer.json"))
-            if tokenizer_digest(tok) != genesis.tokenizer_digest:
-                errors.append(f"{peer_id[-8:]}: tokenizer digest mismatch")
-                continue
-            if self.opts.config:
-                local = load_config(self.opts.config, overrides=self.opts.overrides)
-                if local.digest() != genesis.config_digest:
-                    raise JoinError(f"--config {self.opts.config} differs from run {self.opts.run_id!r}'s config; "
-                                    "drop --config to use the run's own")
-            logger.info("fetched config and tokenizer from %s (digests verified)", peer_id[-8:])
-            return cfg, tok
-        raise JoinError(f"could not fetch run {self.opts.run_id!r}'s config and tokenizer: {'; '.join(errors) or 'no peer answered'}")
-
-    async def _serve_genesis(self, header: dict, payload: bytes, remote: str):
-        return {"config_yaml": self.cfg.to_yaml()}, self._tokenizer_bytes()
-
-    def _tokenizer_bytes(self) -> bytes:
-        with tempfile.TemporaryDirectory() as d:
-            self.tokenizer.save_pretrained(d)
-            return (Path(d) / "tokenizer.json").read_bytes()
+        cache = Path(o.identity or Path.home() / ".cache" / "heloco-p2p" / "runs") / f"{o.run_id}-tokenizer"
+        try:
+            cfg, tok, peer_id, _, _ = fetch_run_files(self.node, genesis, self.node.records.peers(), cache)
+        except RuntimeError as exc:
+            raise JoinError(f"could not fetch run {o.run_id!r}'s config and tokenizer: {exc}") from None
+        if o.config and load_config(o.config, overrides=o.overrides).digest() != genesis.config_digest:
+            raise JoinError(f"--config {o.config} differs from run {o.run_id!r}'s config; drop --config to use the "
+                            "run's own")
+        logger.info("fetched config and tokenizer from %s (digests verified)", peer_id[-8:])
+        return cfg, tok
 
     def _build_local(self) -> None:
         cfg, o = self.cfg, self.opts
@@ -409,53 +332,14 @@ class Peer:
         _, preset = resolve_outer(cfg.outer)
         self.dylu = DyLU(min_steps=cfg.outer.dylu_min_steps) if preset.dylu else None
 
-    # ------------------------------------------------------------------------------ state
-    async def _serve_state(self, header: dict, payload: bytes, remote: str):
-        """Coordinators and standbys serve the replicated θ; a training peer serves the θ it last received."""
-        st = self.commit_state
-        if header.get("meta_only"):  # what this peer holds, without θ (a resuming peer asks: _swarm_holds)
-            return {"status": "ok", "version": max(self.version, st.version), "term": st.term,
-                    "highest_term": self.service.highest_term_seen, "role": self.role,
-                    "coordinating": self.service.active, "record_key": self.node.records.owner.hex()}, b""
-        if self.service.active or (self.role == "standby" and st.version >= self.version):
-            params, version, source = st.engine.params, st.version, self.role
-        elif self.global_params is not None:
-            params, version, source = self.global_params, self.version, "peer"
-        else:
-            return {"status": "unavailable", "message": "no state yet"}, b""
-        meta, data = encode_tensors([p.detach().clone() for p in params], "none")
-        return {"status": "ok", "version": version, "term": st.term, "source": source,
-                "schedule_step": st.schedule_step()}, pack_params(meta, data)
-
     def _catch_up(self) -> None:
-        """Download the current θ: from the coordinator, else a standby, else any peer (newest first)."""
+        """Download the current θ (roles/joining.py) and start from it."""
         self.role = "catching_up"
-        expected = [(tuple(p.shape), torch.float32) for p in trainable_params(self.model)]
-        deadline = time.time() + 120
-        self.election.wait_for_lease(5.0)  # a fresh joiner believes a claim once its holder told us its key
-        while time.time() < deadline and not self.stop_event.is_set():
-            self.election.refresh()
-            candidates = []
-            if self.election.lease is not None:
-                candidates += [self.election.lease.peer_id] + list(self.election.lease.standbys)
-            candidates += [p.peer_id for p in sorted(self.node.records.peers(), key=lambda p: -p.version)]
-            for peer_id in dict.fromkeys(candidates):
-                if peer_id == self.node.peer_id:
-                    continue
-                try:
-                    header, payload = self.node.call(peer_id, "state", {"run_id": self.opts.run_id}, timeout=60)
-                    if header.get("status") != "ok":
-                        continue
-                    params = unpack_params(payload, expected)
-                except Exception as exc:
-                    logger.debug("state from %s failed: %s", peer_id[-8:], exc)
-                    continue
-                self._adopt(params, int(header["version"]), int(header.get("schedule_step", 0)))
-                logger.info("caught up: version %d from %s (%s)", self.version, peer_id[-8:], header.get("source"))
-                self.role = "evaluator" if self.opts.evaluator else "training"
-                return
-            time.sleep(1.0)
-        raise JoinError("could not download the current state from any peer within 120 s")
+        expected = tensor_layout(trainable_params(self.model))
+        params, header, peer_id = download_state(self.node, self.election, expected, self.stop_event)
+        self._adopt(params, int(header["version"]), int(header.get("schedule_step", 0)))
+        logger.info("caught up: version %d from %s (%s)", self.version, peer_id[-8:], header.get("source"))
+        self.role = "evaluator" if self.opts.evaluator else "training"
 
     def _adopt(self, params: list[torch.Tensor], version: int, schedule_step: int) -> None:
         self.global_params = params
@@ -701,106 +585,34 @@ class Peer:
         self._step_t0 += dt  # the emulated slowness idles after steps, not after folds
 
     def _submit(self, delta: list[torch.Tensor], base: int, stats, compute: float) -> None:
-        sw = self.cfg.swarm
-        t0 = time.perf_counter()
-        meta, payload = encode_tensors([d.detach().float().cpu() for d in delta], sw.compression)
-        t_ser = time.perf_counter() - t0
-        header = {"run_id": self.opts.run_id, "seq": self.seq, "base_version": base, "steps": stats.steps,
-                  "region": self.opts.region,
-                  "tensors": meta, "names": list(self.commit_state.engine.names), "stats": {"loss": stats.loss if math.isfinite(stats.loss) else None,  # headers are strict JSON
-                                             "tokens": stats.tokens, "seconds": stats.seconds}}
+        """One round's pseudo-gradient through the submit client, and what its outcome means here."""
         expected = [(tuple(p.shape), torch.float32) for p in self.global_params]
-        deadline = time.time() + sw.submit_timeout
-        attempt = 0
-        while time.time() < deadline and not self.stop_event.is_set() and self._time_left():
-            attempt += 1
-            lease = self.election.refresh()
-            if lease is None:
-                time.sleep(0.5)
-                continue
-            header["term"] = self.service.highest_term_seen
-            t1 = time.perf_counter()
-            try:
-                reply, data = self._send_submission(lease, header, payload)
-            except LeaseMoved as exc:
-                logger.info("%s; resubmitting there", exc)
-                continue
-            except Exception as exc:
-                logger.info("submission to %s failed (%s); retrying", lease.peer_id[-8:], exc if isinstance(exc, WireError)
-                            else type(exc).__name__)
-                retry_after = getattr(exc, "retry_after", None)  # an unsigned "busy" from a keyed call
-                self.stop_event.wait(min(2.0, 0.25 * attempt) if retry_after is None else min(10.0, retry_after))
-                continue
-            rtt = time.perf_counter() - t1
-            status = reply.get("status")
-            if reply.get("term", 0) < self.service.highest_term_seen and status == "accepted":
-                continue  # a deposed coordinator answered: ignore it (its commit cannot be acknowledged)
-            if status == "accepted":
-                params = unpack_params(data, expected)
-                self._adopt(params, int(reply["version"]), int(reply.get("schedule_step", 0)))
-                self.accepted += 1
-                self.tokens += stats.tokens
-                self.election.run_tokens = max(self.election.run_tokens, int(reply.get("run_tokens", 0)))
-                self.last_staleness = int(reply["staleness"] or 0)
-                ack = {"event": "ack", "seq": self.seq, "version": self.version, "term": int(reply["term"]),
-                       "digest": params_digest(params),
-                       "duplicate": bool(reply.get("duplicate")), "staleness": reply.get("staleness"),
-                       "loss": stats.loss, "tokens": stats.tokens, "steps": stats.steps, "compute_seconds": compute,
-                       "rtt": rtt, "serialize_seconds": t_ser, "bytes": len(payload), "reply_bytes": len(data),
-                       "server": reply.get("timing", {}), "attempts": attempt, "compression": sw.compression}
-                self.acks.append(ack)
-                self.log_metric(ack)
-                logger.info("round %d: v%d loss %.3f %.0f tok/s staleness %s role %s", self.rounds, self.version,
-                            stats.loss, stats.tokens_per_second, reply.get("staleness"), self.role)
-                self.seq += 1
-                return
-            if status == "not_coordinator":
-                time.sleep(0.3)
-                continue
-            if status == "rejected" and reply.get("reason") in ("busy", "rate_limited"):
-                # flood control: the same submission (same seq) again once the coordinator has room
-                retry_after = reply.get("retry_after")
-                retry_after = float(retry_after) if isinstance(retry_after, (int, float)) else 1.0
-                logger.info("coordinator %s: %s; retrying in %.2f s", reply.get("reason"), reply.get("message"), retry_after)
-                self.stop_event.wait(min(10.0, max(0.05, retry_after), max(0.0, deadline - time.time())))
-                continue
-            # rejected: a reason we cannot fix by retrying; start again from the current state
+        out = self.submitter.submit(self.seq, delta, base, stats, expected)
+        if out.status == "accepted":
+            reply = out.reply
+            self._adopt(out.params, out.version, int(reply.get("schedule_step", 0)))
+            self.accepted += 1
+            self.tokens += stats.tokens
+            self.election.run_tokens = max(self.election.run_tokens, int(reply.get("run_tokens", 0)))
+            self.last_staleness = int(reply["staleness"] or 0)
+            ack = {"event": "ack", "seq": self.seq, "version": self.version, "term": int(reply["term"]),
+                   "digest": params_digest(out.params), "duplicate": bool(reply.get("duplicate")),
+                   "staleness": reply.get("staleness"), "loss": stats.loss, "tokens": stats.tokens, "steps": stats.steps,
+                   "compute_seconds": compute, "rtt": out.rtt, "serialize_seconds": out.serialize_seconds,
+                   "bytes": out.payload_bytes, "reply_bytes": out.reply_bytes, "server": reply.get("timing", {}),
+                   "attempts": out.attempts, "compression": self.cfg.swarm.compression}
+            self.acks.append(ack)
+            self.log_metric(ack)
+            logger.info("round %d: v%d loss %.3f %.0f tok/s staleness %s role %s", self.rounds, self.version,
+                        stats.loss, stats.tokens_per_second, reply.get("staleness"), self.role)
+        elif out.status == "rejected":  # a reason a retry cannot fix; start again from the current state
             self.rejected += 1
-            self.seq += 1
-            self.log_metric({"event": "rejected", "reason": reply.get("reason"), "message": reply.get("message")})
-            logger.warning("submission rejected: %s (%s)", reply.get("reason"), reply.get("message"))
-            if reply.get("reason") in ("too_stale", "bad_version"):
-                self._catch_up()
-            return
-        logger.warning("gave up on submission %d after %d attempts", self.seq, attempt)
+            self.log_metric({"event": "rejected", "reason": out.reason, "message": out.reply.get("message")})
+            logger.warning("submission rejected: %s (%s)", out.reason, out.reply.get("message"))
         self.seq += 1
-        if not self.stop_event.is_set() and self._time_left():
+        if (out.status == "gave_up" or out.reason in ("too_stale", "bad_version")) \
+                and not self.stop_event.is_set() and self._time_left():
             self._catch_up()
-
-    def _send_submission(self, lease: LeaseRecord, header: dict, payload: bytes) -> tuple[dict, bytes]:
-        """Send one submission to the lease holder and wait for the reply, but not past the moment
-        this peer believes a later lease (held by another peer): a submission in flight to a frozen
-        or deposed coordinator moves to the new one (the ledger makes the resend idempotent)."""
-        timeout = self.cfg.swarm.submit_timeout
-        if lease.peer_id == self.node.peer_id:
-            call = self.service._handle_submit(header, payload, self.node.peer_id)
-        else:
-            call = self.node.acall(lease.peer_id, "submit", header, payload)
-        future = asyncio.run_coroutine_threadsafe(asyncio.wait_for(call, timeout), self.node.loop)
-        while True:
-            try:
-                return future.result(timeout=0.5)
-            except concurrent.futures.TimeoutError:
-                if future.done():  # the call itself timed out
-                    raise
-                now = self.election.lease
-                if now is not None and now.term > lease.term and now.peer_id != lease.peer_id:
-                    future.cancel()
-                    raise LeaseMoved(f"the lease moved from {lease.peer_id[-8:]} (term {lease.term}) to "
-                                     f"{now.peer_id[-8:]} (term {now.term})") from None
-                if self.stop_event.is_set():
-                    future.cancel()
-                    raise
 
     def _evaluate_loop(self) -> None:
         """The evaluator role: every ``eval_every`` seconds, the current global θ (downloaded from

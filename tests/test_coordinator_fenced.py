@@ -20,7 +20,7 @@ def _submit(service, state, seq):
     meta, payload = encode_tensors([torch.full(s, 0.01) for s in SHAPES], "none")
     header = {"run_id": "fenced", "seq": seq, "base_version": state.version, "steps": 5, "term": 1,
               "tensors": meta, "stats": {"seconds": 1.0}}
-    return asyncio.run(service._handle_submit(header, payload, "QmPeer"))
+    return asyncio.run(service.handle_submit(header, payload, "QmPeer"))
 
 
 def _service(reply):

@@ -12,7 +12,6 @@ unchanged. At the end the server still commits a good submission and serves the 
 """
 import asyncio
 import copy
-import functools
 import io
 import json
 import logging
@@ -28,9 +27,9 @@ import torch
 from hivemind.p2p import PeerID
 
 from heloco_p2p.outer import build_engine
-from heloco_p2p.peer import Peer
 from heloco_p2p.roles.commit_state import CommitState, SubmissionLimits
 from heloco_p2p.roles.coordinator import CoordinatorService
+from heloco_p2p.roles.joining import StateServer
 from heloco_p2p.swarm.auth import SwarmKey
 from heloco_p2p.swarm.node import SwarmNode
 from heloco_p2p.swarm.wire import MAGIC, WireError, decode_tensors, encode_tensors, read_message, unpack_params
@@ -107,11 +106,10 @@ def rig():
         service = CoordinatorService(server, state, SHAPES, limits, lease_seconds=3600.0)
         service.others_alive = 0  # a lone coordinator: commits need no standby here
         service.activate(TERM)
-        stub = SimpleNamespace(commit_state=state, service=service, role="coordinator", version=state.version,
-                               global_params=None, cfg=SimpleNamespace(to_yaml=lambda: "name: fuzz\n"),
-                               _tokenizer_bytes=lambda: b'{"model": {}}')
-        server.add_handler("state", functools.partial(Peer._serve_state, stub))
-        server.add_handler("genesis", functools.partial(Peer._serve_genesis, stub))
+        states = StateServer("name: fuzz\n", b'{"model": {}}', service, lambda: "coordinator",
+                             lambda: (None, state.version), server.records.owner)
+        server.add_handler("state", states.serve_state)
+        server.add_handler("genesis", states.serve_genesis)
         errors = ErrorLog()
         logging.getLogger("heloco_p2p").addHandler(errors)
         yield SimpleNamespace(key=key, server=server, client=client, stranger=stranger, state=state,

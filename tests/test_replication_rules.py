@@ -82,7 +82,7 @@ def test_a_participants_forged_full_state_is_not_loaded():
     svc, state = _standby()
     before, version = _params(state), state.version
     zero = CommitState(build_engine([torch.zeros(s) for s in SHAPES], "lookahead"))
-    reply, _ = run(svc._handle_replicate({"kind": "full", "term": 2, "version": 0}, zero.to_bytes(), ATTACKER))
+    reply, _ = run(svc.handle_replicate({"kind": "full", "term": 2, "version": 0}, zero.to_bytes(), ATTACKER))
     assert reply["status"] == "refused" and reply["reason"] == "not_lease_holder"
     assert _same(_params(state), before) and state.version == version
     assert state.term == 0 and svc.highest_term_seen == 1  # the forged term 2 is followed nowhere
@@ -94,7 +94,7 @@ def test_a_forged_commit_of_a_higher_or_the_same_term_is_refused():
     before = _params(state)
     for term in (1, 2, 7):
         header, payload = _commit_header(state, term)
-        reply, _ = run(svc._handle_replicate(header, payload, ATTACKER))
+        reply, _ = run(svc.handle_replicate(header, payload, ATTACKER))
         assert reply["status"] == "refused" and reply["reason"] == "not_lease_holder", term
     assert _same(_params(state), before) and state.version == 0 and svc.highest_term_seen == 1
 
@@ -104,23 +104,23 @@ def test_a_forged_handover_is_refused():
     handed = []
     svc.on_handover = handed.append
     svc.term_sources[1] = ATTACKER  # even a sender that once replicated in the term is not the holder
-    reply, _ = run(svc._handle_handover({"term": 1, "version": 0, "standbys": []}, b"", ATTACKER))
+    reply, _ = run(svc.handle_handover({"term": 1, "version": 0, "standbys": []}, b"", ATTACKER))
     assert reply["status"] == "refused" and handed == [] and not svc.active
 
 
 def test_the_believed_holder_replicates_and_hands_over():
     svc, state = _standby()
     holder = _state()
-    reply, _ = run(svc._handle_replicate({"kind": "full", "term": 1, "version": 0}, holder.to_bytes(), HOLDER))
+    reply, _ = run(svc.handle_replicate({"kind": "full", "term": 1, "version": 0}, holder.to_bytes(), HOLDER))
     assert reply["status"] == "ok"
     header, payload = _commit_header(state, 1)
     holder.apply([torch.full(s, 0.01) for s in SHAPES], 0, "QmPeer", 0, 5, 0.1)
     header["digest"] = params_digest(holder.engine.params)
-    reply, _ = run(svc._handle_replicate(header, payload, HOLDER))
+    reply, _ = run(svc.handle_replicate(header, payload, HOLDER))
     assert reply["status"] == "ok" and state.version == 1 and _same(_params(state), _params(holder))
     handed = []
     svc.on_handover = handed.append
-    reply, _ = run(svc._handle_handover({"term": 1, "version": 1, "standbys": []}, b"", HOLDER))
+    reply, _ = run(svc.handle_handover({"term": 1, "version": 1, "standbys": []}, b"", HOLDER))
     assert reply["status"] == "ok" and handed == [2] and svc.active and state.term == 2
 
 
@@ -134,14 +134,14 @@ def test_a_new_holder_is_believed_after_one_fresh_read_of_the_lease():
     svc.verify_lease = read_dht
     header, payload = _commit_header(state, 2)
     header["digest"] = "x"
-    reply, _ = run(svc._handle_replicate(header, payload, "QmHeir"))
+    reply, _ = run(svc.handle_replicate(header, payload, "QmHeir"))
     assert reply["status"] == "out_of_sync"  # it is followed now (the digest is made up: a full state is asked)
 
 
 def test_a_forged_replicate_does_not_depose_a_coordinator():
     svc, state, _ = _coordinator()
     header, payload = _commit_header(state, 5)
-    reply, _ = run(svc._handle_replicate(header, payload, ATTACKER))
+    reply, _ = run(svc.handle_replicate(header, payload, ATTACKER))
     assert reply["status"] == "refused" and svc.active and state.term == 1 and svc.highest_term_seen == 1
 
 
@@ -152,7 +152,7 @@ def test_a_frozen_standby_delays_one_commit_by_a_bounded_time_and_it_is_not_ackn
     svc.on_commit = logged.append  # the run's history: durable commits only
     header, payload = _submission(state, 0)
     t0 = time.monotonic()
-    reply, _ = run(svc._handle_submit(header, payload, "QmPeer"))
+    reply, _ = run(svc.handle_submit(header, payload, "QmPeer"))
     stalled = time.monotonic() - t0
     assert reply["status"] == "rejected" and reply["reason"] == "busy" and reply["retry_after"] > 0
     assert stalled < 2 * 4.0 and stalled >= svc.replicate_floor - 0.1  # the floor (half a lease), not 30 s
@@ -160,13 +160,13 @@ def test_a_frozen_standby_delays_one_commit_by_a_bounded_time_and_it_is_not_ackn
     assert logged == []
     # the sender keeps its Δ and resubmits the same number: not acknowledged while no standby holds it
     svc.lease_until = time.monotonic() + 10
-    reply, _ = run(svc._handle_submit(header, payload, "QmPeer"))
+    reply, _ = run(svc.handle_submit(header, payload, "QmPeer"))
     assert reply["reason"] == "busy" and state.version == 1
     # a new standby is recruited (full state): now the retry is acknowledged, and applied no second time
     run(svc.recruit("QmOther"))
     assert svc.standbys == ["QmOther"] and svc.replicated_version == 1
     assert [e["version"] for e in logged] == [1]  # durable now: in the history once
-    reply, data = run(svc._handle_submit(header, payload, "QmPeer"))
+    reply, data = run(svc.handle_submit(header, payload, "QmPeer"))
     assert reply["status"] == "accepted" and reply["duplicate"] and state.version == 1 and len(data) > 0
 
 
@@ -175,7 +175,7 @@ def test_no_standby_while_others_are_alive_means_busy_and_no_change():
     svc.others_alive = 3
     before = _params(state)
     header, payload = _submission(state, 0)
-    reply, _ = run(svc._handle_submit(header, payload, "QmPeer"))
+    reply, _ = run(svc.handle_submit(header, payload, "QmPeer"))
     assert reply["status"] == "rejected" and reply["reason"] == "busy" and "waiting for a standby" in reply["message"]
     assert state.version == 0 and _same(_params(state), before) and svc.waiting_for_standby()
 
@@ -184,7 +184,7 @@ def test_a_lone_peer_commits_unreplicated():
     svc, state, _ = _coordinator(standbys=())
     svc.others_alive = 0  # the peer's maintenance saw nobody else alive
     header, payload = _submission(state, 0)
-    reply, _ = run(svc._handle_submit(header, payload, "QmPeer"))
+    reply, _ = run(svc.handle_submit(header, payload, "QmPeer"))
     assert reply["status"] == "accepted" and state.version == 1 and not svc.waiting_for_standby()
 
 
@@ -192,7 +192,7 @@ def test_min_replicas_zero_acknowledges_without_a_standby():
     svc, state, _ = _coordinator(standbys=(), min_replicas=0)
     svc.others_alive = 3
     header, payload = _submission(state, 0)
-    reply, _ = run(svc._handle_submit(header, payload, "QmPeer"))
+    reply, _ = run(svc.handle_submit(header, payload, "QmPeer"))
     assert reply["status"] == "accepted" and state.version == 1
 
 
@@ -213,7 +213,7 @@ def test_replication_timeout_follows_the_measured_round_trip():
 def test_the_lease_snapshot_follows_each_commit():
     svc, state, _ = _coordinator()
     header, payload = _submission(state, 0)
-    run(svc._handle_submit(header, payload, "QmPeer"))
+    run(svc.handle_submit(header, payload, "QmPeer"))
     assert svc.snapshot == (1, 1, params_digest(state.engine.params), 0)
 
 
@@ -223,7 +223,7 @@ def test_nothing_is_acknowledged_once_the_lease_could_have_lapsed():
     svc.lease_until = time.monotonic() - 1  # frozen past its lease, or its renewals failed
     before = _params(state)
     header, payload = _submission(state, 0)
-    reply, _ = run(svc._handle_submit(header, payload, "QmPeer"))
+    reply, _ = run(svc.handle_submit(header, payload, "QmPeer"))
     assert reply["reason"] == "busy" and state.version == 0 and _same(_params(state), before)
     assert svc.acknowledged == []
 
@@ -231,10 +231,10 @@ def test_nothing_is_acknowledged_once_the_lease_could_have_lapsed():
 def test_a_commit_whose_replication_outlasts_the_lease_is_not_acknowledged():
     svc, state, _ = _coordinator({STANDBY: 1.7}, lease_seconds=2.0)  # the lease holds 1.5 s from now
     header, payload = _submission(state, 0)
-    reply, _ = run(svc._handle_submit(header, payload, "QmPeer"))
+    reply, _ = run(svc.handle_submit(header, payload, "QmPeer"))
     assert reply["reason"] == "busy" and svc.acknowledged == []
     svc.renewed(time.monotonic())  # renewed: the retry is answered as the duplicate it is
-    reply, _ = run(svc._handle_submit(header, payload, "QmPeer"))
+    reply, _ = run(svc.handle_submit(header, payload, "QmPeer"))
     assert reply["status"] == "accepted" and reply["duplicate"] and state.version == 1
 
 

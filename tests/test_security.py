@@ -4,7 +4,6 @@ docs/security.md says what each of these protects against.
 """
 import asyncio
 import concurrent.futures
-import functools
 import json
 import stat
 import struct
@@ -20,9 +19,9 @@ from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
 from heloco_p2p.outer import build_engine
-from heloco_p2p.peer import Peer
 from heloco_p2p.roles.commit_state import CommitState, SubmissionLimits
 from heloco_p2p.roles.coordinator import CoordinatorService
+from heloco_p2p.roles.joining import StateServer
 from heloco_p2p.swarm.auth import ReplayGuard, SwarmKey, SwarmKeyError, generate_key_file, load_swarm_key
 from heloco_p2p.swarm.node import Gate, HandlerLimits, SwarmNode
 from heloco_p2p.swarm.records import GenesisRecord, LeaseRecord, PeerRecord
@@ -149,10 +148,10 @@ def nodes(tmp_path_factory):
         service = CoordinatorService(server, state, SHAPES, SubmissionLimits(submit_rate=0.0), lease_seconds=3600.0)
         service.others_alive = 0  # a lone coordinator: commits need no standby here
         service.activate(1)
-        stub = SimpleNamespace(commit_state=state, service=service, role="coordinator", version=0, global_params=None,
-                               cfg=SimpleNamespace(to_yaml=lambda: "name: sec\n"), _tokenizer_bytes=lambda: b"{}")
-        server.add_handler("state", functools.partial(Peer._serve_state, stub))
-        server.add_handler("genesis", functools.partial(Peer._serve_genesis, stub))
+        states = StateServer("name: sec\n", b"{}", service, lambda: "coordinator", lambda: (None, 0),
+                             server.records.owner)
+        server.add_handler("state", states.serve_state)
+        server.add_handler("genesis", states.serve_genesis)
         yield SimpleNamespace(server=server, state=state, service=service, g=g,
                               keyed=node(swarm_key=KEY), keyless=node(), other_key=node(swarm_key=SwarmKey(b"o" * 32)))
     finally:

@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from heloco_p2p.peer import JoinError, Peer, PeerOptions
+from heloco_p2p.roles.joining import JoinError, find_genesis
 from heloco_p2p.swarm.node import SwarmNode
 from heloco_p2p.swarm.records import PROTOCOL_VERSION, GenesisRecord, LeaseRecord, PeerRecord
 
@@ -83,9 +83,7 @@ def test_other_protocol_version_is_refused_with_a_clear_message(two_nodes):
         node.records.publish_genesis(GenesisRecord(protocol_version=PROTOCOL_VERSION + 1, run_id="proto",
                                                    config_digest="c", tokenizer_digest="t", max_versions=0,
                                                    max_tokens=0, created=time.time(), founder=node.peer_id))
-        peer = Peer(PeerOptions(run_id="proto"))
-        peer.node = node
         with pytest.raises(JoinError, match="protocol"):
-            peer._find_genesis(wait=2.0)
+            find_genesis(node.records, "proto", wait=2.0)
     finally:
         node.shutdown()

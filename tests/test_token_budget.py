@@ -50,19 +50,19 @@ def test_coordinator_counts_replicates_and_reports_the_run_tokens():
     replies = []
     for seq, tokens in enumerate([640, 1280, None]):
         header, payload = _header(state, seq, tokens)
-        replies.append(asyncio.run(service._handle_submit(header, payload, "QmPeer"))[0])
+        replies.append(asyncio.run(service.handle_submit(header, payload, "QmPeer"))[0])
     assert [r["status"] for r in replies] == ["accepted"] * 3
     assert [r["run_tokens"] for r in replies] == [640, 1920, 1920]
     assert state.total_tokens == 1920
     assert [h["tokens"] for h in node.headers] == [640, 1280, 0]  # what the standby is told
     # a duplicate is answered with the run's count and counts nothing
     header, payload = _header(state, 1, 1280)
-    reply, _ = asyncio.run(service._handle_submit(header, payload, "QmPeer"))
+    reply, _ = asyncio.run(service.handle_submit(header, payload, "QmPeer"))
     assert reply["duplicate"] and reply["run_tokens"] == 1920 and state.total_tokens == 1920
     # a malformed count is refused and changes nothing
     before = copy.deepcopy(state.state_dict())
     header, payload = _header(state, 7, -5)
-    reply, _ = asyncio.run(service._handle_submit(header, payload, "QmPeer"))
+    reply, _ = asyncio.run(service.handle_submit(header, payload, "QmPeer"))
     assert reply["status"] == "rejected" and reply["reason"] == "malformed"
     after = state.state_dict()
     assert after["total_tokens"] == before["total_tokens"] and after["applied"] == before["applied"]
@@ -79,8 +79,8 @@ def test_standby_applies_the_replicated_count():
     standby.believed = ("QmCoordinator", 1)  # the lease it reads names the coordinator, in term 1
     for seq, tokens in enumerate([300, 500]):
         header, payload = _header(coord_state, seq, tokens)
-        asyncio.run(coord._handle_submit(header, payload, "QmPeer"))
-        reply, _ = asyncio.run(standby._handle_replicate(node.headers[-1], payload, "QmCoordinator"))
+        asyncio.run(coord.handle_submit(header, payload, "QmPeer"))
+        reply, _ = asyncio.run(standby.handle_replicate(node.headers[-1], payload, "QmCoordinator"))
         assert reply["status"] == "ok"
     assert standby_state.total_tokens == coord_state.total_tokens == 800
 

@@ -100,13 +100,13 @@ class CoordinatorService:
         self.on_commit = None  # callback(info_summary) for metrics
         self.term_sources: dict[int, str] = {}  # term -> the peer that replicated to us in it (its coordinator)
         self.commit_seconds: deque = deque(maxlen=20)  # time each recent submission held the commit lock
-        self._submit_gate = node.add_handler("submit", self._handle_submit, limits=HandlerLimits(
+        self._submit_gate = node.add_handler("submit", self.handle_submit, limits=HandlerLimits(
             max_payload_bytes=max_submission_bytes([s for s, _ in self.expected]),
             max_inflight=limits.max_pending_submits, rate=limits.submit_rate, burst=limits.submit_burst,
             busy_retry_after=self._busy_retry_after, trusted=self._has_contributed))
-        node.add_handler("replicate", self._handle_replicate,
+        node.add_handler("replicate", self.handle_replicate,
                          limits=HandlerLimits(max_payload_bytes=node.max_payload_bytes, max_inflight=4))
-        node.add_handler("handover", self._handle_handover, limits=HandlerLimits(max_inflight=2))
+        node.add_handler("handover", self.handle_handover, limits=HandlerLimits(max_inflight=2))
         self.on_handover = None  # callback(term) when a leaving coordinator hands the role to us
 
     @property
@@ -255,7 +255,7 @@ class CoordinatorService:
                                                    f"vs {mine[bad] if bad < len(mine) else None!r}")
         return term, seq, base_version, steps, tokens
 
-    async def _handle_submit(self, header: dict, payload: bytes, remote: str) -> tuple[dict, bytes]:
+    async def handle_submit(self, header: dict, payload: bytes, remote: str) -> tuple[dict, bytes]:
         try:
             term, seq, base_version, steps, tokens = self._parse_submit(header)
         except WireError as exc:
@@ -525,7 +525,7 @@ class CoordinatorService:
                     logger.warning("handover to %s failed: %s", sb[-8:], exc)
         return None
 
-    async def _handle_handover(self, header: dict, payload: bytes, remote: str) -> tuple[dict, bytes]:
+    async def handle_handover(self, header: dict, payload: bytes, remote: str) -> tuple[dict, bytes]:
         try:
             term, version = header_int(header, "term"), header_int(header, "version")
             standbys = header.get("standbys", [])
@@ -566,7 +566,7 @@ class CoordinatorService:
                 raise WireError("malformed", "header fields 'worker' (a string) and 'seconds' (a number > 0) are malformed")
         return kind, term
 
-    async def _handle_replicate(self, header: dict, payload: bytes, remote: str) -> tuple[dict, bytes]:
+    async def handle_replicate(self, header: dict, payload: bytes, remote: str) -> tuple[dict, bytes]:
         try:
             kind, term = self._parse_replicate(header)
         except WireError as exc:

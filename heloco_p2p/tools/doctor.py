@@ -35,18 +35,16 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-import yaml
 from hivemind.p2p import PeerID
 from hivemind.proto import dht_pb2
 from hivemind.utils import MAX_DHT_TIME_DISCREPANCY_SECONDS, get_dht_time
 
-from heloco_p2p.config import RunConfig, config_from_dict
-from heloco_p2p.data import load_tokenizer
-from heloco_p2p.data.tokenizer import tokenizer_digest
+from heloco_p2p.config import RunConfig
 from heloco_p2p.local import InnerTrainer, build_model, count_params, pick_device
+from heloco_p2p.roles.joining import fetch_run_files
 from heloco_p2p.swarm.lifetime import guard_children, stop_reaper
 from heloco_p2p.swarm.node import JOIN_HELP, SwarmNode, start_error_message
-from heloco_p2p.swarm.records import PROTOCOL_VERSION, GenesisRecord, PeerRecord
+from heloco_p2p.swarm.records import PROTOCOL_VERSION
 from heloco_p2p.swarm.wire import unpack_params
 from heloco_p2p.tools.monitor import live_coordinator, wait_for_genesis
 
@@ -164,34 +162,6 @@ async def ping_peers(dht, node, peer_ids: list[str], timeout: float) -> dict[str
         t1 = get_dht_time()
         out[pid] = {"available": bool(response.available), "skew": response.dht_time - (t0 + t1) / 2, "rtt": t1 - t0}
     return out
-
-
-def fetch_run_files(node: SwarmNode, genesis: GenesisRecord, peers: list[PeerRecord], workdir: Path):
-    """The run's config and tokenizer from the first peer that serves them with the genesis
-    digests; returns (config, tokenizer, peer id, seconds the call took, reply bytes)."""
-    errors = []
-    for pid in dict.fromkeys([genesis.founder] + [p.peer_id for p in peers]):
-        started = time.perf_counter()
-        try:
-            header, payload = node.call(pid, "genesis", {"run_id": node.run_id}, timeout=30)
-        except Exception as exc:
-            errors.append(f"{pid[-8:]}: {type(exc).__name__}: {exc}")
-            continue
-        seconds = time.perf_counter() - started
-        if not isinstance(header.get("config_yaml"), str):
-            errors.append(f"{pid[-8:]}: {header.get('reason', header.get('status'))}: {header.get('message', '')}")
-            continue
-        cfg = config_from_dict(yaml.safe_load(header["config_yaml"]), source=f"run {node.run_id} (from {pid[-8:]})")
-        if cfg.digest() != genesis.config_digest:
-            errors.append(f"{pid[-8:]}: config digest mismatch")
-            continue
-        (workdir / "tokenizer.json").write_bytes(payload)
-        tok = load_tokenizer(str(workdir / "tokenizer.json"))
-        if tokenizer_digest(tok) != genesis.tokenizer_digest:
-            errors.append(f"{pid[-8:]}: tokenizer digest mismatch")
-            continue
-        return cfg, tok, pid, seconds, len(payload)
-    raise RuntimeError("; ".join(errors) or "no peer answered")
 
 
 def measure_steps_per_second(cfg: RunConfig, tok, device: str | None, batch_size: int, seconds: float) -> tuple[float, str]:

@@ -1,0 +1,201 @@
+"""Joining a run and serving what joiners need (docs/protocol.md, "Joining").
+
+- ``find_genesis`` / ``publish_genesis``: the run's identity in the DHT (protocol version, config
+  and tokenizer digests, budget);
+- ``fetch_run_files``: the run's config and tokenizer from any peer that serves them, checked
+  against the genesis digests (the peer and ``heloco-peer doctor`` use this one function);
+- ``download_state``: the current θ from the coordinator, else a standby, else any peer;
+- ``swarm_holds``: what live peers hold, for ``--resume`` (checkpoint.plan_resume);
+- ``StateServer``: the ``genesis`` and ``state`` handlers (θ is copied under the commit lock and
+  encoded off the event loop; the tokenizer file is built once).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+
+from heloco_p2p.config import config_from_dict
+from heloco_p2p.data import load_tokenizer, tokenizer_digest
+from heloco_p2p.swarm.records import PROTOCOL_VERSION, GenesisRecord, PeerRecord
+from heloco_p2p.swarm.wire import encode_tensors, pack_params, unpack_params
+
+logger = logging.getLogger(__name__)
+
+
+class JoinError(RuntimeError):
+    """The peer cannot join the run; the message says why and what to do."""
+
+
+def find_genesis(records, run_id: str, wait: float) -> GenesisRecord | None:
+    """The run's genesis record (waiting up to ``wait`` s for it), or None when the run does not
+    exist yet; ``JoinError`` when it speaks another protocol."""
+    deadline = time.time() + wait
+    while True:
+        g = records.genesis()
+        if g is not None:
+            if g.protocol_version != PROTOCOL_VERSION:
+                raise JoinError(f"run {run_id!r} speaks protocol {g.protocol_version}, this peer "
+                                f"speaks {PROTOCOL_VERSION}: install the heloco-p2p version the run uses")
+            return g
+        if time.time() >= deadline:
+            return None
+        time.sleep(0.5)
+
+
+def publish_genesis(node, cfg, tokenizer) -> GenesisRecord:
+    record = GenesisRecord(protocol_version=PROTOCOL_VERSION, run_id=node.run_id, config_digest=cfg.digest(),
+                           tokenizer_digest=tokenizer_digest(tokenizer), max_versions=cfg.swarm.max_versions,
+                           max_tokens=cfg.swarm.max_tokens, created=time.time(), founder=node.peer_id)
+    node.records.publish_genesis(record)
+    return record
+
+
+def tokenizer_json(tokenizer) -> bytes:
+    """The tokenizer as the single ``tokenizer.json`` file joiners receive."""
+    with tempfile.TemporaryDirectory() as d:
+        tokenizer.save_pretrained(d)
+        return (Path(d) / "tokenizer.json").read_bytes()
+
+
+def fetch_run_files(node, genesis: GenesisRecord, peers: list[PeerRecord], workdir: Path):
+    """The run's config and tokenizer from the first peer (the founder first) that serves them with
+    the genesis digests; returns (config, tokenizer, peer id, seconds the call took, reply bytes).
+
+    :raises RuntimeError: no peer served files that match, with each peer's reason
+    """
+    errors = []
+    for pid in dict.fromkeys([genesis.founder] + [p.peer_id for p in peers]):
+        if pid == node.peer_id:
+            continue
+        started = time.perf_counter()
+        try:
+            header, payload = node.call(pid, "genesis", {"run_id": node.run_id}, timeout=30)
+        except Exception as exc:
+            errors.append(f"{pid[-8:]}: {type(exc).__name__}: {exc}")
+            continue
+        seconds = time.perf_counter() - started
+        if not isinstance(header.get("config_yaml"), str):  # refused (e.g. unauthenticated: no swarm key)
+            errors.append(f"{pid[-8:]}: {header.get('reason', header.get('status'))}: {header.get('message', '')}")
+            continue
+        cfg = config_from_dict(yaml.safe_load(header["config_yaml"]), source=f"run {node.run_id} (from {pid[-8:]})")
+        if cfg.digest() != genesis.config_digest:
+            errors.append(f"{pid[-8:]}: config digest mismatch")
+            continue
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "tokenizer.json").write_bytes(payload)
+        tok = load_tokenizer(str(workdir / "tokenizer.json"))
+        if tokenizer_digest(tok) != genesis.tokenizer_digest:
+            errors.append(f"{pid[-8:]}: tokenizer digest mismatch")
+            continue
+        return cfg, tok, pid, seconds, len(payload)
+    raise RuntimeError("; ".join(errors) or "no peer answered")
+
+
+def download_state(node, election, expected: list, stop_event: threading.Event, timeout: float = 120.0):
+    """The current θ: from the coordinator, else a standby, else any peer (newest version first).
+    Returns (params, the ``state`` reply header, the peer id it came from).
+
+    :raises JoinError: no peer served a state of the run's layout within ``timeout``
+    """
+    deadline = time.time() + timeout
+    election.wait_for_lease(5.0)  # a fresh joiner believes a claim once its holder told us its key
+    while time.time() < deadline and not stop_event.is_set():
+        lease = election.refresh()
+        candidates = [lease.peer_id, *lease.standbys] if lease is not None else []
+        candidates += [p.peer_id for p in sorted(node.records.peers(), key=lambda p: -p.version)]
+        for peer_id in dict.fromkeys(candidates):
+            if peer_id == node.peer_id:
+                continue
+            try:
+                header, payload = node.call(peer_id, "state", {"run_id": node.run_id}, timeout=60)
+                if header.get("status") != "ok":
+                    continue
+                return unpack_params(payload, expected), header, peer_id
+            except Exception as exc:
+                logger.debug("state from %s failed: %s", peer_id[-8:], exc)
+        time.sleep(1.0)
+    raise JoinError(f"could not download the current state from any peer within {timeout:.0f} s")
+
+
+def swarm_holds(node, election, swarm) -> tuple[list, int, int]:
+    """Live lease claims (signed by their holder), the highest term and the newest version that
+    live peers report. Waits long enough for a standby of a lapsed lease to claim first (rank r
+    claims r × lease/2 after the lapse), so that a resume never competes with a failover."""
+    deadline = time.time() + swarm.lease_seconds * (1 + swarm.num_standbys / 2) + swarm.heartbeat_seconds
+    keys = election.holder_keys
+    while True:
+        now = time.time()
+        claims = [c for owner, c in node.records.lease_claims_by_owner()  # only claims their holder signed
+                  if owner == keys.get_blocking(c.peer_id, timeout=10)]
+        live = [c for c in claims if c.renewed + swarm.lease_seconds > now]
+        if live or now >= deadline:
+            break
+        time.sleep(0.5)
+    highest, version = max((c.term for c in claims), default=0), 0
+    for p in node.records.peers():
+        if p.peer_id == node.peer_id or p.role == "left" or p.heartbeat + 3 * swarm.heartbeat_seconds < now:
+            continue
+        version = max(version, p.version)
+        try:  # the highest term a peer has seen is in no record; ask (headers only)
+            header, _ = node.call(p.peer_id, "state", {"run_id": node.run_id, "meta_only": True}, timeout=10)
+            keys.learn(p.peer_id, bytes.fromhex(header["record_key"]))
+            seen = int(header.get("highest_term", header.get("term", 0)))
+            if seen < 2 ** 31:  # a term no real run reaches is a peer's lie: it would make ours unusable
+                highest = max(highest, seen)
+            version = max(version, int(header.get("version", 0)))
+        except Exception as exc:
+            logger.debug("resume: %s did not answer (%s)", p.peer_id[-8:], exc)
+    return live, highest, version
+
+
+class StateServer:
+    """The ``genesis`` and ``state`` handlers of a peer.
+
+    :param config_yaml: the run's config as YAML
+    :param tokenizer_file: the run's ``tokenizer.json`` bytes (built once)
+    :param service: the peer's ``CoordinatorService`` (its commit state and lock)
+    :param role: ``role()`` → the peer's role now
+    :param held: ``held()`` → (θ, version) a training peer last received, or (None, 0)
+    """
+
+    def __init__(self, config_yaml: str, tokenizer_file: bytes, service, role: Callable[[], str],
+                 held: Callable[[], tuple], record_key: bytes):
+        self.config_yaml, self.tokenizer_file, self.service = config_yaml, tokenizer_file, service
+        self.role, self.held, self.record_key = role, held, record_key
+
+    async def serve_genesis(self, header: dict, payload: bytes, remote: str):
+        return {"config_yaml": self.config_yaml}, self.tokenizer_file
+
+    async def serve_state(self, header: dict, payload: bytes, remote: str):
+        """Coordinators and standbys serve the replicated θ; a training peer serves the θ it last received."""
+        svc, st = self.service, self.service.state
+        params, version = self.held()
+        role = self.role()
+        if header.get("meta_only"):  # what this peer holds, without θ (resuming peers and standbys ask)
+            return {"status": "ok", "version": max(version, st.version), "term": st.term,
+                    "highest_term": svc.highest_term_seen, "role": role, "coordinating": svc.active,
+                    "record_key": self.record_key.hex()}, b""
+        loop = asyncio.get_running_loop()
+        if svc.active or (role == "standby" and st.version >= version):
+            async with svc.lock:  # θ of exactly one version, not one between a commit's update and its count
+                copy = await loop.run_in_executor(None, lambda: [p.detach().clone() for p in st.engine.params])
+                params, version, source, term = copy, st.version, role, st.term
+        elif params is not None:
+            source, term = "peer", st.term
+        else:
+            return {"status": "unavailable", "message": "no state yet"}, b""
+        meta, data = await loop.run_in_executor(None, encode_tensors, params, "none")
+        return {"status": "ok", "version": version, "term": term, "source": source,
+                "schedule_step": st.schedule_step()}, pack_params(meta, data)
+
+
+def tensor_layout(params: list[torch.Tensor]) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    return [(tuple(p.shape), torch.float32) for p in params]

@@ -1,0 +1,151 @@
+"""The submit client: one pseudo-gradient to whichever peer holds the lease, until it is
+accepted, refused for good, or given up. It returns an outcome and changes nothing of the peer:
+the round loop decides what an outcome means (adopt the reply's θ, download the state, ...).
+
+Retries keep the same sequence number (the coordinator's ledger makes a resend idempotent):
+after a connection error, ``not_coordinator``, ``busy`` / ``rate_limited`` (waiting
+``retry_after``), and when the lease moves to another holder while a reply is awaited (a frozen
+or deposed coordinator): docs/protocol.md, "A round" and "Election and failover".
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from heloco_p2p.swarm.records import LeaseRecord
+from heloco_p2p.swarm.wire import WireError, encode_tensors, unpack_params
+
+logger = logging.getLogger(__name__)
+
+
+class LeaseMoved(Exception):
+    """The submission in flight went to a coordinator whose lease another peer now holds."""
+
+
+@dataclass
+class SubmitOutcome:
+    """How a submission ended: ``accepted`` (``params`` at ``version``), ``rejected`` (``reason``:
+    a refusal a retry cannot fix), or ``gave_up`` (no acceptance within ``submit_timeout``, or
+    the peer is stopping)."""
+
+    status: str
+    reply: dict = field(default_factory=dict)
+    params: list[torch.Tensor] | None = None
+    rtt: float = 0.0
+    attempts: int = 0
+    serialize_seconds: float = 0.0
+    payload_bytes: int = 0
+    reply_bytes: int = 0
+
+    @property
+    def version(self) -> int:
+        return int(self.reply["version"])
+
+    @property
+    def reason(self) -> str | None:
+        return self.reply.get("reason")
+
+
+class SubmitClient:
+    """Sends pseudo-gradients for one peer.
+
+    :param node: the peer's ``SwarmNode``
+    :param election: its ``Election`` (the believed lease; refreshed before each attempt)
+    :param service: its ``CoordinatorService`` (a coordinator submits to itself without the network)
+    :param swarm: the run's ``swarm`` config (compression, submit_timeout)
+    :param region: the peer's region (the region-fair weight keys on it)
+    :param names: the tensor names of the layout (checked by the coordinator)
+    :param keep_going: False when the peer is leaving or out of time
+    """
+
+    def __init__(self, node, election, service, swarm, region: str, names: list[str], stop_event: threading.Event,
+                 keep_going: Callable[[], bool]):
+        self.node, self.election, self.service, self.swarm = node, election, service, swarm
+        self.region, self.names, self.stop_event, self.keep_going = region, list(names), stop_event, keep_going
+
+    def header(self, seq: int, base: int, stats, meta: list) -> dict:
+        loss = stats.loss if math.isfinite(stats.loss) else None  # headers are strict JSON
+        return {"run_id": self.node.run_id, "seq": seq, "base_version": base, "steps": stats.steps,
+                "region": self.region, "tensors": meta, "names": self.names,
+                "stats": {"loss": loss, "tokens": stats.tokens, "seconds": stats.seconds}}
+
+    def submit(self, seq: int, delta: list[torch.Tensor], base: int, stats,
+               expected: list[tuple[tuple[int, ...], torch.dtype]]) -> SubmitOutcome:
+        t0 = time.perf_counter()
+        meta, payload = encode_tensors([d.detach().float().cpu() for d in delta], self.swarm.compression)
+        t_ser = time.perf_counter() - t0
+        header = self.header(seq, base, stats, meta)
+        deadline = time.time() + self.swarm.submit_timeout
+        attempt = 0
+        while time.time() < deadline and not self.stop_event.is_set() and self.keep_going():
+            attempt += 1
+            lease = self.election.refresh()
+            if lease is None:
+                time.sleep(0.5)
+                continue
+            header["term"] = self.service.highest_term_seen
+            t1 = time.perf_counter()
+            try:
+                reply, data = self.send(lease, header, payload)
+            except LeaseMoved as exc:
+                logger.info("%s; resubmitting there", exc)
+                continue
+            except Exception as exc:
+                logger.info("submission to %s failed (%s); retrying", lease.peer_id[-8:], exc if isinstance(exc, WireError)
+                            else type(exc).__name__)
+                retry_after = getattr(exc, "retry_after", None)  # an unsigned "busy" from a keyed call
+                self.stop_event.wait(min(2.0, 0.25 * attempt) if retry_after is None else min(10.0, retry_after))
+                continue
+            rtt = time.perf_counter() - t1
+            status = reply.get("status")
+            if reply.get("term", 0) < self.service.highest_term_seen and status == "accepted":
+                continue  # a deposed coordinator answered: ignore it (its commit cannot be acknowledged)
+            if status == "accepted":
+                return SubmitOutcome("accepted", reply, unpack_params(data, expected), rtt, attempt, t_ser,
+                                     len(payload), len(data))
+            if status == "not_coordinator":
+                time.sleep(0.3)
+                continue
+            if status == "rejected" and reply.get("reason") in ("busy", "rate_limited"):
+                # flood control, or no standby holds the commit yet: the same submission (same seq) again
+                retry_after = reply.get("retry_after")
+                retry_after = float(retry_after) if isinstance(retry_after, (int, float)) else 1.0
+                logger.info("coordinator %s: %s; retrying in %.2f s", reply.get("reason"), reply.get("message"), retry_after)
+                self.stop_event.wait(min(10.0, max(0.05, retry_after), max(0.0, deadline - time.time())))
+                continue
+            return SubmitOutcome("rejected", reply, attempts=attempt, serialize_seconds=t_ser, payload_bytes=len(payload))
+        logger.warning("gave up on submission %d after %d attempts", seq, attempt)
+        return SubmitOutcome("gave_up", attempts=attempt, serialize_seconds=t_ser, payload_bytes=len(payload))
+
+    def send(self, lease: LeaseRecord, header: dict, payload: bytes) -> tuple[dict, bytes]:
+        """Send one submission to the lease holder and wait for the reply, but not past the moment
+        this peer believes a later lease (held by another peer): a submission in flight to a frozen
+        or deposed coordinator moves to the new one (the ledger makes the resend idempotent)."""
+        timeout = self.swarm.submit_timeout
+        if lease.peer_id == self.node.peer_id:
+            call = self.service.handle_submit(header, payload, self.node.peer_id)
+        else:
+            call = self.node.acall(lease.peer_id, "submit", header, payload)
+        future = asyncio.run_coroutine_threadsafe(asyncio.wait_for(call, timeout), self.node.loop)
+        while True:
+            try:
+                return future.result(timeout=0.5)
+            except concurrent.futures.TimeoutError:
+                if future.done():  # the call itself timed out
+                    raise
+                now = self.election.lease
+                if now is not None and now.term > lease.term and now.peer_id != lease.peer_id:
+                    future.cancel()
+                    raise LeaseMoved(f"the lease moved from {lease.peer_id[-8:]} (term {lease.term}) to "
+                                     f"{now.peer_id[-8:]} (term {now.term})") from None
+                if self.stop_event.is_set():
+                    future.cancel()
+                    raise
