@@ -46,6 +46,7 @@ from heloco_p2p.roles.joining import (
     tensor_layout,
     tokenizer_json,
 )
+from heloco_p2p.roles.rounds import RoundLoop
 from heloco_p2p.roles.submit import SubmitClient
 from heloco_p2p.swarm.auth import SwarmKeyError, load_swarm_key
 from heloco_p2p.swarm.lifetime import guard_children, stop_reaper
@@ -53,10 +54,6 @@ from heloco_p2p.swarm.node import SwarmNode, start_error_message
 from heloco_p2p.swarm.records import GenesisRecord, PeerRecord
 
 logger = logging.getLogger(__name__)
-
-
-class StopRequested(Exception):
-    """Raised inside a round when the peer was asked to leave."""
 
 
 @dataclass
@@ -103,24 +100,17 @@ class Peer:
         self.seq = time.time_ns() // 1000
         self.version = 0  # global version of self.global_params
         self.global_params: list[torch.Tensor] | None = None
-        self.rounds = 0
         self.tokens = 0
         self.accepted = 0
         self.rejected = 0
-        self.last_loss = float("nan")
         self.last_staleness = 0
-        self.steps_per_second = 0.0
-        self.inner_steps = 0
         self.acks: list[dict] = []
         self._metrics_lock = threading.Lock()
         self._maint: threading.Thread | None = None
         self._reaper = None
         self.checkpointer: Checkpointer | None = None
+        self.rounds_loop: RoundLoop | None = None  # the training thread's rounds (roles/rounds.py)
         self.deadline: float | None = None
-        self._submitter: threading.Thread | None = None  # overlapped rounds: the submission in flight
-        self._reply_ready = threading.Event()  # set when the submission in flight has finished
-        self._fold: tuple | None = None  # (θ, version, schedule step) the training thread folds in next
-        self._first_step_logged = False
 
     @property
     def role(self) -> str:
@@ -197,6 +187,9 @@ class Peer:
                                           lease_seconds=self.cfg.swarm.lease_seconds)
         self.service.on_commit = lambda summary: self.log_metric({"event": "commit", **summary})
         self.election = Election(self.node, self.cfg, self.service, self.stop_event, self.log_metric, role=self._role)
+        self.rounds_loop = RoundLoop(self.trainer, self._steps_this_round, self._more_rounds, self._submit,
+                                     lambda: (self.global_params, self.version), self.log_metric, self.stop_event,
+                                     speed=o.speed, submit_timeout=self.cfg.swarm.submit_timeout)
         self.submitter = SubmitClient(self.node, self.election, self.service, self.cfg.swarm, o.region,
                                       self.commit_state.engine.names, self.stop_event, self._time_left)
         self.state_server = StateServer(self.cfg.to_yaml(), self._tokenizer_file, self.service, lambda: self.role,
@@ -344,9 +337,10 @@ class Peer:
     def _adopt(self, params: list[torch.Tensor], version: int, schedule_step: int) -> None:
         self.global_params = params
         self.version = version
-        if threading.current_thread() is self._submitter:
-            # overlapped rounds: the model is training; the training thread folds θ in (_fold_reply)
-            self._fold = (params, version, schedule_step)
+        flight = self.rounds_loop.in_flight if self.rounds_loop is not None else None
+        if flight is not None and flight.is_sender():
+            # overlapped rounds: the model is training; the training thread folds θ in (roles/rounds.py)
+            flight.hand(params, version, schedule_step)
             return
         self.trainer.load_params(params)
         self.trainer.step = max(self.trainer.step, schedule_step)
@@ -386,9 +380,9 @@ class Peer:
 
     def _heartbeat(self) -> None:
         record = PeerRecord(peer_id=self.node.peer_id, name=self.name, region=self.opts.region,
-                            device=str(self.trainer.device), role=self.role, steps_per_second=float(self.steps_per_second),
-                            inner_steps=int(self.inner_steps), version=int(self.version), rounds=int(self.rounds),
-                            tokens=int(self.tokens), loss=float(self.last_loss) if math.isfinite(self.last_loss) else -1.0,
+                            device=str(self.trainer.device), role=self.role, steps_per_second=float(self.rounds_loop.steps_per_second),
+                            inner_steps=int(self.rounds_loop.inner_steps), version=int(self.version), rounds=int(self.rounds_loop.rounds),
+                            tokens=int(self.tokens), loss=float(self.rounds_loop.last_loss) if math.isfinite(self.rounds_loop.last_loss) else -1.0,
                             staleness=int(self.last_staleness), accepted=int(self.accepted), rejected=int(self.rejected),
                             bytes_in=int(self.node.bytes_in), bytes_out=int(self.node.bytes_out), heartbeat=time.time(),
                             maddrs=self.node.visible_maddrs())
@@ -423,21 +417,9 @@ class Peer:
         for p in self.node.records.peers():
             if p.steps_per_second > 0:
                 self.dylu.update(p.peer_id, p.steps_per_second)
-        if self.steps_per_second > 0:
-            self.dylu.update(self.node.peer_id, self.steps_per_second)
+        if self.rounds_loop.steps_per_second > 0:
+            self.dylu.update(self.node.peer_id, self.rounds_loop.steps_per_second)
         return self.dylu.steps_for(self.node.peer_id, H) if self.dylu.speed(self.node.peer_id) else H
-
-    def _on_step(self, i: int, loss) -> None:
-        if self.stop_event.is_set():
-            raise StopRequested()
-        if not self._first_step_logged:
-            self._first_step_logged = True
-            self.log_metric({"event": "first_step", "version": self.version})
-        if self.opts.speed < 1.0:
-            # emulate slower hardware: idle (1/speed − 1) × the step's own time
-            dt = time.perf_counter() - self._step_t0
-            time.sleep(dt * (1.0 / self.opts.speed - 1.0))
-        self._step_t0 = time.perf_counter()
 
     def _time_left(self) -> bool:
         return self.deadline is None or time.time() < self.deadline
@@ -445,7 +427,7 @@ class Peer:
     def _more_rounds(self) -> bool:
         if self.stop_event.is_set() or not self._time_left():
             return False
-        if self.opts.max_rounds is not None and self.rounds >= self.opts.max_rounds:
+        if self.opts.max_rounds is not None and self.rounds_loop.rounds >= self.opts.max_rounds:
             return False
         if self.genesis.max_versions and self.version >= self.genesis.max_versions:
             logger.info("the run reached its budget of %d versions", self.genesis.max_versions)
@@ -475,114 +457,9 @@ class Peer:
                 if o.max_minutes and time.time() - started > 60 * o.max_minutes:
                     break
             return
-        if self.overlap:
-            self._train_overlapped()
-        else:
-            self._train_blocking()
-        self.log_metric({"event": "train_end", "rounds": self.rounds})
+        self.rounds_loop.run(self.overlap)
+        self.log_metric({"event": "train_end", "rounds": self.rounds_loop.rounds})
         self.log_metric({"event": "eval", "version": self.version, "val_loss": self.evaluate()})
-
-    def _train_blocking(self) -> None:
-        """Each round waits for its submission's reply and starts from the θ in it."""
-        while self._more_rounds():
-            H = self._steps_this_round()
-            base = self.version
-            self._step_t0 = time.perf_counter()
-            t0 = time.perf_counter()
-            try:
-                delta, stats = self.trainer.run_round(self.global_params, H, on_step=self._on_step)
-            except StopRequested:
-                break
-            compute = time.perf_counter() - t0
-            self.log_metric({"event": "round", "steps": H, "compute_seconds": compute, "loss": stats.loss,
-                             "tokens": stats.tokens, "base_version": base})
-            self._round_done(H, compute, stats)
-            self._submit(delta, base, stats, compute)
-
-    def _round_done(self, H: int, compute: float, stats) -> None:
-        """What the heartbeat reports about the round just trained (both round modes)."""
-        self.inner_steps = H
-        self.steps_per_second = H / compute if compute > 0 else 0.0
-        self.rounds += 1
-        self.last_loss = stats.loss
-
-    # ------------------------------------------------------------------------------ overlapped rounds
-    def _train_overlapped(self) -> None:
-        """Round k+1 trains from the local θ while round k's submission travels (one in flight at
-        most, sent by a background thread through ``_submit``). The θ that submission ends with
-        (the reply's, a downloaded state, or the last known one after a rejection) is folded in at
-        the next step boundary (``InnerTrainer.fold_in``); a round that ends first waits for it,
-        and that wait is idle time. Each Δ is measured from the last global θ folded in, whose
-        version is the round's base v0 (derivation: docs/protocol.md, "Overlapped rounds")."""
-        self._base_version = self.version  # the model holds θ(v) exactly: nothing is in flight yet
-        try:
-            while self._more_rounds():
-                H = self._steps_this_round()
-                self._round_wait = self._round_fold = 0.0
-                self._step_t0 = time.perf_counter()
-                t0 = time.perf_counter()
-                try:
-                    delta, stats = self.trainer.run_round(None, H, on_step=self._on_step_overlapped,
-                                                          before_delta=self._await_reply)
-                except StopRequested:
-                    break
-                compute = time.perf_counter() - t0 - self._round_wait - self._round_fold
-                base = self._base_version
-                self.log_metric({"event": "round", "steps": H, "compute_seconds": compute, "loss": stats.loss,
-                                 "tokens": stats.tokens, "base_version": base, "wait_seconds": self._round_wait,
-                                 "fold_seconds": self._round_fold, "overlap": True})
-                self._round_done(H, compute, stats)
-                self._submit_in_background(delta, base, stats, compute)
-        finally:
-            if self._submitter is not None:  # the last submission is still worth its reply, unless we are leaving
-                # (then a reply that may never come, from a barrier or a dead coordinator, must not hold us)
-                self._submitter.join(timeout=5.0 if self.stop_event.is_set() else self.cfg.swarm.submit_timeout + 10)
-
-    def _submit_in_background(self, delta: list[torch.Tensor], base: int, stats, compute: float) -> None:
-        def _run():
-            try:
-                self._submit(delta, base, stats, compute)
-            except Exception:  # the next round must not wait forever for a reply that cannot come
-                logger.exception("submission %d failed", self.seq)
-            finally:
-                if self._fold is None:  # rejected, or given up: go back to the last global θ known
-                    self._fold = (self.global_params, self.version, 0)
-                self._reply_ready.set()
-
-        self._fold = None
-        self._reply_ready.clear()
-        self._submitter = threading.Thread(target=_run, name="submit", daemon=True)
-        self._submitter.start()
-
-    def _on_step_overlapped(self, i: int, loss) -> None:
-        self._on_step(i, loss)
-        if self._reply_ready.is_set():
-            self._fold_reply()
-
-    def _await_reply(self) -> None:
-        """After a round's last step: the previous submission must be folded in before Δ is taken."""
-        if self._submitter is not None and not self._reply_ready.is_set():
-            t = time.perf_counter()
-            while not self._reply_ready.wait(0.2):
-                if not self._submitter.is_alive() or self.stop_event.is_set():
-                    break
-            self._round_wait += time.perf_counter() - t
-        if self.stop_event.is_set():
-            raise StopRequested()
-        if self._reply_ready.is_set():
-            self._fold_reply()
-
-    def _fold_reply(self) -> None:
-        t = time.perf_counter()
-        params, version, schedule_step = self._fold
-        self._reply_ready.clear()
-        self._submitter = None
-        self.trainer.fold_in(params)
-        self.trainer.step = max(self.trainer.step, schedule_step)
-        self._base_version = version
-        dt = time.perf_counter() - t
-        self._round_fold += dt
-        self._step_t0 += dt  # the emulated slowness idles after steps, not after folds
 
     def _submit(self, delta: list[torch.Tensor], base: int, stats, compute: float) -> None:
         """One round's pseudo-gradient through the submit client, and what its outcome means here."""
@@ -603,7 +480,7 @@ class Peer:
                    "attempts": out.attempts, "compression": self.cfg.swarm.compression}
             self.acks.append(ack)
             self.log_metric(ack)
-            logger.info("round %d: v%d loss %.3f %.0f tok/s staleness %s role %s", self.rounds, self.version,
+            logger.info("round %d: v%d loss %.3f %.0f tok/s staleness %s role %s", self.rounds_loop.rounds, self.version,
                         stats.loss, stats.tokens_per_second, reply.get("staleness"), self.role)
         elif out.status == "rejected":  # a reason a retry cannot fix; start again from the current state
             self.rejected += 1

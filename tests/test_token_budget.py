@@ -110,7 +110,8 @@ def test_commit_state_keeps_the_count_and_loads_states_without_one():
 def test_peer_stops_at_the_token_budget(run_tokens, budget, more):
     import threading
 
-    peer = SimpleNamespace(stop_event=threading.Event(), opts=SimpleNamespace(max_rounds=None), rounds=0, version=3,
+    peer = SimpleNamespace(stop_event=threading.Event(), opts=SimpleNamespace(max_rounds=None), version=3,
+                           rounds_loop=SimpleNamespace(rounds=0),
                            genesis=SimpleNamespace(max_versions=0, max_tokens=budget),
                            election=SimpleNamespace(run_tokens=run_tokens),
                            _time_left=lambda: True)
