@@ -120,3 +120,26 @@ def test_http_routes_serve_the_page_the_json_and_the_metrics():
     assert json.loads(inlined)["peers"] == state["peers"]
     assert metrics.headers["Content-Type"].startswith("text/plain") and b"heloco_peer_tokens" in metrics.read()
     assert b"uPlot" in script[:2000]
+
+
+def test_an_evaluator_record_is_charted_once_per_point():
+    from heloco_p2p.swarm.records import EvalRecord
+
+    class WithEvals(FakeRecords):
+        evals_list: list = []
+
+        def evals(self):
+            return list(self.evals_list)
+
+    records = WithEvals()
+    dash = Dashboard(Monitor(records), "demo")
+    fill(records, dash, 1)
+    records.evals_list = [EvalRecord(peer_id="Qme", name="e", version=4, time=NOW + 1, mean=6.0,
+                                     losses={"de": 5.5, "fr": 6.5}, history_versions=[2, 4],
+                                     history_times=[NOW - 60, NOW + 1], history_means=[6.5, 6.0],
+                                     history_losses=[{"de": 6.0, "fr": 7.0}, {"de": 5.5, "fr": 6.5}])]
+    dash.poll_once(NOW + 5)
+    dash.poll_once(NOW + 10)  # the same record again: no new points
+    v = dash.history.export()["validation"]
+    assert v["version"] == [2, 4] and v["mean"] == [6.5, 6.0]
+    assert v["per_language"] == {"de": [6.0, 5.5], "fr": [7.0, 6.5]}

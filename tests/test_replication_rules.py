@@ -281,3 +281,16 @@ def test_lapsed_claims_and_lower_terms_are_not_believed():
     renewal = _claim(HOLDER, 2, now)
     assert lease_rules.believe(current, [(b"QmHolder", renewal)], now, 6.0, _signed) is renewal
     assert lease_rules.lapsed_for(current, now, 6.0) == pytest.approx(-5.0)
+
+
+# ---------------------------------------------------------------- refusals teach an attacker nothing
+def test_a_norm_refusal_names_its_reason_but_not_the_bound():
+    svc, state, _ = _coordinator(standbys=())
+    svc.others_alive = 0
+    for seq in range(6):  # a history of accepted norms (‖Δ‖ = 0.01 × √10)
+        header, payload = _submission(state, seq)
+        assert run(svc.handle_submit(header, payload, "QmPeer"))[0]["status"] == "accepted"
+    header, payload = _submission(state, 6, value=5.0)
+    reply, _ = run(svc.handle_submit(header, payload, "QmPeer"))
+    assert reply["status"] == "rejected" and reply["reason"] == "norm_too_large"
+    assert not any(ch.isdigit() for ch in reply["message"]), reply["message"]  # no bound, no norm

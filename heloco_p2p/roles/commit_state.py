@@ -34,9 +34,10 @@ def params_digest(params: list[torch.Tensor]) -> str:
 class Rejection(Exception):
     """A submission refused before it touched state; ``code`` is the reason sent to the peer."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, detail: str = ""):
         super().__init__(message)
         self.code = code
+        self.detail = detail  # for the operator's log only: what an attacker could learn from (exact bounds)
 
 
 @dataclass
@@ -158,12 +159,15 @@ class CommitState:
         if len(history) >= limits.norm_min_history:
             bound = limits.norm_factor * statistics.median(history)
             if norm > bound:
-                raise Rejection("norm_too_large", f"‖Δ‖ = {norm:.4g} exceeds {limits.norm_factor:g} × the median of recent accepted norms ({bound:.4g})")
+                raise Rejection("norm_too_large", "‖Δ‖ is above the run's norm bound (a multiple of recent accepted norms)",
+                                detail=f"‖Δ‖ = {norm:.4g} > {limits.norm_factor:g} × median of recent accepted norms = {bound:.4g}")
         else:  # too few accepted norms for a median: bound Δ by the size of θ itself
             bound = limits.norm_factor * max(tensor_norm(self.engine.params), 1.0)
             if norm > bound:
-                raise Rejection("norm_too_large", f"‖Δ‖ = {norm:.4g} exceeds {limits.norm_factor:g} × max(‖θ‖, 1) "
-                                                  f"({bound:.4g}) while fewer than {limits.norm_min_history} norms were accepted")
+                raise Rejection("norm_too_large", "‖Δ‖ is above the run's norm bound (a multiple of ‖θ‖ until enough "
+                                                  "norms were accepted)",
+                                detail=f"‖Δ‖ = {norm:.4g} > {limits.norm_factor:g} × max(‖θ‖, 1) = {bound:.4g} "
+                                       f"(fewer than {limits.norm_min_history} accepted norms)")
         return norm
 
     def apply(self, pseudo_grad: list[torch.Tensor], base_version: int, peer: str, seq: int, steps: int, norm: float,

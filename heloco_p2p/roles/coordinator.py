@@ -296,7 +296,7 @@ class CoordinatorService:
             try:
                 norm = await loop.run_in_executor(None, self.state.check, delta, base_version, self.limits)
             except Rejection as exc:
-                return self._reject(remote, exc.code, str(exc))
+                return self._reject(remote, exc.code, str(exc), exc.detail)
             version_before = self.state.version
             t1 = time.perf_counter()
             worker, seconds = fairness_inputs(header, peer)
@@ -360,7 +360,7 @@ class CoordinatorService:
             try:
                 norm = self.state.check(delta, base_version, self.limits)
             except Rejection as exc:
-                return self._reject(peer, exc.code, str(exc))
+                return self._reject(peer, exc.code, str(exc), exc.detail)
             future = loop.create_future()
             self.pending[peer] = (seq, steps, tokens, norm, delta, future)
         await self.check_barrier()
@@ -433,10 +433,12 @@ class CoordinatorService:
                 self.on_commit(e)
         self._unreplicated = []
 
-    def _reject(self, remote: str, code: str, message: str) -> tuple[dict, bytes]:
+    def _reject(self, remote: str, code: str, message: str, detail: str = "") -> tuple[dict, bytes]:
+        """The sender gets the reason code and a message without exact thresholds (an attacker would
+        learn the bound from them); the operator's log has the detail."""
         self.rejected_this_term += 1
         self.rejected_by_peer[remote] += 1
-        logger.info("rejected a submission from %s: %s (%s)", remote[-8:], code, message)
+        logger.info("rejected a submission from %s: %s (%s)", remote[-8:], code, detail or message)
         return {"status": "rejected", "reason": code, "message": message, "term": self.state.term,
                 "version": self.state.version}, b""
 
