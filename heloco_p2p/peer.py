@@ -30,11 +30,11 @@ from heloco_p2p.data import TokenBlocks, load_tokenizer, open_source, tokenizer_
 from heloco_p2p.local import InnerTrainer, build_model, validation_loss
 from heloco_p2p.local.model import param_names, trainable_params
 from heloco_p2p.local.solo import source_spec
-from heloco_p2p.outer import DyLU, registry
+from heloco_p2p.outer import DyLU
 from heloco_p2p.roles.commit_state import CommitState, SubmissionLimits, params_digest
 from heloco_p2p.roles.coordinator import CoordinatorService
 from heloco_p2p.roles.election import Election
-from heloco_p2p.roles.evaluator import Evaluator
+from heloco_p2p.roles.evaluator import Evaluator, evaluate_forever
 from heloco_p2p.roles.joining import (
     JoinError,
     StateServer,
@@ -168,14 +168,8 @@ class Peer:
         limits = SubmissionLimits.from_config(self.cfg.swarm)
         theta0 = [p.detach().clone() for p in trainable_params(self.model)]
         mode, self.preset = resolve_outer(self.cfg.outer)
-        if self.preset.dispatch != "current":  # replies, state downloads and catch-up would still hand out θ
-            raise JoinError(f"outer.dispatch: {self.preset.dispatch!r} (algorithm {self.preset.name!r}) is not supported "
-                            f"by the swarm yet; set outer.dispatch: current (docs/algorithms.md)")
-        if registry.get("staleness_weight", self.preset.staleness_weight).needs_num_workers:  # K not counted yet
-            raise JoinError(f"outer.staleness_weight: {self.preset.staleness_weight!r} needs the number of workers K, "
-                            f"which the swarm does not count yet; set outer.staleness_weight: none (docs/algorithms.md)")
-        try:  # the simulator's factory: one run config, one algorithm (K unknown here: None)
-            engine = build_outer_engine(self.preset, theta0, names=param_names(self.model), num_workers=None)
+        try:  # the simulator's factory: one run config, one algorithm (K comes with each commit)
+            engine = build_outer_engine(self.preset, theta0, names=param_names(self.model), num_workers=None)  # K: per commit
         except ValueError as exc:
             raise JoinError(f"outer: {exc}") from None
         self.commit_state = CommitState(engine)
@@ -450,7 +444,11 @@ class Peer:
             self.log_metric({"event": "eval", "version": self.version, "val_loss": self.evaluate()})
         self.log_metric({"event": "train_start"})
         if o.evaluator:
-            self._evaluate_loop()
+            self.role = "evaluator"
+            ev = Evaluator(self.model, self.trainer.load_params, self.cfg, self.tokenizer, regions=o.eval_regions,
+                           own_region=o.region)
+            evaluate_forever(ev, self.node, self.election, self.name, o.eval_every, self.stop_event, self._time_left,
+                             self.log_metric)
             return
         if o.no_train:
             while not self.stop_event.wait(1.0):
@@ -490,32 +488,6 @@ class Peer:
         if (out.status == "gave_up" or out.reason in ("too_stale", "bad_version")) \
                 and not self.stop_event.is_set() and self._time_left():
             self._catch_up()
-
-    def _evaluate_loop(self) -> None:
-        """The evaluator role: every ``eval_every`` seconds, the current global θ (downloaded from
-        the coordinator, else a standby or peer) evaluated per language, published in the DHT."""
-        o = self.opts
-        self.role = "evaluator"
-        ev = Evaluator(self.model, self.trainer.load_params, self.cfg, self.tokenizer, regions=o.eval_regions,
-                       own_region=o.region)
-        while not self.stop_event.is_set() and self._time_left():
-            t0 = time.time()
-            try:
-                if self.version > 0 or ev.history:  # the first state was downloaded when joining
-                    self._catch_up()
-                self.role = "evaluator"
-                regions = ev.regions_for(p.region for p in self.election.live_peers() if p.role != "evaluator")
-                point = ev.evaluate(self.global_params, self.version, regions)
-                self.node.records.publish_eval(ev.record(self.node.peer_id, self.name),
-                                               ttl=max(4 * o.eval_every, 300.0))
-                self.log_metric({"event": "eval", "version": point["version"],
-                                 "val_loss": {"mean": point["mean"], "per_language": point["per_language"]}})
-                logger.info("evaluated version %d: mean %.3f (%s)", point["version"], point["mean"],
-                            ", ".join(f"{r} {v:.2f}" for r, v in sorted(point["per_language"].items())))
-            except (JoinError, ValueError) as exc:
-                logger.warning("evaluation failed: %s", exc)
-                self.role = "evaluator"
-            self.stop_event.wait(max(0.0, o.eval_every - (time.time() - t0)))
 
     # ------------------------------------------------------------------------------ leaving
     def evaluate(self) -> float:

@@ -253,8 +253,8 @@ def check_history(events: list[dict], final_checkpoint: Path | None) -> dict:
             if (a["peer"], a["seq"]) not in in_chain:
                 lost_duplicates.append(a)
             continue
-        c = final.get(a["version"])
-        if c is None or c["digest"] != a["digest"] or (c["peer"], c["seq"]) != (a["peer"], a["seq"]):
+        c = final.get(a["version"])  # a peer receives θ̄ with look-ahead dispatch: its digest is dispatch_digest
+        if c is None or c.get("dispatch_digest", c["digest"]) != a["digest"] or (c["peer"], c["seq"]) != (a["peer"], a["seq"]):
             lost.append(a)
     ledger = {}
     if final_checkpoint is not None:

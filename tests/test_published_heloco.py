@@ -270,7 +270,7 @@ def test_simulator_and_coordinator_engines_are_bitwise_equal(sim_run_cfg, algo):
     real = sim.engine.commit
 
     def commit(pseudo_grad, base_version, worker=None, seconds=None, num_workers=None):
-        log.append(([t.clone() for t in pseudo_grad], base_version, worker, seconds))
+        log.append(([t.clone() for t in pseudo_grad], base_version, worker, seconds, num_workers))
         return real(pseudo_grad, base_version, worker=worker, seconds=seconds, num_workers=num_workers)
 
     sim.engine.commit = commit
@@ -280,8 +280,9 @@ def test_simulator_and_coordinator_engines_are_bitwise_equal(sim_run_cfg, algo):
     model = build_model(cfg.model, seed=0)  # the swarm builds θ0 like this (Peer._build_local)
     theta0 = [p.detach().clone() for p in trainable_params(model)]
     state = CommitState(build_outer_engine(preset, theta0, names=param_names(model), num_workers=len(regions)))
-    for seq, (delta, base, worker, seconds) in enumerate(log):
-        state.apply(delta, base, peer=f"peer-{worker}", seq=seq, steps=2, norm=1.0, worker=worker, seconds=seconds)
+    for seq, (delta, base, worker, seconds, k) in enumerate(log):  # K as the coordinator forwards it with each commit
+        state.apply(delta, base, peer=f"peer-{worker}", seq=seq, steps=2, norm=1.0, worker=worker, seconds=seconds,
+                    num_workers=k or len(regions))
 
     a, b = sim.engine.state_dict(), state.engine.state_dict()
     assert a["version"] == b["version"] == len(log) and a["config"] == b["config"]

@@ -294,3 +294,53 @@ def test_a_norm_refusal_names_its_reason_but_not_the_bound():
     reply, _ = run(svc.handle_submit(header, payload, "QmPeer"))
     assert reply["status"] == "rejected" and reply["reason"] == "norm_too_large"
     assert not any(ch.isdigit() for ch in reply["message"]), reply["message"]  # no bound, no norm
+
+
+def test_a_coordinator_cut_off_after_it_had_a_standby_is_not_a_lone_peer():
+    svc, state, _ = _coordinator({STANDBY: 600.0}, lease_seconds=4.0)
+    header, payload = _submission(state, 0)
+    assert run(svc.handle_submit(header, payload, "QmPeer"))[0]["reason"] == "busy"  # the standby froze: dropped
+    svc.others_alive = 0  # isolated: it reads no peer records at all
+    svc.lease_until = time.monotonic() + 10
+    header, payload = _submission(state, 1)
+    reply, _ = run(svc.handle_submit(header, payload, "QmPeer"))
+    assert reply["reason"] == "busy" and svc.acknowledged == [] and state.version == 1  # nothing unreplicated
+
+
+# ---------------------------------------------------------------- look-ahead dispatch in the swarm
+def _published(shapes=SHAPES):
+    from heloco_p2p.algorithms import ALGORITHMS, build_outer_engine
+
+    return CommitState(build_outer_engine(ALGORITHMS["heloco"], [torch.ones(s) for s in shapes], num_workers=None))
+
+
+def test_replies_carry_the_dispatch_point_and_standbys_stay_bitwise_equal():
+    from heloco_p2p.swarm.wire import unpack_params
+
+    coord_state, standby_state = _published(), _published()
+    node = ScriptedNode({})
+    coord = CoordinatorService(node, coord_state, SHAPES, SubmissionLimits(submit_rate=0.0))
+    coord.standbys = [STANDBY]
+    coord.activate(1)
+    standby = CoordinatorService(ScriptedNode({}, peer_id=STANDBY), standby_state, SHAPES,
+                                 SubmissionLimits(submit_rate=0.0))
+    standby.believed = ("QmCoordinator", 1)
+    logged = []
+    coord.on_commit = logged.append
+    for seq, peer_id in enumerate(["QmP1", "QmP2", "QmP1", "QmP3"]):
+        header, payload = _submission(coord_state, seq, value=0.01 * (seq + 1))
+        reply, data = run(coord.handle_submit(header, payload, peer_id))
+        assert reply["status"] == "accepted", reply
+        got = unpack_params(data)
+        want = coord_state.engine.dispatch_params()
+        assert all(torch.equal(a, b) for a, b in zip(got, want))  # θ̄ = θ − η·μ·m, not θ
+        if seq > 0:
+            assert not all(torch.equal(a, b) for a, b in zip(got, coord_state.engine.params))
+        forwarded = node.headers[-1]
+        assert forwarded["num_workers"] == [1, 2, 2, 3][seq]  # K travels with the commit
+        assert run(standby.handle_replicate(forwarded, payload, "QmCoordinator"))[0]["status"] == "ok"
+    assert all(torch.equal(a, b) for a, b in zip(coord_state.engine.params, standby_state.engine.params))
+    assert coord_state.engine.state_dict().keys() == standby_state.engine.state_dict().keys()
+    assert [e["num_workers"] for e in logged] == [1, 2, 2, 3]  # K: distinct recent senders
+    assert logged[-1]["dispatch_digest"] == params_digest(coord_state.engine.dispatch_params())
+    assert logged[-1]["digest"] == params_digest(coord_state.engine.params) != logged[-1]["dispatch_digest"]

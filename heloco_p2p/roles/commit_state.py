@@ -120,6 +120,10 @@ def max_submission_bytes(shapes: list[tuple[int, ...]]) -> int:
     return total
 
 
+WORKERS_WINDOW = 64  # commits over which the swarm counts its workers K
+MAX_WORKERS = 4096
+
+
 @dataclass
 class CommitState:
     """θ and the outer optimizer (``engine``), the term, and who submitted what."""
@@ -136,6 +140,9 @@ class CommitState:
     # failover keeps it): {"region", "commits", "tokens", "cos_sum", "cos_n", "keep", "rotate",
     # "shrink", "blocks", "ratio_sum"}; see ``credit_summary``
     credit: dict = field(default_factory=dict)
+    # who sent the last WORKERS_WINDOW commits: K, the number of workers a staleness weight such as
+    # ρ = 1/√K (``staleness_weight: base``) needs, is the number of distinct peers among them
+    recent_senders: deque = field(default_factory=lambda: deque(maxlen=WORKERS_WINDOW))
 
     @property
     def version(self) -> int:
@@ -170,11 +177,19 @@ class CommitState:
                                        f"(fewer than {limits.norm_min_history} accepted norms)")
         return norm
 
+    def workers(self, peer: str) -> int:
+        """K for a commit by ``peer``: the distinct senders of the last ``WORKERS_WINDOW`` commits
+        and ``peer``. The coordinator forwards it with the commit, so standbys use the same K."""
+        return min(MAX_WORKERS, len(set(self.recent_senders) | {peer}))
+
     def apply(self, pseudo_grad: list[torch.Tensor], base_version: int, peer: str, seq: int, steps: int, norm: float,
-              worker: str | None = None, seconds: float | None = None, tokens: int = 0):
+              worker: str | None = None, seconds: float | None = None, tokens: int = 0, num_workers: int | None = None):
         """Commit one submission; ``worker``/``seconds`` feed the region-fair weight (outer.fairness):
-        the sender's region and how long its round took; ``tokens`` counts toward the run's budget."""
-        info = self.engine.commit(pseudo_grad, base_version, worker=worker, seconds=seconds)
+        the sender's region and how long its round took; ``tokens`` counts toward the run's budget;
+        ``num_workers`` is K (default: ``workers(peer)``)."""
+        k = self.workers(peer) if num_workers is None else num_workers
+        info = self.engine.commit(pseudo_grad, base_version, worker=worker, seconds=seconds, num_workers=k)
+        self.recent_senders.append(peer)
         self._record(peer, seq, steps, norm, tokens)
         self._credit(peer, worker, tokens, info)
         return info
@@ -231,7 +246,7 @@ class CommitState:
     def apply_sync(self, items: list[tuple[str, int, int, int, float, list[torch.Tensor]]], base_version: int):
         """Synchronous DiLoCo: one outer step on the mean of one pseudo-gradient per peer.
         ``items``: (peer, seq, steps, tokens, norm, Δ) each."""
-        info = self.engine.sync_commit([d for *_, d in items], base_version)
+        info = self.engine.sync_commit([d for *_, d in items], base_version, num_workers=len(items))
         for peer, seq, steps, tokens, norm, _ in items:
             self._record(peer, seq, steps, norm, tokens)
             self._credit(peer, None, tokens, info)  # the cosine and branches are those of the mean
@@ -247,7 +262,8 @@ class CommitState:
                 "total_steps": self.total_steps, "total_tokens": self.total_tokens,
                 "contributors": sorted(self.contributors),
                 "recent_norms": list(self.recent_norms),
-                "credit": {p: dict(c) for p, c in self.credit.items()}}
+                "credit": {p: dict(c) for p, c in self.credit.items()},
+                "recent_senders": list(self.recent_senders)}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore ``state_dict()``; everything is checked before anything changes.
@@ -274,6 +290,10 @@ class CommitState:
         if not isinstance(norms, (list, tuple)) or not all(type(n) is float and math.isfinite(n) for n in norms):
             raise ValueError("commit state: recent_norms must be a list of finite floats")
         credit = _check_credit(state.get("credit", {}))  # states written before credit have none
+        senders = state.get("recent_senders", [])  # nor these
+        if not isinstance(senders, (list, tuple)) or len(senders) > WORKERS_WINDOW or \
+                not all(isinstance(x, str) for x in senders):
+            raise ValueError(f"commit state: recent_senders must be a list of at most {WORKERS_WINDOW} peer ids")
         try:
             self.engine.load_state_dict(state.get("engine"))  # checks everything before it changes anything
         except ValueError:
@@ -288,6 +308,7 @@ class CommitState:
         self.contributors = set(contributors)
         self.recent_norms = deque(norms, maxlen=64)
         self.credit = credit
+        self.recent_senders = deque(senders, maxlen=WORKERS_WINDOW)
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()

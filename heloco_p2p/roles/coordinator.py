@@ -23,6 +23,7 @@ from collections import Counter, deque
 import torch
 
 from heloco_p2p.roles.commit_state import (
+    MAX_WORKERS,
     CommitState,
     Rejection,
     SubmissionLimits,
@@ -179,8 +180,12 @@ class CoordinatorService:
 
     def required_replicas(self) -> int:
         """Standbys that must hold a commit before it is acknowledged: ``min_replicas``, or 0 for a
-        lone peer (nobody to replicate to; the lease and the log say so)."""
-        return 0 if self.others_alive == 0 and not self.standbys else self.min_replicas
+        lone peer: nobody else alive and no standby named in this term. A coordinator that had a
+        standby never counts as lone again in its term: cut off from the swarm, it reads no peer
+        records either, and must not mistake that for being alone (it would acknowledge
+        unreplicated commits beside the standby that took over)."""
+        lone = self.others_alive == 0 and not self.standbys and not self._heirs
+        return 0 if lone else self.min_replicas
 
     def waiting_for_standby(self) -> bool:
         return self.active and len(self.standbys) < self.required_replicas()
@@ -300,13 +305,15 @@ class CoordinatorService:
             version_before = self.state.version
             t1 = time.perf_counter()
             worker, seconds = fairness_inputs(header, peer)
+            num_workers = self.state.workers(peer)
             info = await loop.run_in_executor(None, self.state.apply, delta, base_version, peer, seq, steps, norm,
-                                              worker, seconds, tokens)
+                                              worker, seconds, tokens, num_workers)
             digest = await loop.run_in_executor(None, params_digest, self.state.engine.params)
+            dispatch_digest = await loop.run_in_executor(None, self._dispatch_digest, digest)
             self.mark_committed(digest)
             t2 = time.perf_counter()
             held = await self._replicate_commit(peer, seq, steps, base_version, header.get("tensors", []), payload,
-                                                version_before, digest, worker, seconds, tokens)
+                                                version_before, digest, worker, seconds, tokens, num_workers)
             if not self.active:
                 # a standby follows a newer term that this peer verified: another peer coordinates, and
                 # this commit (applied here only) must not be acknowledged; the sender resubmits there
@@ -314,7 +321,8 @@ class CoordinatorService:
                         "message": "a standby follows a newer term; read the lease again"}, b""
             summary = info.summary()
             event = {**summary, "peer": peer, "seq": seq, "norm": norm, "digest": digest, "term": self.state.term,
-                     "stats": header.get("stats", {}), "replicas": held}
+                     "dispatch_digest": dispatch_digest, "num_workers": num_workers, "stats": header.get("stats", {}),
+                     "replicas": held}
             if held < required:  # committed here, held by too few: not acknowledged (the retry is a duplicate)
                 logger.warning("commit %d is held by %d standbys of the %d required: not acknowledged",
                                info.version, held, required)
@@ -442,14 +450,22 @@ class CoordinatorService:
         return {"status": "rejected", "reason": code, "message": message, "term": self.state.term,
                 "version": self.state.version}, b""
 
+    def _dispatch_digest(self, digest: str) -> str:
+        """The digest of what peers receive (θ̄ with look-ahead dispatch, else θ: ``digest``)."""
+        if self.state.engine.dispatch == "current":
+            return digest
+        return params_digest(self.state.engine.dispatch_params())
+
     def _encode_params(self) -> bytes:
-        meta, data = encode_tensors([p.detach() for p in self.state.engine.params], self.reply_compression)
+        """The reply's parameters: where the sender's next round starts (``OuterEngine.dispatch_params``:
+        θ̄ = θ − η·μ·m with look-ahead dispatch, θ otherwise)."""
+        meta, data = encode_tensors([p.detach() for p in self.state.engine.dispatch_params()], self.reply_compression)
         self._last_param_meta = meta
         return pack_params(meta, data)
 
     async def _replicate_commit(self, peer: str, seq: int, steps: int, base_version: int, tensors: list,
                                 payload: bytes, version_before: int, digest: str, worker: str | None = None,
-                                seconds: float | None = None, tokens: int = 0) -> int:
+                                seconds: float | None = None, tokens: int = 0, num_workers: int | None = None) -> int:
         """Forward the commit to every standby and wait for each (at most ``replicate_timeout()``);
         returns how many hold it. A standby that cannot follow gets the full state; one that does not
         answer, refuses, or answers ``fenced`` is dropped (and named no more in the lease). ``fenced``
@@ -457,7 +473,7 @@ class CoordinatorService:
         on a claim it verifies there, never on the number in the reply."""
         msg = {"kind": "commit", "term": self.state.term, "version_before": version_before, "base_version": base_version,
                "peer": peer, "seq": seq, "steps": steps, "tensors": tensors, "digest": digest,
-               "worker": worker, "seconds": seconds, "tokens": tokens}
+               "worker": worker, "seconds": seconds, "tokens": tokens, "num_workers": num_workers}
         held, fenced = 0, False
         for sb in list(self.standbys):
             t0 = time.monotonic()
@@ -558,6 +574,8 @@ class CoordinatorService:
             for key in ("version_before", "base_version", "seq", "steps"):
                 header_int(header, key)
             header_int(header, "tokens", default=0)
+            if header.get("num_workers") is not None:
+                header_int(header, "num_workers", lo=1, hi=MAX_WORKERS)
             header_str(header, "peer")
             header_str(header, "digest")
             if not isinstance(header.get("tensors"), list):
@@ -617,7 +635,7 @@ class CoordinatorService:
             self._follow(term, remote)
             await loop.run_in_executor(None, self.state.apply, delta, header["base_version"], header["peer"],
                                        header["seq"], header["steps"], norm, header.get("worker"), header.get("seconds"),
-                                       header.get("tokens", 0))
+                                       header.get("tokens", 0), header.get("num_workers"))
             mine = await loop.run_in_executor(None, params_digest, self.state.engine.params)
             if mine != header["digest"]:
                 logger.warning("standby: digest differs at version %d; asking for the full state", self.state.version)

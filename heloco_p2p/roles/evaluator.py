@@ -9,6 +9,7 @@ plus the evaluator's own; validation blocks of a language are built once, when i
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from typing import Callable, Iterable
@@ -18,6 +19,7 @@ import torch
 from heloco_p2p.data import open_source, validation_blocks
 from heloco_p2p.local import evaluate_regions
 from heloco_p2p.local.solo import source_spec
+from heloco_p2p.roles.joining import JoinError, download_state, tensor_layout
 from heloco_p2p.swarm.records import EvalRecord
 
 logger = logging.getLogger(__name__)
@@ -76,3 +78,24 @@ class Evaluator:
                           history_times=[p["time"] for p in self.history],
                           history_means=[p["mean"] for p in self.history],
                           history_losses=[p["per_language"] for p in self.history])
+
+
+def evaluate_forever(ev: Evaluator, node, election, name: str, every: float, stop_event: threading.Event,
+                     keep_going: Callable[[], bool], log_metric: Callable[[dict], None]) -> None:
+    """The evaluator's loop: every ``every`` seconds, the global θ (never θ̄: ``model="theta"``,
+    from the coordinator or a standby) evaluated per language and published in the DHT."""
+    expected = tensor_layout(list(ev.model.parameters()))
+    while not stop_event.is_set() and keep_going():
+        t0 = time.time()
+        try:
+            params, header, _ = download_state(node, election, expected, stop_event, model="theta")
+            regions = ev.regions_for(p.region for p in election.live_peers() if p.role != "evaluator")
+            point = ev.evaluate(params, int(header["version"]), regions)
+            node.records.publish_eval(ev.record(node.peer_id, name), ttl=max(4 * every, 300.0))
+            log_metric({"event": "eval", "version": point["version"],
+                        "val_loss": {"mean": point["mean"], "per_language": point["per_language"]}})
+            logger.info("evaluated version %d: mean %.3f (%s)", point["version"], point["mean"],
+                        ", ".join(f"{r} {v:.2f}" for r, v in sorted(point["per_language"].items())))
+        except (JoinError, ValueError) as exc:
+            logger.warning("evaluation failed: %s", exc)
+        stop_event.wait(max(0.0, every - (time.time() - t0)))

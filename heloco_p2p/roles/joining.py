@@ -99,9 +99,12 @@ def fetch_run_files(node, genesis: GenesisRecord, peers: list[PeerRecord], workd
     raise RuntimeError("; ".join(errors) or "no peer answered")
 
 
-def download_state(node, election, expected: list, stop_event: threading.Event, timeout: float = 120.0):
-    """The current θ: from the coordinator, else a standby, else any peer (newest version first).
-    Returns (params, the ``state`` reply header, the peer id it came from).
+def download_state(node, election, expected: list, stop_event: threading.Event, timeout: float = 120.0,
+                   model: str = "dispatch"):
+    """Where a round starts now (θ̄ or θ, ``model="dispatch"``), or the global θ itself
+    (``model="theta"``: evaluators): from the coordinator, else a standby, else any peer (newest
+    version first; a training peer only holds what it received). Returns (params, the ``state``
+    reply header, the peer id it came from).
 
     :raises JoinError: no peer served a state of the run's layout within ``timeout``
     """
@@ -115,8 +118,8 @@ def download_state(node, election, expected: list, stop_event: threading.Event, 
             if peer_id == node.peer_id:
                 continue
             try:
-                header, payload = node.call(peer_id, "state", {"run_id": node.run_id}, timeout=60)
-                if header.get("status") != "ok":
+                header, payload = node.call(peer_id, "state", {"run_id": node.run_id, "model": model}, timeout=60)
+                if header.get("status") != "ok" or (model == "theta" and header.get("source") == "peer"):
                     continue
                 return unpack_params(payload, expected), header, peer_id
             except Exception as exc:
@@ -175,7 +178,9 @@ class StateServer:
         return {"config_yaml": self.config_yaml}, self.tokenizer_file
 
     async def serve_state(self, header: dict, payload: bytes, remote: str):
-        """Coordinators and standbys serve the replicated θ; a training peer serves the θ it last received."""
+        """Coordinators and standbys serve where a round starts now (``dispatch_params``: θ̄ with
+        look-ahead dispatch, else θ), or θ itself when asked ``{"model": "theta"}`` (evaluators:
+        the global model is θ); a training peer serves what it last received."""
         svc, st = self.service, self.service.state
         params, version = self.held()
         role = self.role()
@@ -185,8 +190,10 @@ class StateServer:
                     "record_key": self.record_key.hex()}, b""
         loop = asyncio.get_running_loop()
         if svc.active or (role == "standby" and st.version >= version):
+            engine = st.engine
+            source_of = (lambda: engine.params) if header.get("model") == "theta" else engine.dispatch_params
             async with svc.lock:  # θ of exactly one version, not one between a commit's update and its count
-                copy = await loop.run_in_executor(None, lambda: [p.detach().clone() for p in st.engine.params])
+                copy = await loop.run_in_executor(None, lambda: [p.detach().clone() for p in source_of()])
                 params, version, source, term = copy, st.version, role, st.term
         elif params is not None:
             source, term = "peer", st.term
