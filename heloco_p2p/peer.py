@@ -384,14 +384,14 @@ class Peer:
         self.node.records.publish_peer(record, ttl=4 * self.cfg.swarm.heartbeat_seconds)
         self.log_metric({"event": "heartbeat", **{k: v for k, v in record.dict().items() if k != "maddrs"}})
 
-    def _maybe_checkpoint(self, force: bool = False) -> None:
+    def _maybe_checkpoint(self, force: bool = False) -> int | None:
         """The coordinator's (and a standby's) commit state every ``swarm.checkpoint_every`` commits
         and when leaving: one sealed file, written atomically (heloco_p2p/checkpoint.py)."""
         ck, st = self.checkpointer, self.commit_state
         if ck is None or not (force or self.service.active or self.role == "standby"):
-            return
+            return None
         if not ck.due(st.term, st.version, force):
-            return
+            return None
         t0 = time.perf_counter()
 
         async def _snapshot():
@@ -399,9 +399,11 @@ class Peer:
                 return st.state_dict()
 
         snapshot = self.node.run(_snapshot(), timeout=60)
-        if ck.write(snapshot) is not None:
-            self.log_metric({"event": "checkpoint", "version": snapshot["engine"]["version"], "term": snapshot["term"],
-                             "role": self.role, "seconds": time.perf_counter() - t0})
+        if ck.write(snapshot) is None:
+            return None
+        self.log_metric({"event": "checkpoint", "version": snapshot["engine"]["version"], "term": snapshot["term"],
+                         "role": self.role, "seconds": time.perf_counter() - t0})
+        return snapshot["engine"]["version"]
 
     # ------------------------------------------------------------------------------ rounds
     def _steps_this_round(self) -> int:
@@ -511,9 +513,10 @@ class Peer:
             return
         try:
             if self.cfg is not None:
-                if self.service.active:
-                    self.node.run(self.service.hand_over(), timeout=30)
-                self._maybe_checkpoint(force=True)
+                heir = self.node.run(self.service.hand_over(), timeout=30) if self.service.active else None
+                written = self._maybe_checkpoint(force=True)
+                if written is not None and heir is None:  # no standby took the role: the checkpoint is the run
+                    self.service.checkpointed(written)
                 if getattr(self, "_peer_record", None) is not None:
                     self.node.records.withdraw_peer(self._peer_record, ttl=4 * self.cfg.swarm.heartbeat_seconds + 5)
         except Exception as exc:

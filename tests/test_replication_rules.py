@@ -158,6 +158,7 @@ def test_a_frozen_standby_delays_one_commit_by_a_bounded_time_and_it_is_not_ackn
     assert stalled < 2 * 4.0 and stalled >= svc.replicate_floor - 0.1  # the floor (half a lease), not 30 s
     assert svc.acknowledged == [] and svc.standbys == [] and state.version == 1 and svc.replicated_version == 0
     assert logged == []
+    assert svc.snapshot[1] == 0  # the lease names no version that no standby holds
     # the sender keeps its Δ and resubmits the same number: not acknowledged while no standby holds it
     svc.lease_until = time.monotonic() + 10
     reply, _ = run(svc.handle_submit(header, payload, "QmPeer"))
@@ -166,6 +167,7 @@ def test_a_frozen_standby_delays_one_commit_by_a_bounded_time_and_it_is_not_ackn
     run(svc.recruit("QmOther"))
     assert svc.standbys == ["QmOther"] and svc.replicated_version == 1
     assert [e["version"] for e in logged] == [1]  # durable now: in the history once
+    assert svc.snapshot[1] == 1
     reply, data = run(svc.handle_submit(header, payload, "QmPeer"))
     assert reply["status"] == "accepted" and reply["duplicate"] and state.version == 1 and len(data) > 0
 

@@ -76,6 +76,7 @@ class CoordinatorService:
         self._heirs: set[str] = set()  # every standby named in this term (a dropped one may have taken over)
         self.replicated_version = state.version  # the newest version at least ``required_replicas()`` standbys hold
         self._unreplicated: list[dict] = []  # commit events of this term's commits that too few standbys hold yet
+        self.dropped_at: dict[str, float] = {}  # standby -> time.monotonic() it failed a replication
         self.replicate_rtts: deque = deque(maxlen=20)  # seconds of recent replications (their timeout follows them)
         self.replicate_floor = max(2.0, lease_seconds / 2)
         self.snapshot: tuple[int, int, str, int] | None = None  # (term, version, θ digest, tokens) of the last commit
@@ -174,9 +175,14 @@ class CoordinatorService:
         return self._heirs | set(self.standbys)
 
     def drop_standby(self, standby: str) -> None:
+        """``standby`` failed a replication: unlisted, and not recruited again for a while (a frozen
+        peer's heartbeat stays fresh for 3 heartbeats: trying it again would stall the commits)."""
         if standby in self.standbys:
             self.standbys.remove(standby)
         self._heirs.add(standby)
+        self.dropped_at[standby] = time.monotonic()
+        for old in sorted(self.dropped_at, key=self.dropped_at.get)[:-64]:
+            del self.dropped_at[old]
 
     def required_replicas(self) -> int:
         """Standbys that must hold a commit before it is acknowledged: ``min_replicas``, or 0 for a
@@ -191,7 +197,9 @@ class CoordinatorService:
         return self.active and len(self.standbys) < self.required_replicas()
 
     def mark_committed(self, digest: str) -> None:
-        """What the next lease renewal publishes; written under the commit lock, read without it
+        """What the next lease renewal publishes: the newest version enough standbys hold (a
+        standby claims a lapsed lease only if its replica is at the lease's version, so the lease
+        must never name a version no standby has). Written under the commit lock, read without it
         (one tuple assignment), so that renewing the lease never waits for a commit."""
         self.snapshot = (self.state.term, self.state.version, digest, self.state.total_tokens)
 
@@ -310,7 +318,6 @@ class CoordinatorService:
                                               worker, seconds, tokens, num_workers)
             digest = await loop.run_in_executor(None, params_digest, self.state.engine.params)
             dispatch_digest = await loop.run_in_executor(None, self._dispatch_digest, digest)
-            self.mark_committed(digest)
             t2 = time.perf_counter()
             held = await self._replicate_commit(peer, seq, steps, base_version, header.get("tensors", []), payload,
                                                 version_before, digest, worker, seconds, tokens, num_workers)
@@ -329,6 +336,7 @@ class CoordinatorService:
                 self._unreplicated.append(event)
                 return self._busy(f"the commit is held by {held} of {required} standbys; a new standby is recruited")
             self._durable(event)
+            self.mark_committed(digest)  # the lease advertises only versions a standby holds
             if not self.lease_valid():  # held, but the lease may have lapsed meanwhile: the retry is a duplicate
                 return self._busy("the coordinator is confirming its lease", retry_after=0.5)
             if required == 0 and self.min_replicas > 0:
@@ -393,7 +401,6 @@ class CoordinatorService:
             t1 = time.perf_counter()
             info = await loop.run_in_executor(None, self.state.apply_sync, items, self.state.version)
             digest = await loop.run_in_executor(None, params_digest, self.state.engine.params)
-            self.mark_committed(digest)
             t2 = time.perf_counter()
             held = 0
             for sb in list(self.standbys):  # a sync commit is rare and large: standbys take the whole state
@@ -408,6 +415,7 @@ class CoordinatorService:
                 if held >= required:
                     self._durable({**info.summary(), "peer": ",".join(p for p, *_ in items), "seq": -1,
                                    "digest": digest, "term": self.state.term, "peers": len(items), "staleness": 0})
+                    self.mark_committed(digest)
                 busy = self._busy(f"the commit is held by {held} of {required} standbys")
                 for f in futures:
                     if not f.done():
@@ -416,6 +424,7 @@ class CoordinatorService:
             summary = info.summary()
             self._durable({**summary, "peer": ",".join(p for p, *_ in items), "seq": -1, "digest": digest,
                            "term": self.state.term, "peers": len(items), "staleness": 0})
+            self.mark_committed(digest)
             for p, seq, *_ in items:
                 self.acknowledged.append((p, seq, info.version))
             t3 = time.perf_counter()
@@ -440,6 +449,16 @@ class CoordinatorService:
             if self.on_commit is not None:
                 self.on_commit(e)
         self._unreplicated = []
+
+    def checkpointed(self, version: int) -> None:
+        """A leaving coordinator's last checkpoint holds the commits no standby took (there is none
+        to hand over to): they are the run's history now, to resume from."""
+        held_back = [e for e in self._unreplicated if e["version"] <= version]
+        self._unreplicated = [e for e in self._unreplicated if e["version"] > version]
+        for e in held_back:
+            self.commit_times.append(time.time())
+            if self.on_commit is not None:
+                self.on_commit({**e, "checkpointed": True})
 
     def _reject(self, remote: str, code: str, message: str, detail: str = "") -> tuple[dict, bytes]:
         """The sender gets the reason code and a message without exact thresholds (an attacker would
@@ -504,9 +523,12 @@ class CoordinatorService:
         slips between the copy and the standby's listing). Its time bounds later replication waits."""
         data = await asyncio.get_running_loop().run_in_executor(None, self.state.to_bytes)
         t0 = time.monotonic()
+        # the commits wait meanwhile: a candidate that does not take the state at 5 MB/s within a
+        # lease period more than that is given up (it is tried again after a back-off)
+        timeout = self.lease_seconds + len(data) / 5e6
         reply, _ = await asyncio.wait_for(self.node.acall(standby, "replicate", {"kind": "full", "term": self.state.term,
                                                                                   "version": self.state.version}, data),
-                                          10.0 + len(data) / 5e6)
+                                          timeout)
         if reply.get("status") != "ok":
             raise RuntimeError(f"standby refused the full state: {str(reply)[:300]}")
         self.replicate_rtts.append(time.monotonic() - t0)
@@ -525,6 +547,8 @@ class CoordinatorService:
                 self._durable(self._unreplicated.pop())
             if len(self.standbys) >= self.required_replicas():
                 self.replicated_version = self.state.version
+                digest = await asyncio.get_running_loop().run_in_executor(None, params_digest, self.state.engine.params)
+                self.mark_committed(digest)
 
     async def hand_over(self) -> str | None:
         """Leaving: stop committing, then ask the first standby that answers to take the next term.

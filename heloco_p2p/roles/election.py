@@ -10,6 +10,7 @@ lock serialises the reads). ``role`` and ``lease`` are written here only (one as
 """
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import math
 import threading
@@ -140,8 +141,11 @@ class Election:
             return
         now = time.time()
         candidates = [p for p in live if p.peer_id not in svc.standbys and p.role in ("training", "standby")
-                      and now - self._recruit_failed.get(p.peer_id, -math.inf) > 30.0]
+                      and now - self._recruit_failed.get(p.peer_id, -math.inf) > 30.0
+                      and time.monotonic() - svc.dropped_at.get(p.peer_id, -math.inf) > 30.0]
         for p in sorted(candidates, key=lambda p: p.peer_id)[: want - len(svc.standbys)]:
+            if not svc.active:  # stepped down meanwhile: recruit no one
+                break
             try:
                 self.node.run(svc.recruit(p.peer_id), timeout=None)
                 logger.info("standby %s holds a replica at version %d", p.peer_id[-8:], self.service.state.version)
@@ -154,20 +158,31 @@ class Election:
         process that notices it did not run for a while (frozen, swapped out) refreshes its view
         before acting on it: as coordinator it re-confirms the lease before renewing it."""
         sw = self.cfg.swarm
-        last_renew = time.monotonic()
-        while self.tick(0.25):
-            tick = time.monotonic()
-            svc = self.service
-            if not svc.active:
-                continue
-            try:
-                if not svc.lease_valid() and not self._reconfirm():
+        last_start = -math.inf
+        in_flight: list[concurrent.futures.Future] = []
+        with concurrent.futures.ThreadPoolExecutor(max_workers=3, thread_name_prefix="renew") as pool:
+            while self.tick(0.25):
+                tick = time.monotonic()
+                in_flight = [f for f in in_flight if not f.done()]
+                svc = self.service
+                if not svc.active:
                     continue
-                if svc.active and (tick - last_renew >= sw.lease_seconds / 3 or not svc.lease_valid()):
-                    if self.publish():
-                        last_renew = tick
-            except Exception as exc:  # the DHT can hiccup; the next tick retries
-                logger.warning("lease renewal: %s", exc)
+                try:
+                    if not svc.lease_valid() and not in_flight and not self._reconfirm():
+                        continue
+                    # a DHT store can wait for an unresponsive node's RPC timeout: renewals overlap (up to
+                    # 3), and each successful one extends the lease from the moment it started
+                    if svc.active and tick - last_start >= sw.lease_seconds / 3 and len(in_flight) < 3:
+                        in_flight.append(pool.submit(self._publish_logged))
+                        last_start = tick
+                except Exception as exc:  # the DHT can hiccup; the next tick retries
+                    logger.warning("lease renewal: %s", exc)
+
+    def _publish_logged(self) -> None:
+        try:
+            self.publish()
+        except Exception as exc:
+            logger.warning("lease renewal: %s", exc)
 
     def tick(self, period: float) -> bool:
         """Wait ``period`` seconds (False: the peer is stopping). A wait that took much longer means
