@@ -344,5 +344,8 @@ def test_replies_carry_the_dispatch_point_and_standbys_stay_bitwise_equal():
     assert all(torch.equal(a, b) for a, b in zip(coord_state.engine.params, standby_state.engine.params))
     assert coord_state.engine.state_dict().keys() == standby_state.engine.state_dict().keys()
     assert [e["num_workers"] for e in logged] == [1, 2, 2, 3]  # K: distinct recent senders
+    # what the norm bound and the credit depend on is replicated too: a failover resets neither
+    assert list(standby_state.recent_norms) == list(coord_state.recent_norms) and len(coord_state.recent_norms) == 4
+    assert standby_state.credit == coord_state.credit and list(standby_state.recent_senders) == ["QmP1", "QmP2", "QmP1", "QmP3"]
     assert logged[-1]["dispatch_digest"] == params_digest(coord_state.engine.dispatch_params())
     assert logged[-1]["digest"] == params_digest(coord_state.engine.params) != logged[-1]["dispatch_digest"]
