@@ -76,7 +76,7 @@ class CoordinatorService:
         self._heirs: set[str] = set()  # every standby named in this term (a dropped one may have taken over)
         self.replicated_version = state.version  # the newest version at least ``required_replicas()`` standbys hold
         self._unreplicated: list[dict] = []  # commit events of this term's commits that too few standbys hold yet
-        self.dropped_at: dict[str, float] = {}  # standby -> time.monotonic() it failed a replication
+        self.dropped_at: dict[str, float] = {}  # standby -> when (unix time) it failed a replication
         self.replicate_rtts: deque = deque(maxlen=20)  # seconds of recent replications (their timeout follows them)
         self.replicate_floor = max(2.0, lease_seconds / 2)
         self.snapshot: tuple[int, int, str, int] | None = None  # (term, version, θ digest, tokens) of the last commit
@@ -175,12 +175,13 @@ class CoordinatorService:
         return self._heirs | set(self.standbys)
 
     def drop_standby(self, standby: str) -> None:
-        """``standby`` failed a replication: unlisted, and not recruited again for a while (a frozen
-        peer's heartbeat stays fresh for 3 heartbeats: trying it again would stall the commits)."""
+        """``standby`` failed a replication: unlisted, and not recruited again until it heartbeats
+        after this (a frozen peer's last heartbeat stays "fresh" for 3 heartbeat periods: trying it
+        again would stall the commits; one that failed for a passing reason heartbeats on)."""
         if standby in self.standbys:
             self.standbys.remove(standby)
         self._heirs.add(standby)
-        self.dropped_at[standby] = time.monotonic()
+        self.dropped_at[standby] = time.time()  # wall clock: compared with the peer's heartbeats
         for old in sorted(self.dropped_at, key=self.dropped_at.get)[:-64]:
             del self.dropped_at[old]
 

@@ -128,7 +128,9 @@ class Election:
 
     def choose_standbys(self) -> None:
         """Keep ``num_standbys`` standbys: a live training peer gets the full state, then the commits.
-        One that failed is not tried again for 30 s, so a frozen peer does not block the others."""
+        A standby dropped for a failed replication is tried again only once it heartbeats after the
+        drop (a frozen peer cannot), and a failed recruitment is not repeated for 30 s, so a frozen
+        peer does not block the others."""
         svc, want = self.service, self.cfg.swarm.num_standbys
         live = [p for p in self.live_peers() if p.role in REPLICA_ROLES]
         svc.others_alive = len(live)
@@ -142,7 +144,7 @@ class Election:
         now = time.time()
         candidates = [p for p in live if p.peer_id not in svc.standbys and p.role in ("training", "standby")
                       and now - self._recruit_failed.get(p.peer_id, -math.inf) > 30.0
-                      and time.monotonic() - svc.dropped_at.get(p.peer_id, -math.inf) > 30.0]
+                      and p.heartbeat > svc.dropped_at.get(p.peer_id, -math.inf)]  # alive since it was dropped
         for p in sorted(candidates, key=lambda p: p.peer_id)[: want - len(svc.standbys)]:
             if not svc.active:  # stepped down meanwhile: recruit no one
                 break
