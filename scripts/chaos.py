@@ -326,7 +326,7 @@ SCENARIOS = {
                       "--freeze-seconds, then SIGCONT",
     "cut-kill-coordinator": "the link coordinator↔standby cut for --cut-seconds while every other peer reaches both; "
                             "healed; a lease later the coordinator of the cut SIGKILLed (restarted after the takeover)",
-    "cut-kill-standby": "the same cut and heal; a lease later the standby of the cut SIGKILLed (then restarted)",
+    "cut-kill-standby": "the same cut and heal; a lease later the standby of that moment SIGKILLed (then restarted)",
     "isolate-coordinator": "the coordinator cut from everyone (its bridge port down: peers and observer) for "
                            "--isolate-seconds, then back",
 }
@@ -544,7 +544,9 @@ class Scenario:
         if kill is None:
             return
         time.sleep(self.lease)
-        victim = c if kill == "coordinator" else s
+        # the standby *now*: the coordinator may have replaced the one it was cut from during the cut,
+        # and the case worth testing is the death of the peer that holds the replica
+        victim = c if kill == "coordinator" else (_roles_now(sw, 3 * self.lease)[1] or s)
         role = _latest_roles(sw).get(victim, (0, None))[1]
         self.down(victim, "killed")
         sw.kill(victim)
