@@ -7,7 +7,7 @@ import time
 import click
 
 from heloco_p2p.cli import log_level_option
-from heloco_p2p.cli.monitor_cmd import observe_run
+from heloco_p2p.cli.monitor_cmd import observe_run, reader_options
 from heloco_p2p.roles import lease as lease_rules
 
 
@@ -22,15 +22,7 @@ from heloco_p2p.roles import lease as lease_rules
               help="Seconds between reads of the records (one history sample each).")
 @click.option("--history", "max_samples", type=click.IntRange(min=10), default=720, show_default=True,
               help="History samples kept for the charts (720 at 5 s: one hour).")
-@click.option("--silent-after", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
-              help="Show a peer as silent when its last heartbeat is older than this (about 3 x the run's "
-                   "swarm.heartbeat_seconds).")
-@click.option("--lease-seconds", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
-              help="The run's swarm.lease_seconds: a coordinator claim counts until renewed + this.")
-@click.option("--timeout", type=click.FloatRange(min=0), default=15.0, show_default=True,
-              help="Seconds to wait for the run's records before saying it was not found.")
-@click.option("--host-maddrs", multiple=True, default=["/ip4/127.0.0.1/tcp/0"], show_default=True,
-              help="Addresses the dashboard's libp2p daemon listens on (it accepts no DHT requests).")
+@reader_options("dashboard")
 @log_level_option
 def dashboard(run_id, initial_peers, host, port, interval, max_samples, silent_after, lease_seconds, timeout,
               host_maddrs):

@@ -14,6 +14,28 @@ from heloco_p2p.roles import lease as lease_rules
 from heloco_p2p.swarm.node import start_error_message
 
 
+def reader_options(what: str):
+    """The options every read-only watcher of a run shares (``monitor``, ``dashboard``)."""
+    options = [
+        click.option("--silent-after", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+                     help="Show a peer as silent when its last heartbeat is older than this (about 3 x the run's "
+                          "swarm.heartbeat_seconds)."),
+        click.option("--lease-seconds", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+                     help="The run's swarm.lease_seconds: a coordinator claim counts until renewed + this."),
+        click.option("--timeout", type=click.FloatRange(min=0), default=15.0, show_default=True,
+                     help="Seconds to wait for the run's records before saying it was not found."),
+        click.option("--host-maddrs", multiple=True, default=["/ip4/127.0.0.1/tcp/0"], show_default=True,
+                     help=f"Addresses the {what}'s libp2p daemon listens on (it accepts no DHT requests)."),
+    ]
+
+    def apply(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return apply
+
+
 @click.command()
 @click.option("--run-id", required=True, help="The run to watch.")
 @click.option("--initial-peers", multiple=True, required=True, help="Multiaddr of any peer of the run (repeatable).")
@@ -28,15 +50,7 @@ from heloco_p2p.swarm.node import start_error_message
                    "staleness_last.")
 @click.option("--interval", type=click.FloatRange(min=0.2), default=2.0, show_default=True,
               help="Seconds between reads of the records.")
-@click.option("--silent-after", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
-              help="Show a peer as silent when its last heartbeat is older than this (about 3 x the run's "
-                   "swarm.heartbeat_seconds).")
-@click.option("--lease-seconds", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
-              help="The run's swarm.lease_seconds: a coordinator claim counts until renewed + this.")
-@click.option("--timeout", type=click.FloatRange(min=0), default=15.0, show_default=True,
-              help="Seconds to wait for the run's records before saying it was not found.")
-@click.option("--host-maddrs", multiple=True, default=["/ip4/127.0.0.1/tcp/0"], show_default=True,
-              help="Addresses the monitor's libp2p daemon listens on (it accepts no DHT requests).")
+@reader_options("monitor")
 @log_level_option
 def monitor(run_id, initial_peers, once, as_json, interval, silent_after, lease_seconds, timeout, host_maddrs):
     """Watch run RUN-ID: its coordinator (term, version, commits/min, standbys) and every peer

@@ -318,7 +318,9 @@ class CoordinatorService:
             info = await loop.run_in_executor(None, self.state.apply, delta, base_version, peer, seq, steps, norm,
                                               worker, seconds, tokens, num_workers)
             digest = await loop.run_in_executor(None, params_digest, self.state.engine.params)
-            dispatch_digest = await loop.run_in_executor(None, self._dispatch_digest, digest)
+            dispatched = self.state.engine.dispatch_params()  # computed once: digested, then sent in the reply
+            dispatch_digest = digest if dispatched is self.state.engine.params else \
+                await loop.run_in_executor(None, params_digest, dispatched)
             t2 = time.perf_counter()
             held = await self._replicate_commit(peer, seq, steps, base_version, header.get("tensors", []), payload,
                                                 version_before, digest, worker, seconds, tokens, num_workers)
@@ -345,7 +347,7 @@ class CoordinatorService:
                                info.version)
             self.acknowledged.append((peer, seq, info.version))
             t3 = time.perf_counter()
-            data = await loop.run_in_executor(None, self._encode_params)
+            data = await loop.run_in_executor(None, self._encode_params, dispatched)
             self.commit_seconds.append(time.perf_counter() - t1)
             timing = {"decode": t_decode, "commit": t2 - t1, "replicate": t3 - t2, "encode_reply": time.perf_counter() - t3}
             reply = {"status": "accepted", "duplicate": False, "version": info.version, "term": self.state.term,
@@ -470,16 +472,11 @@ class CoordinatorService:
         return {"status": "rejected", "reason": code, "message": message, "term": self.state.term,
                 "version": self.state.version}, b""
 
-    def _dispatch_digest(self, digest: str) -> str:
-        """The digest of what peers receive (θ̄ with look-ahead dispatch, else θ: ``digest``)."""
-        if self.state.engine.dispatch == "current":
-            return digest
-        return params_digest(self.state.engine.dispatch_params())
-
-    def _encode_params(self) -> bytes:
+    def _encode_params(self, dispatched: list | None = None) -> bytes:
         """The reply's parameters: where the sender's next round starts (``OuterEngine.dispatch_params``:
-        θ̄ = θ − η·μ·m with look-ahead dispatch, θ otherwise)."""
-        meta, data = encode_tensors([p.detach() for p in self.state.engine.dispatch_params()], self.reply_compression)
+        θ̄ = θ − η·μ·m with look-ahead dispatch, θ otherwise), unless given already computed."""
+        params = self.state.engine.dispatch_params() if dispatched is None else dispatched
+        meta, data = encode_tensors([p.detach() for p in params], self.reply_compression)
         self._last_param_meta = meta
         return pack_params(meta, data)
 

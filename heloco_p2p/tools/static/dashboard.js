@@ -60,6 +60,16 @@ function renderSummary(state, names) {
   status.className = run.error ? "error" : "muted";
 }
 
+// One table row's cells: [text, class] pairs (text content only: names are untrusted).
+function appendCells(tr, cells) {
+  for (const [text, cls] of cells) {
+    const td = document.createElement("td");
+    td.textContent = text;
+    if (cls) td.className = cls;
+    tr.appendChild(td);
+  }
+}
+
 function renderPeers(state, names) {
   const now = state.run.polled_at || Date.now() / 1000;
   const body = document.querySelector("#peers tbody");
@@ -79,12 +89,7 @@ function renderPeers(state, names) {
       [`${bytes(p.bytes_in)} / ${bytes(p.bytes_out)}`, "num"], [age(now - p.last_seen) + " ago", "num"],
       [p.reachability, ""], [p.device, ""],
     ];
-    for (const [text, cls] of cells) {
-      const td = document.createElement("td");
-      td.textContent = text;
-      if (cls) td.className = cls;
-      tr.appendChild(td);
-    }
+    appendCells(tr, cells);
     body.appendChild(tr);
   }
 }
@@ -100,12 +105,7 @@ function renderCredit(state, names) {
     const cells = [[names[pid] || c.name, ""], [c.region, ""], [String(c.commits), "num"], [count(c.tokens), "num"],
       [pct(c.share), "num"], [String(c.rejected), "num"], [fixed(c.cosine_mean, 2), "num"],
       [`${pct(c.kept)} / ${pct(c.rotated)} / ${pct(c.shrunk)}`, "num"], [fixed(c.norm_ratio, 2), "num"]];
-    for (const [text, cls] of cells) {
-      const td = document.createElement("td");
-      td.textContent = text;
-      if (cls) td.className = cls;
-      tr.appendChild(td);
-    }
+    appendCells(tr, cells);
     body.appendChild(tr);
   }
   const regions = Object.entries(credit.regions).map(([r, a]) => `${r} ${pct(a.share)} (${a.commits} commits, ${a.peers} peers)`);
