@@ -369,8 +369,8 @@ class Peer:
                 and p.heartbeat + 3 * sw.heartbeat_seconds > now}
         if not self.opts.no_train:
             live.add(self.node.peer_id)
-        self.service.participants = live
-        self.node.run(self.service.check_barrier(), timeout=60)
+        self.service.barrier.participants = live
+        self.node.run(self.service.barrier.check(), timeout=60)
 
     def _heartbeat(self) -> None:
         record = PeerRecord(peer_id=self.node.peer_id, name=self.name, region=self.opts.region,
@@ -513,10 +513,10 @@ class Peer:
             return
         try:
             if self.cfg is not None:
-                heir = self.node.run(self.service.hand_over(), timeout=30) if self.service.active else None
+                heir = self.node.run(self.service.replication.hand_over(), timeout=30) if self.service.active else None
                 written = self._maybe_checkpoint(force=True)
                 if written is not None and heir is None:  # no standby took the role: the checkpoint is the run
-                    self.service.checkpointed(written)
+                    self.service.replication.checkpointed(written)
                 if getattr(self, "_peer_record", None) is not None:
                     self.node.records.withdraw_peer(self._peer_record, ttl=4 * self.cfg.swarm.heartbeat_seconds + 5)
         except Exception as exc:

@@ -27,7 +27,7 @@ def _service(reply):
     state = CommitState(build_engine([torch.zeros(s) for s in SHAPES], "lookahead"))
     node = FakeNode(reply)
     service = CoordinatorService(node, state, SHAPES, SubmissionLimits(submit_rate=0.0))
-    service.standbys = ["QmStandby"]
+    service.replication.standbys = ["QmStandby"]
     service.activate(1)
     return service, state, node
 
@@ -35,22 +35,22 @@ def _service(reply):
 def test_fenced_standby_with_a_verified_later_claim_means_no_ack_and_step_down():
     service, state, node = _service({"status": "fenced", "term": 2})
     verified = []
-    service.verify_lease = lambda: (verified.append(1), service.note_term(2))  # the DHT holds term 2's claim
+    service.term.verify_lease = lambda: (verified.append(1), service.term.note_term(2))  # the DHT holds term 2's claim
     reply, data = _submit(service, state, 0)
     assert node.calls == [("QmStandby", "replicate", "commit")]
     assert verified == [1]
     assert reply["status"] == "not_coordinator" and data == b""
-    assert not service.active and service.highest_term_seen == 2
+    assert not service.active and service.term.highest_seen == 2
     assert len(service.acknowledged) == 0  # nothing acknowledged
 
 
 def test_fenced_reply_alone_deposes_no_one_and_acknowledges_nothing():
     service, state, node = _service({"status": "fenced", "term": 99})
-    service.verify_lease = lambda: None  # the DHT shows no later claim: 99 is only a number in a reply
+    service.term.verify_lease = lambda: None  # the DHT shows no later claim: 99 is only a number in a reply
     reply, data = _submit(service, state, 0)
     assert reply["status"] == "rejected" and reply["reason"] == "busy" and data == b""
-    assert service.active and service.highest_term_seen == 1 and service.state.term == 1
-    assert service.standbys == [] and len(service.acknowledged) == 0
+    assert service.active and service.term.highest_seen == 1 and service.state.term == 1
+    assert service.replication.standbys == [] and len(service.acknowledged) == 0
 
 
 def test_healthy_standby_gets_the_commit_and_the_sender_an_ack():
@@ -58,4 +58,4 @@ def test_healthy_standby_gets_the_commit_and_the_sender_an_ack():
     reply, data = _submit(service, state, 0)
     assert reply["status"] == "accepted" and reply["version"] == 1 and len(data) > 0
     assert service.active and node.calls == [("QmStandby", "replicate", "commit")]
-    assert service.replicated_version == 1
+    assert service.replication.replicated_version == 1

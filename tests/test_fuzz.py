@@ -104,7 +104,7 @@ def rig():
             state.apply(d, state.version, client.peer_id, seq, 10, float(torch.cat([t.flatten() for t in d]).norm()))
         limits = SubmissionLimits(max_staleness=4, submit_rate=0.0, max_pending_submits=64)
         service = CoordinatorService(server, state, SHAPES, limits, lease_seconds=3600.0)
-        service.others_alive = 0  # a lone coordinator: commits need no standby here
+        service.replication.others_alive = 0  # a lone coordinator: commits need no standby here
         service.activate(TERM)
         states = StateServer("name: fuzz\n", b'{"model": {}}', service, lambda: "coordinator",
                              lambda: (None, state.version), server.records.owner)
@@ -408,12 +408,12 @@ def test_every_handler_refuses_bad_input_and_state_stays_bitwise_unchanged(rig):
 
     # ---- 5. replicate and handover, as a standby of term TERM
     svc = rig.service
-    svc.active = False
+    svc.term.active = False
     handed = []
-    svc.on_handover = handed.append
+    svc.standby.on_handover = handed.append
     try:
-        svc.term_sources[TERM] = rig.client.peer_id
-        svc.believed = (rig.client.peer_id, TERM)  # the lease this standby reads names the client in TERM
+        svc.standby.term_sources[TERM] = rig.client.peer_id
+        svc.term.believed = (rig.client.peer_id, TERM)  # the lease this standby reads names the client in TERM
         good_meta, good_payload = encode_tensors(rand_delta(g), "none")
         commit = {"kind": "commit", "term": TERM, "version_before": st.version, "base_version": st.version,
                   "peer": "p", "seq": 1, "steps": 3, "tensors": good_meta, "digest": "00"}
@@ -452,21 +452,21 @@ def test_every_handler_refuses_bad_input_and_state_stays_bitwise_unchanged(rig):
             fz.send_signed("replicate", full, body, "malformed", what=f"replicate full: {what}")
         assert not os.path.exists(marker), "a full state ran code from its sender"
         # a participant that does not hold the lease: no state, no term, no role on its say-so
-        svc.believed = ("12D3KooWSomeoneElseHoldsTheLease", TERM)
+        svc.term.believed = ("12D3KooWSomeoneElseHoldsTheLease", TERM)
         fz.send_signed("replicate", full, st.to_bytes(), "refused", status="refused",
                        what="replicate full: not the lease holder")
         fz.send_signed("replicate", dict(commit, term=TERM + 1), good_payload, "refused", status="refused",
                        what="replicate: a higher term from a non-holder")
         fz.send_signed("handover", {"term": TERM, "version": st.version, "standbys": []}, b"", "refused",
                        status="refused", what="handover: not the lease holder")
-        assert svc.highest_term_seen == TERM, "a term in a message was followed"
-        svc.believed = (rig.client.peer_id, TERM)
-        svc.term_sources[TERM] = "12D3KooWSomeoneElseCoordinatesThisTerm"
+        assert svc.term.highest_seen == TERM, "a term in a message was followed"
+        svc.term.believed = (rig.client.peer_id, TERM)
+        svc.standby.term_sources[TERM] = "12D3KooWSomeoneElseCoordinatesThisTerm"
         fz.send_signed("replicate", commit, good_payload, "fenced", status="fenced", what="replicate: not the term's source")
         fz.send_signed("replicate", full, st.to_bytes(), "fenced", status="fenced", what="replicate full: not the source")
         ho = {"term": TERM, "version": st.version, "standbys": []}
         fz.send_signed("handover", ho, b"", "refused", status="refused", what="handover: not the term's coordinator")
-        svc.term_sources[TERM] = rig.client.peer_id
+        svc.standby.term_sources[TERM] = rig.client.peer_id
         for field, values in {"term": ["3", None, DROP, -1], "version": [1.5, DROP],
                               "standbys": ["abc", [1], ["p"] * 65]}.items():
             for value in values:
@@ -480,9 +480,9 @@ def test_every_handler_refuses_bad_input_and_state_stays_bitwise_unchanged(rig):
                 read=False, what="replicate: 1 GiB + 1 declared")
         assert handed == [], "a handover was accepted"
     finally:
-        svc.term_sources.pop(TERM, None)
-        svc.active = True
-        svc.on_handover = None
+        svc.standby.term_sources.pop(TERM, None)
+        svc.term.active = True
+        svc.standby.on_handover = None
 
     # ---- 6. state and genesis: their payload limit
     for name in ("state", "genesis"):

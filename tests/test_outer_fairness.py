@@ -203,7 +203,7 @@ def test_region_memory_forgets_and_round_trips():
 
 
 def test_coordinator_keys_fairness_by_region_and_reported_seconds():
-    from heloco_p2p.roles.commit_state import fairness_inputs
+    from heloco_p2p.roles.messages import fairness_inputs
 
     assert fairness_inputs({"region": "de", "stats": {"seconds": 12.5}}, "Qm1") == ("region:de", 12.5)
     assert fairness_inputs({"stats": {"seconds": 0.0}}, "Qm1") == ("peer:Qm1", None)

@@ -56,10 +56,10 @@ def _commit_header(state, term, value=0.01):
 def _standby(believed=(HOLDER, 1)):
     state = _state()
     svc = CoordinatorService(ScriptedNode({}, peer_id=STANDBY), state, SHAPES, SubmissionLimits(submit_rate=0.0))
-    svc.believed = believed
-    svc.highest_term_seen = believed[1] if believed else 0
+    svc.term.believed = believed
+    svc.term.highest_seen = believed[1] if believed else 0
     svc.verifications = []
-    svc.verify_lease = lambda: svc.verifications.append(time.monotonic())  # the DHT shows nothing new
+    svc.term.verify_lease = lambda: svc.verifications.append(time.monotonic())  # the DHT shows nothing new
     return svc, state
 
 
@@ -68,7 +68,7 @@ def _coordinator(script=None, lease_seconds=4.0, min_replicas=1, standbys=(STAND
     node = ScriptedNode(script or {})
     svc = CoordinatorService(node, state, SHAPES, SubmissionLimits(submit_rate=0.0), min_replicas=min_replicas,
                              lease_seconds=lease_seconds)
-    svc.standbys = list(standbys)
+    svc.replication.standbys = list(standbys)
     svc.activate(1)
     return svc, state, node
 
@@ -82,10 +82,10 @@ def test_a_participants_forged_full_state_is_not_loaded():
     svc, state = _standby()
     before, version = _params(state), state.version
     zero = CommitState(build_engine([torch.zeros(s) for s in SHAPES], "lookahead"))
-    reply, _ = run(svc.handle_replicate({"kind": "full", "term": 2, "version": 0}, zero.to_bytes(), ATTACKER))
+    reply, _ = run(svc.standby.handle_replicate({"kind": "full", "term": 2, "version": 0}, zero.to_bytes(), ATTACKER))
     assert reply["status"] == "refused" and reply["reason"] == "not_lease_holder"
     assert _same(_params(state), before) and state.version == version
-    assert state.term == 0 and svc.highest_term_seen == 1  # the forged term 2 is followed nowhere
+    assert state.term == 0 and svc.term.highest_seen == 1  # the forged term 2 is followed nowhere
     assert len(svc.verifications) == 1  # it re-read the lease once before refusing
 
 
@@ -94,33 +94,33 @@ def test_a_forged_commit_of_a_higher_or_the_same_term_is_refused():
     before = _params(state)
     for term in (1, 2, 7):
         header, payload = _commit_header(state, term)
-        reply, _ = run(svc.handle_replicate(header, payload, ATTACKER))
+        reply, _ = run(svc.standby.handle_replicate(header, payload, ATTACKER))
         assert reply["status"] == "refused" and reply["reason"] == "not_lease_holder", term
-    assert _same(_params(state), before) and state.version == 0 and svc.highest_term_seen == 1
+    assert _same(_params(state), before) and state.version == 0 and svc.term.highest_seen == 1
 
 
 def test_a_forged_handover_is_refused():
     svc, state = _standby()
     handed = []
-    svc.on_handover = handed.append
-    svc.term_sources[1] = ATTACKER  # even a sender that once replicated in the term is not the holder
-    reply, _ = run(svc.handle_handover({"term": 1, "version": 0, "standbys": []}, b"", ATTACKER))
+    svc.standby.on_handover = handed.append
+    svc.standby.term_sources[1] = ATTACKER  # even a sender that once replicated in the term is not the holder
+    reply, _ = run(svc.standby.handle_handover({"term": 1, "version": 0, "standbys": []}, b"", ATTACKER))
     assert reply["status"] == "refused" and handed == [] and not svc.active
 
 
 def test_the_believed_holder_replicates_and_hands_over():
     svc, state = _standby()
     holder = _state()
-    reply, _ = run(svc.handle_replicate({"kind": "full", "term": 1, "version": 0}, holder.to_bytes(), HOLDER))
+    reply, _ = run(svc.standby.handle_replicate({"kind": "full", "term": 1, "version": 0}, holder.to_bytes(), HOLDER))
     assert reply["status"] == "ok"
     header, payload = _commit_header(state, 1)
     holder.apply([torch.full(s, 0.01) for s in SHAPES], 0, "QmPeer", 0, 5, 0.1)
     header["digest"] = params_digest(holder.engine.params)
-    reply, _ = run(svc.handle_replicate(header, payload, HOLDER))
+    reply, _ = run(svc.standby.handle_replicate(header, payload, HOLDER))
     assert reply["status"] == "ok" and state.version == 1 and _same(_params(state), _params(holder))
     handed = []
-    svc.on_handover = handed.append
-    reply, _ = run(svc.handle_handover({"term": 1, "version": 1, "standbys": []}, b"", HOLDER))
+    svc.standby.on_handover = handed.append
+    reply, _ = run(svc.standby.handle_handover({"term": 1, "version": 1, "standbys": []}, b"", HOLDER))
     assert reply["status"] == "ok" and handed == [2] and svc.active and state.term == 2
 
 
@@ -128,21 +128,21 @@ def test_a_new_holder_is_believed_after_one_fresh_read_of_the_lease():
     svc, state = _standby(believed=(HOLDER, 1))
 
     def read_dht():  # the DHT holds the claim of term 2 by STANDBY's successor
-        svc.believed = ("QmHeir", 2)
-        svc.note_term(2)
+        svc.term.believed = ("QmHeir", 2)
+        svc.term.note_term(2)
 
-    svc.verify_lease = read_dht
+    svc.term.verify_lease = read_dht
     header, payload = _commit_header(state, 2)
     header["digest"] = "x"
-    reply, _ = run(svc.handle_replicate(header, payload, "QmHeir"))
+    reply, _ = run(svc.standby.handle_replicate(header, payload, "QmHeir"))
     assert reply["status"] == "out_of_sync"  # it is followed now (the digest is made up: a full state is asked)
 
 
 def test_a_forged_replicate_does_not_depose_a_coordinator():
     svc, state, _ = _coordinator()
     header, payload = _commit_header(state, 5)
-    reply, _ = run(svc.handle_replicate(header, payload, ATTACKER))
-    assert reply["status"] == "refused" and svc.active and state.term == 1 and svc.highest_term_seen == 1
+    reply, _ = run(svc.standby.handle_replicate(header, payload, ATTACKER))
+    assert reply["status"] == "refused" and svc.active and state.term == 1 and svc.term.highest_seen == 1
 
 
 # ---------------------------------------------------------------- acknowledged means replicated
@@ -155,44 +155,44 @@ def test_a_frozen_standby_delays_one_commit_by_a_bounded_time_and_it_is_not_ackn
     reply, _ = run(svc.handle_submit(header, payload, "QmPeer"))
     stalled = time.monotonic() - t0
     assert reply["status"] == "rejected" and reply["reason"] == "busy" and reply["retry_after"] > 0
-    assert stalled < 2 * 4.0 and stalled >= svc.replicate_floor - 0.1  # the floor (half a lease), not 30 s
-    assert svc.acknowledged == [] and svc.standbys == [] and state.version == 1 and svc.replicated_version == 0
+    assert stalled < 2 * 4.0 and stalled >= svc.replication.floor - 0.1  # the floor (half a lease), not 30 s
+    assert list(svc.acknowledged) == [] and svc.replication.standbys == [] and state.version == 1 and svc.replication.replicated_version == 0
     assert logged == []
-    assert svc.snapshot[1] == 0  # the lease names no version that no standby holds
+    assert svc.replication.snapshot[1] == 0  # the lease names no version that no standby holds
     # the sender keeps its Δ and resubmits the same number: not acknowledged while no standby holds it
-    svc.lease_until = time.monotonic() + 10
+    svc.term.lease_until = time.monotonic() + 10
     reply, _ = run(svc.handle_submit(header, payload, "QmPeer"))
     assert reply["reason"] == "busy" and state.version == 1
     # a new standby is recruited (full state): now the retry is acknowledged, and applied no second time
-    run(svc.recruit("QmOther"))
-    assert svc.standbys == ["QmOther"] and svc.replicated_version == 1
+    run(svc.replication.recruit("QmOther"))
+    assert svc.replication.standbys == ["QmOther"] and svc.replication.replicated_version == 1
     assert [e["version"] for e in logged] == [1]  # durable now: in the history once
-    assert svc.snapshot[1] == 1
+    assert svc.replication.snapshot[1] == 1
     reply, data = run(svc.handle_submit(header, payload, "QmPeer"))
     assert reply["status"] == "accepted" and reply["duplicate"] and state.version == 1 and len(data) > 0
 
 
 def test_no_standby_while_others_are_alive_means_busy_and_no_change():
     svc, state, _ = _coordinator(standbys=())
-    svc.others_alive = 3
+    svc.replication.others_alive = 3
     before = _params(state)
     header, payload = _submission(state, 0)
     reply, _ = run(svc.handle_submit(header, payload, "QmPeer"))
     assert reply["status"] == "rejected" and reply["reason"] == "busy" and "waiting for a standby" in reply["message"]
-    assert state.version == 0 and _same(_params(state), before) and svc.waiting_for_standby()
+    assert state.version == 0 and _same(_params(state), before) and svc.replication.waiting_for_standby()
 
 
 def test_a_lone_peer_commits_unreplicated():
     svc, state, _ = _coordinator(standbys=())
-    svc.others_alive = 0  # the peer's maintenance saw nobody else alive
+    svc.replication.others_alive = 0  # the peer's maintenance saw nobody else alive
     header, payload = _submission(state, 0)
     reply, _ = run(svc.handle_submit(header, payload, "QmPeer"))
-    assert reply["status"] == "accepted" and state.version == 1 and not svc.waiting_for_standby()
+    assert reply["status"] == "accepted" and state.version == 1 and not svc.replication.waiting_for_standby()
 
 
 def test_min_replicas_zero_acknowledges_without_a_standby():
     svc, state, _ = _coordinator(standbys=(), min_replicas=0)
-    svc.others_alive = 3
+    svc.replication.others_alive = 3
     header, payload = _submission(state, 0)
     reply, _ = run(svc.handle_submit(header, payload, "QmPeer"))
     assert reply["status"] == "accepted" and state.version == 1
@@ -205,37 +205,37 @@ def test_min_replicas_above_num_standbys_is_a_config_error():
 
 def test_replication_timeout_follows_the_measured_round_trip():
     svc, state, _ = _coordinator(lease_seconds=4.0)
-    assert svc.replicate_timeout() == pytest.approx(2.0)  # the floor: half a lease
-    svc.replicate_rtts.extend([0.01, 0.02])
-    assert svc.replicate_timeout() == pytest.approx(2.0)
-    svc.replicate_rtts.append(3.0)  # a large model on a slow link
-    assert svc.replicate_timeout() == pytest.approx(15.0)
+    assert svc.replication.timeout() == pytest.approx(2.0)  # the floor: half a lease
+    svc.replication.rtts.extend([0.01, 0.02])
+    assert svc.replication.timeout() == pytest.approx(2.0)
+    svc.replication.rtts.append(3.0)  # a large model on a slow link
+    assert svc.replication.timeout() == pytest.approx(15.0)
 
 
 def test_the_lease_snapshot_follows_each_commit():
     svc, state, _ = _coordinator()
     header, payload = _submission(state, 0)
     run(svc.handle_submit(header, payload, "QmPeer"))
-    assert svc.snapshot == (1, 1, params_digest(state.engine.params), 0)
+    assert svc.replication.snapshot == (1, 1, params_digest(state.engine.params), 0)
 
 
 # ---------------------------------------------------------------- no coordinator outlives its lease
 def test_nothing_is_acknowledged_once_the_lease_could_have_lapsed():
     svc, state, _ = _coordinator()
-    svc.lease_until = time.monotonic() - 1  # frozen past its lease, or its renewals failed
+    svc.term.lease_until = time.monotonic() - 1  # frozen past its lease, or its renewals failed
     before = _params(state)
     header, payload = _submission(state, 0)
     reply, _ = run(svc.handle_submit(header, payload, "QmPeer"))
     assert reply["reason"] == "busy" and state.version == 0 and _same(_params(state), before)
-    assert svc.acknowledged == []
+    assert list(svc.acknowledged) == []
 
 
 def test_a_commit_whose_replication_outlasts_the_lease_is_not_acknowledged():
     svc, state, _ = _coordinator({STANDBY: 1.7}, lease_seconds=2.0)  # the lease holds 1.5 s from now
     header, payload = _submission(state, 0)
     reply, _ = run(svc.handle_submit(header, payload, "QmPeer"))
-    assert reply["reason"] == "busy" and svc.acknowledged == []
-    svc.renewed(time.monotonic())  # renewed: the retry is answered as the duplicate it is
+    assert reply["reason"] == "busy" and list(svc.acknowledged) == []
+    svc.term.renewed(time.monotonic())  # renewed: the retry is answered as the duplicate it is
     reply, _ = run(svc.handle_submit(header, payload, "QmPeer"))
     assert reply["status"] == "accepted" and reply["duplicate"] and state.version == 1
 
@@ -288,7 +288,7 @@ def test_lapsed_claims_and_lower_terms_are_not_believed():
 # ---------------------------------------------------------------- refusals teach an attacker nothing
 def test_a_norm_refusal_names_its_reason_but_not_the_bound():
     svc, state, _ = _coordinator(standbys=())
-    svc.others_alive = 0
+    svc.replication.others_alive = 0
     for seq in range(6):  # a history of accepted norms (‖Δ‖ = 0.01 × √10)
         header, payload = _submission(state, seq)
         assert run(svc.handle_submit(header, payload, "QmPeer"))[0]["status"] == "accepted"
@@ -302,11 +302,11 @@ def test_a_coordinator_cut_off_after_it_had_a_standby_is_not_a_lone_peer():
     svc, state, _ = _coordinator({STANDBY: 600.0}, lease_seconds=4.0)
     header, payload = _submission(state, 0)
     assert run(svc.handle_submit(header, payload, "QmPeer"))[0]["reason"] == "busy"  # the standby froze: dropped
-    svc.others_alive = 0  # isolated: it reads no peer records at all
-    svc.lease_until = time.monotonic() + 10
+    svc.replication.others_alive = 0  # isolated: it reads no peer records at all
+    svc.term.lease_until = time.monotonic() + 10
     header, payload = _submission(state, 1)
     reply, _ = run(svc.handle_submit(header, payload, "QmPeer"))
-    assert reply["reason"] == "busy" and svc.acknowledged == [] and state.version == 1  # nothing unreplicated
+    assert reply["reason"] == "busy" and list(svc.acknowledged) == [] and state.version == 1  # nothing unreplicated
 
 
 # ---------------------------------------------------------------- look-ahead dispatch in the swarm
@@ -322,11 +322,11 @@ def test_replies_carry_the_dispatch_point_and_standbys_stay_bitwise_equal():
     coord_state, standby_state = _published(), _published()
     node = ScriptedNode({})
     coord = CoordinatorService(node, coord_state, SHAPES, SubmissionLimits(submit_rate=0.0))
-    coord.standbys = [STANDBY]
+    coord.replication.standbys = [STANDBY]
     coord.activate(1)
     standby = CoordinatorService(ScriptedNode({}, peer_id=STANDBY), standby_state, SHAPES,
                                  SubmissionLimits(submit_rate=0.0))
-    standby.believed = ("QmCoordinator", 1)
+    standby.term.believed = ("QmCoordinator", 1)
     logged = []
     coord.on_commit = logged.append
     for seq, peer_id in enumerate(["QmP1", "QmP2", "QmP1", "QmP3"]):
@@ -340,7 +340,7 @@ def test_replies_carry_the_dispatch_point_and_standbys_stay_bitwise_equal():
             assert not all(torch.equal(a, b) for a, b in zip(got, coord_state.engine.params))
         forwarded = node.headers[-1]
         assert forwarded["num_workers"] == [1, 2, 2, 3][seq]  # K travels with the commit
-        assert run(standby.handle_replicate(forwarded, payload, "QmCoordinator"))[0]["status"] == "ok"
+        assert run(standby.standby.handle_replicate(forwarded, payload, "QmCoordinator"))[0]["status"] == "ok"
     assert all(torch.equal(a, b) for a, b in zip(coord_state.engine.params, standby_state.engine.params))
     assert coord_state.engine.state_dict().keys() == standby_state.engine.state_dict().keys()
     assert [e["num_workers"] for e in logged] == [1, 2, 2, 3]  # K: distinct recent senders

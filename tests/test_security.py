@@ -146,7 +146,7 @@ def nodes(tmp_path_factory):
                               "heloco", {}, names=NAMES)
         state = CommitState(engine)
         service = CoordinatorService(server, state, SHAPES, SubmissionLimits(submit_rate=0.0), lease_seconds=3600.0)
-        service.others_alive = 0  # a lone coordinator: commits need no standby here
+        service.replication.others_alive = 0  # a lone coordinator: commits need no standby here
         service.activate(1)
         states = StateServer("name: sec\n", b"{}", service, lambda: "coordinator", lambda: (None, 0),
                              server.records.owner)

@@ -11,8 +11,9 @@ import torch
 
 from heloco_p2p.outer import build_engine
 from heloco_p2p.peer import Peer
-from heloco_p2p.roles.commit_state import MAX_TOKENS_PER_STEP, CommitState, SubmissionLimits, submission_tokens
+from heloco_p2p.roles.commit_state import CommitState, SubmissionLimits
 from heloco_p2p.roles.coordinator import CoordinatorService
+from heloco_p2p.roles.messages import MAX_TOKENS_PER_STEP, submission_tokens
 from heloco_p2p.swarm.wire import WireError, encode_tensors
 
 from fakes import FakeNode
@@ -46,7 +47,7 @@ def test_coordinator_counts_replicates_and_reports_the_run_tokens():
     node = FakeNode({"status": "ok"})
     service = CoordinatorService(node, state, SHAPES, SubmissionLimits(submit_rate=0.0))
     service.activate(1)
-    service.standbys = ["QmStandby"]
+    service.replication.standbys = ["QmStandby"]
     replies = []
     for seq, tokens in enumerate([640, 1280, None]):
         header, payload = _header(state, seq, tokens)
@@ -74,13 +75,13 @@ def test_standby_applies_the_replicated_count():
     node = FakeNode({"status": "ok"})
     coord = CoordinatorService(node, coord_state, SHAPES, SubmissionLimits(submit_rate=0.0))
     coord.activate(1)
-    coord.standbys = ["QmStandby"]
+    coord.replication.standbys = ["QmStandby"]
     standby = CoordinatorService(FakeNode({"status": "ok"}), standby_state, SHAPES, SubmissionLimits(submit_rate=0.0))
-    standby.believed = ("QmCoordinator", 1)  # the lease it reads names the coordinator, in term 1
+    standby.term.believed = ("QmCoordinator", 1)  # the lease it reads names the coordinator, in term 1
     for seq, tokens in enumerate([300, 500]):
         header, payload = _header(coord_state, seq, tokens)
         asyncio.run(coord.handle_submit(header, payload, "QmPeer"))
-        reply, _ = asyncio.run(standby.handle_replicate(node.headers[-1], payload, "QmCoordinator"))
+        reply, _ = asyncio.run(standby.standby.handle_replicate(node.headers[-1], payload, "QmCoordinator"))
         assert reply["status"] == "ok"
     assert standby_state.total_tokens == coord_state.total_tokens == 800
 

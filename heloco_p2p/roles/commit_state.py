@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from heloco_p2p.outer import OuterEngine
-from heloco_p2p.swarm.wire import BLOCK_SIZE_8BIT, WireError
+from heloco_p2p.roles.messages import MAX_WORKERS
 
 
 def params_digest(params: list[torch.Tensor]) -> str:
@@ -62,66 +62,7 @@ class SubmissionLimits:
         return cls(**{n: getattr(swarm, n) for n in names if hasattr(swarm, n)})
 
 
-_MAX_INT = (1 << 53) - 1  # integers JSON carries exactly everywhere
-
-
-def positive(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
-
-
-def fairness_inputs(header: dict, peer: str) -> tuple[str, float | None]:
-    """What the region-fair weight keys on: the sender's region (its peer id when the header names
-    none; at most 64 characters) and the seconds its round took (None when missing or not a finite
-    number > 0; clamped to [1 ms, 1 day])."""
-    region = header.get("region")
-    worker = f"region:{region[:64]}" if isinstance(region, str) and region else f"peer:{peer}"
-    stats = header.get("stats")
-    seconds = stats.get("seconds") if isinstance(stats, dict) else None
-    seconds = min(max(float(seconds), 1e-3), 86400.0) if positive(seconds) else None
-    return worker, seconds
-
-
-MAX_TOKENS_PER_STEP = 1 << 24  # a batch of 16M tokens per inner step: far above any real one
-
-
-def submission_tokens(header: dict, steps: int) -> int:
-    """The tokens a submission says it trained on (its ``stats.tokens``), counted toward the run's
-    ``max_tokens``: 0 when missing, ``malformed`` when not an integer in [0, steps × 2^24]."""
-    stats = header.get("stats")
-    tokens = stats.get("tokens", 0) if isinstance(stats, dict) else 0
-    if type(tokens) is not int or not 0 <= tokens <= steps * MAX_TOKENS_PER_STEP:
-        raise WireError("malformed", f"stats.tokens must be an integer in [0, steps × {MAX_TOKENS_PER_STEP}], "
-                                     f"got {str(tokens)[:40]!r}")
-    return tokens
-
-
-def header_int(header: dict, key: str, default: int | None = None, lo: int = 0, hi: int = _MAX_INT) -> int:
-    """An integer header field in [lo, hi]; ``malformed`` otherwise (bool is not an integer here)."""
-    value = header.get(key, default)
-    if type(value) is not int or not lo <= value <= hi:
-        raise WireError("malformed", f"header field {key!r} must be an integer in [{lo}, {hi}], got {str(value)[:40]!r}")
-    return value
-
-
-def header_str(header: dict, key: str, max_len: int = 256) -> str:
-    value = header.get(key)
-    if not isinstance(value, str) or len(value) > max_len:
-        raise WireError("malformed", f"header field {key!r} must be a string of at most {max_len} characters")
-    return value
-
-
-def max_submission_bytes(shapes: list[tuple[int, ...]]) -> int:
-    """The largest payload a pseudo-gradient of this layout can take on the wire (fp32, plus each
-    tensor's protobuf fields and, for 8-bit, its block table): anything larger is ``too_large``."""
-    total = 4096
-    for shape in shapes:
-        numel = math.prod(shape)
-        total += 4 * numel + 4 * (-(-numel // BLOCK_SIZE_8BIT)) + 1024 + 256 + 16 * len(shape)
-    return total
-
-
 WORKERS_WINDOW = 64  # commits over which the swarm counts its workers K
-MAX_WORKERS = 4096
 
 
 @dataclass

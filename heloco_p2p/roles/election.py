@@ -54,8 +54,8 @@ class Election:
         self._holder_answered_since: float | None = None  # a lapsed lease whose holder still answers as coordinator
         self._recruit_failed: dict[str, float] = {}  # peer id -> when making it a standby last failed
         self._paused_since: float | None = None  # a coordinator whose lease may have lapsed, re-confirming it
-        service.verify_lease = self.refresh
-        service.on_handover = self.took_over_by_handover
+        service.term.verify_lease = self.refresh
+        service.standby.on_handover = self.took_over_by_handover
 
     def refresh(self) -> LeaseRecord | None:
         """Read the lease claims from the DHT and believe one by THE rule (roles/lease.py). A later
@@ -65,7 +65,7 @@ class Election:
             now, svc = time.time(), self.service
             heirs = None
             if svc.active and self.lease is not None:  # a coordinator may have dropped the standby that took over
-                heirs = set(self.lease.standbys) | svc.heirs()
+                heirs = set(self.lease.standbys) | svc.replication.heirs()
             claim = lease_rules.believe(self.lease, claims, now, self.cfg.swarm.lease_seconds,
                                         self.holder_keys.signed_by_holder, heirs)
             if claim is not None:
@@ -73,9 +73,9 @@ class Election:
                     logger.info("coordinator: %s (term %d, version %d)", claim.peer_id[-8:], claim.term, claim.version)
                 self.lease, self.lease_seen_at = claim, now
                 self.run_tokens = max(self.run_tokens, claim.tokens)
-                svc.note_term(claim.term)  # a coordinator of an earlier term steps down here
+                svc.term.note_term(claim.term)  # a coordinator of an earlier term steps down here
                 if not svc.active:
-                    svc.believed = (claim.peer_id, claim.term)
+                    svc.term.believed = (claim.peer_id, claim.term)
             if self.lease is not None:  # learn the standbys' keys before they claim, so a failover waits for no probe
                 for pid in self.lease.standbys:
                     self.holder_keys.get(pid)
@@ -94,18 +94,18 @@ class Election:
         renewed lease surely holds (``CoordinatorService.lease_valid``)."""
         svc = self.service
         started = time.monotonic()
-        term, version, digest, run_tokens = svc.snapshot
+        term, version, digest, run_tokens = svc.replication.snapshot
         credit = self.service.state.credit_summary()
         stale = list(svc.staleness_recent)
         record = LeaseRecord(peer_id=self.node.peer_id, term=term, version=version,
-                             digest=digest, standbys=list(svc.standbys),
+                             digest=digest, standbys=list(svc.replication.standbys),
                              maddrs=self.node.visible_maddrs(), renewed=time.time(), commits=svc.commits_this_term,
                              tokens=run_tokens,
                              rejected=svc.rejected_this_term, commits_per_minute=svc.commits_per_minute(),
                              mean_staleness=float(sum(stale) / len(stale)) if stale else 0.0,
                              branches={str(k): int(v) for k, v in svc.branches.items()},
-                             rejections=self.node.rejection_summary(), min_replicas=svc.min_replicas,
-                             replicas=len(svc.standbys), waiting_for_standby=svc.waiting_for_standby(),
+                             rejections=self.node.rejection_summary(), min_replicas=svc.replication.min_replicas,
+                             replicas=len(svc.replication.standbys), waiting_for_standby=svc.replication.waiting_for_standby(),
                              credit={p: {k: v for k, v in c.items() if k != "region"} for p, c in credit.items()},
                              credit_regions={p: c["region"] for p, c in credit.items()})
         stored = self.node.records.publish_lease(record, ttl=self.cfg.swarm.lease_seconds)
@@ -116,7 +116,7 @@ class Election:
             logger.warning("could not renew the lease in the DHT")
             return False
         if term == svc.state.term and svc.active:
-            svc.renewed(started)
+            svc.term.renewed(started)
         self.lease, self.lease_seen_at = record, time.time()
         return True
 
@@ -132,24 +132,25 @@ class Election:
         drop (a frozen peer cannot), and a failed recruitment is not repeated for 30 s, so a frozen
         peer does not block the others."""
         svc, want = self.service, self.cfg.swarm.num_standbys
+        rep = svc.replication
         live = [p for p in self.live_peers() if p.role in REPLICA_ROLES]
-        svc.others_alive = len(live)
-        if svc.waiting_for_standby():
+        rep.others_alive = len(live)
+        if rep.waiting_for_standby():
             logger.warning("waiting for a standby: %d of %d hold the state; submissions are answered busy",
-                           len(svc.standbys), svc.required_replicas())
-        elif svc.active and not svc.standbys and svc.min_replicas > 0 and not live:
+                           len(rep.standbys), rep.required())
+        elif svc.active and not rep.standbys and rep.min_replicas > 0 and not live:
             logger.warning("no other peer is alive: commits are acknowledged with no replica")
-        if len(svc.standbys) >= want:
+        if len(rep.standbys) >= want:
             return
         now = time.time()
-        candidates = [p for p in live if p.peer_id not in svc.standbys and p.role in ("training", "standby")
+        candidates = [p for p in live if p.peer_id not in rep.standbys and p.role in ("training", "standby")
                       and now - self._recruit_failed.get(p.peer_id, -math.inf) > 30.0
-                      and p.heartbeat > svc.dropped_at.get(p.peer_id, -math.inf)]  # alive since it was dropped
-        for p in sorted(candidates, key=lambda p: p.peer_id)[: want - len(svc.standbys)]:
+                      and p.heartbeat > rep.dropped_at.get(p.peer_id, -math.inf)]  # alive since it was dropped
+        for p in sorted(candidates, key=lambda p: p.peer_id)[: want - len(rep.standbys)]:
             if not svc.active:  # stepped down meanwhile: recruit no one
                 break
             try:
-                self.node.run(svc.recruit(p.peer_id), timeout=None)
+                self.node.run(rep.recruit(p.peer_id), timeout=None)
                 logger.info("standby %s holds a replica at version %d", p.peer_id[-8:], self.service.state.version)
             except Exception as exc:
                 self._recruit_failed[p.peer_id] = time.time()
@@ -170,7 +171,7 @@ class Election:
                 if not svc.active:
                     continue
                 try:
-                    if not svc.lease_valid() and not in_flight and not self._reconfirm():
+                    if not svc.term.lease_valid() and not in_flight and not self._reconfirm():
                         continue
                     # a DHT store can wait for an unresponsive node's RPC timeout: renewals overlap (up to
                     # 3), and each successful one extends the lease from the moment it started
@@ -214,7 +215,7 @@ class Election:
         if self._paused_since is None:
             self._paused_since = time.monotonic()
         if time.monotonic() - self._paused_since < lease_rules.STALE_LEASES * sw.lease_seconds:
-            for pid in svc.heirs():
+            for pid in svc.replication.heirs():
                 header = self.ask_meta(pid, timeout=min(2.0, sw.lease_seconds / 2))
                 if header and header.get("coordinating") is True and isinstance(header.get("term"), int) \
                         and header["term"] > svc.state.term:
@@ -254,9 +255,9 @@ class Election:
             return  # just woke up: the lease read may be older than the swarm; look again for a lease period
         if self._holder_still_coordinates(lease):
             return
-        term = max(lease.term, svc.highest_term_seen) + 1
-        svc.others_alive = len([p for p in self.live_peers() if p.role in REPLICA_ROLES])
-        svc.standbys = [s for s in lease.standbys if s != self.node.peer_id]
+        term = max(lease.term, svc.term.highest_seen) + 1
+        svc.replication.others_alive = len([p for p in self.live_peers() if p.role in REPLICA_ROLES])
+        svc.replication.standbys = [s for s in lease.standbys if s != self.node.peer_id]
         svc.activate(term)
         self.role = "coordinator"
         self.publish()

@@ -186,7 +186,7 @@ class StateServer:
         role = self.role()
         if header.get("meta_only"):  # what this peer holds, without θ (resuming peers and standbys ask)
             return {"status": "ok", "version": max(version, st.version), "term": st.term,
-                    "highest_term": svc.highest_term_seen, "role": role, "coordinating": svc.active,
+                    "highest_term": svc.term.highest_seen, "role": role, "coordinating": svc.active,
                     "record_key": self.record_key.hex()}, b""
         loop = asyncio.get_running_loop()
         if svc.active or (role == "standby" and st.version >= version):

@@ -91,7 +91,7 @@ class SubmitClient:
             if lease is None:
                 time.sleep(0.5)
                 continue
-            header["term"] = self.service.highest_term_seen
+            header["term"] = self.service.term.highest_seen
             t1 = time.perf_counter()
             try:
                 reply, data = self.send(lease, header, payload)
@@ -106,7 +106,7 @@ class SubmitClient:
                 continue
             rtt = time.perf_counter() - t1
             status = reply.get("status")
-            if reply.get("term", 0) < self.service.highest_term_seen and status == "accepted":
+            if reply.get("term", 0) < self.service.term.highest_seen and status == "accepted":
                 continue  # a deposed coordinator answered: ignore it (its commit cannot be acknowledged)
             if status == "accepted":
                 return SubmitOutcome("accepted", reply, unpack_params(data, expected), rtt, attempt, t_ser,
