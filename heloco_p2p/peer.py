@@ -349,6 +349,7 @@ class Peer:
                 if self.service.active:
                     if now - last_renew >= sw.lease_seconds / 3:
                         self.election.choose_standbys()  # the lease is renewed on its own thread (_renew_lease_loop)
+                        self.election.publish_log()
                         last_renew = now
                     self.role = "coordinator"
                     if self.service.mode == "sync":

@@ -112,7 +112,7 @@ def test_http_routes_serve_the_page_the_json_and_the_metrics():
         script = urllib.request.urlopen(server.url + "static/uPlot.iife.min.js", timeout=10).read()
     finally:
         server.stop()
-    assert set(state) == {"coordinator", "peers", "credit", "validation", "history", "run"}
+    assert set(state) == {"coordinator", "peers", "credit", "validation", "commit_log", "history", "run"}
     assert all(tuple(p) == PEER_KEYS for p in state["peers"])
     # the run id is untrusted text: escaped in the title, and "</" cannot end the inlined JSON early
     assert "demo&lt;/script&gt;&lt;b&gt;" in page and "demo<\\/script><b>" in page

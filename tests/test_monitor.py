@@ -48,7 +48,7 @@ def claim(holder: str, term: int, renewed: float = NOW - 1.0, **fields) -> Lease
 # ---------------------------------------------------------------------------- the pure snapshot
 def test_snapshot_json_has_exactly_the_documented_keys():
     snap = snapshot([peer("a"), peer("b")], [claim("a", 1)], NOW)
-    assert set(snap) == {"coordinator", "peers", "credit", "validation"}
+    assert set(snap) == {"coordinator", "peers", "credit", "validation", "commit_log"}
     assert tuple(snap["coordinator"]) == COORDINATOR_KEYS == ("peer_id", "term", "version", "commits_per_min", "standbys",
                                                              "min_replicas", "replicas", "waiting_for_standby")
     assert all(tuple(p) == PEER_KEYS for p in snap["peers"])
@@ -242,7 +242,7 @@ def test_monitor_once_json_shows_both_peers_and_the_coordinator(swarm, tmp_path)
                                  "--log-level", "WARNING")
     assert code == 0, err
     snap = json.loads(out)
-    assert set(snap) == {"coordinator", "peers", "credit", "validation"}
+    assert set(snap) == {"coordinator", "peers", "credit", "validation", "commit_log"}
     rows = {p["name"]: p for p in snap["peers"]}
     assert set(rows) == {"a", "b"}
     assert all(p["alive"] and tuple(p) == PEER_KEYS for p in rows.values())

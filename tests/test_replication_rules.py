@@ -349,3 +349,7 @@ def test_replies_carry_the_dispatch_point_and_standbys_stay_bitwise_equal():
     assert standby_state.credit == coord_state.credit and list(standby_state.recent_senders) == ["QmP1", "QmP2", "QmP1", "QmP3"]
     assert logged[-1]["dispatch_digest"] == params_digest(coord_state.engine.dispatch_params())
     assert logged[-1]["digest"] == params_digest(coord_state.engine.params) != logged[-1]["dispatch_digest"]
+    # the commit log: one hash chain, the same on both, ending at the θ both hold
+    assert coord_state.log.head == standby_state.log.head and len(coord_state.log.entries) == 4
+    assert [e.version for e in standby_state.log.entries] == [1, 2, 3, 4]
+    assert standby_state.log.entries[-1].digest == params_digest(standby_state.engine.params)

@@ -73,6 +73,7 @@ class SyncBarrier:
             t1 = time.perf_counter()
             info = await loop.run_in_executor(None, st.apply_sync, items, st.version)
             digest = await loop.run_in_executor(None, params_digest, st.engine.params)
+            st.log.append(st.version, st.term, ",".join(p for p, *_ in items), -1, st.version - 1, digest)
             t2 = time.perf_counter()
             held = await rep.replicate_full()
             required = rep.required()

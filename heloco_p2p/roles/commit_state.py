@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from heloco_p2p.outer import OuterEngine
+from heloco_p2p.roles.commit_log import CommitLog
 from heloco_p2p.roles.messages import MAX_WORKERS
 
 
@@ -84,6 +85,9 @@ class CommitState:
     # who sent the last WORKERS_WINDOW commits: K, the number of workers a staleness weight such as
     # ρ = 1/√K (``staleness_weight: base``) needs, is the number of distinct peers among them
     recent_senders: deque = field(default_factory=lambda: deque(maxlen=WORKERS_WINDOW))
+    # the hash chain over the commits (roles/commit_log.py): appended by whoever applies a commit,
+    # once its θ digest is known, replicated with the rest
+    log: CommitLog = field(default_factory=CommitLog)
 
     @property
     def version(self) -> int:
@@ -204,7 +208,7 @@ class CommitState:
                 "contributors": sorted(self.contributors),
                 "recent_norms": list(self.recent_norms),
                 "credit": {p: dict(c) for p, c in self.credit.items()},
-                "recent_senders": list(self.recent_senders)}
+                "recent_senders": list(self.recent_senders), "log": self.log.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore ``state_dict()``; everything is checked before anything changes.
@@ -235,6 +239,8 @@ class CommitState:
         if not isinstance(senders, (list, tuple)) or len(senders) > WORKERS_WINDOW or \
                 not all(isinstance(x, str) for x in senders):
             raise ValueError(f"commit state: recent_senders must be a list of at most {WORKERS_WINDOW} peer ids")
+        log = CommitLog()
+        log.load_state_dict(state.get("log"))  # states written before the commit log have none
         try:
             self.engine.load_state_dict(state.get("engine"))  # checks everything before it changes anything
         except ValueError:
@@ -250,6 +256,7 @@ class CommitState:
         self.recent_norms = deque(norms, maxlen=64)
         self.credit = credit
         self.recent_senders = deque(senders, maxlen=WORKERS_WINDOW)
+        self.log = log
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()

@@ -194,6 +194,7 @@ class CoordinatorService:
         info = await loop.run_in_executor(None, st.apply, delta, sub.base_version, peer, sub.seq, sub.steps, norm,
                                           sub.worker, sub.seconds, sub.tokens, num_workers)
         digest = await loop.run_in_executor(None, params_digest, st.engine.params)
+        st.log.append(st.version, st.term, peer, sub.seq, sub.base_version, digest)
         dispatched = st.engine.dispatch_params()  # computed once: digested, then sent in the reply
         dispatch_digest = digest if dispatched is st.engine.params else \
             await loop.run_in_executor(None, params_digest, dispatched)

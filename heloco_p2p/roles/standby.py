@@ -99,6 +99,7 @@ class StandbyService:
         if mine != commit.digest:
             logger.warning("standby: digest differs at version %d; asking for the full state", self.state.version)
             return {"status": "out_of_sync", "version": self.state.version}, b""
+        self.state.log.append(self.state.version, commit.term, commit.peer, commit.seq, commit.base_version, mine)
         return messages.ok(version=self.state.version)
 
     def _follow(self, term: int, remote: str) -> None:

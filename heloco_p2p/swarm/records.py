@@ -31,8 +31,9 @@ from hivemind.utils import get_dht_time
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 3  # 2: lease claims count only when signed by their holder (record_key)
+PROTOCOL_VERSION = 4  # 2: lease claims count only when signed by their holder (record_key)
 # 3: replicate and handover only from the believed lease holder; acknowledged means replicated (min_replicas)
+# 4: the commit log (a hash chain, replicated with the state and published by the coordinator)
 
 StrictFloat, StrictInt, StrictStr, StrictBool = pydantic.StrictFloat, pydantic.StrictInt, pydantic.StrictStr, pydantic.StrictBool
 
@@ -116,11 +117,38 @@ class EvalRecord(pydantic.BaseModel):
     mac: StrictStr = ""
 
 
+class LogEntryRecord(pydantic.BaseModel):
+    """One entry of the commit log's hash chain (roles/commit_log.py)."""
+
+    version: StrictInt
+    term: StrictInt
+    peer: StrictStr
+    seq: StrictInt
+    base_version: StrictInt
+    digest: StrictStr
+    prev: StrictStr
+    hash: StrictStr
+
+
+class CommitLogRecord(pydantic.BaseModel):
+    """The newest entries of the commit log, published by the coordinator under its owner subkey
+    (so signed by its key): anyone can check that they form one chain and that the coordinators of
+    different terms agree (``heloco-peer monitor``)."""
+
+    peer_id: StrictStr
+    term: StrictInt
+    time: StrictFloat
+    head: StrictStr  # the hash of the newest entry
+    entries: List[LogEntryRecord]
+    mac: StrictStr = ""
+
+
 class RunSchema(pydantic.BaseModel):
     genesis: Dict[BytesWithPublicKey, GenesisRecord]
     peers: Dict[BytesWithPublicKey, PeerRecord]
     coordinator: Dict[BytesWithPublicKey, LeaseRecord]
     evals: Dict[BytesWithPublicKey, EvalRecord]
+    commitlog: Dict[BytesWithPublicKey, CommitLogRecord]
 
 
 def make_validators(run_id: str, private_key) -> tuple[list, RSASignatureValidator]:
@@ -213,6 +241,14 @@ class RunRecords:
     def evals(self) -> list[EvalRecord]:
         """Every evaluator's latest record, newest first."""
         return sorted(self._read("evals", EvalRecord).values(), key=lambda r: -r.time)
+
+    # commit log ---------------------------------------------------------------------------
+    def publish_commit_log(self, record: CommitLogRecord, ttl: float) -> bool:
+        return self._store("commitlog", record, ttl, await_all_replicas=False)
+
+    def commit_logs(self) -> list[tuple[bytes, CommitLogRecord]]:
+        """Every coordinator's latest published log (with the owner key that signed it), newest term first."""
+        return sorted(self._read("commitlog", CommitLogRecord).items(), key=lambda oc: (-oc[1].term, -oc[1].time))
 
     # lease --------------------------------------------------------------------------------
     def publish_lease(self, record: LeaseRecord, ttl: float) -> bool:

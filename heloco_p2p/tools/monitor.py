@@ -6,6 +6,7 @@ it cannot disturb training. What it shows is a pure function of the records it r
     snap = snapshot(peers, claims, now=time.time(), silent_after=10, lease_seconds=10)
     snap["coordinator"]   # {"peer_id", "term", "version", "commits_per_min", "standbys"} or None
     snap["peers"]         # one dict per peer, keys PEER_KEYS, sorted by name
+    snap["commit_log"]    # Monitor only: the audit of the published commit logs (roles/commit_log.py), or None
 
 ``Monitor`` polls ``RunRecords`` and keeps what a single read cannot give: the mean staleness
 over the submissions it saw (a peer record carries only its last one) and peers whose records
@@ -28,6 +29,7 @@ from rich.table import Table
 from rich.text import Text
 
 from heloco_p2p.roles import lease as lease_rules
+from heloco_p2p.roles.commit_log import LogEntry, audit
 from heloco_p2p.swarm.records import EvalRecord, GenesisRecord, LeaseRecord, PeerRecord
 
 COORDINATOR_KEYS = ("peer_id", "term", "version", "commits_per_min", "standbys", "min_replicas", "replicas",
@@ -146,7 +148,7 @@ def peer_row(r: PeerRecord, now: float, silent_after: float, history: StalenessH
 def snapshot(peers: Iterable[PeerRecord], claims: Iterable[LeaseRecord], now: float, *, silent_after: float = 10.0,
              lease_seconds: float = 10.0, staleness_history: StalenessHistory | None = None,
              absent: Collection[str] = (), lease: Optional[LeaseRecord] = None,
-             evals: Iterable[EvalRecord] = ()) -> dict:
+             evals: Iterable[EvalRecord] = (), commit_log: Optional[dict] = None) -> dict:
     """The swarm as the records describe it at time ``now`` (see the module docstring).
 
     :param peers: peer records (several per peer id are allowed: the latest heartbeat wins)
@@ -160,6 +162,7 @@ def snapshot(peers: Iterable[PeerRecord], claims: Iterable[LeaseRecord], now: fl
     :param lease: the claim the reader believes (``Monitor``: the holder-bound rule); default:
         ``live_coordinator(claims)``
     :param evals: evaluator records (``validation``)
+    :param commit_log: ``roles.commit_log.audit`` of the coordinators' published logs (``Monitor``)
     :return: ``{"coordinator": dict | None, "peers": [dict, ...], "credit": dict, "validation": dict | None}``
         with keys COORDINATOR_KEYS / PEER_KEYS;
         ``last_seen`` is the heartbeat's unix time; ``staleness_*`` and ``last_loss`` are None before
@@ -180,7 +183,7 @@ def snapshot(peers: Iterable[PeerRecord], claims: Iterable[LeaseRecord], now: fl
     rows.sort(key=lambda row: (row["name"], row["peer_id"]))
     names = {pid: r.name for pid, r in latest.items()}
     return {"coordinator": coordinator, "peers": rows, "credit": credit_view(lease, names, refused),
-            "validation": validation_view(evals)}
+            "validation": validation_view(evals), "commit_log": commit_log}
 
 
 # ---------------------------------------------------------------------------- polling
@@ -207,6 +210,7 @@ class Monitor:
         self.known: dict[str, PeerRecord] = {}
         self.history: dict[str, tuple[int, int, int]] = {}
         self.lease: Optional[LeaseRecord] = None  # the live claim of the last poll (its branch counts, run tokens)
+        self.logs: dict[bytes, tuple[float, list]] = {}  # owner -> (when read, its commit log entries)
 
     def poll(self, now: float | None = None) -> dict:
         peers = self.records.peers()
@@ -231,7 +235,28 @@ class Monitor:
                 self.holder_keys.get(pid)
         return snapshot(self.known.values(), claims, now, silent_after=self.silent_after,
                         lease_seconds=self.lease_seconds, staleness_history=self.history,
-                        absent=[pid for pid in self.known if pid not in present], lease=believed, evals=evals)
+                        absent=[pid for pid in self.known if pid not in present], lease=believed, evals=evals,
+                        commit_log=self.audit_log(now, checker))
+
+    def audit_log(self, now: float, signed_by_holder) -> Optional[dict]:
+        """Check the coordinators' published commit logs (roles/commit_log.py): each one chain, all
+        agreeing at every version, the believed lease's θ at its version. Only logs signed by the
+        peer they name count (a participant cannot raise a false alarm); a log read once is kept
+        ``forget_after`` seconds, so a deposed coordinator's log is still compared with its heir's."""
+        if not hasattr(self.records, "commit_logs"):
+            return None
+        for owner, record in self.records.commit_logs():
+            if signed_by_holder(owner, record.peer_id):
+                try:
+                    entries = [LogEntry.from_dict(e.dict()) for e in record.entries]
+                except ValueError:
+                    continue
+                self.logs[owner] = (now, entries)
+        self.logs = {o: (t, e) for o, (t, e) in self.logs.items() if now - t <= self.forget_after}
+        if not self.logs:
+            return None
+        lease = self.believed
+        return audit([e for _, e in self.logs.values()], lease.version if lease else None, lease.digest if lease else None)
 
 
 def wait_for_genesis(records, timeout: float, poll: float = 0.5) -> Optional[GenesisRecord]:
@@ -383,6 +408,17 @@ def render(snap: dict, run_id: str, now: float, genesis: GenesisRecord | None = 
     elif c is not None and not c["standbys"]:
         coord.append("  no standby: commits are not replicated", style="yellow")
     parts = [head, coord]
+    log = snap.get("commit_log")
+    if log is not None:
+        if log["forks"]:
+            f = log["forks"][0]
+            parts.append(Text(f"commit log: FORK at version {f['version']} (terms {', '.join(map(str, f['terms']))}): "
+                              f"two lineages of the run; {len(log['forks'])} versions differ", style="bold red"))
+        elif log["problems"]:
+            parts.append(Text(f"commit log: BROKEN: {log['problems'][0]}", style="bold red"))
+        else:
+            parts.append(Text(f"commit log: one chain, versions {log['first']}-{log['last']}, head {log['head'][:12]}",
+                              style="dim"))
     val = snap.get("validation")
     if val is not None:
         langs = "  ".join(f"{r} {v:.2f}" for r, v in sorted(val["per_language"].items()))
