@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import threading
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from heloco_p2p.outer import build_engine
-from heloco_p2p.peer import Peer
 from heloco_p2p.roles.commit_state import CommitState, SubmissionLimits
 from heloco_p2p.roles.coordinator import CoordinatorService
 from heloco_p2p.roles.messages import MAX_TOKENS_PER_STEP, submission_tokens
+from heloco_p2p.roles.schedule import RoundSchedule
 from heloco_p2p.swarm.wire import WireError, encode_tensors
 
 from fakes import FakeNode
@@ -109,11 +110,8 @@ def test_commit_state_keeps_the_count_and_loads_states_without_one():
 
 @pytest.mark.parametrize("run_tokens, budget, more", [(999, 1000, True), (1000, 1000, False), (10 ** 9, 0, True)])
 def test_peer_stops_at_the_token_budget(run_tokens, budget, more):
-    import threading
-
-    peer = SimpleNamespace(stop_event=threading.Event(), opts=SimpleNamespace(max_rounds=None), version=3,
-                           rounds_loop=SimpleNamespace(rounds=0),
-                           genesis=SimpleNamespace(max_versions=0, max_tokens=budget),
-                           election=SimpleNamespace(run_tokens=run_tokens),
-                           _time_left=lambda: True)
-    assert Peer._more_rounds(peer) is more
+    schedule = RoundSchedule(node=None, steps_per_round=5, dylu=None, election=SimpleNamespace(run_tokens=run_tokens),
+                             genesis=lambda: SimpleNamespace(max_versions=0, max_tokens=budget),
+                             held=lambda: (None, 3), stop_event=threading.Event())
+    schedule.loop = SimpleNamespace(rounds=0)
+    assert schedule.more() is more

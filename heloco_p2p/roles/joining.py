@@ -1,9 +1,10 @@
 """Joining a run and serving what joiners need (docs/protocol.md, "Joining").
 
 - ``find_genesis`` / ``publish_genesis``: the run's identity in the DHT (protocol version, config
-  and tokenizer digests, budget);
+  and tokenizer digests, budget); ``open_swarm_key``: the run's swarm key, if it has one;
 - ``fetch_run_files``: the run's config and tokenizer from any peer that serves them, checked
   against the genesis digests (the peer and ``heloco-peer doctor`` use this one function);
+  ``fetch_genesis_files``: the same for a joining peer, checked against its ``--config``;
 - ``download_state``: the current θ from the coordinator, else a standby, else any peer;
 - ``swarm_holds``: what live peers hold, for ``--resume`` (checkpoint.plan_resume);
 - ``StateServer``: the ``genesis`` and ``state`` handlers (θ is copied under the commit lock and
@@ -22,8 +23,9 @@ from typing import Callable
 import torch
 import yaml
 
-from heloco_p2p.config import config_from_dict
+from heloco_p2p.config import config_from_dict, load_config
 from heloco_p2p.data import load_tokenizer, tokenizer_digest
+from heloco_p2p.swarm.auth import SwarmKeyError, load_swarm_key
 from heloco_p2p.swarm.records import PROTOCOL_VERSION, GenesisRecord, PeerRecord
 from heloco_p2p.swarm.wire import encode_tensors, pack_params, unpack_params
 
@@ -32,6 +34,21 @@ logger = logging.getLogger(__name__)
 
 class JoinError(RuntimeError):
     """The peer cannot join the run; the message says why and what to do."""
+
+
+def open_swarm_key(path: str | None):
+    """The run's swarm key from ``--swarm-key-file`` (docs/security.md), or None for an open run.
+
+    :raises JoinError: the file cannot be read as a swarm key
+    """
+    if not path:
+        return None
+    try:
+        key = load_swarm_key(path)
+    except SwarmKeyError as exc:
+        raise JoinError(f"--swarm-key-file: {exc}") from None
+    logger.info("swarm key %s: only peers with this key can take part", key.fingerprint)
+    return key
 
 
 def find_genesis(records, run_id: str, wait: float) -> GenesisRecord | None:
@@ -97,6 +114,28 @@ def fetch_run_files(node, genesis: GenesisRecord, peers: list[PeerRecord], workd
             continue
         return cfg, tok, pid, seconds, len(payload)
     raise RuntimeError("; ".join(errors) or "no peer answered")
+
+
+def fetch_genesis_files(node, genesis: GenesisRecord, identity: str | None = None, config_path: str | None = None,
+                        overrides: dict | None = None):
+    """A joining peer's (config, tokenizer) of the run: from any peer that has them, verified
+    against the genesis digests (``fetch_run_files``; the tokenizer is kept in the peer's
+    ``identity`` directory, else in ~/.cache/heloco-p2p/runs); with ``config_path`` (``--config``)
+    that config must be the run's.
+
+    :raises JoinError: no peer served matching files, or ``config_path`` is another config
+    """
+    run_id = node.run_id
+    cache = Path(identity or Path.home() / ".cache" / "heloco-p2p" / "runs") / f"{run_id}-tokenizer"
+    try:
+        cfg, tok, peer_id, _, _ = fetch_run_files(node, genesis, node.records.peers(), cache)
+    except RuntimeError as exc:
+        raise JoinError(f"could not fetch run {run_id!r}'s config and tokenizer: {exc}") from None
+    if config_path and load_config(config_path, overrides=overrides).digest() != genesis.config_digest:
+        raise JoinError(f"--config {config_path} differs from run {run_id!r}'s config; drop --config to use the "
+                        "run's own")
+    logger.info("fetched config and tokenizer from %s (digests verified)", peer_id[-8:])
+    return cfg, tok
 
 
 def download_state(node, election, expected: list, stop_event: threading.Event, timeout: float = 120.0,
