@@ -41,6 +41,7 @@ from heloco_p2p.roles.joining import (
     publish_genesis,
     tensor_layout,
     tokenizer_json,
+    vouched_by,
 )
 from heloco_p2p.roles.maintenance import Maintenance
 from heloco_p2p.roles.metrics import MetricsLog
@@ -78,6 +79,7 @@ class PeerOptions:
     metrics_path: str | None = None
     overrides: dict = field(default_factory=dict)
     swarm_key_file: str | None = None  # the run's swarm key (docs/security.md); None: an open run
+    genesis_digest: str | None = None  # which run's genesis to follow when the run id has several (--genesis-digest)
     overlap: bool | None = None  # overlapped rounds (None: the run's swarm.overlap)
     evaluator: bool = False  # evaluate the global model per language and publish it instead of training
     eval_every: float = 60.0  # evaluator: seconds between evaluations
@@ -151,7 +153,8 @@ class Peer:
         logger.info("peer %s joined the DHT; others can join with --initial-peers %s", self.name,
                     " ".join(self.node.visible_maddrs()))
         self.genesis = genesis = find_genesis(self.node.records, o.run_id,
-                                              wait=0.0 if ((o.config or saved) and not o.initial_peers) else 10.0)
+                                              wait=0.0 if ((o.config or saved) and not o.initial_peers) else 10.0,
+                                              pinned=o.genesis_digest, vouched=vouched_by(self.node, o.initial_peers))
         founder = genesis is None
         if saved is not None:
             self.cfg, self.tokenizer = self.checkpoints.run_files(genesis, o.config, o.overrides)
@@ -189,7 +192,7 @@ class Peer:
         self.submitter = SubmitClient(self.node, self.election, self.service, self.cfg.swarm, o.region,
                                       self.commit_state.engine.names, self.stop_event, self.schedule.time_left)
         self.state_server = StateServer(self.cfg.to_yaml(), tokenizer_file, self.service, lambda: self.role,
-                                        self.held, self.node.records.owner)
+                                        self.held, self.node.records.owner, config_digest=self.cfg.digest())
         self.node.add_handler("genesis", self.state_server.serve_genesis)
         self.node.add_handler("state", self.state_server.serve_state)
         if saved is not None:

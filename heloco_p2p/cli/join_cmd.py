@@ -39,6 +39,10 @@ from heloco_p2p.cli import log_level_option
 @click.option("--swarm-key-file", type=click.Path(dir_okay=False), default=None,
               help="The run's swarm key (make one with `heloco-peer keygen FILE`): only peers holding it can submit, "
                    "download state or coordinate. Every peer of a run uses the same file, or none.")
+@click.option("--genesis-digest", default=None, metavar="PREFIX",
+              help="Follow the run whose config digest starts with PREFIX when the DHT holds several genesis records "
+                   "for RUN-ID (in an open run anyone can publish one). Without it the peers given with "
+                   "--initial-peers decide; `heloco-peer doctor` prints the run's digest.")
 @click.option("--evaluator", is_flag=True,
               help="Do not train: evaluate the global model per language every --eval-every seconds and publish it "
                    "in the DHT (monitor and dashboard show it). Any machine can do it, a CPU-only one too.")
@@ -49,7 +53,7 @@ from heloco_p2p.cli import log_level_option
 @log_level_option
 def join(run_id, resume_dir, initial_peers, config_path, region, name, identity, host_maddrs, announce_maddrs, client_mode, no_train,
          checkpoint_dir, max_rounds, max_minutes, threads, speed, batch_size, device, metrics_path, seed, overlap, swarm_key_file,
-         evaluator, eval_every, eval_regions):
+         genesis_digest, evaluator, eval_every, eval_regions):
     """Join run RUN-ID: fetch its config, tokenizer and state from peers, then train and submit."""
     from heloco_p2p.config import ConfigError
     from heloco_p2p.peer import JoinError, Peer, PeerOptions
@@ -59,7 +63,7 @@ def join(run_id, resume_dir, initial_peers, config_path, region, name, identity,
                        announce_maddrs=list(announce_maddrs) or None, client_mode=client_mode, no_train=no_train,
                        checkpoint_dir=checkpoint_dir, max_rounds=max_rounds, max_minutes=max_minutes, threads=threads,
                        seed=seed, speed=speed, batch_size=batch_size, device=device, metrics_path=metrics_path,
-                       overlap=overlap, swarm_key_file=swarm_key_file, evaluator=evaluator, eval_every=eval_every,
+                       overlap=overlap, swarm_key_file=swarm_key_file, genesis_digest=genesis_digest, evaluator=evaluator, eval_every=eval_every,
                        eval_regions=[r.strip() for r in eval_regions.split(",") if r.strip()] if eval_regions else None)
     peer = Peer(opts)
     peer.install_signal_handlers()

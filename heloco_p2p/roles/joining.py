@@ -25,6 +25,7 @@ import yaml
 
 from heloco_p2p.config import config_from_dict, load_config
 from heloco_p2p.data import load_tokenizer, tokenizer_digest
+from heloco_p2p.roles import lease as lease_rules
 from heloco_p2p.swarm.auth import SwarmKeyError, load_swarm_key
 from heloco_p2p.swarm.records import PROTOCOL_VERSION, GenesisRecord, PeerRecord
 from heloco_p2p.swarm.wire import encode_tensors, pack_params, unpack_params
@@ -51,20 +52,78 @@ def open_swarm_key(path: str | None):
     return key
 
 
-def find_genesis(records, run_id: str, wait: float) -> GenesisRecord | None:
-    """The run's genesis record (waiting up to ``wait`` s for it), or None when the run does not
-    exist yet; ``JoinError`` when it speaks another protocol."""
+def run_identity(g: GenesisRecord) -> tuple:
+    """What makes two genesis records the same run: config, tokenizer and budgets."""
+    return (g.config_digest, g.tokenizer_digest, g.max_versions, g.max_tokens)
+
+
+def choose_genesis(run_id: str, records: list[GenesisRecord], pinned: str | None = None,
+                   vouched: Callable[[], set[str]] | None = None) -> GenesisRecord:
+    """The genesis of the run this peer joins, among every record published under ``run_id`` (in
+    an open run anyone can publish one, e.g. with an earlier ``created`` and a budget of one
+    version). Records of the same run (``run_identity``) count once, the earliest. With several
+    runs: the one whose config digest starts with ``pinned`` (``--genesis-digest``), else the one
+    the peers this peer joined through serve (``vouched()``: their config digests), else none:
+    ``JoinError`` listing them."""
+    runs: dict[tuple, GenesisRecord] = {}
+    for g in sorted(records, key=lambda r: r.created):
+        runs.setdefault(run_identity(g), g)
+    options = list(runs.values())
+    if pinned:
+        options = [g for g in options if g.config_digest.startswith(pinned)]
+        if not options:
+            raise JoinError(f"no genesis of run {run_id!r} has a config digest starting with {pinned!r} (--genesis-digest)")
+    if len(options) > 1 and vouched is not None:
+        served = vouched()
+        chosen = [g for g in options if g.config_digest in served]
+        if len(chosen) == 1:
+            logger.warning("run %r has %d different genesis records in the DHT; following %s, the one the initial "
+                           "peers serve", run_id, len(options), chosen[0].config_digest[:12])
+            options = chosen
+    if len(options) > 1:
+        listed = "; ".join(f"config {g.config_digest[:12]} founded by {g.founder[-8:]} (budget {g.max_versions} versions, "
+                           f"{g.max_tokens} tokens)" for g in options)
+        raise JoinError(f"run {run_id!r} has {len(options)} different genesis records in the DHT (anyone can publish "
+                        f"one): {listed}. The peers given with --initial-peers vouch for none of them or for several: "
+                        "pass --genesis-digest with the start of the config digest of the run you mean (its "
+                        "organiser knows it; `heloco-peer doctor` prints it)")
+    g = options[0]
+    if g.protocol_version != PROTOCOL_VERSION:
+        raise JoinError(f"run {run_id!r} speaks protocol {g.protocol_version}, this peer "
+                        f"speaks {PROTOCOL_VERSION}: install the heloco-p2p version the run uses")
+    return g
+
+
+def find_genesis(records, run_id: str, wait: float, pinned: str | None = None,
+                 vouched: Callable[[], set[str]] | None = None) -> GenesisRecord | None:
+    """The run's genesis record (waiting up to ``wait`` s for one; ``choose_genesis`` among
+    several), or None when the run does not exist yet."""
     deadline = time.time() + wait
     while True:
-        g = records.genesis()
-        if g is not None:
-            if g.protocol_version != PROTOCOL_VERSION:
-                raise JoinError(f"run {run_id!r} speaks protocol {g.protocol_version}, this peer "
-                                f"speaks {PROTOCOL_VERSION}: install the heloco-p2p version the run uses")
-            return g
+        found = records.genesis_records()
+        if found:
+            return choose_genesis(run_id, found, pinned, vouched)
         if time.time() >= deadline:
             return None
         time.sleep(0.5)
+
+
+def vouched_by(node, initial_peers: list[str]) -> Callable[[], set[str]]:
+    """``vouched()`` for ``choose_genesis``: the config digests the peers named in the initial
+    multiaddrs (their ``/p2p/<id>`` part) serve; a peer that does not answer vouches for nothing."""
+    def ask() -> set[str]:
+        served = set()
+        for maddr in initial_peers:
+            peer_id = maddr.rsplit("/p2p/", 1)[-1] if "/p2p/" in maddr else None
+            if not peer_id:
+                continue
+            try:
+                header, _ = node.call(peer_id, "genesis", {"run_id": node.run_id, "meta_only": True}, timeout=10)
+                served.add(str(header.get("config_digest", "")))
+            except Exception as exc:
+                logger.info("initial peer %s did not say which run it serves: %s", peer_id[-8:], exc)
+        return served
+    return ask
 
 
 def publish_genesis(node, cfg, tokenizer) -> GenesisRecord:
@@ -177,7 +236,7 @@ def swarm_holds(node, election, swarm) -> tuple[list, int, int]:
         now = time.time()
         claims = [c for owner, c in node.records.lease_claims_by_owner()  # only claims their holder signed
                   if owner == keys.get_blocking(c.peer_id, timeout=10)]
-        live = [c for c in claims if c.renewed + swarm.lease_seconds > now]
+        live = [c for c in claims if lease_rules.is_live(c, now, swarm.lease_seconds)]
         if live or now >= deadline:
             break
         time.sleep(0.5)
@@ -209,12 +268,17 @@ class StateServer:
     """
 
     def __init__(self, config_yaml: str, tokenizer_file: bytes, service, role: Callable[[], str],
-                 held: Callable[[], tuple], record_key: bytes):
+                 held: Callable[[], tuple], record_key: bytes, config_digest: str = ""):
         self.config_yaml, self.tokenizer_file, self.service = config_yaml, tokenizer_file, service
         self.role, self.held, self.record_key = role, held, record_key
+        self.config_digest = config_digest
 
     async def serve_genesis(self, header: dict, payload: bytes, remote: str):
-        return {"config_yaml": self.config_yaml}, self.tokenizer_file
+        """The run's config and tokenizer; with ``meta_only``, only the config digest (a joiner
+        choosing among several genesis records asks the peers it joined through)."""
+        if header.get("meta_only"):
+            return {"config_digest": self.config_digest}, b""
+        return {"config_yaml": self.config_yaml, "config_digest": self.config_digest}, self.tokenizer_file
 
     async def serve_state(self, header: dict, payload: bytes, remote: str):
         """Coordinators and standbys serve where a round starts now (``dispatch_params``: θ̄ with

@@ -218,8 +218,12 @@ class RunRecords:
         return self._store("genesis", record, ttl)
 
     def genesis(self) -> Optional[GenesisRecord]:
-        records = sorted(self._read("genesis", GenesisRecord).values(), key=lambda r: r.created)
-        return records[0] if records else None  # the earliest genesis defines the run
+        records = self.genesis_records()
+        return records[0] if records else None  # the earliest genesis (a joiner chooses: roles/joining.py)
+
+    def genesis_records(self) -> list[GenesisRecord]:
+        """Every genesis record of the run id, earliest first (in an open run anyone can publish one)."""
+        return sorted(self._read("genesis", GenesisRecord).values(), key=lambda r: r.created)
 
     # peers --------------------------------------------------------------------------------
     def publish_peer(self, record: PeerRecord, ttl: float) -> bool:

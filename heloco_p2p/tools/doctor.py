@@ -261,11 +261,13 @@ def swarm_checks(o: DoctorOptions, node: SwarmNode, reach: Check | None) -> list
                             {"protocol_version": genesis.protocol_version}))
     else:
         checks.append(Check("run", OK if lease else WARN,
-                            f"run {o.run_id!r}, protocol {genesis.protocol_version}, {len(alive)} peer(s) alive, "
+                            f"run {o.run_id!r} (config digest {genesis.config_digest[:16]}), protocol "
+                            f"{genesis.protocol_version}, {len(alive)} peer(s) alive, "
                             + (f"coordinator at version {lease.version} (term {lease.term})" if lease
                                else "no live coordinator lease (an election may be under way)"),
                             "" if lease else "wait a few seconds and run doctor again",
-                            {"protocol_version": genesis.protocol_version, "peers_alive": len(alive)}))
+                            {"protocol_version": genesis.protocol_version, "peers_alive": len(alive),
+                             "config_digest": genesis.config_digest}))
     others = [p.peer_id for p in sorted(alive, key=lambda p: -p.heartbeat) if p.peer_id != node.peer_id][:3]
     pings = {}
     if others:
