@@ -203,7 +203,8 @@ class Peer:
             self._catch_up()
         self.maintenance = Maintenance(self.node, self.cfg, self.election, self.service, self.rounds_loop, self.tally,
                                        self.held, self._checkpoint, self.metrics.log, name=self.name, region=o.region,
-                                       device=str(self.trainer.device), trains=not o.no_train)
+                                       device=str(self.trainer.device), trains=not o.no_train,
+                                       initial_peers=o.initial_peers)
         self.maintenance.start()
         self._renewer = threading.Thread(target=self.election.renew_loop, name="lease", daemon=True)
         self._renewer.start()

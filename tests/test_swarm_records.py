@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from heloco_p2p.roles.joining import JoinError, choose_genesis, find_genesis
+from heloco_p2p.roles.joining import JoinError, find_genesis
 from heloco_p2p.swarm.node import SwarmNode
 from heloco_p2p.swarm.records import PROTOCOL_VERSION, GenesisRecord, LeaseRecord, PeerRecord
 
@@ -89,25 +89,12 @@ def test_other_protocol_version_is_refused_with_a_clear_message(two_nodes):
         node.shutdown()
 
 
-# ---------------------------------------------------------------------------- a fake genesis
-def _genesis(config: str, created: float, founder: str = "QmFounder", max_versions: int = 0):
-    return GenesisRecord(protocol_version=PROTOCOL_VERSION, run_id="r", config_digest=config, tokenizer_digest="t",
-                         max_versions=max_versions, max_tokens=0, created=created, founder=founder)
 
-
-def test_a_fake_genesis_does_not_silently_redefine_a_run():
-    real = _genesis("c0ffee" + "0" * 26, created=100.0)
-    # a stranger publishes another run under the same id, earlier, with a budget of one version
-    fake = _genesis("bad" + "0" * 29, created=1.0, founder="QmMallory", max_versions=1)
-    copy = _genesis(real.config_digest, created=200.0, founder="QmOther")  # the same run published again
-    assert choose_genesis("r", [real, copy]) is real  # one run, the earliest record
-    with pytest.raises(JoinError, match="2 different genesis records.*--genesis-digest"):
-        choose_genesis("r", [fake, real])
-    # the peers this peer joined through serve the real run: it is followed
-    assert choose_genesis("r", [fake, real], vouched=lambda: {real.config_digest}) is real
-    with pytest.raises(JoinError, match="vouch for none of them"):
-        choose_genesis("r", [fake, real], vouched=lambda: set())
-    # pinned by the operator
-    assert choose_genesis("r", [fake, real], pinned="c0ff") is real
-    with pytest.raises(JoinError, match="starting with 'abc'"):
-        choose_genesis("r", [fake, real], pinned="abc")
+def test_rejoin_pings_peers_back_into_the_routing_table(two_nodes):
+    a, b, _ = two_nodes
+    assert a.rejoin([b.peer_id, a.peer_id]).result(30) == 1  # itself is never asked
+    assert a.rejoin([]) is None
+    dead = SwarmNode("rec")  # a peer that is gone by the time it is asked
+    dead_id = dead.peer_id
+    dead.shutdown()
+    assert a.rejoin([dead_id, b.peer_id]).result(60) == 1

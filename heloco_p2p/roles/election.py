@@ -55,6 +55,8 @@ class Election:
         self._holder_answered_since: float | None = None  # a lapsed lease whose holder still answers as coordinator
         self._recruit_failed: dict[str, float] = {}  # peer id -> when making it a standby last failed
         self._paused_since: float | None = None  # a coordinator whose lease may have lapsed, re-confirming it
+        self.seen_peers: dict[str, float] = {}  # peer id -> when it was last seen alive (rejoin_if_alone)
+        self._last_rejoin = -math.inf
         service.term.verify_lease = self.refresh
         service.standby.on_handover = self.took_over_by_handover
 
@@ -139,8 +141,28 @@ class Election:
     def live_peers(self) -> list[PeerRecord]:
         """Other peers whose heartbeat is fresh (3 heartbeat periods) and that have not left."""
         now, sw = time.time(), self.cfg.swarm
-        return [p for p in self.node.records.peers() if p.peer_id != self.node.peer_id and p.role != "left"
+        live = [p for p in self.node.records.peers() if p.peer_id != self.node.peer_id and p.role != "left"
                 and p.heartbeat + 3 * sw.heartbeat_seconds > now]
+        for p in live:
+            self.seen_peers[p.peer_id] = now
+        if len(self.seen_peers) > 256:
+            for old in sorted(self.seen_peers, key=self.seen_peers.get)[:-256]:
+                del self.seen_peers[old]
+        return live
+
+    def rejoin_if_alone(self, initial_peers: list[str]) -> bool:
+        """A peer that reads no live peer (cut off, or the others' records unreachable) pings the
+        peers it knew and its initial peers, at most once a lease period, so that its DHT finds the
+        swarm again once the link is back (``SwarmNode.rejoin``). True if it asked."""
+        now = time.monotonic()
+        if now - self._last_rejoin < self.cfg.swarm.lease_seconds or self.live_peers():
+            return False
+        self._last_rejoin = now
+        ids = [m.rsplit("/p2p/", 1)[-1] for m in initial_peers if "/p2p/" in m] + list(self.seen_peers)
+        if self.node.rejoin(ids) is None:
+            return False
+        logger.info("no live peer in the DHT: pinging %d known peers to find the swarm again", len(set(ids)))
+        return True
 
     def choose_standbys(self) -> None:
         """Keep ``num_standbys`` standbys: a live training peer gets the full state, then the commits.

@@ -35,14 +35,17 @@ class Maintenance:
     :param held: ``() -> (θ, version)``: the global θ the peer holds
     :param checkpoint: ``() -> version | None``: checkpoint if due (``Checkpoints.maybe_write``)
     :param trains: whether this peer trains (a sync barrier then waits for it too)
+    :param initial_peers: the multiaddrs the peer joined through (``Election.rejoin_if_alone``)
     """
 
     def __init__(self, node, cfg, election: Election, service: CoordinatorService, rounds: RoundLoop,
                  tally: SubmitTally, held: Callable[[], tuple], checkpoint: Callable[[], int | None],
-                 log_metric: Callable[[dict], None], *, name: str, region: str, device: str, trains: bool):
+                 log_metric: Callable[[dict], None], *, name: str, region: str, device: str, trains: bool,
+                 initial_peers: list[str] = ()):
         self.node, self.cfg, self.election, self.service = node, cfg, election, service
         self.rounds, self.tally, self.held, self.checkpoint, self.log_metric = rounds, tally, held, checkpoint, log_metric
         self.name, self.region, self.device, self.trains = name, region, device, trains
+        self.initial_peers = list(initial_peers)  # asked again when this peer reads no live peer
         self.record: PeerRecord | None = None  # the last heartbeat published (``withdraw`` overwrites it)
         self._thread: threading.Thread | None = None
 
@@ -73,6 +76,7 @@ class Maintenance:
                 if now - last_beat >= sw.heartbeat_seconds:
                     self.heartbeat()
                     last_beat = now
+                self.election.rejoin_if_alone(self.initial_peers)  # at most once a lease period
             except Exception as exc:  # the DHT can hiccup; keep the peer alive
                 logger.warning("maintenance: %s", exc)
 

@@ -38,6 +38,7 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Awaitable, Callable, Sequence
 
@@ -153,6 +154,20 @@ class Gate:
             self._buckets.popitem(last=False)
 
 
+async def _ping_into_routing_table(dht, node, peer_ids: list[str]) -> int:
+    """Runs in the DHT's process (``DHT.run_coroutine``): forget the failures that banned peers and
+    ping each given peer, which adds every one that answers to the routing table again."""
+    node.blacklist.clear()
+    answered = 0
+    for peer_id in peer_ids:
+        try:
+            if await node.protocol.call_ping(PeerID.from_base58(peer_id)) is not None:
+                answered += 1
+        except Exception as exc:  # a malformed id or a dead peer: the others may answer
+            logger.debug("ping %s: %s", peer_id[-8:], exc)
+    return answered
+
+
 def load_or_create_rsa_key(path: Path) -> RSAPrivateKey:
     """The RSA key that signs this peer's DHT records, persisted so a restarted peer still owns them."""
     from cryptography.hazmat.primitives import serialization
@@ -252,6 +267,16 @@ class SwarmNode:
         if daemon:
             pids.append(daemon)
         return pids
+
+    def rejoin(self, peer_ids: Sequence[str]):
+        """Bring peers back into this node's DHT routing table after a partition: hivemind bans a
+        peer that failed for a time that doubles with each failure and drops it from the routing
+        table, so a node cut off for a while can find nobody once the link is back. Runs in the
+        background; returns a future of how many of ``peer_ids`` answered (None: nobody to ask)."""
+        ids = [p for p in dict.fromkeys(peer_ids) if p and p != self.peer_id]
+        if not ids:
+            return None
+        return self.dht.run_coroutine(partial(_ping_into_routing_table, peer_ids=ids), return_future=True)
 
     def visible_maddrs(self) -> list[str]:
         return [str(m) for m in self.dht.get_visible_maddrs()]
