@@ -11,7 +11,6 @@ lock serialises the reads). ``role`` and ``lease`` are written here only (one as
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import logging
 import math
 import threading
@@ -20,7 +19,7 @@ from typing import Callable
 
 from heloco_p2p.roles import lease as lease_rules
 from heloco_p2p.roles.coordinator import CoordinatorService
-from heloco_p2p.swarm.records import CommitLogRecord, LeaseRecord, LogEntryRecord, PeerRecord
+from heloco_p2p.swarm.records import LeaseRecord, PeerRecord
 
 logger = logging.getLogger(__name__)
 
@@ -122,21 +121,6 @@ class Election:
             svc.term.renewed(started)
         self.lease, self.lease_seen_at = record, time.time()
         return True
-
-    def publish_log(self) -> bool:
-        """The newest entries of the commit log that enough standbys hold (the lease's version and
-        below), under this peer's signed subkey; kept 10 minutes, so that a reader still sees the
-        log of an earlier term beside the current one (a fork shows as two entries of one version)."""
-        svc = self.service
-        if not svc.active or svc.replication.snapshot is None:
-            return False
-        term, version, _, _ = svc.replication.snapshot
-        entries = svc.state.log.up_to(version)
-        if not entries:
-            return False
-        record = CommitLogRecord(peer_id=self.node.peer_id, term=term, time=time.time(), head=entries[-1].hash,
-                                 entries=[LogEntryRecord(**dataclasses.asdict(e)) for e in entries])
-        return self.node.records.publish_commit_log(record, ttl=600.0)
 
     def live_peers(self) -> list[PeerRecord]:
         """Other peers whose heartbeat is fresh (3 heartbeat periods) and that have not left."""

@@ -4,6 +4,7 @@ renewed on its own thread (``Election.renew_loop``), so that nothing here can de
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -14,7 +15,7 @@ from heloco_p2p.roles.coordinator import CoordinatorService
 from heloco_p2p.roles.election import Election
 from heloco_p2p.roles.rounds import RoundLoop
 from heloco_p2p.roles.tally import SubmitTally
-from heloco_p2p.swarm.records import PeerRecord
+from heloco_p2p.swarm.records import CommitLogRecord, LogEntryRecord, PeerRecord
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class Maintenance:
                 if self.service.active:
                     if now - last_renew >= sw.lease_seconds / 3:
                         self.election.choose_standbys()
-                        self.election.publish_log()  # the commit log's newest entries (roles/commit_log.py)
+                        self.publish_log()  # the commit log's newest entries (roles/commit_log.py)
                         last_renew = now
                     self.election.role = "coordinator"
                     if self.service.mode == "sync":
@@ -79,6 +80,21 @@ class Maintenance:
                 self.election.rejoin_if_alone(self.initial_peers)  # at most once a lease period
             except Exception as exc:  # the DHT can hiccup; keep the peer alive
                 logger.warning("maintenance: %s", exc)
+
+    def publish_log(self) -> bool:
+        """The newest entries of the commit log that enough standbys hold (the lease's version and
+        below), under this peer's signed subkey; kept 10 minutes, so that a reader still sees the
+        log of an earlier term beside the current one (a fork shows as two entries of one version)."""
+        svc = self.service
+        if not svc.active or svc.replication.snapshot is None:
+            return False
+        term, version, _, _ = svc.replication.snapshot
+        entries = svc.state.log.up_to(version)
+        if not entries:
+            return False
+        record = CommitLogRecord(peer_id=self.node.peer_id, term=term, time=time.time(), head=entries[-1].hash,
+                                 entries=[LogEntryRecord(**dataclasses.asdict(e)) for e in entries])
+        return self.node.records.publish_commit_log(record, ttl=600.0)
 
     def update_participants(self, now: float) -> None:
         """Sync mode: the barrier waits for every live training peer that has trained before."""
