@@ -345,7 +345,7 @@ def _latest_roles(sw) -> dict[str, tuple[float, str]]:
     return out
 
 
-def _roles_now(sw, stale: float) -> tuple[str | None, str | None, list[str]]:
+def roles_now(sw, stale: float) -> tuple[str | None, str | None, list[str]]:
     """(coordinator, standby, training peers) by the peers' own recent heartbeats."""
     now, roles = time.time(), _latest_roles(sw)
     fresh = {n: r for n, (t, r) in roles.items() if now - t < stale}
@@ -355,7 +355,7 @@ def _roles_now(sw, stale: float) -> tuple[str | None, str | None, list[str]]:
             sorted(n for n, r in fresh.items() if r == "training"))
 
 
-def _commit_times(events: list[dict]) -> list[float]:
+def commit_times(events: list[dict]) -> list[float]:
     """When each version first entered the chain (the earliest commit event of each (version, digest))."""
     first: dict[tuple, float] = {}
     for e in events:
@@ -398,7 +398,7 @@ def classify_takeovers(events: list[dict], unavailable: list[dict], lease_second
     return out
 
 
-def _newest_checkpoint(sw) -> Path | None:
+def newest_checkpoint(sw) -> Path | None:
     headers = {p.parent: read_header(p.parent) for p in sw.dir.glob("ckpt-*/coordinator.pt")}
     headers = {d: h for d, h in headers.items() if h}
     return max(headers, key=lambda d: (headers[d]["term"], headers[d]["version"])) if headers else None
@@ -408,7 +408,7 @@ def _stop_swarm(sw) -> None:
     """Training peers first, the coordinator last (its checkpoint is then the final state)."""
     import signal
 
-    coordinator, _, _ = _roles_now(sw, stale=30.0)
+    coordinator, _, _ = roles_now(sw, stale=30.0)
     order = sorted((n for n, p in sw.procs.items() if p.poll() is None), key=lambda n: n == coordinator)
     for n in order:
         try:
@@ -444,7 +444,7 @@ class Scenario:
         for n in self.order[1:]:
             sw.start(n, self.profiles[n].region, *peer_args(self.profiles[n]))
         t0 = time.time()
-        sw.wait_until(lambda: len(sw.all_events("commit")) >= a.warmup_commits and _roles_now(sw, 3 * self.lease)[1],
+        sw.wait_until(lambda: len(sw.all_events("commit")) >= a.warmup_commits and roles_now(sw, 3 * self.lease)[1],
                       300, f"{a.warmup_commits} commits and a standby")
         self.log("warm", commits=len(sw.all_events("commit")), seconds=round(time.time() - t0, 1))
         fault_start = time.time()
@@ -453,7 +453,7 @@ class Scenario:
         last_fault = max([last_fault] + [e["time"] for e in self.timeline])
         # the rest of the run: at least 3 leases and 5 commits after the last fault, up to --scenario-minutes
         deadline = max(t0 + 60 * a.scenario_minutes, last_fault + 3 * self.lease)
-        while time.time() < deadline or (len([t for t in _commit_times(_events(sw.dir)) if t > last_fault]) < 5
+        while time.time() < deadline or (len([t for t in commit_times(_events(sw.dir)) if t > last_fault]) < 5
                                           and time.time() < last_fault + 120):
             self._restart_dead(sw)
             time.sleep(1.0)
@@ -461,9 +461,9 @@ class Scenario:
         self.log("stop")
         _stop_swarm(sw)
         events = _events(sw.dir)
-        ckpt = _newest_checkpoint(sw)
+        ckpt = newest_checkpoint(sw)
         history = check_history(events, ckpt)
-        times = _commit_times(events)
+        times = commit_times(events)
         takeovers = classify_takeovers(events, self.unavailable, self.lease, stop_at)
         after = [t for t in times if last_fault < t < stop_at]
         stall, stall_at = _stall(times, fault_start, stop_at)
@@ -484,7 +484,7 @@ class Scenario:
     def _roles(self, sw, need_standby: bool = True, timeout: float = 120) -> tuple[str, str | None, list[str]]:
         deadline = time.time() + timeout
         while time.time() < deadline:
-            c, s, t = _roles_now(sw, 3 * self.lease)
+            c, s, t = roles_now(sw, 3 * self.lease)
             if c and (s or not need_standby):
                 return c, s, t
             time.sleep(0.5)
@@ -540,13 +540,13 @@ class Scenario:
         time.sleep(self.args.cut_seconds)
         self.net.heal(c, s)
         self.log("heal", coordinator=c, standby=s, roles=dict(zip(("coordinator", "standby", "training"),
-                                                                   _roles_now(sw, 3 * self.lease))))
+                                                                   roles_now(sw, 3 * self.lease))))
         if kill is None:
             return
         time.sleep(self.lease)
         # the standby *now*: the coordinator may have replaced the one it was cut from during the cut,
         # and the case worth testing is the death of the peer that holds the replica
-        victim = c if kill == "coordinator" else (_roles_now(sw, 3 * self.lease)[1] or s)
+        victim = c if kill == "coordinator" else (roles_now(sw, 3 * self.lease)[1] or s)
         role = _latest_roles(sw).get(victim, (0, None))[1]
         self.down(victim, "killed")
         sw.kill(victim)

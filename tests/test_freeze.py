@@ -21,7 +21,7 @@ def _role(sw, name):
     return beats[-1]["role"] if beats else None
 
 
-def _commit_times(sw, since, until=float("inf")):
+def commit_times(sw, since, until=float("inf")):
     return sorted(e["time"] for e in sw.all_events("commit") if since <= e["time"] <= until)
 
 
@@ -49,9 +49,9 @@ def test_frozen_standby_and_frozen_coordinator_lose_nothing_and_fork_nothing(tmp
         time.sleep(2.5 * LEASE)
         sw.thaw(standby)
         thawed_at = time.time()
-        sw.wait_until(lambda: len(_commit_times(sw, thawed_at + LEASE)) >= 3, 120, "commits after the standby woke")
+        sw.wait_until(lambda: len(commit_times(sw, thawed_at + LEASE)) >= 3, 120, "commits after the standby woke")
         assert sw.all_events("takeover") == [], "a standby that woke up took over from a live coordinator"
-        stall = _longest_gap(_commit_times(sw, frozen_at), frozen_at, thawed_at + LEASE)
+        stall = _longest_gap(commit_times(sw, frozen_at), frozen_at, thawed_at + LEASE)
         assert stall < 2 * LEASE, f"no commit for {stall:.1f} s while the standby was frozen"
 
         # 2. the coordinator frozen for 4 leases: its standby takes over; on waking it steps down

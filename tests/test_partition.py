@@ -66,9 +66,9 @@ def test_cut_coordinator_standby_then_heal_loses_nothing_and_forks_nothing(tmp_p
             sw.start("a", "de", "--config", str(cfg))
             sw.start("b", "fr")
             sw.start("c", "en")
-            sw.wait_until(lambda: len(sw.all_events("commit")) >= 10 and chaos._roles_now(sw, 3 * LEASE)[1], 240,
+            sw.wait_until(lambda: len(sw.all_events("commit")) >= 10 and chaos.roles_now(sw, 3 * LEASE)[1], 240,
                           "10 commits and a standby")
-            coordinator, standby, _ = chaos._roles_now(sw, 3 * LEASE)
+            coordinator, standby, _ = chaos.roles_now(sw, 3 * LEASE)
             assert coordinator and standby
             cut_at = time.time()
             net.cut(coordinator, standby)
@@ -77,11 +77,11 @@ def test_cut_coordinator_standby_then_heal_loses_nothing_and_forks_nothing(tmp_p
             healed_at = time.time()
             sw.wait_until(lambda: len([e for e in sw.all_events("commit") if e["time"] > healed_at + 2 * LEASE]) >= 5, 120,
                           "commits after the heal")
-            stop_at, last = time.time(), chaos._roles_now(sw, 3 * LEASE)[0]
+            stop_at, last = time.time(), chaos.roles_now(sw, 3 * LEASE)[0]
             for name in sorted(sw.procs, key=lambda n: n == last):
                 sw.stop(name)  # the coordinator last: its checkpoint is the final state
             events = sorted((e for n in sw.procs for e in sw.events(n)), key=lambda e: e["time"])
-            history = chaos.check_history(events, chaos._newest_checkpoint(sw))
+            history = chaos.check_history(events, chaos.newest_checkpoint(sw))
             assert history["acks"] > 10
             assert history["acked_but_lost"] == 0, history["lost_examples"]
             assert history["forks"] == [] and history["gaps"] == [] and history["submissions_committed_twice"] == 0
@@ -89,6 +89,6 @@ def test_cut_coordinator_standby_then_heal_loses_nothing_and_forks_nothing(tmp_p
             settled = [e for e in events if e["event"] == "commit" and healed_at + 2 * LEASE < e["time"] < stop_at]
             assert settled and len({e["term"] for e in settled}) == 1, "more than one lineage after the heal"
             takeovers = chaos.classify_takeovers(events, [], LEASE, until=stop_at)
-            print("takeovers", takeovers, "stall", chaos.longest_stall(chaos._commit_times(events), cut_at, healed_at))
+            print("takeovers", takeovers, "stall", chaos.longest_stall(chaos.commit_times(events), cut_at, healed_at))
         finally:
             sw.close()
