@@ -1,6 +1,6 @@
 """The protocol: what a peer does in a run, above the transport of ``swarm/``.
 
-``lease``: term state and THE lease-belief rule (pure functions), used by the peer, the monitor,
+``lease``: THE lease-belief rule (pure functions), used by the peer, the monitor,
 the testnet evaluator and scripts alike, so that no two readers can believe different
 coordinators. ``peer.py`` builds the objects below and wires them; nothing here imports it.
 
@@ -24,11 +24,16 @@ Owners (and, where the code does not follow the rule yet, who else writes):
   work in executor jobs the lock holder awaits. Others: ``activate`` sets its term (see below);
   ``Checkpoints.restore`` loads a checkpoint on the training thread before the maintenance thread
   starts. Readers copy under the lock (``StateServer``, the checkpoint snapshot).
-- ``CoordinatorService`` (coordinator.py): the event loop (submit, replicate, handover, recruit,
-  ``hand_over``, the sync barrier). Others: ``activate`` from the training thread (founding,
-  ``--resume``) and the maintenance thread (a standby's takeover in ``Election.watch``, which also
-  sets ``standbys``); ``others_alive`` and ``participants`` from the maintenance thread;
-  ``renewed`` from the lease thread; ``step_down`` from whichever thread reads the lease.
+- ``CoordinatorService`` (coordinator.py) and its parts ``TermState`` (term.py), ``Replication``
+  (replication.py), ``StandbyService`` (standby.py) and ``SyncBarrier`` (barrier.py): the event
+  loop (submit, replicate, handover, recruit, ``hand_over``, the barrier). Others: ``activate``
+  from the training thread (founding, ``--resume``) and the maintenance thread (a standby's
+  takeover in ``Election.watch``, which also sets ``Replication.standbys``);
+  ``Replication.others_alive`` and ``SyncBarrier.participants`` from the maintenance thread;
+  ``TermState.renewed`` from the lease thread; ``TermState.note_term``/``step_down`` from
+  whichever thread reads the lease.
+- ``CommitLog`` (commit_log.py, part of ``CommitState``): appended on the event loop under the
+  commit lock; the maintenance thread reads a copy (``up_to``) to publish it.
 - ``Election`` (election.py): ``lease`` and ``run_tokens`` under its lease lock by any thread that
   reads the lease (``refresh``; ``publish`` and ``Peer._submit`` write them without it). ``role``:
   the maintenance thread (``watch``; holding the coordinator role), and also the training thread
@@ -49,10 +54,10 @@ Hand-offs between threads:
 
 - ``InFlight`` (rounds.py): the submit thread hands the θ a submission ends with to the training
   thread, which folds it in at a step boundary;
-- ``CoordinatorService.snapshot``: (term, version, digest, tokens) of the last replicated commit,
+- ``Replication.snapshot``: (term, version, digest, tokens) of the last replicated commit,
   one tuple written under the commit lock and read by the lease thread without it, so a renewal
   never waits for a commit; ``lease_until`` / ``lease_valid()`` the other way: commits are
-  acknowledged only while the lease the lease thread renewed surely holds;
+  acknowledged only while the lease the lease thread renewed surely holds (``TermState``);
 - ``SwarmNode.run(coroutine)``: another thread's way to act on state the event loop owns
   (recruiting a standby, the sync barrier, the checkpoint snapshot under the lock, ``hand_over``);
 - ``Election.lease``: the lease believed, read by the submit client and the handlers;
