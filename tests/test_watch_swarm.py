@@ -89,7 +89,7 @@ def dashboard(swarm, tmp_path_factory):
 
 def test_swarm_json_has_the_monitor_keys_the_history_and_every_peer(swarm, dashboard):
     state = get_json(dashboard + "api/swarm.json")
-    assert {"coordinator", "peers", "credit", "validation", "history", "run"} == set(state)
+    assert {"coordinator", "peers", "credit", "validation", "commit_log", "history", "run"} == set(state)
     assert tuple(state["coordinator"]) == COORDINATOR_KEYS
     rows = {p["name"]: p for p in state["peers"]}
     assert set(rows) == set(REGIONS)
@@ -98,6 +98,9 @@ def test_swarm_json_has_the_monitor_keys_the_history_and_every_peer(swarm, dashb
     assert all(p["alive"] and p["tokens"] > 0 and p["inner_steps"] == 10 and p["reachability"] == "direct"
                for p in rows.values())
     assert state["coordinator"]["peer_id"] in {p["peer_id"] for p in rows.values()}
+    # the coordinator's published commit log, checked by the dashboard's monitor: one chain, no fork
+    log = state["commit_log"]
+    assert log is not None and log["ok"] and log["forks"] == [] and log["last"] >= log["first"] >= 1, log
     assert state["run"]["run_id"] == swarm.run_id and state["run"]["genesis"]["run_id"] == swarm.run_id
     h = state["history"]
     n = len(h["time"])

@@ -45,8 +45,8 @@ class SyncBarrier:
             if sub.base_version != st.version:
                 return c.reject(peer, "too_stale", f"a synchronous round starts from the current version "
                                                    f"{st.version}, not {sub.base_version}; download the state")
-            try:
-                norm = st.check(delta, sub.base_version, c.limits)
+            try:  # off the event loop: the check reads every tensor
+                norm = await loop.run_in_executor(None, st.check, delta, sub.base_version, c.limits)
             except Rejection as exc:
                 return c.reject(peer, exc.code, str(exc), exc.detail)
             future = loop.create_future()
