@@ -10,8 +10,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from heloco_p2p.algorithms import ALGORITHMS, AlgorithmPreset
-from heloco_p2p.outer import registry
 from heloco_p2p.config import ConfigError, RunConfig, _format_errors, load_config, resolve_config_path
+from heloco_p2p.outer import registry
 
 # Relative step times (1 = the fastest worker) for 4 workers. moderate follows the Async
 # Local-SGD study (Liu et al. 2024); severe is one fast worker and three 15x slower ones.

@@ -139,8 +139,9 @@ def make_spec(cfg: SimConfig, algorithm: str, heterogeneity: str, data: str, see
     n_params = None
     comm = [0.0] * len(cfg.regions)
     if cfg.bandwidth:
-        from heloco_p2p.local import build_model, count_params
         import torch
+
+        from heloco_p2p.local import build_model, count_params
 
         with torch.device("meta"):
             n_params = count_params(build_model(run_cfg.model))
@@ -180,7 +181,14 @@ class _Pool:
     def __init__(self, cfg: SimConfig, total: int, progress: bool, log: RunLog):
         import sys
 
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.cfg = cfg
         self.progress = Progress(TextColumn("[bold]simulate"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"),
