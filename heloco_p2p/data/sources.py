@@ -250,7 +250,7 @@ class HFSource(Source):
         self._splits: list[str] | None = None
 
     def _load(self):
-        from datasets import load_dataset
+        from datasets import load_dataset  # heavy import, only for sources that need it
 
         try:
             return load_dataset(self.dataset, self.config, streaming=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from heloco_p2p.config import RunConfig, config_from_dict
 from heloco_p2p.data import TokenBlocks, load_tokenizer, open_source, tokenizer_digest, validation_blocks
@@ -113,8 +114,6 @@ class SoloRun:
         """Train until the global step reaches ``max_steps``; validate every ``eval_every`` steps,
         checkpoint at each validation and at the end, then save the model. Returns the final
         validation losses (own region, plus ``final_regions``)."""
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
         start_step = self.trainer.step
         if start_step >= max_steps:
             logger.info("already at step %d >= --max-steps %d; nothing to train", start_step, max_steps)

@@ -35,6 +35,8 @@ This module imports only the standard library: the reaper runs it as a script
 """
 from __future__ import annotations
 
+import argparse
+import ctypes
 import logging
 import os
 import select
@@ -249,8 +251,6 @@ def stop_reaper(reaper: subprocess.Popen, timeout: float = 5.0) -> None:
 
 
 def _set_pdeathsig(sig: int) -> None:
-    import ctypes
-
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
@@ -264,8 +264,6 @@ def _say(message: str) -> None:
 
 
 def _reaper_main(argv: list[str]) -> int:
-    import argparse
-
     ap = argparse.ArgumentParser(description="stop PIDS when the parent process dies")
     ap.add_argument("--parent", type=int, required=True)
     ap.add_argument("--grace", type=float, default=2.0)

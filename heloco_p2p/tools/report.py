@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -19,8 +20,6 @@ def replace_section(md: str, heading: str, body: str) -> str:
     """``md`` with the section under ``heading`` (up to the next heading of the same or a higher
     level) replaced by ``body``; the section is appended if missing. Benchmarks use it to keep
     docs/results.md current without touching the sections around theirs."""
-    import re
-
     if heading not in md:
         return md.rstrip() + f"\n\n{heading}\n\n{body.rstrip()}\n"
     level = len(heading) - len(heading.lstrip("#"))
