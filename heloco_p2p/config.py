@@ -225,7 +225,8 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _format_errors(source: str, err: ValidationError) -> str:
+def format_errors(source: str, err: ValidationError) -> str:
+    """pydantic's errors as ConfigError text: ``source``, then one line per bad key and what is allowed."""
     lines = [f"{source}: invalid configuration"]
     for e in err.errors():
         key = ".".join(str(x) for x in e["loc"]) or "(top level)"
@@ -248,7 +249,7 @@ def config_from_dict(tree: dict, source: str = "<dict>") -> RunConfig:
     try:
         cfg = RunConfig.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_format_errors(source, err)) from None
+        raise ConfigError(format_errors(source, err)) from None
     _check_outer_names(cfg, source)
     return cfg
 

@@ -10,7 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from heloco_p2p.algorithms import ALGORITHMS, AlgorithmPreset
-from heloco_p2p.config import ConfigError, RunConfig, _format_errors, load_config, resolve_config_path
+from heloco_p2p.config import ConfigError, RunConfig, format_errors, load_config, resolve_config_path
 from heloco_p2p.outer import registry
 
 # Relative step times (1 = the fastest worker) for 4 workers. moderate follows the Async
@@ -160,6 +160,6 @@ def load_sim_config(path: str | Path) -> SimConfig:
     try:
         cfg = SimConfig.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_format_errors(str(p), err)) from None
+        raise ConfigError(format_errors(str(p), err)) from None
     cfg.run_config()  # the base config and its overrides must be valid too
     return cfg

@@ -126,7 +126,8 @@ class RunLog:
             os.fsync(f.fileno())
 
 
-def _run_spec_job(args) -> dict:
+def run_spec_job(args) -> dict:
+    """One run in a worker process: ``(cfg, spec)`` -> ``{"result": SimResult, "seconds": wall time}``."""
     cfg, spec = args
     t0 = time.perf_counter()
     res = run_spec(cfg, spec)
@@ -212,9 +213,9 @@ class _Pool:
         if self.executor is None:
             _init_process(self.cfg.threads_per_process)
             for i in missing:
-                outs[i] = self._done(_run_spec_job((self.cfg, specs[i])))
+                outs[i] = self._done(run_spec_job((self.cfg, specs[i])))
             return outs
-        futures = {self.executor.submit(_run_spec_job, (self.cfg, specs[i])): i for i in missing}
+        futures = {self.executor.submit(run_spec_job, (self.cfg, specs[i])): i for i in missing}
         for f in as_completed(futures):  # logged as they finish, not in submission order
             outs[futures[f]] = self._done(f.result())
         return outs

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.live import Live
 
 from heloco_p2p.checkpoint import load_checkpoint, read_header
-from heloco_p2p.config import ConfigError, _format_errors, load_config
+from heloco_p2p.config import ConfigError, format_errors, load_config
 from heloco_p2p.data import load_tokenizer
 from heloco_p2p.fsutil import atomic_write_json
 from heloco_p2p.local import build_model
@@ -67,7 +67,7 @@ def load_profiles(pattern: str) -> list[PeerProfile]:
         try:
             profiles.append(PeerProfile.model_validate(yaml.safe_load(Path(f).read_text()) or {}))
         except ValidationError as err:
-            raise ConfigError(_format_errors(f, err)) from None
+            raise ConfigError(format_errors(f, err)) from None
     names = [p.name for p in profiles]
     if len(set(names)) != len(names):
         raise ConfigError(f"{pattern}: peer names must be unique, got {names}")
