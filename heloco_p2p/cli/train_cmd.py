@@ -7,10 +7,9 @@ from pathlib import Path
 
 import click
 import torch
-import yaml
 
 from heloco_p2p.cli import log_level_option
-from heloco_p2p.config import ConfigError, load_config
+from heloco_p2p.config import ConfigError, load_config, read_yaml
 from heloco_p2p.data import builtin_regions, load_tokenizer, open_source, validation_blocks
 
 
@@ -86,7 +85,7 @@ def eval_cmd(model_dir, regions, seq_len, val_blocks, as_json, threads):
     set_threads(threads)
     model_dir = Path(model_dir)
     meta_path = model_dir / "run_config.yaml"
-    data_cfg = yaml.safe_load(meta_path.read_text())["config"]["data"] if meta_path.exists() else {}
+    data_cfg = read_yaml(meta_path)["config"]["data"] if meta_path.exists() else {}
     seq_len = seq_len or data_cfg.get("seq_len", 128)
     val_blocks = val_blocks or data_cfg.get("val_blocks", 32)
     specs = data_cfg.get("regions", {})

@@ -31,7 +31,7 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from heloco_p2p.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, TOKENIZER_FILE, CheckpointError, load_checkpoint
-from heloco_p2p.config import ConfigError, config_from_dict
+from heloco_p2p.config import ConfigError, config_from_dict, read_yaml
 from heloco_p2p.data import load_tokenizer, tokenizer_digest
 from heloco_p2p.local import build_model, count_params, param_names, trainable_params
 
@@ -77,8 +77,8 @@ def read_checkpoint(ckpt_dir: str | os.PathLike) -> Checkpoint:
     beside = d / CONFIG_FILE
     if beside.is_file():
         try:
-            other = config_from_dict(yaml.safe_load(beside.read_text()), source=str(beside)).digest()
-        except (ConfigError, yaml.YAMLError) as exc:
+            other = config_from_dict(read_yaml(beside), source=str(beside)).digest()
+        except ConfigError as exc:
             raise ExportError(f"{beside}: {exc}") from None
         if other != saved.config_digest:
             raise ExportError(f"{path}: checkpoint was written for another config (its config digest "

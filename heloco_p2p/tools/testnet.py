@@ -15,19 +15,17 @@ import glob
 import json
 import logging
 import shutil
-import signal
 import statistics
 import time
 import uuid
 from pathlib import Path
 
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.live import Live
 
 from heloco_p2p.checkpoint import load_checkpoint, read_header
-from heloco_p2p.config import ConfigError, format_errors, load_config
+from heloco_p2p.config import ConfigError, format_errors, load_config, read_yaml
 from heloco_p2p.data import load_tokenizer
 from heloco_p2p.fsutil import atomic_write_json
 from heloco_p2p.local import build_model
@@ -65,7 +63,7 @@ def load_profiles(pattern: str) -> list[PeerProfile]:
     profiles = []
     for f in files:
         try:
-            profiles.append(PeerProfile.model_validate(yaml.safe_load(Path(f).read_text()) or {}))
+            profiles.append(PeerProfile.model_validate(read_yaml(f)))
         except ValidationError as err:
             raise ConfigError(format_errors(f, err)) from None
     names = [p.name for p in profiles]
@@ -225,20 +223,9 @@ def _fetch_and_evaluate(client, evaluator, lease) -> dict | None:
 def _stop_all(sw: LocalSwarm) -> None:
     """Training peers first, then the coordinator, so that its last checkpoint is the final state."""
     coordinator = _coordinator_now(sw)
-    others = [n for n, p in sw.procs.items() if p.poll() is None and n != coordinator]
-    for n in others:
-        sw.procs[n].send_signal(signal.SIGTERM)
-    for n in others:
-        try:
-            sw.procs[n].wait(60)
-        except Exception:
-            pass
-    if coordinator and sw.procs[coordinator].poll() is None:
-        sw.procs[coordinator].send_signal(signal.SIGTERM)
-        try:
-            sw.procs[coordinator].wait(60)
-        except Exception:
-            pass
+    sw.terminate([n for n in sw.procs if n != coordinator], 60)
+    if coordinator:
+        sw.terminate([coordinator], 60)
     sw.close()  # SIGKILLs any group still there
 
 
