@@ -127,9 +127,8 @@ def load_tokenizer(name_or_path: str | Path = "builtin", vocab_size: int = DEFAU
     The tokenizer adds no special tokens on its own; bos = eos = ``<|endoftext|>`` and pad is
     ``<|pad|>`` (eos where the file has no pad token).
     """
-    from transformers import (
-        PreTrainedTokenizerFast,  # ~0.5 s to import: only where a tokenizer is loaded, not for data/
-    )
+    # transformers takes ~0.5 s to import: only where a tokenizer is loaded, not with data/ (the CLI imports it)
+    from transformers import PreTrainedTokenizerFast
 
     if str(name_or_path) == "builtin":
         path = builtin_tokenizer_path(vocab_size, chars_per_language)
