@@ -43,7 +43,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
+from heloco_p2p.config import ConfigError, config_from_dict
+from heloco_p2p.data import load_tokenizer, tokenizer_digest
 from heloco_p2p.fsutil import atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -122,10 +125,6 @@ class SavedCheckpoint:
     def config(self):
         """The run's RunConfig: the embedded YAML (a checkpoint from before configs were embedded:
         config.yaml beside it), checked against the checkpoint's config digest."""
-        import yaml
-
-        from heloco_p2p.config import ConfigError, config_from_dict
-
         source = f"{self.path} (embedded config)" if self.config_yaml else str(self.path.parent / CONFIG_FILE)
         try:
             text = self.config_yaml or (self.path.parent / CONFIG_FILE).read_text(encoding="utf-8")
@@ -139,8 +138,6 @@ class SavedCheckpoint:
 
     def tokenizer(self):
         """The run's tokenizer: the embedded tokenizer.json (or the file beside it), digest checked."""
-        from heloco_p2p.data import load_tokenizer, tokenizer_digest
-
         try:
             if self.tokenizer_json:
                 with tempfile.TemporaryDirectory(prefix="heloco-ckpt-tok-") as d:

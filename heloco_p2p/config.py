@@ -225,7 +225,8 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _format_errors(source: str, err: ValidationError) -> str:
+def format_errors(source: str, err: ValidationError) -> str:
+    """pydantic's errors as ConfigError text: ``source``, then one line per bad key and what is allowed."""
     lines = [f"{source}: invalid configuration"]
     for e in err.errors():
         key = ".".join(str(x) for x in e["loc"]) or "(top level)"
@@ -248,7 +249,7 @@ def config_from_dict(tree: dict, source: str = "<dict>") -> RunConfig:
     try:
         cfg = RunConfig.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_format_errors(source, err)) from None
+        raise ConfigError(format_errors(source, err)) from None
     _check_outer_names(cfg, source)
     return cfg
 
@@ -278,13 +279,19 @@ def _check_outer_names(cfg: RunConfig, source: str) -> None:
         raise ConfigError(f"{source}: outer.{exc}") from None
 
 
+def read_yaml(path: str | Path) -> Any:
+    """The YAML document in a file ({} for an empty one); ConfigError naming the file when it is not
+    valid YAML. Every config-like file (run and simulator configs, peer profiles, run metadata) is read here."""
+    try:
+        return yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Load and validate a YAML run config (see module docstring)."""
     p = resolve_config_path(path)
-    try:
-        tree = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    tree = read_yaml(p)
     for key, value in (overrides or {}).items():
         _set_dotted(tree, key, value)
     return config_from_dict(tree, source=str(p))

@@ -36,7 +36,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -55,6 +54,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import bench_outer  # noqa: E402
 import bench_wire  # noqa: E402
 
+from heloco_p2p.config import read_yaml  # noqa: E402
+from heloco_p2p.swarm.lifetime import all_proc_stats, kill_group, proc_stat  # noqa: E402
 from heloco_p2p.tools.launcher import LocalSwarm  # noqa: E402
 from heloco_p2p.tools.report import replace_section  # noqa: E402
 
@@ -69,7 +70,7 @@ def _med(xs):
 
 def _write_config(path: Path, base: str, update: dict) -> Path:
     """A run config from configs/<base>.yaml with sections updated (``{"inner": {"steps_per_round": 2}}``)."""
-    tree = yaml.safe_load((ROOT / "configs" / f"{base}.yaml").read_text())
+    tree = read_yaml(ROOT / "configs" / f"{base}.yaml")
     for section, values in update.items():
         tree.setdefault(section, {}).update(values)
     path.write_text(yaml.safe_dump(tree))
@@ -78,10 +79,8 @@ def _write_config(path: Path, base: str, update: dict) -> Path:
 
 def group_cpu_seconds(pgid: int) -> float:
     """CPU seconds (user + system) of every live process in a process group."""
-    from heloco_p2p.tools.launcher import proc_stats
-
     tick = os.sysconf("SC_CLK_TCK")
-    return sum((int(f[11]) + int(f[12])) / tick for _pid, _name, f in proc_stats() if int(f[2]) == pgid)
+    return sum((st.utime + st.stime) / tick for st in all_proc_stats().values() if st.pgrp == pgid)
 
 
 def peer_cpu_parts(pgid: int) -> dict:
@@ -89,24 +88,19 @@ def peer_cpu_parts(pgid: int) -> dict:
     (event loop, commits, maintenance, submissions), and its child processes (DHT, p2pd)."""
     tick = os.sysconf("SC_CLK_TCK")
     parts = {"training_thread": 0.0, "other_threads": 0.0, "children": 0.0}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
+    for pid, st in all_proc_stats().items():
+        if st.pgrp != pgid:
             continue
         try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            if int(stat[stat.rindex(")") + 2:].split()[2]) != pgid:
-                continue
-            tids = os.listdir(f"/proc/{pid}/task")
+            tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
         except OSError:
             continue
         for tid in tids:
-            try:
-                t = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-            except OSError:
+            t = proc_stat(pid, tid)
+            if t is None:
                 continue
-            f = t[t.rindex(")") + 2:].split()
-            key = "children" if int(pid) != pgid else ("training_thread" if tid == pid else "other_threads")
-            parts[key] += (int(f[11]) + int(f[12])) / tick
+            key = "children" if pid != pgid else ("training_thread" if tid == pid else "other_threads")
+            parts[key] += (t.utime + t.stime) / tick
     return parts
 
 
@@ -214,10 +208,7 @@ def solo_tokens_per_second(config: Path, regions: list[str], seconds: float, wor
         return out
     finally:
         for p, _ in procs.values():
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            kill_group(p.pid)
             p.wait(30)
 
 

@@ -40,7 +40,7 @@ def timings(vocab_size: int) -> None:
             validation_blocks(src, tok, 128, 32)
         print(f"- tokenize {len(builtin_regions())} default translations, train + validation "
               f"(cold): {time.perf_counter() - t:.1f} s")
-        blocksmod._open_cached.cache_clear()
+        blocksmod.open_cached.cache_clear()
         t = time.perf_counter()
         streams = [TokenBlocks(open_source(r), tok, seq_len=128) for r in builtin_regions()]
         for r in builtin_regions():

@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from heloco_p2p.swarm.lifetime import all_proc_stats  # noqa: E402
 from heloco_p2p.tools.launcher import LocalSwarm, write_test_config  # noqa: E402
 from heloco_p2p.tools.monitor import live_coordinator  # noqa: E402
 from heloco_p2p.tools.report import replace_section  # noqa: E402
@@ -60,9 +61,7 @@ def rss_mib(pid: int) -> float:
 
 
 def children(pid: int) -> dict[int, str]:
-    from heloco_p2p.tools.launcher import proc_stats
-
-    return {child: name for child, name, f in proc_stats() if int(f[1]) == pid}
+    return {child: st.name for child, st in all_proc_stats().items() if st.ppid == pid}
 
 
 class Sampler(threading.Thread):

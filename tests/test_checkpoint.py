@@ -5,7 +5,6 @@ naming the file; a writer SIGKILLed in the middle of a write leaves the previous
 loadable and bitwise equal; ``heloco-peer join --resume`` restarts a stopped run at the
 checkpoint's version with the checkpoint's θ.
 """
-import os
 import random
 import signal
 import subprocess
@@ -32,6 +31,7 @@ from heloco_p2p.checkpoint import (
 )
 from heloco_p2p.outer import build_engine
 from heloco_p2p.roles.commit_state import CommitState, params_digest
+from heloco_p2p.swarm.lifetime import kill_group
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -263,11 +263,11 @@ def test_a_writer_killed_mid_write_leaves_the_previous_checkpoint_intact(tmp_pat
             assert child.poll() is None, child.stderr.read().decode()[-3000:]
             assert time.time() < deadline, "the writer never reached the middle of its second write"
             time.sleep(0.1)
-        os.killpg(child.pid, signal.SIGKILL)
+        kill_group(child.pid)
         child.wait(10)
     finally:
         if child.poll() is None:
-            os.killpg(child.pid, signal.SIGKILL)
+            kill_group(child.pid)
             child.wait(10)
     assert child.returncode == -signal.SIGKILL
     leftovers = list((tmp_path / "ckpt").glob(".coordinator.pt.*.tmp"))

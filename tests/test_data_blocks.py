@@ -40,8 +40,8 @@ def test_a_cached_token_array_is_reused_not_retokenized(tokenizer, isolated_cach
     first = np.asarray(token_array(src, tokenizer, "validation")).copy()
     files = list((isolated_cache / "tokens").glob("*.npy"))
     assert len(files) == 1 and np.array_equal(np.load(files[0]), first)
-    blocksmod._open_cached.cache_clear()  # as a new process would
-    monkeypatch.setattr(blocksmod, "_encode", lambda *a: pytest.fail("re-tokenized a cached split"))
+    blocksmod.open_cached.cache_clear()  # as a new process would
+    monkeypatch.setattr(blocksmod, "encode_split", lambda *a: pytest.fail("re-tokenized a cached split"))
     assert np.array_equal(token_array(open_source("it"), tokenizer, "validation"), first)
 
 

@@ -11,7 +11,8 @@ from heloco_p2p.algorithms import ALGORITHMS
 from heloco_p2p.outer import build_engine
 from heloco_p2p.sim import SimSpec, Simulation
 
-from fakes import synthetic_streams as streams, synthetic_val_blocks as val_blocks
+from fakes import synthetic_streams as streams
+from fakes import synthetic_val_blocks as val_blocks
 
 
 def one(x: float) -> list[torch.Tensor]:

@@ -4,8 +4,6 @@ The snapshot is a pure function of records (tested on hand-made ones); one real 
 checks that the command finds both peers and the coordinator through one address.
 """
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from heloco_p2p.cli import main
+from heloco_p2p.swarm.lifetime import kill_group
 from heloco_p2p.swarm.records import LeaseRecord, PeerRecord
 from heloco_p2p.tools.launcher import ROOT, LocalSwarm, write_test_config
 from heloco_p2p.tools.monitor import (
@@ -214,10 +213,7 @@ def run_monitor(tmp_path, *args: str, timeout: float = 90) -> tuple[int, str, st
         try:
             code = proc.wait(timeout)
         finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # whatever it left (nothing, normally)
-            except ProcessLookupError:
-                pass
+            kill_group(proc.pid)  # whatever it left (nothing, normally)
     return code, out.read_text(), err.read_text()
 
 

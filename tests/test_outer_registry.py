@@ -100,7 +100,7 @@ def test_adding_a_correction_is_adding_one_decorated_class():
         engine.commit([torch.ones(2, dtype=torch.float64)], 0)
         assert engine.commit([-torch.ones(2, dtype=torch.float64)], 1).branches == ["halve"]
     finally:
-        registry._REGISTRY["correction"].pop("test_halve_opposed", None)
+        registry.unregister("correction", "test_halve_opposed")
 
 
 def test_registering_a_taken_name_with_another_class_fails():

@@ -12,15 +12,16 @@ from click.testing import CliRunner
 from heloco_p2p.algorithms import ALGORITHMS, build_dylu, build_outer_engine, resolve_outer
 from heloco_p2p.cli import main
 from heloco_p2p.config import ConfigError, load_config
-from heloco_p2p.roles.commit_state import CommitState
 from heloco_p2p.data import books_shard, open_source
 from heloco_p2p.local import InnerTrainer, build_model
 from heloco_p2p.local.inner import lr_at
 from heloco_p2p.local.model import param_names, trainable_params
 from heloco_p2p.outer import Block, build_engine, registry
+from heloco_p2p.roles.commit_state import CommitState
 from heloco_p2p.sim import SimSpec, Simulation, load_sim_config, make_spec
 
-from fakes import SEQ, synthetic_streams, synthetic_val_blocks as val_blocks
+from fakes import SEQ, synthetic_streams
+from fakes import synthetic_val_blocks as val_blocks
 
 
 def one(x: float) -> list[torch.Tensor]:

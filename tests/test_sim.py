@@ -165,8 +165,8 @@ def test_runs_are_logged_as_they_finish_and_resume_reuses_them(tmp_path, monkeyp
     path = tmp_path / "sim.yaml"
     path.write_text(yaml.safe_dump(sim_cfg))
     ran = []
-    real = runner._run_spec_job
-    monkeypatch.setattr(runner, "_run_spec_job", lambda job: ran.append(job[1].run_id) or real(job))
+    real = runner.run_spec_job
+    monkeypatch.setattr(runner, "run_spec_job", lambda job: ran.append(job[1].run_id) or real(job))
     out = tmp_path / "out"
     first = run_config(load_sim_config(path), out, progress=False)
     assert len(ran) == 2

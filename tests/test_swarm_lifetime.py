@@ -91,8 +91,8 @@ def wait_gone(pids, timeout: float) -> list[int]:
 
 
 def cpu_ticks(pid: int) -> int:
-    fields = Path(f"/proc/{pid}/stat").read_bytes().rpartition(b")")[2].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime
+    st = lifetime.proc_stat(pid)
+    return st.utime + st.stime
 
 
 def cleanup(proc: subprocess.Popen) -> None:
@@ -157,7 +157,7 @@ def test_reaper_waits_without_cpu_and_stop_reaper_leaves_children_running():
         before = cpu_ticks(reaper.pid)
         time.sleep(1.0)
         assert cpu_ticks(reaper.pid) == before
-        assert lifetime.proc_stat(reaper.pid)[0] == "S"
+        assert lifetime.proc_stat(reaper.pid).state == "S"
 
         stop_reaper(reaper)
         assert reaper.returncode == 0
@@ -232,7 +232,7 @@ def test_terminate_group_refuses_our_own_group_and_init():
 
 
 def test_is_alive_tells_a_recycled_pid_from_the_original():
-    start = lifetime.proc_stat(os.getpid())[3]
+    start = lifetime.proc_stat(os.getpid()).start_time
     assert is_alive(os.getpid()) and is_alive(os.getpid(), start)
     assert not is_alive(os.getpid(), start + 1)
     assert not is_alive(999999999)

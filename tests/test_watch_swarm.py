@@ -3,10 +3,8 @@ as its own process fetched over HTTP (JSON, Prometheus text parsed by prometheus
 rendered by headless Chromium), and ``doctor`` run against the live swarm. One swarm for all.
 """
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +16,7 @@ from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
 from heloco_p2p.cli import main
+from heloco_p2p.swarm.lifetime import kill_group, terminate_group
 from heloco_p2p.tools.launcher import ROOT, LocalSwarm, write_test_config
 from heloco_p2p.tools.monitor import COORDINATOR_KEYS, PEER_KEYS
 
@@ -80,11 +79,8 @@ def dashboard(swarm, tmp_path_factory):
             pytest.fail(f"the dashboard never showed the swarm: {state}")
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        terminate_group(proc.pid, grace=15)
+        proc.wait(5)
 
 
 def test_swarm_json_has_the_monitor_keys_the_history_and_every_peer(swarm, dashboard):
@@ -161,10 +157,7 @@ def run_doctor(tmp_path, *args: str, timeout: float = 120) -> tuple[int, dict]:
         try:
             code = proc.wait(timeout)
         finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # whatever it left (nothing, normally)
-            except ProcessLookupError:
-                pass
+            kill_group(proc.pid)  # whatever it left (nothing, normally)
     return code, json.loads(out.read_text().strip().splitlines()[-1])
 
 

@@ -43,6 +43,7 @@ def main() -> None:
 
 
 def _register() -> None:
+    # a real cycle: every subcommand module imports log_level_option from this one, defined above
     from heloco_p2p.cli import (
         algorithms_cmd,
         dashboard_cmd,

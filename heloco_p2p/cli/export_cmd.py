@@ -9,6 +9,7 @@ from heloco_p2p.cli.train_cmd import fail, set_threads
 
 def _quiet_transformers() -> None:
     """No progress bars for loading and saving a model of a few MB."""
+    # transformers takes ~2 s to import: here and below only when export or generate runs
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -6,6 +6,7 @@ import sys
 import click
 
 from heloco_p2p.cli import log_level_option
+from heloco_p2p.config import ConfigError
 
 
 @click.command()
@@ -55,8 +56,7 @@ def join(run_id, resume_dir, initial_peers, config_path, region, name, identity,
          checkpoint_dir, max_rounds, max_minutes, threads, speed, batch_size, device, metrics_path, seed, overlap, swarm_key_file,
          genesis_digest, evaluator, eval_every, eval_regions):
     """Join run RUN-ID: fetch its config, tokenizer and state from peers, then train and submit."""
-    from heloco_p2p.config import ConfigError
-    from heloco_p2p.peer import JoinError, Peer, PeerOptions
+    from heloco_p2p.peer import JoinError, Peer, PeerOptions  # loads transformers (~2 s): only for this command
 
     opts = PeerOptions(run_id=run_id, resume=resume_dir, config=config_path, region=region, name=name, identity=identity,
                        initial_peers=list(initial_peers), host_maddrs=list(host_maddrs),

@@ -6,6 +6,7 @@ import sys
 import click
 
 from heloco_p2p.cli import log_level_option
+from heloco_p2p.swarm.auth import SwarmKeyError, generate_key_file
 
 
 @click.command()
@@ -17,8 +18,6 @@ def keygen(path, force):
 
     Give the same file to every peer of the run (`heloco-peer join --swarm-key-file PATH`) over
     a channel you trust, and to no one else: whoever holds it can take part in the run."""
-    from heloco_p2p.swarm.auth import SwarmKeyError, generate_key_file
-
     try:
         key = generate_key_file(path, overwrite=force)
     except (SwarmKeyError, OSError) as exc:

@@ -7,11 +7,16 @@ import logging
 import time
 
 import click
+from rich.console import Console
+from rich.live import Live
 
 from heloco_p2p.cli import log_level_option
 from heloco_p2p.cli.train_cmd import fail
 from heloco_p2p.roles import lease as lease_rules
-from heloco_p2p.swarm.node import start_error_message
+from heloco_p2p.swarm.lifetime import guard_children, stop_reaper
+from heloco_p2p.swarm.node import SwarmNode, start_error_message
+from heloco_p2p.swarm.records import PROTOCOL_VERSION
+from heloco_p2p.tools.monitor import Monitor, render, wait_for_genesis
 
 
 def reader_options(what: str):
@@ -60,8 +65,6 @@ def monitor(run_id, initial_peers, once, as_json, interval, silent_after, lease_
     peer's RPC, so watching never disturbs training. A peer that left shows as left (or, once
     its record expired, silent). Ctrl+C stops it.
     """
-    from heloco_p2p.tools.monitor import Monitor
-
     # hivemind's INFO lines would scroll through the live table
     logging.getLogger("hivemind").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
@@ -85,11 +88,6 @@ def observe_run(run_id: str, initial_peers, host_maddrs, timeout: float, what: s
     """A read-only DHT client of run ``run_id`` (client mode: it serves nothing and writes no
     record), with its children guarded, and the run's genesis record: ``(node, genesis)``.
     Exits with code 2 and a message saying what to fix when no peer answers or the run is not found."""
-    from heloco_p2p.swarm.lifetime import guard_children, stop_reaper
-    from heloco_p2p.swarm.node import SwarmNode
-    from heloco_p2p.swarm.records import PROTOCOL_VERSION
-    from heloco_p2p.tools.monitor import wait_for_genesis
-
     try:
         node = SwarmNode(run_id, initial_peers=initial_peers, host_maddrs=host_maddrs, client_mode=True,
                          startup_timeout=30.0)
@@ -119,18 +117,10 @@ def _print(snap: dict, as_json: bool, run_id: str, genesis) -> None:
     if as_json:
         click.echo(json.dumps(snap, allow_nan=False), nl=True)
         return
-    from rich.console import Console
-
-    from heloco_p2p.tools.monitor import render
-
     Console().print(render(snap, run_id, time.time(), genesis))
 
 
 def _live(mon, run_id: str, genesis, interval: float) -> None:
-    from rich.live import Live
-
-    from heloco_p2p.tools.monitor import render
-
     snap, note = mon.poll(), ""
     with Live(render(snap, run_id, time.time(), genesis), auto_refresh=False) as live:
         while True:

@@ -7,6 +7,7 @@ import sys
 import click
 
 from heloco_p2p.cli import log_level_option
+from heloco_p2p.config import ConfigError
 
 
 @click.command()
@@ -22,7 +23,7 @@ from heloco_p2p.cli import log_level_option
 def simulate(config_path, out_dir, processes, seeds, no_progress, resume):
     """Run every algorithm × heterogeneity × data × seed of a simulator config; write results.json,
     curves.jsonl, commits.jsonl, results.md and plots into --out."""
-    from heloco_p2p.config import ConfigError
+    # the simulator trains models (transformers, ~2 s to import) and the report plots (matplotlib): only here
     from heloco_p2p.sim import load_sim_config, run_config
     from heloco_p2p.tools.report import write_sim_report
 

@@ -5,8 +5,10 @@ import sys
 from pathlib import Path
 
 import click
+import yaml
 
 from heloco_p2p.cli import log_level_option
+from heloco_p2p.config import ConfigError, load_config
 
 
 @click.command()
@@ -31,10 +33,7 @@ def testnet(peers_glob, config_path, minutes, out_dir, algorithm, run_id, eval_e
     """Run the peer profiles as separate processes for --minutes, then write summary.json,
     metrics.jsonl, report.md with plots and the final checkpoint into --out. While it runs, the
     dashboard (heloco-peer dashboard) serves the swarm and its validation curve; its URL is printed."""
-    import yaml
-
-    from heloco_p2p.config import ConfigError, load_config
-    from heloco_p2p.tools.testnet import load_profiles, run_testnet
+    from heloco_p2p.tools.testnet import load_profiles, run_testnet  # loads transformers (~2 s): only for this command
 
     out = Path(out_dir)
     try:

@@ -6,8 +6,11 @@ import sys
 from pathlib import Path
 
 import click
+import torch
 
 from heloco_p2p.cli import log_level_option
+from heloco_p2p.config import ConfigError, load_config, read_yaml
+from heloco_p2p.data import builtin_regions, load_tokenizer, open_source, validation_blocks
 
 
 def fail(msg: str) -> None:
@@ -17,8 +20,6 @@ def fail(msg: str) -> None:
 
 
 def set_threads(threads: int) -> None:
-    import torch
-
     if threads > 0:
         torch.set_num_threads(threads)
 
@@ -38,9 +39,7 @@ def set_threads(threads: int) -> None:
 @log_level_option
 def train(config_path, region, max_steps, out_dir, resume_dir, eval_every, eval_regions, threads, seed, no_progress):
     """Train one peer alone on its region's data (the no-communication baseline)."""
-    from heloco_p2p.config import ConfigError, load_config
-    from heloco_p2p.data import builtin_regions
-    from heloco_p2p.local.solo import SoloRun
+    from heloco_p2p.local.solo import SoloRun  # loads transformers (~2 s): only for this command
 
     try:
         if resume_dir:
@@ -78,16 +77,15 @@ def train(config_path, region, max_steps, out_dir, resume_dir, eval_every, eval_
 @log_level_option
 def eval_cmd(model_dir, regions, seq_len, val_blocks, as_json, threads):
     """Validation loss of a saved model per language and averaged over languages."""
-    import yaml
+    # transformers (~2 s to import) only for this command
     from transformers import AutoModelForCausalLM
 
-    from heloco_p2p.data import builtin_regions, load_tokenizer, open_source, validation_blocks
     from heloco_p2p.local.evaluate import evaluate_regions
 
     set_threads(threads)
     model_dir = Path(model_dir)
     meta_path = model_dir / "run_config.yaml"
-    data_cfg = yaml.safe_load(meta_path.read_text())["config"]["data"] if meta_path.exists() else {}
+    data_cfg = read_yaml(meta_path)["config"]["data"] if meta_path.exists() else {}
     seq_len = seq_len or data_cfg.get("seq_len", 128)
     val_blocks = val_blocks or data_cfg.get("val_blocks", 32)
     specs = data_cfg.get("regions", {})

@@ -8,7 +8,7 @@ heloco_p2p module).
 
 See docs/data.md for the languages, the held-out books, the spec syntax and the cache.
 """
-from heloco_p2p.data.bible import BibleError, HELD_OUT_BOOKS
+from heloco_p2p.data.bible import HELD_OUT_BOOKS, BibleError
 from heloco_p2p.data.blocks import TokenBlocks, token_array, validation_blocks
 from heloco_p2p.data.cache import cache_dir
 from heloco_p2p.data.sources import (
@@ -18,9 +18,9 @@ from heloco_p2p.data.sources import (
     Source,
     SourceError,
     SourceInfo,
+    books_shard,
     builtin_regions,
     builtin_sources,
-    books_shard,
     open_region,
     open_source,
 )

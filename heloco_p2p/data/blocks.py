@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from heloco_p2p.data.cache import cache_dir, load_array, save_array, settings_key
-from heloco_p2p.data.sources import Source, _check_split
+from heloco_p2p.data.sources import Source, check_split
 from heloco_p2p.data.tokenizer import tokenizer_digest
 
 logger = logging.getLogger(__name__)
@@ -41,11 +41,14 @@ def token_cache_path(source: Source, digest: str, split: str) -> Path:
 
 
 @functools.lru_cache(maxsize=256)
-def _open_cached(path: str) -> np.ndarray:
+def open_cached(path: str) -> np.ndarray:
+    """The token array at ``path``, memory-mapped once per process (``open_cached.cache_clear()``
+    forgets them, as a new process would)."""
     return load_array(Path(path))
 
 
-def _encode(source: Source, tok, split: str) -> np.ndarray:
+def encode_split(source: Source, tok, split: str) -> np.ndarray:
+    """Tokenize every document of ``split``, each followed by eos (no caching: ``token_array`` caches)."""
     eos = tok.eos_token_id
     dtype = np.uint16 if len(tok) <= 2**16 else np.uint32
     backend = tok.backend_tokenizer
@@ -68,15 +71,15 @@ def _encode(source: Source, tok, split: str) -> np.ndarray:
 
 def token_array(source: Source, tok, split: str = "train") -> np.ndarray:
     """All tokens of ``split`` (read-only, memory-mapped), tokenizing and caching on first use."""
-    _check_split(split)
+    check_split(split)
     path = token_cache_path(source, tokenizer_digest(tok), split)
     if not path.exists():
         t0 = time.perf_counter()
-        array = _encode(source, tok, split)
+        array = encode_split(source, tok, split)
         save_array(path, array)
         logger.info("tokenized %s %s: %d tokens in %.1f s -> %s", source.spec, split, len(array),
                     time.perf_counter() - t0, path)
-    return _open_cached(str(path))
+    return open_cached(str(path))
 
 
 class TokenBlocks:

@@ -58,7 +58,8 @@ class SourceInfo:
         return asdict(self)
 
 
-def _check_split(split: str) -> None:
+def check_split(split: str) -> None:
+    """ValueError unless ``split`` is one of SPLITS (train, validation)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
 
@@ -108,7 +109,7 @@ class BibleSource(Source):
         self.train_books = train_books  # None: every train book; else only these (books_shard)
 
     def _chapters(self, split: str) -> list[tuple[int, int, str]]:
-        _check_split(split)
+        check_split(split)
         rows = bible.chapters(self.translation.code)
         if split == "train":
             return [r for r in rows if not bible.is_validation(r[0])
@@ -212,7 +213,7 @@ class FilesSource(Source):
             yield from _stream_texts(builder, list(group), self.text_column)
 
     def documents(self, split: str) -> Iterator[str]:
-        _check_split(split)
+        check_split(split)
         want_val = split == "validation"
         for text in self._all_documents():
             if is_validation_text(text, self.validation_fraction) == want_val:
@@ -250,7 +251,7 @@ class HFSource(Source):
         self._splits: list[str] | None = None
 
     def _load(self):
-        from datasets import load_dataset
+        from datasets import load_dataset  # heavy import, only for sources that need it
 
         try:
             return load_dataset(self.dataset, self.config, streaming=True)
@@ -272,7 +273,7 @@ class HFSource(Source):
             yield text
 
     def documents(self, split: str) -> Iterator[str]:
-        _check_split(split)
+        check_split(split)
         ds = self._load()
         if "train" not in ds:
             raise SourceError(f"{self.spec}: no train split (splits: {list(ds)})")

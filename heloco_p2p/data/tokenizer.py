@@ -22,6 +22,8 @@ import logging
 import time
 from pathlib import Path
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
 from heloco_p2p.data import bible
 from heloco_p2p.data.cache import atomic_write_bytes, cache_dir, settings_key
 
@@ -74,8 +76,6 @@ def build_settings(vocab_size: int, chars_per_language: int) -> dict:
 def build_tokenizer_json(vocab_size: int = DEFAULT_VOCAB_SIZE,
                          chars_per_language: int = DEFAULT_CHARS_PER_LANGUAGE) -> bytes:
     """Train the built-in tokenizer and return its tokenizer.json bytes (no caching)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
     if vocab_size <= 256 + len(SPECIAL_TOKENS):
         raise ValueError(f"vocab_size must exceed the 256 byte tokens and {len(SPECIAL_TOKENS)} specials, got {vocab_size}")
     t0 = time.perf_counter()
@@ -127,7 +127,7 @@ def load_tokenizer(name_or_path: str | Path = "builtin", vocab_size: int = DEFAU
     The tokenizer adds no special tokens on its own; bos = eos = ``<|endoftext|>`` and pad is
     ``<|pad|>`` (eos where the file has no pad token).
     """
-    from tokenizers import Tokenizer
+    # transformers takes ~0.5 s to import: only where a tokenizer is loaded, not with data/ (the CLI imports it)
     from transformers import PreTrainedTokenizerFast
 
     if str(name_or_path) == "builtin":

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 import yaml
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from heloco_p2p.config import RunConfig, config_from_dict
+from heloco_p2p.config import RunConfig, config_from_dict, read_yaml
 from heloco_p2p.data import TokenBlocks, load_tokenizer, open_source, tokenizer_digest, validation_blocks
 from heloco_p2p.fsutil import atomic_torch_save, atomic_write_text
 from heloco_p2p.local.evaluate import evaluate_regions
@@ -68,7 +69,7 @@ class SoloRun:
         meta_path, state_path = out / "run_config.yaml", out / "checkpoint" / "state.pt"
         if not meta_path.exists() or not state_path.exists():
             raise FileNotFoundError(f"{out} is not a resumable run (needs run_config.yaml and checkpoint/state.pt)")
-        meta = yaml.safe_load(meta_path.read_text())
+        meta = read_yaml(meta_path)
         cfg = config_from_dict(meta["config"], source=str(meta_path))
         run = cls(cfg, meta["region"], out, int(meta["seed"]))
         digest = tokenizer_digest(run.tokenizer)
@@ -113,8 +114,6 @@ class SoloRun:
         """Train until the global step reaches ``max_steps``; validate every ``eval_every`` steps,
         checkpoint at each validation and at the end, then save the model. Returns the final
         validation losses (own region, plus ``final_regions``)."""
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
         start_step = self.trainer.step
         if start_step >= max_steps:
             logger.info("already at step %d >= --max-steps %d; nothing to train", start_step, max_steps)

@@ -12,12 +12,11 @@ heloco_smooth, pcgrad, staleness), ``staleness`` (ρ(τ) weights), ``fairness`` 
 cosines), ``engine`` (state, commit, sync_commit, state_dict), ``dylu`` (inner steps per peer),
 ``registry`` (names → classes, argument checks). Imports no other heloco_p2p module.
 """
-from . import registry
-from . import corrections, fairness, optimizers, staleness  # noqa: F401  (importing registers the classes)
+from . import corrections, fairness, optimizers, registry, staleness  # noqa: F401  (importing registers the classes)
 from .corrections import Block, Correction, Decision
 from .dylu import DyLU
-from .fairness import Fairness
 from .engine import CommitInfo, Corrected, OuterEngine, apply_correction, build_engine
+from .fairness import Fairness
 from .optimizers import OuterOptimizer
 from .staleness import StalenessWeight
 

@@ -30,8 +30,8 @@ from torch import Tensor
 
 from . import registry
 from .corrections import Block, Correction, Decision
-from .optimizers import OuterOptimizer, check_optimizer_state
 from .fairness import Fairness
+from .optimizers import OuterOptimizer, check_optimizer_state
 from .staleness import StalenessWeight
 from .stats import BlockStats, block_stats
 

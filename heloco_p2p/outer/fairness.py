@@ -32,6 +32,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
 from .registry import Arg, Registered, register
 
 
@@ -180,8 +182,6 @@ class RegionMemory(Fairness):
 
     def combine(self, worker: str | None, pseudo_grad: list, version: int) -> list:
         """Store the sender's Δ̂ and return G (new tensors); no worker: Δ̂ itself (not stored)."""
-        import torch
-
         if worker is None:
             return pseudo_grad
         w = str(worker)
@@ -202,8 +202,6 @@ class RegionMemory(Fairness):
         return {"slots": {k: [t.clone() for t in v] for k, v in self.slots.items()}, "last": dict(self.last)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        import torch
-
         slots, last = dict(state.get("slots", {})), dict(state.get("last", {}))
         if set(slots) != set(last) or not all(isinstance(v, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in v)
                                               for v in slots.values()):

@@ -121,6 +121,11 @@ def register(kind: str, name: str) -> Callable[[T], T]:
     return decorate
 
 
+def unregister(kind: str, name: str) -> None:
+    """Remove ``name`` from the ``kind`` registry (a class registered for a test or an experiment); absent: no-op."""
+    _kind(kind).pop(name, None)
+
+
 def names(kind: str) -> list[str]:
     """Sorted registered names of ``kind``."""
     return sorted(_kind(kind))

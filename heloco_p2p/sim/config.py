@@ -6,12 +6,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from heloco_p2p.algorithms import ALGORITHMS, AlgorithmPreset
+from heloco_p2p.config import ConfigError, RunConfig, format_errors, load_config, read_yaml, resolve_config_path
 from heloco_p2p.outer import registry
-from heloco_p2p.config import ConfigError, RunConfig, _format_errors, load_config, resolve_config_path
 
 # Relative step times (1 = the fastest worker) for 4 workers. moderate follows the Async
 # Local-SGD study (Liu et al. 2024); severe is one fast worker and three 15x slower ones.
@@ -153,13 +152,10 @@ class SimConfig(_Strict):
 
 def load_sim_config(path: str | Path) -> SimConfig:
     p = resolve_config_path(path)
-    try:
-        tree = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    tree = read_yaml(p)
     try:
         cfg = SimConfig.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_format_errors(str(p), err)) from None
+        raise ConfigError(format_errors(str(p), err)) from None
     cfg.run_config()  # the base config and its overrides must be valid too
     return cfg

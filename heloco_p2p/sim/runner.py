@@ -19,13 +19,20 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, replace
 from multiprocessing import get_context
 from pathlib import Path
 
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from heloco_p2p.data import TokenBlocks, books_shard, load_tokenizer, open_source, validation_blocks
 from heloco_p2p.fsutil import atomic_write_json, atomic_write_text
+from heloco_p2p.local import build_model, count_params
+from heloco_p2p.local.solo import source_spec
 from heloco_p2p.sim.config import SimConfig
 from heloco_p2p.sim.engine import SimResult, SimSpec, Simulation
 
@@ -38,9 +45,6 @@ def _data(cfg: SimConfig):
     """Tokenizer, block-stream factory and validation blocks, built once per process."""
     key = (cfg.base, json.dumps(cfg.overrides, sort_keys=True), tuple(cfg.regions))
     if key not in _CACHE:
-        from heloco_p2p.data import TokenBlocks, books_shard, load_tokenizer, open_source, validation_blocks
-        from heloco_p2p.local.solo import source_spec
-
         run_cfg = cfg.run_config()
         tok = load_tokenizer(run_cfg.data.tokenizer, vocab_size=run_cfg.data.vocab_size)
         sources = {r: open_source(source_spec(run_cfg, r)) for r in cfg.regions}
@@ -55,8 +59,6 @@ def _data(cfg: SimConfig):
 
 
 def _init_process(threads: int) -> None:
-    import torch
-
     torch.set_num_threads(threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -124,7 +126,8 @@ class RunLog:
             os.fsync(f.fileno())
 
 
-def _run_spec_job(args) -> dict:
+def run_spec_job(args) -> dict:
+    """One run in a worker process: ``(cfg, spec)`` -> ``{"result": SimResult, "seconds": wall time}``."""
     cfg, spec = args
     t0 = time.perf_counter()
     res = run_spec(cfg, spec)
@@ -139,9 +142,6 @@ def make_spec(cfg: SimConfig, algorithm: str, heterogeneity: str, data: str, see
     n_params = None
     comm = [0.0] * len(cfg.regions)
     if cfg.bandwidth:
-        from heloco_p2p.local import build_model, count_params
-        import torch
-
         with torch.device("meta"):
             n_params = count_params(build_model(run_cfg.model))
         comm = [2 * 4 * n_params / cfg.bandwidth] * len(cfg.regions)  # fp32 up and down
@@ -178,10 +178,6 @@ class _Pool:
     """Runs jobs in worker processes (or inline for one process), with a progress bar and ETA."""
 
     def __init__(self, cfg: SimConfig, total: int, progress: bool, log: RunLog):
-        import sys
-
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
         self.cfg = cfg
         self.progress = Progress(TextColumn("[bold]simulate"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"),
                                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
@@ -217,11 +213,9 @@ class _Pool:
         if self.executor is None:
             _init_process(self.cfg.threads_per_process)
             for i in missing:
-                outs[i] = self._done(_run_spec_job((self.cfg, specs[i])))
+                outs[i] = self._done(run_spec_job((self.cfg, specs[i])))
             return outs
-        futures = {self.executor.submit(_run_spec_job, (self.cfg, specs[i])): i for i in missing}
-        from concurrent.futures import as_completed
-
+        futures = {self.executor.submit(run_spec_job, (self.cfg, specs[i])): i for i in missing}
         for f in as_completed(futures):  # logged as they finish, not in submission order
             outs[futures[f]] = self._done(f.result())
         return outs

@@ -27,14 +27,17 @@ While the parent lives the reaper blocks in ``select`` on its command pipe and a
 fd, waking once a minute as a safety net; it costs no CPU.
 
 Launchers (testnet, tests) start each peer with ``start_new_session=True`` and end it with
-:func:`terminate_group`; :func:`child_pids` and :func:`group_pids` read ``/proc`` to check that
-nothing is left. Linux only.
+:func:`terminate_group` (or :func:`kill_group`, a machine that dies); :func:`child_pids` and
+:func:`group_pids` read ``/proc`` (:func:`proc_stat`, the one reader of it) to check that nothing
+is left. Linux only.
 
 This module imports only the standard library: the reaper runs it as a script
 (``python -I lifetime.py``) without importing the package, torch or hivemind.
 """
 from __future__ import annotations
 
+import argparse
+import ctypes
 import logging
 import os
 import select
@@ -42,7 +45,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 logger = logging.getLogger(__name__)
 
@@ -54,19 +57,36 @@ _POLL_S = 0.02  # only while waiting for processes to exit, never while the pare
 # ---------------------------------------------------------------- /proc
 
 
-def proc_stat(pid: int) -> tuple[str, int, int, int] | None:
-    """(state, ppid, pgrp, starttime) of a process, or None if it does not exist."""
+class ProcStat(NamedTuple):
+    """The fields of ``/proc/<pid>/stat`` that launchers, the reaper and benchmarks read."""
+
+    state: str  # R, S, D, T, Z (zombie), X (dead), ...
+    ppid: int
+    pgrp: int
+    start_time: int  # clock ticks after boot: with the pid, names one process (pids are recycled)
+    name: str  # the command name (comm), at most 15 characters
+    utime: int  # CPU time in user mode, clock ticks (os.sysconf("SC_CLK_TCK") per second)
+    stime: int  # CPU time in kernel mode, clock ticks
+
+
+def proc_stat(pid: int, tid: int | None = None) -> ProcStat | None:
+    """The stat of a process (of its thread ``tid``: the CPU times are then that thread's), or None
+    if it does not exist (or cannot be read)."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
+        with open(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat", "rb") as f:
             data = f.read()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
     # the command name may contain spaces and parentheses: split after its last ')'
-    fields = data[data.rindex(b")") + 2:].split()
-    return fields[0].decode(), int(fields[1]), int(fields[2]), int(fields[19])
+    end = data.rindex(b")")
+    fields = data[end + 2:].split()
+    return ProcStat(state=fields[0].decode(), ppid=int(fields[1]), pgrp=int(fields[2]), start_time=int(fields[19]),
+                    name=data[data.index(b"(") + 1:end].decode(errors="replace"),
+                    utime=int(fields[11]), stime=int(fields[12]))
 
 
-def _all_stats() -> dict[int, tuple[str, int, int, int]]:
+def all_proc_stats() -> dict[int, ProcStat]:
+    """pid -> stat of every process readable in ``/proc`` (zombies included)."""
     stats = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
@@ -84,7 +104,7 @@ def is_alive(pid: int, start_time: int | None = None) -> bool:
         so that a recycled pid does not count as the same process
     """
     st = proc_stat(pid)
-    return st is not None and st[0] not in ("Z", "X") and (start_time is None or st[3] == start_time)
+    return st is not None and st.state not in ("Z", "X") and (start_time is None or st.start_time == start_time)
 
 
 def child_pids(pid: int) -> list[int]:
@@ -93,8 +113,8 @@ def child_pids(pid: int) -> list[int]:
     :param pid: the ancestor
     """
     children: dict[int, list[int]] = {}
-    for child, (_, ppid, _, _) in _all_stats().items():
-        children.setdefault(ppid, []).append(child)
+    for child, st in all_proc_stats().items():
+        children.setdefault(st.ppid, []).append(child)
     found, todo = [], list(children.get(pid, ()))
     while todo:
         child = todo.pop()
@@ -108,7 +128,7 @@ def group_pids(pgid: int) -> list[int]:
 
     :param pgid: process group id (for a process started with ``start_new_session=True``, its pid)
     """
-    return sorted(pid for pid, (state, _, pgrp, _) in _all_stats().items() if pgrp == pgid and state not in "ZX")
+    return sorted(pid for pid, st in all_proc_stats().items() if st.pgrp == pgid and st.state not in "ZX")
 
 
 # ---------------------------------------------------------------- stopping processes
@@ -157,8 +177,7 @@ def terminate_group(pgid: int, grace: float) -> None:
     :param pgid: the process group to end
     :param grace: seconds between SIGTERM and SIGKILL
     """
-    if pgid <= 1 or pgid == os.getpgrp():
-        raise ValueError(f"refusing to terminate process group {pgid} (init or our own)")
+    _check_group(pgid)
     try:
         os.killpg(pgid, signal.SIGTERM)
         # a stopped member acts on SIGTERM only once continued
@@ -170,13 +189,28 @@ def terminate_group(pgid: int, grace: float) -> None:
         time.sleep(_POLL_S)
     if group_pids(pgid):
         logger.warning("process group %d still running %.1f s after SIGTERM: SIGKILL", pgid, grace)
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
+        kill_group(pgid)
         deadline = time.monotonic() + 1.0
         while group_pids(pgid) and time.monotonic() < deadline:
             time.sleep(_POLL_S)
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL every process of a group at once (as when its machine dies); a group already gone is
+    no error. Like :func:`terminate_group`, it refuses init's group and our own.
+
+    :param pgid: the process group (for a process started with ``start_new_session=True``, its pid)
+    """
+    _check_group(pgid)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _check_group(pgid: int) -> None:
+    if pgid <= 1 or pgid == os.getpgrp():
+        raise ValueError(f"refusing to terminate process group {pgid} (init or our own)")
 
 
 # ---------------------------------------------------------------- the reaper
@@ -249,8 +283,6 @@ def stop_reaper(reaper: subprocess.Popen, timeout: float = 5.0) -> None:
 
 
 def _set_pdeathsig(sig: int) -> None:
-    import ctypes
-
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
@@ -264,8 +296,6 @@ def _say(message: str) -> None:
 
 
 def _reaper_main(argv: list[str]) -> int:
-    import argparse
-
     ap = argparse.ArgumentParser(description="stop PIDS when the parent process dies")
     ap.add_argument("--parent", type=int, required=True)
     ap.add_argument("--grace", type=float, default=2.0)
@@ -288,8 +318,8 @@ def _reaper_main(argv: list[str]) -> int:
     def add(pids: Iterable[int]) -> None:
         for pid in pids:
             st = proc_stat(pid)
-            if st is not None and st[0] not in "ZX":
-                guarded[pid] = st[3]  # start time: a pid recycled later is not ours to kill
+            if st is not None and st.state not in "ZX":
+                guarded[pid] = st.start_time  # start time: a pid recycled later is not ours to kill
 
     def run_commands(lines: list[bytes]) -> bool:
         """Apply "add PID..." lines; True on "stop"."""
@@ -339,7 +369,7 @@ def _reaper_main(argv: list[str]) -> int:
             for child in child_pids(pid):
                 st = proc_stat(child)
                 if st is not None:
-                    targets[child] = st[3]
+                    targets[child] = st.start_time
     if targets:
         _say(f"parent {args.parent} is gone: stopping {sorted(targets)}")
         killed = stop_processes(targets, args.grace)

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Awaitable, Callable, Sequence
 
 import hivemind
+from cryptography.hazmat.primitives import serialization
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.crypto import RSAPrivateKey
 
@@ -170,8 +171,6 @@ async def _ping_into_routing_table(dht, node, peer_ids: list[str]) -> int:
 
 def load_or_create_rsa_key(path: Path) -> RSAPrivateKey:
     """The RSA key that signs this peer's DHT records, persisted so a restarted peer still owns them."""
-    from cryptography.hazmat.primitives import serialization
-
     if path.exists():
         key = RSAPrivateKey.__new__(RSAPrivateKey)
         key._private_key = serialization.load_der_private_key(path.read_bytes(), password=None)

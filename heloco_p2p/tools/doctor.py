@@ -42,6 +42,7 @@ from hivemind.utils import MAX_DHT_TIME_DISCREPANCY_SECONDS, get_dht_time
 from heloco_p2p.config import RunConfig
 from heloco_p2p.local import InnerTrainer, build_model, count_params, pick_device
 from heloco_p2p.roles.joining import fetch_run_files
+from heloco_p2p.swarm.auth import SwarmKeyError, load_swarm_key
 from heloco_p2p.swarm.lifetime import guard_children, stop_reaper
 from heloco_p2p.swarm.node import JOIN_HELP, SwarmNode, start_error_message
 from heloco_p2p.swarm.records import PROTOCOL_VERSION
@@ -196,8 +197,6 @@ def run_checks(o: DoctorOptions) -> list[Check]:
     checks: list[Check] = []
     swarm_key = None
     if o.swarm_key_file:
-        from heloco_p2p.swarm.auth import SwarmKeyError, load_swarm_key
-
         try:
             swarm_key = load_swarm_key(o.swarm_key_file)
         except SwarmKeyError as exc:

@@ -27,10 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from heloco_p2p.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, TOKENIZER_FILE, CheckpointError, load_checkpoint
+from heloco_p2p.config import ConfigError, config_from_dict, read_yaml
+from heloco_p2p.data import load_tokenizer, tokenizer_digest
+from heloco_p2p.local import build_model, count_params, param_names, trainable_params
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "coordinator.pt"
 EXPORT_META = "heloco_export.json"
 
 
@@ -55,12 +61,9 @@ class Checkpoint:
 
 def read_checkpoint(ckpt_dir: str | os.PathLike) -> Checkpoint:
     """Read and check a checkpoint directory; raise ExportError saying what is wrong."""
-    from heloco_p2p.checkpoint import CheckpointError, load_checkpoint
-    from heloco_p2p.data import load_tokenizer, tokenizer_digest
-
     d = Path(ckpt_dir)
     if not (d / CHECKPOINT_FILE).is_file():
-        missing = [f for f in (CHECKPOINT_FILE, "config.yaml", "tokenizer.json") if not (d / f).is_file()]
+        missing = [f for f in (CHECKPOINT_FILE, CONFIG_FILE, TOKENIZER_FILE) if not (d / f).is_file()]
         raise ExportError(f"{d}: no {', '.join(missing)} there; a coordinator's --checkpoint-dir holds "
                           f"{CHECKPOINT_FILE}, config.yaml and tokenizer.json (written every swarm.checkpoint_every "
                           "commits and when it leaves)")
@@ -71,23 +74,19 @@ def read_checkpoint(ckpt_dir: str | os.PathLike) -> Checkpoint:
         raise ExportError(str(exc)) from None
     path = saved.path
     # the copies beside coordinator.pt are what people read and edit: they must be the run's
-    beside = d / "config.yaml"
+    beside = d / CONFIG_FILE
     if beside.is_file():
-        import yaml
-
-        from heloco_p2p.config import ConfigError, config_from_dict
-
         try:
-            other = config_from_dict(yaml.safe_load(beside.read_text()), source=str(beside)).digest()
-        except (ConfigError, yaml.YAMLError) as exc:
+            other = config_from_dict(read_yaml(beside), source=str(beside)).digest()
+        except ConfigError as exc:
             raise ExportError(f"{beside}: {exc}") from None
         if other != saved.config_digest:
             raise ExportError(f"{path}: checkpoint was written for another config (its config digest "
                               f"{saved.config_digest[:12]}, config.yaml's {other[:12]}); put the run's own config.yaml "
                               "beside it, or remove it (coordinator.pt holds a copy)")
-    if (d / "tokenizer.json").is_file():
+    if (d / TOKENIZER_FILE).is_file():
         try:
-            other_tok = load_tokenizer(str(d / "tokenizer.json"))
+            other_tok = load_tokenizer(str(d / TOKENIZER_FILE))
         except (OSError, ValueError) as exc:
             raise ExportError(f"{d / 'tokenizer.json'}: cannot load the tokenizer: {exc}") from None
         if tokenizer_digest(other_tok) != tokenizer_digest(tokenizer):
@@ -99,8 +98,6 @@ def read_checkpoint(ckpt_dir: str | os.PathLike) -> Checkpoint:
 
 def model_from_checkpoint(ckpt: Checkpoint):
     """The run's model with θ of the checkpoint; names, shapes and finiteness checked first."""
-    from heloco_p2p.local import build_model, param_names, trainable_params
-
     model = build_model(ckpt.cfg.model, ckpt.tokenizer)
     expected = param_names(model)
     targets = trainable_params(model)
@@ -127,11 +124,6 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike) -
     leaves no half-written model (its files need no atomic writes of their own). ``out_dir``
     must not exist, be empty, or hold an earlier export (which is replaced).
     """
-    import yaml
-
-    from heloco_p2p.data import tokenizer_digest
-    from heloco_p2p.local import count_params
-
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / EXPORT_META).exists())):
         raise ExportError(f"{out} exists and is not an earlier export; choose another --out")
@@ -168,10 +160,6 @@ def generate_text(model_dir: str | os.PathLike, prompt: str, max_new_tokens: int
                   top_k: int = 50, seed: int = 0, num_samples: int = 1) -> list[str]:
     """Sample continuations of ``prompt`` (prompt included) from a saved model. The same seed
     gives the same texts (on the same machine and torch build). ``temperature`` 0: greedy."""
-    from transformers import AutoModelForCausalLM
-
-    from heloco_p2p.data import load_tokenizer
-
     if temperature == 0 and num_samples > 1:
         raise ExportError("temperature 0 is greedy decoding: every sample would be the same; use num_samples 1")
     try:

@@ -24,26 +24,16 @@ from pathlib import Path
 
 import yaml
 
+from heloco_p2p.config import read_yaml
+from heloco_p2p.swarm.lifetime import group_pids, kill_group
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def proc_stats():
-    """Yield (pid, name, fields) for every process readable in /proc; ``fields`` are the stat
-    fields after the name: [0] state, [1] ppid, [2] process group, [11] utime, [12] stime (ticks)."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        yield int(entry), stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
 
 
 def write_test_config(path: Path, outer: dict | None = None, **swarm) -> Path:
     """The tiny model with short rounds and a short lease, so a swarm test takes seconds.
     ``outer`` updates the outer section (e.g. ``{"algorithm": "sync_diloco"}``)."""
-    tree = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    tree = read_yaml(ROOT / "configs" / "tiny.yaml")
     tree["outer"].update(outer or {})
     tree["data"].update(seq_len=64, val_blocks=8)
     tree["inner"].update(batch_size=8, steps_per_round=10, warmup_steps=10, total_steps=2000)
@@ -131,7 +121,7 @@ class LocalSwarm:
 
     def kill(self, name: str) -> None:
         """SIGKILL the peer's whole process group (peer, DHT process, p2pd)."""
-        os.killpg(self.procs[name].pid, signal.SIGKILL)
+        kill_group(self.procs[name].pid)
         self.procs[name].wait(10)
 
     def freeze(self, name: str) -> None:
@@ -147,31 +137,29 @@ class LocalSwarm:
 
     def group_alive(self, name: str) -> bool:
         """Whether any process of the peer's group still runs (zombies, already dead, don't count)."""
-        pgid = self.procs[name].pid
-        for _pid, _name, fields in proc_stats():
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                return True
-        return False
+        return bool(group_pids(self.procs[name].pid))
 
-    def close(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGCONT)  # a frozen peer cannot handle SIGTERM
-                except ProcessLookupError:
-                    pass
-                p.send_signal(signal.SIGTERM)
-        deadline = time.time() + 30
-        for p in self.procs.values():
+    def terminate(self, names, timeout: float) -> None:
+        """SIGTERM these peers together (each leaves cleanly: it stops its DHT process and p2pd itself)
+        and wait up to ``timeout`` seconds in all for them to exit; one still running is left running."""
+        procs = [self.procs[n] for n in names if self.procs[n].poll() is None]
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGCONT)  # a frozen peer cannot handle SIGTERM
+            except ProcessLookupError:
+                pass
+            p.send_signal(signal.SIGTERM)
+        deadline = time.time() + timeout
+        for p in procs:
             try:
                 p.wait(max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
                 pass
+
+    def close(self) -> None:
+        self.terminate(list(self.procs), 30)
         for p in self.procs.values():
-            try:
-                os.killpg(p.pid, signal.SIGKILL)  # the whole group: nothing of ours stays behind
-            except ProcessLookupError:
-                pass
+            kill_group(p.pid)  # the whole group: nothing of ours stays behind
         deadline = time.time() + 10  # SIGKILL is delivered at once, but dying takes a moment under load
         while time.time() < deadline and any(self.group_alive(n) for n in self.procs):
             time.sleep(0.1)

@@ -26,6 +26,7 @@ prefix and pid under /run/heloco-netns, and leftovers are those whose pid is gon
 """
 from __future__ import annotations
 
+import argparse
 import atexit
 import fcntl
 import ipaddress
@@ -323,8 +324,6 @@ def cleanup_leftovers(all_prefixes: bool = False) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-
     ap = argparse.ArgumentParser(description="heloco network-namespace testnets: remove leftovers")
     ap.add_argument("command", choices=["cleanup"])
     ap.add_argument("--prefix", help="remove this run's names (hl-<6 hex>-), whoever owns them")

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -15,12 +16,18 @@ matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _save(fig, out: Path, name: str) -> str:
+    """Lay out, write ``out/name`` (PNG, 110 dpi) and close the figure; returns ``name``."""
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
 def replace_section(md: str, heading: str, body: str) -> str:
     """``md`` with the section under ``heading`` (up to the next heading of the same or a higher
     level) replaced by ``body``; the section is appended if missing. Benchmarks use it to keep
     docs/results.md current without touching the sections around theirs."""
-    import re
-
     if heading not in md:
         return md.rstrip() + f"\n\n{heading}\n\n{body.rstrip()}\n"
     level = len(heading) - len(heading.lstrip("#"))
@@ -160,11 +167,7 @@ def _plot_curves(curves: list[dict], out: Path) -> list[str]:
             ax.grid(alpha=0.3)
         axes[1].legend(fontsize=8)
         fig.suptitle(f"validation loss, heterogeneity={het}, data={data}")
-        fig.tight_layout()
-        name = f"loss_{het}_{data}.png"
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        files.append(name)
+        files.append(_save(fig, out, f"loss_{het}_{data}.png"))
     return files
 
 
@@ -188,11 +191,7 @@ def _plot_per_language(runs: list[dict], out: Path) -> list[str]:
         ax.set_ylim(bottom=max(0.0, lo - 0.5))
         ax.legend(fontsize=7, ncol=2)
         ax.set_title(f"per-language loss, heterogeneity={het}, data={data}")
-        fig.tight_layout()
-        name = f"per_language_{het}_{data}.png"
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        files.append(name)
+        files.append(_save(fig, out, f"per_language_{het}_{data}.png"))
     return files
 
 
@@ -214,11 +213,7 @@ def _plot_staleness(commits: list[dict], out: Path) -> list[str]:
         ax.set_ylabel("commits")
         ax.legend(fontsize=8)
         ax.set_title(f"staleness, {algo}, heterogeneity={het}, {data}")
-        fig.tight_layout()
-        name = f"staleness_{algo}_{het}_{data}.png"
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        files.append(name)
+        files.append(_save(fig, out, f"staleness_{algo}_{het}_{data}.png"))
     return files
 
 
@@ -247,11 +242,7 @@ def _plot_branches(commits: list[dict], out: Path) -> list[str]:
         axes[1].set_ylabel("mean cosine(Δ, momentum)")
         axes[1].set_title("alignment with the momentum")
         fig.suptitle(f"{algo}, heterogeneity={het}, {data}")
-        fig.tight_layout()
-        name = f"branches_{algo}_{het}_{data}.png"
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        files.append(name)
+        files.append(_save(fig, out, f"branches_{algo}_{het}_{data}.png"))
     return files
 
 
@@ -307,20 +298,14 @@ def write_testnet_report(out_dir: str | Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend()
         ax.set_title("validation loss of the global model, per language")
-        fig.tight_layout()
-        fig.savefig(out / "val_loss.png", dpi=110)
-        plt.close(fig)
-        plots.append("val_loss.png")
+        plots.append(_save(fig, out, "val_loss.png"))
 
     peers = summary["peers"]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.bar([f"{p['name']}\n{p['region']}, speed {p['speed_factor']:g}" for p in peers], [p["tokens"] for p in peers])
     ax.set_ylabel("tokens in accepted submissions")
     ax.set_title("tokens per peer")
-    fig.tight_layout()
-    fig.savefig(out / "tokens.png", dpi=110)
-    plt.close(fig)
-    plots.append("tokens.png")
+    plots.append(_save(fig, out, "tokens.png"))
 
     acks = [e for e in events if e.get("event") == "ack" and not e.get("duplicate")]
     if acks:
@@ -335,10 +320,7 @@ def write_testnet_report(out_dir: str | Path) -> Path:
         ax.set_ylabel("submissions")
         ax.legend()
         ax.set_title("staleness per peer")
-        fig.tight_layout()
-        fig.savefig(out / "staleness.png", dpi=110)
-        plt.close(fig)
-        plots.append("staleness.png")
+        plots.append(_save(fig, out, "staleness.png"))
 
     commits = sorted((e for e in events if e.get("event") == "commit"), key=lambda e: e["time"])
     branch_names = sorted({b for c in commits for b in (c.get("branches") or {})})
@@ -355,10 +337,7 @@ def write_testnet_report(out_dir: str | Path) -> Path:
         ax.set_ylabel("parameter tensors (cumulative)")
         ax.set_title("correction branches over time")
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "branches.png", dpi=110)
-        plt.close(fig)
-        plots.append("branches.png")
+        plots.append(_save(fig, out, "branches.png"))
 
     v = summary["val_loss"]
     lines = [f"# Testnet report ({summary.get('run_id', '')})", "",

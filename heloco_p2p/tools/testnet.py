@@ -21,19 +21,23 @@ import uuid
 from pathlib import Path
 
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from rich.live import Live
 
-from heloco_p2p.checkpoint import load_checkpoint
-from heloco_p2p.config import ConfigError, _format_errors, load_config
+from heloco_p2p.checkpoint import load_checkpoint, read_header
+from heloco_p2p.config import ConfigError, format_errors, load_config, read_yaml
 from heloco_p2p.data import load_tokenizer
 from heloco_p2p.fsutil import atomic_write_json
 from heloco_p2p.local import build_model
 from heloco_p2p.roles import lease as lease_rules
 from heloco_p2p.roles.evaluator import Evaluator
+from heloco_p2p.swarm.auth import load_swarm_key
+from heloco_p2p.swarm.node import SwarmNode
+from heloco_p2p.swarm.wire import unpack_params
 from heloco_p2p.tools.dashboard import Dashboard, DashboardServer
 from heloco_p2p.tools.launcher import LocalSwarm
 from heloco_p2p.tools.monitor import Monitor, render
+from heloco_p2p.tools.report import write_testnet_report
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +63,9 @@ def load_profiles(pattern: str) -> list[PeerProfile]:
     profiles = []
     for f in files:
         try:
-            profiles.append(PeerProfile.model_validate(yaml.safe_load(Path(f).read_text()) or {}))
+            profiles.append(PeerProfile.model_validate(read_yaml(f)))
         except ValidationError as err:
-            raise ConfigError(_format_errors(f, err)) from None
+            raise ConfigError(format_errors(f, err)) from None
     names = [p.name for p in profiles]
     if len(set(names)) != len(names):
         raise ConfigError(f"{pattern}: peer names must be unique, got {names}")
@@ -109,9 +113,6 @@ def run_testnet(profiles: list[PeerProfile], config_path: str, minutes: float, o
     ``dashboard_port``: serve the dashboard there while the run lasts (taken: any free port; None: none).
     ``during(sw, client)``, if given, is called about once a second while the run lasts (scripts/chaos.py
     injects faults with it)."""
-    from heloco_p2p.swarm.node import SwarmNode
-    from heloco_p2p.swarm.wire import unpack_params
-
     cfg = load_config(config_path)
     out.mkdir(parents=True, exist_ok=True)
     run_id = run_id or f"testnet-{uuid.uuid4().hex[:6]}"
@@ -129,8 +130,6 @@ def run_testnet(profiles: list[PeerProfile], config_path: str, minutes: float, o
         sw.start(first.name, first.region, "--config", str(config_file), *peer_args(first))
         for p in rest:
             sw.start(p.name, p.region, *peer_args(p))
-        from heloco_p2p.swarm.auth import load_swarm_key
-
         client = SwarmNode(run_id, initial_peers=[sw.maddr], client_mode=True,
                            swarm_key=load_swarm_key(swarm_key_file) if swarm_key_file else None)
         banner = ""
@@ -154,7 +153,7 @@ def run_testnet(profiles: list[PeerProfile], config_path: str, minutes: float, o
                     during(sw, client)
                 if time.time() >= next_eval:
                     next_eval += eval_every
-                    point = _fetch_and_evaluate(client, evaluator, unpack_params, view.lease())
+                    point = _fetch_and_evaluate(client, evaluator, view.lease())
                     if point:
                         curve.append(point)
                         if dashboard is not None:
@@ -181,8 +180,6 @@ def run_testnet(profiles: list[PeerProfile], config_path: str, minutes: float, o
     summary["run_id"] = run_id
     _write_metrics(sw, curve, out / "metrics.jsonl")
     atomic_write_json(out / "summary.json", summary)
-    from heloco_p2p.tools.report import write_testnet_report
-
     write_testnet_report(out)
     return summary
 
@@ -201,7 +198,7 @@ def _record_validation(dashboard: Dashboard, point: dict) -> None:
     dashboard.record_validation(point["version"], loss["mean"], loss["per_language"], now=point["time"])
 
 
-def _fetch_and_evaluate(client, evaluator, unpack_params, lease) -> dict | None:
+def _fetch_and_evaluate(client, evaluator, lease) -> dict | None:
     """The believed coordinator's θ (``lease``: the live view's, by the peers' rule), evaluated;
     the result is published as the testnet's evaluator record, as ``join --evaluator`` does."""
     if lease is None:
@@ -225,30 +222,15 @@ def _fetch_and_evaluate(client, evaluator, unpack_params, lease) -> dict | None:
 
 def _stop_all(sw: LocalSwarm) -> None:
     """Training peers first, then the coordinator, so that its last checkpoint is the final state."""
-    import signal
-
     coordinator = _coordinator_now(sw)
-    others = [n for n, p in sw.procs.items() if p.poll() is None and n != coordinator]
-    for n in others:
-        sw.procs[n].send_signal(signal.SIGTERM)
-    for n in others:
-        try:
-            sw.procs[n].wait(60)
-        except Exception:
-            pass
-    if coordinator and sw.procs[coordinator].poll() is None:
-        sw.procs[coordinator].send_signal(signal.SIGTERM)
-        try:
-            sw.procs[coordinator].wait(60)
-        except Exception:
-            pass
+    sw.terminate([n for n in sw.procs if n != coordinator], 60)
+    if coordinator:
+        sw.terminate([coordinator], 60)
     sw.close()  # SIGKILLs any group still there
 
 
 def _collect_checkpoint(sw: LocalSwarm, out: Path) -> Path | None:
     """The newest checkpoint of the run (highest term, then version) among the peers' directories."""
-    from heloco_p2p.checkpoint import read_header
-
     headers = {p.parent: read_header(p) for p in sw.dir.glob("ckpt-*/coordinator.pt")}
     headers = {d: h for d, h in headers.items() if h is not None}
     if not headers:
@@ -316,8 +298,6 @@ class _LiveView:
 
     def __enter__(self):
         if self.enabled:
-            from rich.live import Live
-
             self.live = Live(self._render(), refresh_per_second=1, transient=False)
             self.live.__enter__()
         return self
