@@ -33,6 +33,7 @@ from heloco_p2p.local.solo import source_spec
 from heloco_p2p.outer import DyLU
 from heloco_p2p.roles.commit_state import CommitState, SubmissionLimits, params_digest
 from heloco_p2p.roles.coordinator import CoordinatorService
+from heloco_p2p.roles.defence import DefenceLimits, DefenceState, LossScreen
 from heloco_p2p.roles.election import Election
 from heloco_p2p.roles.evaluator import Evaluator, evaluate_forever
 from heloco_p2p.roles.joining import (
@@ -172,7 +173,10 @@ class Peer:
             engine = build_outer_engine(self.preset, theta0, names=param_names(self.model), num_workers=None)  # K: per commit
         except ValueError as exc:
             raise JoinError(f"outer: {exc}") from None
-        self.commit_state = CommitState(engine)
+        self.commit_state = CommitState(engine, defence=DefenceState(limits.defence or DefenceLimits()))
+        if limits.defence is not None and limits.defence.enabled and limits.defence.screen:
+            self.commit_state.screen = LossScreen(lambda: build_model(self.cfg.model, self.tokenizer, seed=0),
+                                                  self._screen_blocks)
         self.service = CoordinatorService(self.node, self.commit_state, [tuple(p.shape) for p in theta0], limits,
                                           reply_compression=self.cfg.swarm.reply_compression,
                                           config_digest=self.cfg.digest(), mode=mode,
@@ -318,6 +322,15 @@ class Peer:
         self.val_blocks = validation_blocks(self.source, self.tokenizer, cfg.data.seq_len, cfg.data.val_blocks)
         _, preset = resolve_outer(cfg.outer)
         self.dylu = DyLU(min_steps=cfg.outer.dylu_min_steps) if preset.dylu else None
+
+    def _screen_blocks(self, region: str) -> torch.Tensor | None:
+        """The loss screen's held-out blocks of ``region``: ``swarm.defence.screen_blocks`` blocks of its
+        validation split right after the ``data.val_blocks`` that evaluators measure (disjoint from them
+        when the split is long enough; else its last blocks)."""
+        cfg = self.cfg
+        n, k = cfg.data.val_blocks, cfg.swarm.defence.screen_blocks
+        blocks = validation_blocks(open_source(source_spec(cfg, region)), self.tokenizer, cfg.data.seq_len, n + k)
+        return blocks[-k:] if len(blocks) else None
 
     def _catch_up(self) -> None:
         """Download the current θ (roles/joining.py) and start from it."""

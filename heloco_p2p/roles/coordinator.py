@@ -307,23 +307,28 @@ class CoordinatorService:
                 return reply, await loop.run_in_executor(None, self._encode_params)
             if len(self.standbys) < required:
                 return self._busy(f"waiting for a standby ({len(self.standbys)} of {required} hold the state)")
+            commit_time = time.time()  # the coordinator's clock: the commit-share rule counts commits by it
             try:
-                norm = await loop.run_in_executor(None, self.state.check, delta, base_version, self.limits)
+                norm = await loop.run_in_executor(None, lambda: self.state.check(
+                    delta, base_version, self.limits, peer=peer, region=header.get("region"), now=commit_time))
             except Rejection as exc:
+                if exc.code == "busy":  # over its commit share: the sender keeps its Δ and resends it
+                    return self._busy(str(exc), exc.retry_after or 1.0)
                 return self._reject(remote, exc.code, str(exc), exc.detail)
             version_before = self.state.version
             t1 = time.perf_counter()
             worker, seconds = fairness_inputs(header, peer)
             num_workers = self.state.workers(peer)
             info = await loop.run_in_executor(None, self.state.apply, delta, base_version, peer, seq, steps, norm,
-                                              worker, seconds, tokens, num_workers)
+                                              worker, seconds, tokens, num_workers, commit_time)
             digest = await loop.run_in_executor(None, params_digest, self.state.engine.params)
             dispatched = self.state.engine.dispatch_params()  # computed once: digested, then sent in the reply
             dispatch_digest = digest if dispatched is self.state.engine.params else \
                 await loop.run_in_executor(None, params_digest, dispatched)
             t2 = time.perf_counter()
             held = await self._replicate_commit(peer, seq, steps, base_version, header.get("tensors", []), payload,
-                                                version_before, digest, worker, seconds, tokens, num_workers)
+                                                version_before, digest, worker, seconds, tokens, num_workers,
+                                                commit_time)
             if not self.active:
                 # a standby follows a newer term that this peer verified: another peer coordinates, and
                 # this commit (applied here only) must not be acknowledged; the sender resubmits there
@@ -332,7 +337,7 @@ class CoordinatorService:
             summary = info.summary()
             event = {**summary, "peer": peer, "seq": seq, "norm": norm, "digest": digest, "term": self.state.term,
                      "dispatch_digest": dispatch_digest, "num_workers": num_workers, "stats": header.get("stats", {}),
-                     "replicas": held}
+                     "replicas": held, "screen": self.state.last_screen}
             if held < required:  # committed here, held by too few: not acknowledged (the retry is a duplicate)
                 logger.warning("commit %d is held by %d standbys of the %d required: not acknowledged",
                                info.version, held, required)
@@ -482,7 +487,8 @@ class CoordinatorService:
 
     async def _replicate_commit(self, peer: str, seq: int, steps: int, base_version: int, tensors: list,
                                 payload: bytes, version_before: int, digest: str, worker: str | None = None,
-                                seconds: float | None = None, tokens: int = 0, num_workers: int | None = None) -> int:
+                                seconds: float | None = None, tokens: int = 0, num_workers: int | None = None,
+                                commit_time: float | None = None) -> int:
         """Forward the commit to every standby and wait for each (at most ``replicate_timeout()``);
         returns how many hold it. A standby that cannot follow gets the full state; one that does not
         answer, refuses, or answers ``fenced`` is dropped (and named no more in the lease). ``fenced``
@@ -490,7 +496,8 @@ class CoordinatorService:
         on a claim it verifies there, never on the number in the reply."""
         msg = {"kind": "commit", "term": self.state.term, "version_before": version_before, "base_version": base_version,
                "peer": peer, "seq": seq, "steps": steps, "tensors": tensors, "digest": digest,
-               "worker": worker, "seconds": seconds, "tokens": tokens, "num_workers": num_workers}
+               "worker": worker, "seconds": seconds, "tokens": tokens, "num_workers": num_workers,
+               "commit_time": commit_time}
         held, fenced = 0, False
         for sb in list(self.standbys):
             t0 = time.monotonic()
@@ -606,6 +613,8 @@ class CoordinatorService:
             if not (worker is None or isinstance(worker, str) and len(worker) <= 256) or \
                     not (seconds is None or positive(seconds)):
                 raise WireError("malformed", "header fields 'worker' (a string) and 'seconds' (a number > 0) are malformed")
+            if not (header.get("commit_time") is None or positive(header["commit_time"])):
+                raise WireError("malformed", "header field 'commit_time' must be a number > 0")
         return kind, term
 
     async def handle_replicate(self, header: dict, payload: bytes, remote: str) -> tuple[dict, bytes]:
@@ -657,7 +666,7 @@ class CoordinatorService:
             self._follow(term, remote)
             await loop.run_in_executor(None, self.state.apply, delta, header["base_version"], header["peer"],
                                        header["seq"], header["steps"], norm, header.get("worker"), header.get("seconds"),
-                                       header.get("tokens", 0), header.get("num_workers"))
+                                       header.get("tokens", 0), header.get("num_workers"), header.get("commit_time"))
             mine = await loop.run_in_executor(None, params_digest, self.state.engine.params)
             if mine != header["digest"]:
                 logger.warning("standby: digest differs at version %d; asking for the full state", self.state.version)
