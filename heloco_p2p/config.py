@@ -153,7 +153,7 @@ class DefenceConfig(_Section):
     # per-peer norm bound: ‖Δ‖ ≤ norm_factor × the median, over the other peers, of each peer's median
     # of its last norm_window accepted norms (peers with min_norms of them vote; with fewer than
     # min_voters voters the run-wide rule, swarm.norm_factor, applies)
-    norm_factor: float = Field(3.0, gt=1)
+    norm_factor: float = Field(4.0, gt=1)
     norm_window: int = Field(8, gt=0)
     min_norms: int = Field(2, gt=0)
     min_voters: int = Field(2, gt=0)
@@ -164,14 +164,16 @@ class DefenceConfig(_Section):
     share_min: int = Field(4, gt=0)
     # replay: refuse a Δ whose sketch has a cosine above replay_cosine with one of the last replay_window commits
     replay_window: int = Field(256, gt=0)
-    replay_cosine: float = Field(0.95, gt=0, le=1)
+    replay_cosine: float = Field(0.999, gt=0, le=1)
     sketch_dim: int = Field(256, gt=0)
     # loss screening at the coordinator: refuse a Δ whose loss change at θ−Δ on screen_blocks held-out
     # blocks per language exceeds the margin (nats) on the sender's language or on the mean over languages
     screen: bool = True
     screen_blocks: int = Field(2, gt=0)
-    screen_own_margin: float = Field(0.5, ge=0)
-    screen_mean_margin: float = Field(0.5, ge=0)
+    screen_tokens: int = Field(128, gt=1)  # of each block, the first this many tokens
+    screen_scale: float = Field(0.1, gt=0)  # the candidate is scored at θ − screen_scale × Δ
+    screen_own_margin: float = Field(0.05, ge=0)
+    screen_mean_margin: float = Field(0.25, ge=0)
 
 
 class SwarmConfig(_Section):

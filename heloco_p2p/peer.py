@@ -330,7 +330,7 @@ class Peer:
         cfg = self.cfg
         n, k = cfg.data.val_blocks, cfg.swarm.defence.screen_blocks
         blocks = validation_blocks(open_source(source_spec(cfg, region)), self.tokenizer, cfg.data.seq_len, n + k)
-        return blocks[-k:] if len(blocks) else None
+        return blocks[-k:, :cfg.swarm.defence.screen_tokens] if len(blocks) else None
 
     def _catch_up(self) -> None:
         """Download the current θ (roles/joining.py) and start from it."""

@@ -16,6 +16,8 @@ Attacks (each probes: it lowers its scale after a refusal and raises it after an
 it ends just under whatever bound the coordinator enforces):
 
 - ``sign_flip``: −k·Δ of its honest Δ;
+- ``sign_flip_lie``: the same, claiming another honest peer's region (ru) for it, so that the
+  loss screen scores it on a language it did not train (defence on only);
 - ``scaled_noise``: Gaussian noise, per tensor as large as k × that tensor of Δ;
 - ``ratchet``: its honest Δ × k, k × 1.5 after every acceptance (slowly raising its norms);
 - ``flood``: −k·Δ plus fresh noise (so that no two are alike), sent back to back at the rate limit;
@@ -46,7 +48,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 HEADING = "## Poisoning (open run)"
-ATTACKS = ("sign_flip", "scaled_noise", "ratchet", "flood", "replay", "sybil")
+ATTACKS = ("sign_flip", "sign_flip_lie", "scaled_noise", "ratchet", "flood", "replay", "sybil")
+LIE_REGION = "ru"  # sign_flip_lie claims this region (another honest peer's) for its de-trained Δ
+ON_ONLY = ("sign_flip_lie",)  # without the defence the claimed region changes nothing: sign_flip off is that run
 ATTACKER_REGION = "de"
 
 
@@ -132,7 +136,7 @@ class Flood(SignFlip):
         return [-self.scale * d + n for d, n in zip(delta, noise)]
 
 
-ATTACK_CLASSES = {"sign_flip": SignFlip, "scaled_noise": ScaledNoise, "ratchet": Ratchet, "flood": Flood,
+ATTACK_CLASSES = {"sign_flip": SignFlip, "sign_flip_lie": SignFlip, "scaled_noise": ScaledNoise, "ratchet": Ratchet, "flood": Flood,
                   "replay": Replay}
 
 
@@ -163,6 +167,8 @@ def run_attacker(kind: str, join_args: list[str]) -> None:
                 self._flooder.start()
             return  # the flood thread sends; the rounds only supply fresh Δs
         sent = attack.make(delta)
+        if kind == "sign_flip_lie":
+            self.submitter.region = LIE_REGION
         Peer._honest_submit(self, sent, base, stats, compute)
         out = getattr(self.submitter, "last_outcome", None)
         if out is not None:
@@ -222,6 +228,12 @@ def one_run(attack: str | None, defence: bool, args, out: Path) -> dict:
     kind = "sign_flip" if attack == "sybil" else attack
     tree = yaml.safe_load(Path(args.config).read_text())
     tree.setdefault("swarm", {}).setdefault("defence", {})["enabled"] = defence
+    for item in args.set:  # --set swarm.defence.replay_cosine=0.999
+        key, _, value = item.partition("=")
+        node = tree
+        for part in key.split(".")[:-1]:
+            node = node.setdefault(part, {})
+        node[key.split(".")[-1]] = yaml.safe_load(value)
     out.mkdir(parents=True, exist_ok=True)
     config = out / "run-config.yaml"
     config.write_text(yaml.safe_dump(tree))
@@ -334,6 +346,8 @@ def render(results: dict) -> str:
 def _tree() -> str:
     import subprocess
 
+    if os.environ.get("POISON_TREE"):  # a run from a snapshot of the tree (not a git checkout)
+        return os.environ["POISON_TREE"]
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -360,6 +374,8 @@ def main() -> None:
     ap.add_argument("--peers", default=str(ROOT / "peers" / "*.yaml"))
     ap.add_argument("--config", default=str(ROOT / "configs" / "testnet.yaml"))
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "poison")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for the run (repeatable), e.g. swarm.defence.share_factor=1.5")
     ap.add_argument("--json", type=Path, default=None, help="write the results here (and read earlier ones to extend)")
     ap.add_argument("--write-results", action="store_true", help="the section of docs/reliability.md")
     ap.add_argument("--render-only", action="store_true", help="rewrite the section from --json, no runs")
@@ -374,8 +390,10 @@ def main() -> None:
         results["meta"] = {"date": datetime.date.today().isoformat(), "machine": f"{platform.node()} "
                            f"({os.cpu_count()} CPUs, {platform.machine()})", "load": "%.2f" % os.getloadavg()[0],
                            "tree": _tree(), "command": command, "rounds": args.rounds, "seed": args.seed}
-        plan = [(None, True)] * args.clean_runs + ([(None, False)] if args.clean_off else []) + \
-               [(a, d) for a in attacks for d in defences]
+        # the first clean run before the attacks, the others after them (the spread covers the series)
+        plan = [(None, True)] * min(1, args.clean_runs) + ([(None, False)] if args.clean_off else []) + \
+               [(a, d) for a in attacks for d in defences if d or a not in ON_ONLY] + \
+               [(None, True)] * max(0, args.clean_runs - 1)
         for i, (attack, defence) in enumerate(plan):
             name = f"{attack or 'clean'}-{'on' if defence else 'off'}-{i}-{uuid.uuid4().hex[:4]}"
             print(f"[{time.strftime('%H:%M:%S')}] run {i + 1}/{len(plan)}: {name}", flush=True)

@@ -21,6 +21,7 @@ from fakes import ScriptedNode
 
 SHAPES = [(64,), (16, 8)]
 HONEST = {"QmA": 1.0, "QmB": 1.2, "QmC": 0.9, "QmD": 1.1}
+F = 3.0  # the norm factor these tests use
 
 
 def _state(d: DefenceLimits | None = None) -> CommitState:
@@ -28,7 +29,7 @@ def _state(d: DefenceLimits | None = None) -> CommitState:
 
 
 def _limits(**kw) -> SubmissionLimits:
-    return SubmissionLimits(submit_rate=0.0, defence=DefenceLimits(screen=False, **kw))
+    return SubmissionLimits(submit_rate=0.0, defence=DefenceLimits(screen=False, **{"norm_factor": F, **kw}))
 
 
 def _delta(norm: float, seed: int) -> list[torch.Tensor]:
@@ -78,12 +79,12 @@ def test_one_peer_cannot_raise_its_own_norm_bound():
     state = _state()
     seed = _warm(state, limits)
     # honest medians 1.0, 1.2, 0.9, 1.1: the attacker's bound is 3 × median(1.0, 1.2, 0.9, 1.1) = 3.15
-    assert state.defence.norm_bound("QmMallory") == pytest.approx(3 * 1.05)
+    assert state.defence.norm_bound("QmMallory", limits.defence) == pytest.approx(3 * 1.05)
     accepted = _probe(state, limits, "QmMallory", 2.0, seed + 100)
     assert accepted and max(accepted) <= 3 * 1.05 + 1e-9
-    assert state.defence.norm_bound("QmMallory") == pytest.approx(3.15)  # 60 tries later: unchanged
+    assert state.defence.norm_bound("QmMallory", limits.defence) == pytest.approx(3.15)  # 60 tries later: unchanged
     # its inflated vote moves an honest peer's bound by one rank only: others of A are B, C, D, M
-    assert state.defence.norm_bound("QmA") == pytest.approx(3 * statistics_median([1.2, 0.9, 1.1, max(accepted)]))
+    assert state.defence.norm_bound("QmA", limits.defence) == pytest.approx(3 * statistics_median([1.2, 0.9, 1.1, max(accepted)]))
 
 
 def statistics_median(xs):
@@ -103,17 +104,17 @@ def test_without_the_defence_the_run_wide_bound_ratchets():
 def test_two_identities_cannot_move_the_bound():
     limits = _limits(share_factor=1e9)
     state = _state()
-    seed = _warm(state, limits)
+    _warm(state, limits)
     got = []
     for k in range(40):  # the two sybils take turns ratcheting
         for sybil in ("QmSybil1", "QmSybil2"):
             got += _probe(state, limits, sybil, 2.0, 10_000 + 1000 * k + (7 if sybil.endswith("2") else 0), steps=1)
     # a sybil's voters: 4 honest and the other sybil; the median of 5 is an honest median (≤ 1.2)
     for sybil in ("QmSybil1", "QmSybil2"):
-        assert state.defence.norm_bound(sybil) <= 3 * 1.2 * (1 + 1e-6)
+        assert state.defence.norm_bound(sybil, limits.defence) <= 3 * 1.2 * (1 + 1e-6)
     assert max(got) <= 3 * 1.2 * (1 + 1e-6)
     # an honest peer's voters: 3 honest and 2 sybils: still at most the largest honest median
-    assert state.defence.norm_bound("QmC") <= 3 * 1.2 * (1 + 1e-6)
+    assert state.defence.norm_bound("QmC", limits.defence) <= 3 * 1.2 * (1 + 1e-6)
 
 
 def test_with_too_few_other_voters_the_run_wide_rule_applies():
@@ -121,7 +122,7 @@ def test_with_too_few_other_voters_the_run_wide_rule_applies():
     state = _state()
     for i in range(3):
         _commit(state, limits, "QmA", 1.0, i, now=1.0 + i, seq=i)
-    assert state.defence.norm_bound("QmB") is None  # one voter (A) of the 2 needed
+    assert state.defence.norm_bound("QmB", limits.defence) is None  # one voter (A) of the 2 needed
     # 3 < 5 accepted norms: the bound is 10 × max(‖θ‖, 1)
     bound = 10 * max(tensor_norm(state.engine.params), 1.0)
     assert bound >= 10.0
@@ -189,10 +190,14 @@ def test_replays_are_refused_and_fresh_updates_are_not():
     state = _state()
     _warm(state, limits)
     old = _delta(1.0, 3)  # QmC's commit in the first round (seed 3)
-    for replay in (old, [3.0 * t for t in old], [t + 0.05 * n for t, n in zip(old, _delta(1.0, 999))]):
+    # exact, rescaled, and with 1% noise (cosine 0.99995): refused
+    for replay in (old, [3.0 * t for t in old], [t + 0.01 * n for t, n in zip(old, _delta(1.0, 999))]):
         with pytest.raises(Rejection) as exc:
             state.check(replay, state.version, limits, peer="QmMallory", now=2000.0)
         assert exc.value.code == "replayed_update"
+    # with 20% noise (cosine 0.98: honest consecutive rounds of one peer reach 0.99) it is no replay any more
+    assert state.check([t + 0.2 * n for t, n in zip(old, _delta(1.0, 999))], state.version, limits,
+                       peer="QmMallory", now=2000.0) > 0
     assert state.check(_delta(1.0, 4242), state.version, limits, peer="QmMallory", now=2000.0) == pytest.approx(1.0)
 
 
@@ -225,7 +230,7 @@ def test_state_dict_round_trip_is_bitwise():
 
     assert saved(other.defence) == saved(state.defence)  # the rules' state, bitwise
     assert other.to_bytes() == other.to_bytes()
-    assert other.defence.norm_bound("QmMallory") == state.defence.norm_bound("QmMallory")
+    assert other.defence.norm_bound("QmMallory", limits.defence) == state.defence.norm_bound("QmMallory", limits.defence) > 0
     assert other.defence.state_dict()["norms"] == state.defence.state_dict()["norms"]
     assert torch.equal(other.defence.state_dict()["sketches"], state.defence.state_dict()["sketches"])
     # a state written before the defence existed loads with an empty one
@@ -326,4 +331,5 @@ def test_the_loss_screen_refuses_what_makes_the_model_worse():
     assert state.check([good], 0, limits, peer="QmA", region="de", now=1.0) > 0
     with pytest.raises(Rejection) as exc:
         state.check([-good], 0, limits, peer="QmM", region="de", now=1.0)
-    assert exc.value.code == "harmful_update" and state.last_screen["own"] > 0.5
+    # scored at θ − 0.1·Δ (screen_scale): own language +0.15 nats, over the 0.05 margin
+    assert exc.value.code == "harmful_update" and state.last_screen["own"] == pytest.approx(0.1466, abs=1e-3)

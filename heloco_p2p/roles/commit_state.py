@@ -184,13 +184,13 @@ class CommitState:
         d = limits.defence
         defended = d is not None and d.enabled and peer is not None
         if defended and now is not None:
-            wait = self.defence.share_wait(peer, now)
+            wait = self.defence.share_wait(peer, now, d)
             if wait is not None:
                 raise Rejection("busy", "this peer's share of recent commits is above its share of the swarm's work; "
                                         "resend the same submission later",
-                                detail=f"commit share: over {self.defence.allowed_share(peer, now):.3g} commits in "
+                                detail=f"commit share: over {self.defence.allowed_share(peer, now, d):.3g} commits in "
                                        f"{d.share_window:g} s", retry_after=wait)
-        peer_bound = self.defence.norm_bound(peer) if defended else None
+        peer_bound = self.defence.norm_bound(peer, d) if defended else None
         if peer_bound is not None:
             if norm > peer_bound:
                 raise Rejection("norm_too_large", "‖Δ‖ is above this peer's norm bound (a multiple of the other peers' "
@@ -222,19 +222,20 @@ class CommitState:
 
     def _check_replay_and_loss(self, pseudo_grad: list[torch.Tensor], d: DefenceLimits, region: str | None) -> None:
         cos = self.defence.max_cosine(self.defence.sketch(pseudo_grad))
+        self.last_screen = {"replay_cosine": cos}
         if cos > d.replay_cosine:
             raise Rejection("replayed_update", "the pseudo-gradient repeats a recently committed one",
                             detail=f"sketch cosine {cos:.4f} > {d.replay_cosine:g} with a recent commit")
-        self.last_screen = None
         if not d.screen or self.screen is None:
             return
         region = region[:64] if isinstance(region, str) and region else None
-        s = self.screen.score(self.engine.params, pseudo_grad, region, self.version)
+        s = self.screen.score(self.engine.params, pseudo_grad, region, self.version, scale=d.screen_scale)
         if s is None:
             return
-        self.last_screen = {**s, "region": region, "version": self.version}
-        logger.info("loss screen: region %s own %s mean %+.4f (%d languages, %.1f ms)", region,
-                    "-" if s["own"] is None else f"{s['own']:+.4f}", s["mean"], s["regions"], 1e3 * s["seconds"])
+        self.last_screen.update(s, region=region, version=self.version)
+        logger.info("loss screen: region %s own %s mean %+.4f (%d languages, %.1f ms) %s", region,
+                    "-" if s["own"] is None else f"{s['own']:+.4f}", s["mean"], s["regions"], 1e3 * s["seconds"],
+                    self.last_screen)
         if (s["own"] is not None and s["own"] > d.screen_own_margin) or s["mean"] > d.screen_mean_margin:
             raise Rejection("harmful_update", "the pseudo-gradient makes the model clearly worse on held-out data",
                             detail=f"loss change at θ−Δ: own language {s['own']}, mean {s['mean']:+.4f} "

@@ -54,7 +54,7 @@ class DefenceLimits:
     """The knobs (``swarm.defence``; docs/security.md, "Poisoning")."""
 
     enabled: bool = True
-    norm_factor: float = 3.0  # ‖Δ‖ ≤ this × median over other peers of their median recent accepted norm
+    norm_factor: float = 4.0  # ‖Δ‖ ≤ this × median over other peers of their median recent accepted norm
     norm_window: int = 8  # accepted norms kept per peer
     min_norms: int = 2  # accepted norms a peer needs before it votes
     min_voters: int = 2  # other voting peers needed for the per-peer bound (else the run-wide rule)
@@ -62,12 +62,14 @@ class DefenceLimits:
     share_window: float = 120.0  # seconds
     share_min: int = 4  # commits in the window any peer may make whatever the others do
     replay_window: int = 256  # accepted sketches compared against
-    replay_cosine: float = 0.95
+    replay_cosine: float = 0.999
     sketch_dim: int = 256
     screen: bool = True  # loss screening at the coordinator
     screen_blocks: int = 2  # held-out blocks per language
-    screen_own_margin: float = 0.5  # nats: loss(θ−Δ) − loss(θ) on the sender's language may not exceed this
-    screen_mean_margin: float = 0.5  # nats: nor, on the mean over languages, this
+    screen_tokens: int = 128  # of each block, the first this many tokens
+    screen_scale: float = 0.1  # the candidate is scored at θ − screen_scale × Δ
+    screen_own_margin: float = 0.05  # nats: loss(θ − sΔ) − loss(θ) on the sender's language may not exceed this
+    screen_mean_margin: float = 0.25  # nats: nor, on the mean over languages, this
 
     @classmethod
     def from_config(cls, cfg) -> "DefenceLimits":
@@ -124,21 +126,21 @@ class DefenceState:
         self._sketcher: Sketcher | None = None
 
     # ------------------------------------------------------------------------------ rules
-    def norm_bound(self, peer: str) -> float | None:
-        """The per-peer bound for ``peer``, or None when too few other peers have history."""
-        lim = self.limits
+    def norm_bound(self, peer: str, limits: DefenceLimits | None = None) -> float | None:
+        """The per-peer bound for ``peer``, or None when too few other peers have history (``limits``:
+        the thresholds to apply; default this state's)."""
+        lim = limits or self.limits
         votes = [statistics.median(n) for p, n in self.norms.items() if p != peer and len(n) >= lim.min_norms]
         if len(votes) < lim.min_voters:
             return None
         return lim.norm_factor * statistics.median(votes)
 
-    def share_wait(self, peer: str, now: float) -> float | None:
+    def share_wait(self, peer: str, now: float, limits: DefenceLimits | None = None) -> float | None:
         """Seconds ``peer`` must wait before another commit of its is within its share; None: now."""
-        lim = self.limits
+        lim = limits or self.limits
         start = now - lim.share_window
         mine = [t for t in self.times.get(peer, ()) if start < t <= now]
-        counts = [c for p, ts in self.times.items() if p != peer and (c := sum(1 for t in ts if start < t <= now))]
-        allowed = max(float(lim.share_min), lim.share_factor * statistics.median(counts) if counts else 0.0)
+        allowed = self.allowed_share(peer, now, lim)
         if len(mine) + 1 <= allowed:
             return None
         # the commit that must age out of the window for one more to fit
@@ -146,9 +148,10 @@ class DefenceState:
         k = min(max(k, 0), len(mine) - 1)
         return min(10.0, max(0.5, sorted(mine)[k] + lim.share_window - now))
 
-    def allowed_share(self, peer: str, now: float) -> float:
-        """How many commits ``peer`` may make in the current window (for the operator's detail)."""
-        lim = self.limits
+    def allowed_share(self, peer: str, now: float, limits: DefenceLimits | None = None) -> float:
+        """How many commits ``peer`` may make in the current window: ``share_factor`` × the median
+        count of the other peers with a commit in it, at least ``share_min``."""
+        lim = limits or self.limits
         start = now - lim.share_window
         counts = [c for p, ts in self.times.items() if p != peer and (c := sum(1 for t in ts if start < t <= now))]
         return max(float(lim.share_min), lim.share_factor * statistics.median(counts) if counts else 0.0)
@@ -261,7 +264,7 @@ class LossScreen:
         return {r: validation_loss(self.model, b) for r, b in blocks.items()}
 
     def score(self, params: list[torch.Tensor], delta: list[torch.Tensor], region: str | None,
-              version: int) -> dict | None:
+              version: int, scale: float = 1.0) -> dict | None:
         """``{"own": change on the sender's language or None, "mean": change of the mean over
         languages, "regions": n}``; None when no language has held-out data."""
         t0 = time.perf_counter()
@@ -276,7 +279,7 @@ class LossScreen:
             self._base = (version, key, self._losses(params, blocks))
         base = self._base[2]
         with torch.no_grad():
-            moved = [p - d.to(p.dtype) for p, d in zip(params, delta)]
+            moved = [p - scale * d.to(p.dtype) for p, d in zip(params, delta)]
         after = self._losses(moved, blocks)
         change = {r: after[r] - base[r] for r in blocks}
         finite = all(math.isfinite(v) for v in change.values())
