@@ -333,3 +333,35 @@ def test_the_loss_screen_refuses_what_makes_the_model_worse():
         state.check([-good], 0, limits, peer="QmM", region="de", now=1.0)
     # scored at θ − 0.1·Δ (screen_scale): own language +0.15 nats, over the 0.05 margin
     assert exc.value.code == "harmful_update" and state.last_screen["own"] == pytest.approx(0.1466, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_a_sign_flipper_in_a_real_open_swarm_is_refused_and_the_model_still_learns(tmp_path):
+    """scripts/poison.py's sign_flip attacker (a real ``join`` process whose submit path sends −k·Δ,
+    probing k) against 3 honest peers of the tiny test model, defence on: most of its submissions
+    are refused, its accepted ones are a small share of the run, no honest submission is refused,
+    and the final θ is well below the untrained loss on every language."""
+    from argparse import Namespace
+
+    import yaml
+
+    from heloco_p2p.tools.launcher import write_test_config
+
+    from fakes import load_script
+
+    poison = load_script("poison")
+    for name, region in (("a", "de"), ("b", "fr"), ("c", "es")):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({"name": name, "region": region, "speed": 1.0,
+                                                                "device": "cpu", "batch_size": 8}))
+    config = write_test_config(tmp_path / "cfg.yaml")
+    args = Namespace(peers=str(tmp_path / "*.yaml"), config=str(config), rounds=8, max_minutes=1.6, set=[])
+    rec = poison.one_run("sign_flip", True, args, tmp_path / "run")
+    assert min(rec["honest_rounds"].values()) >= 8, rec  # the run ended by rounds, not by time
+    assert rec["attacker_submissions"] >= 4, rec
+    refused = rec["attacker_submissions"] - rec["attacker_accepted"]
+    assert refused >= rec["attacker_submissions"] / 2, rec
+    assert set(rec["attacker_reasons"]) <= {"accepted", "norm_too_large", "harmful_update"}, rec
+    assert rec["attacker_share"] <= 0.2, rec
+    assert rec["honest_refused"] == 0, rec
+    for region, loss in rec["per_language"].items():
+        assert loss < rec["untrained_per_language"][region] - 0.5, rec

@@ -6,7 +6,9 @@ A submission is identified by (peer id, sequence number). The ledger makes a ret
 a peer whose reply was lost (its coordinator died after replicating) resubmits and is told
 "accepted (duplicate)" instead of having its update applied twice. ``CommitState.check`` refuses
 values that must not be committed (``bad_version``, ``too_stale``, ``not_finite``,
-``norm_too_large``) before anything changes.
+``norm_too_large``, and with ``swarm.defence`` the poisoning rules of roles/defence.py: ``busy``
+over the sender's commit share, ``replayed_update``, ``harmful_update``) before anything changes;
+what those rules remember (``defence``) is replicated with the rest.
 """
 from __future__ import annotations
 
