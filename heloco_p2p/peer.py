@@ -500,7 +500,9 @@ class Peer:
             self.log_metric({"event": "rejected", "reason": out.reason, "message": out.reply.get("message")})
             logger.warning("submission rejected: %s (%s)", out.reason, out.reply.get("message"))
         self.seq += 1
-        if (out.status == "gave_up" or out.reason in ("too_stale", "bad_version")) \
+        # harmful_update: the loss screen scores Δ at the coordinator's θ; a Δ from a base that θ has
+        # moved far from (after a bad commit) can fail it for that reason alone: start from θ again
+        if (out.status == "gave_up" or out.reason in ("too_stale", "bad_version", "harmful_update")) \
                 and not self.stop_event.is_set() and self._time_left():
             self._catch_up()
 

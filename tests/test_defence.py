@@ -117,19 +117,24 @@ def test_two_identities_cannot_move_the_bound():
     assert state.defence.norm_bound("QmC", limits.defence) <= 3 * 1.2 * (1 + 1e-6)
 
 
-def test_with_too_few_other_voters_the_run_wide_rule_applies():
+def test_with_too_few_other_voters_the_bound_is_the_factor_times_the_runs_median():
     limits = _limits()
     state = _state()
-    for i in range(3):
-        _commit(state, limits, "QmA", 1.0, i, now=1.0 + i, seq=i)
+    for i, norm in enumerate((1.0, 2.0, 1.5)):
+        _commit(state, limits, "QmA", norm, i, now=1.0 + i, seq=i)
     assert state.defence.norm_bound("QmB", limits.defence) is None  # one voter (A) of the 2 needed
-    # 3 < 5 accepted norms: the bound is 10 × max(‖θ‖, 1)
-    bound = 10 * max(tensor_norm(state.engine.params), 1.0)
-    assert bound >= 10.0
+    # then ‖Δ‖ ≤ 3 × median(1.0, 2.0, 1.5) = 4.5, whoever sends it (A too)
+    for peer in ("QmB", "QmA"):
+        with pytest.raises(Rejection) as exc:
+            state.check(_delta(4.6, 9), state.version, limits, peer=peer, now=5.0)
+        assert exc.value.code == "norm_too_large" and "= 4.5 (too few voters yet)" in exc.value.detail
+    assert state.check(_delta(4.4, 9), state.version, limits, peer="QmB", now=5.0) == pytest.approx(4.4)
+    # before any accepted norm: the run-wide rule, 10 × max(‖θ‖, 1)
+    fresh = _state()
     with pytest.raises(Rejection) as exc:
-        state.check(_delta(1.01 * bound, 9), state.version, limits, peer="QmB", now=5.0)
-    assert exc.value.code == "norm_too_large" and "fewer than 5 accepted norms" in exc.value.detail
-    assert state.check(_delta(0.99 * bound, 9), state.version, limits, peer="QmB", now=5.0) > 0
+        fresh.check(_delta(10.1, 9), 0, limits, peer="QmB", now=5.0)
+    assert "fewer than 5 accepted norms" in exc.value.detail
+    assert fresh.check(_delta(9.9, 9), 0, limits, peer="QmB", now=5.0) == pytest.approx(9.9)
 
 
 def test_refusals_carry_no_thresholds():

@@ -200,6 +200,13 @@ class CommitState:
                                 detail=f"‖Δ‖ = {norm:.4g} > {d.norm_factor:g} × median over other peers of their median "
                                        f"recent accepted norm = {peer_bound:.4g}")
         else:
+            if defended and self.recent_norms:  # too few voters yet: at most the defence's factor × the run's median
+                bound = d.norm_factor * statistics.median(list(self.recent_norms)[-d.norm_window:])
+                if norm > bound:
+                    raise Rejection("norm_too_large", "‖Δ‖ is above the run's norm bound (a multiple of recent "
+                                                      "accepted norms)",
+                                    detail=f"‖Δ‖ = {norm:.4g} > {d.norm_factor:g} × median of the last "
+                                           f"{d.norm_window} accepted norms = {bound:.4g} (too few voters yet)")
             self._check_run_norm(norm, limits)
         if defended:
             self._check_replay_and_loss(pseudo_grad, d, region)
