@@ -175,8 +175,9 @@ class Peer:
             raise JoinError(f"outer: {exc}") from None
         self.commit_state = CommitState(engine, defence=DefenceState(limits.defence or DefenceLimits()))
         if limits.defence is not None and limits.defence.enabled and limits.defence.screen:
-            self.commit_state.screen = LossScreen(lambda: build_model(self.cfg.model, self.tokenizer, seed=0),
-                                                  self._screen_blocks)
+            # its own copy of the model, on the training device (a GPU at 125M: docs/security.md, "Poisoning")
+            self.commit_state.screen = LossScreen(
+                lambda: build_model(self.cfg.model, self.tokenizer, seed=0).to(self.trainer.device), self._screen_blocks)
         self.service = CoordinatorService(self.node, self.commit_state, [tuple(p.shape) for p in theta0], limits,
                                           reply_compression=self.cfg.swarm.reply_compression,
                                           config_digest=self.cfg.digest(), mode=mode,
