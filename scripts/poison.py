@@ -325,22 +325,33 @@ def render(results: dict) -> str:
                   + ", ".join(_f(m) for m in means) + f" (spread {_f(max(means) - min(means))}); "
                   + "worst language " + ", ".join(_f(r["worst_loss"]) for r in clean) + ".", ""]
     lines += ["| attack | defence | attacker commits (share) | attacker submissions accepted | mean loss (Δ vs clean) "
-              "| worst language | honest refused | honest resends | screen ms |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| worst language | honest refused | honest resends | screen ms | target |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         delta = r["mean_loss"] - clean_mean if clean else math.nan
+        met = target_met(r, clean_mean)
         lines.append(f"| {r['attack']} | {'on' if r['defence'] else 'off'} | {r['attacker_commits']} of {r['commits']} "
                      f"({100 * r['attacker_share']:.0f}%) | {r['attacker_accepted']} of {r['attacker_submissions']} | "
                      f"{_f(r['mean_loss'])} ({_f(delta, '+.2f')}) | {_f(r['worst_loss'])} | "
                      f"{r['honest_refused']} of {r['honest_submissions']} ({r['honest_refused_pct']:.1f}%) | "
-                     f"{r['honest_resends']} | {_f(r['screen_ms_median'], '.1f')} |")
-    lines += ["", "Refusal reasons of the attackers' submissions, per run: "
+                     f"{r['honest_resends']} | {_f(r['screen_ms_median'], '.1f')} | {'met' if met else 'missed'} |")
+    lines += ["", "Target: mean loss within 0.3 nats of the clean runs' mean, below the untrained loss on every "
+              "language, and under 2% of the honest submissions refused. Honest resends: submissions resent after "
+              "`busy`/`rate_limited` or a lost reply (the client's attempts − 1); the commit-share rule answers `busy`. "
+              "Screen ms: the loss screen's median time per screened commit at the coordinator, on this loaded machine.",
+              "", "Refusal reasons of the attackers' submissions, per run: "
               + "; ".join(f"{r['attack']}/{'on' if r['defence'] else 'off'}: "
                           + ", ".join(f"{k} {v}" for k, v in sorted(r['attacker_reasons'].items()))
                           for r in runs if r["attack"] != "clean")]
     if results.get("reading"):
         lines += ["", results["reading"]]
     return "\n".join(lines)
+
+
+def target_met(r: dict, clean_mean: float) -> bool:
+    """The issue's target: within 0.3 nats of the clean mean, below untrained on every language, < 2% honest refused."""
+    below = all(v < r["untrained_per_language"].get(k, math.inf) for k, v in r["per_language"].items())
+    return bool(r["mean_loss"] <= clean_mean + 0.3 and below and r["honest_refused_pct"] < 2.0)
 
 
 def _tree() -> str:
