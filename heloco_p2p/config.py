@@ -145,6 +145,37 @@ class OuterConfig(_Section):
     dylu_min_steps: int = Field(1, gt=0)
 
 
+class DefenceConfig(_Section):
+    """Bounds on poisoned pseudo-gradients (heloco_p2p/roles/defence.py; docs/security.md,
+    "Poisoning"). On by default, in open and keyed runs alike (a key holder can go bad too)."""
+
+    enabled: bool = True
+    # per-peer norm bound: ‖Δ‖ ≤ norm_factor × the median, over the other peers, of each peer's median
+    # of its last norm_window accepted norms (peers with min_norms of them vote; with fewer than
+    # min_voters voters the run-wide rule, swarm.norm_factor, applies)
+    norm_factor: float = Field(4.0, gt=1)
+    norm_window: int = Field(8, gt=0)
+    min_norms: int = Field(2, gt=0)
+    min_voters: int = Field(2, gt=0)
+    # commit share: a peer's commits in the last share_window seconds ≤ share_factor × the other active
+    # peers' median count (at least share_min); over it the submission is answered busy (retry_after)
+    share_factor: float = Field(2.0, gt=1)
+    share_window: float = Field(120.0, gt=0)
+    share_min: int = Field(4, gt=0)
+    # replay: refuse a Δ whose sketch has a cosine above replay_cosine with one of the last replay_window commits
+    replay_window: int = Field(256, gt=0)
+    replay_cosine: float = Field(0.999, gt=0, le=1)
+    sketch_dim: int = Field(256, gt=0)
+    # loss screening at the coordinator: refuse a Δ whose loss change at θ−Δ on screen_blocks held-out
+    # blocks per language exceeds the margin (nats) on the sender's language or on the mean over languages
+    screen: bool = True
+    screen_blocks: int = Field(2, gt=0)
+    screen_tokens: int = Field(128, gt=1)  # of each block, the first this many tokens
+    screen_scale: float = Field(0.1, gt=0)  # the candidate is scored at θ − screen_scale × Δ
+    screen_own_margin: float = Field(0.05, ge=0)
+    screen_mean_margin: float = Field(0.25, ge=0)
+
+
 class SwarmConfig(_Section):
     """Timing and limits of the real swarm (heloco-peer join)."""
 
@@ -172,6 +203,7 @@ class SwarmConfig(_Section):
     checkpoint_every: int = Field(50, gt=0)  # commits between coordinator checkpoints
     # train the next round while a submission travels, folding its reply in mid-round (docs/protocol.md)
     overlap: bool = True
+    defence: DefenceConfig = Field(default_factory=DefenceConfig)  # poisoning bounds (docs/security.md)
 
 
 class RunConfig(_Section):

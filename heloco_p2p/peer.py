@@ -29,6 +29,7 @@ from heloco_p2p.local.solo import source_spec
 from heloco_p2p.roles.checkpoints import Checkpoints
 from heloco_p2p.roles.commit_state import CommitState, SubmissionLimits, params_digest
 from heloco_p2p.roles.coordinator import CoordinatorService
+from heloco_p2p.roles.defence import DefenceLimits, DefenceState, LossScreen
 from heloco_p2p.roles.election import Election
 from heloco_p2p.roles.evaluator import Evaluator, evaluate_forever
 from heloco_p2p.roles.joining import (
@@ -175,7 +176,11 @@ class Peer:
             engine = build_outer_engine(self.preset, theta0, names=param_names(self.model), num_workers=None)  # K: per commit
         except ValueError as exc:
             raise JoinError(f"outer: {exc}") from None
-        self.commit_state = CommitState(engine)
+        self.commit_state = CommitState(engine, defence=DefenceState(limits.defence or DefenceLimits()))
+        if limits.defence is not None and limits.defence.enabled and limits.defence.screen:
+            # its own copy of the model, on the training device (a GPU at 125M: docs/security.md, "Poisoning")
+            self.commit_state.screen = LossScreen(
+                lambda: build_model(self.cfg.model, self.tokenizer, seed=0).to(self.trainer.device), self._screen_blocks)
         self.service = CoordinatorService(self.node, self.commit_state, [tuple(p.shape) for p in theta0], limits,
                                           reply_compression=self.cfg.swarm.reply_compression,
                                           config_digest=self.cfg.digest(), mode=mode,
@@ -252,6 +257,15 @@ class Peer:
         self.trainer = InnerTrainer(self.model, inner, blocks.batches(inner.batch_size))
         self.val_blocks = validation_blocks(self.source, self.tokenizer, cfg.data.seq_len, cfg.data.val_blocks)
 
+    def _screen_blocks(self, region: str) -> torch.Tensor | None:
+        """The loss screen's held-out blocks of ``region``: ``swarm.defence.screen_blocks`` blocks of its
+        validation split right after the ``data.val_blocks`` that evaluators measure (disjoint from them
+        when the split is long enough; else its last blocks)."""
+        cfg = self.cfg
+        n, k = cfg.data.val_blocks, cfg.swarm.defence.screen_blocks
+        blocks = validation_blocks(open_source(source_spec(cfg, region)), self.tokenizer, cfg.data.seq_len, n + k)
+        return blocks[-k:, :cfg.swarm.defence.screen_tokens] if len(blocks) else None
+
     def _catch_up(self) -> None:
         """Download the current θ (roles/joining.py) and start from it."""
         self.role = "catching_up"
@@ -314,7 +328,9 @@ class Peer:
             self.metrics.log(self.tally.refused(out))
             logger.warning("submission rejected: %s (%s)", out.reason, out.reply.get("message"))
         self.tally.seq += 1
-        if (out.status == "gave_up" or out.reason in ("too_stale", "bad_version")) \
+        # harmful_update: the loss screen scores Δ at the coordinator's θ; a Δ from a base that θ has
+        # moved far from (after a bad commit) can fail it for that reason alone: start from θ again
+        if (out.status == "gave_up" or out.reason in ("too_stale", "bad_version", "harmful_update")) \
                 and not self.stop_event.is_set() and self.schedule.time_left():
             self._catch_up()
 

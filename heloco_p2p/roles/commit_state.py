@@ -6,12 +6,15 @@ A submission is identified by (peer id, sequence number). The ledger makes a ret
 a peer whose reply was lost (its coordinator died after replicating) resubmits and is told
 "accepted (duplicate)" instead of having its update applied twice. ``CommitState.check`` refuses
 values that must not be committed (``bad_version``, ``too_stale``, ``not_finite``,
-``norm_too_large``) before anything changes.
+``norm_too_large``, and with ``swarm.defence`` the poisoning rules of roles/defence.py: ``busy``
+over the sender's commit share, ``replayed_update``, ``harmful_update``) before anything changes;
+what those rules remember (``defence``) is replicated with the rest.
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import math
 import statistics
 from collections import deque
@@ -21,7 +24,10 @@ import torch
 
 from heloco_p2p.outer import OuterEngine
 from heloco_p2p.roles.commit_log import CommitLog
+from heloco_p2p.roles.defence import DefenceLimits, DefenceState, LossScreen
 from heloco_p2p.roles.messages import MAX_WORKERS
+
+logger = logging.getLogger(__name__)
 
 
 def params_digest(params: list[torch.Tensor]) -> str:
@@ -35,10 +41,11 @@ def params_digest(params: list[torch.Tensor]) -> str:
 class Rejection(Exception):
     """A submission refused before it touched state; ``code`` is the reason sent to the peer."""
 
-    def __init__(self, code: str, message: str, detail: str = ""):
+    def __init__(self, code: str, message: str, detail: str = "", retry_after: float | None = None):
         super().__init__(message)
         self.code = code
         self.detail = detail  # for the operator's log only: what an attacker could learn from (exact bounds)
+        self.retry_after = retry_after  # ``busy`` only: when the same submission may come back
 
 
 @dataclass
@@ -55,12 +62,17 @@ class SubmissionLimits:
     submit_rate: float = 2.0  # submissions per second per peer (token bucket); 0: unlimited
     submit_burst: float = 10.0
     max_pending_submits: int = 8  # submissions admitted and not yet answered; more are told busy
+    # the poisoning rules (roles/defence.py); None: the run-wide norm rule alone
+    defence: DefenceLimits | None = None
 
     @classmethod
     def from_config(cls, swarm) -> "SubmissionLimits":
         """From a ``SwarmConfig`` (fields of the same names; missing ones keep their defaults)."""
         names = ("max_staleness", "norm_factor", "max_steps", "submit_rate", "submit_burst", "max_pending_submits")
-        return cls(**{n: getattr(swarm, n) for n in names if hasattr(swarm, n)})
+        limits = cls(**{n: getattr(swarm, n) for n in names if hasattr(swarm, n)})
+        if getattr(swarm, "defence", None) is not None:
+            limits.defence = DefenceLimits.from_config(swarm.defence)
+        return limits
 
 
 WORKERS_WINDOW = 64  # commits over which the swarm counts its workers K
@@ -88,6 +100,11 @@ class CommitState:
     # the hash chain over the commits (roles/commit_log.py): appended by whoever applies a commit,
     # once its θ digest is known, replicated with the rest
     log: CommitLog = field(default_factory=CommitLog)
+    # what the poisoning rules remember (per-peer norms, commit times, sketches): replicated
+    defence: DefenceState = field(default_factory=DefenceState)
+    # the coordinator's loss screen (not replicated: standbys never screen); None: no screening
+    screen: LossScreen | None = None
+    last_screen: dict | None = None  # the last screening's scores (for the operator's log and metrics)
 
     @property
     def version(self) -> int:
@@ -97,8 +114,12 @@ class CommitState:
         """Where a peer's inner learning-rate schedule should be: the run's inner steps per peer."""
         return self.total_steps // max(1, len(self.contributors))
 
-    def check(self, pseudo_grad: list[torch.Tensor], base_version: int, limits: SubmissionLimits) -> float:
-        """Raise Rejection unless the submission may be committed; returns its norm. Reads only."""
+    def check(self, pseudo_grad: list[torch.Tensor], base_version: int, limits: SubmissionLimits,
+              peer: str | None = None, region: str | None = None, now: float | None = None) -> float:
+        """Raise Rejection unless the submission may be committed; returns its norm. Reads only.
+        With ``limits.defence`` enabled and the sender ``peer`` known, the poisoning rules apply
+        (roles/defence.py): the per-peer norm bound, the commit share at ``now`` (the coordinator's
+        clock; skipped when None), replay, and the loss screen on ``region`` (the claimed one)."""
         if base_version < 0 or base_version > self.version:
             raise Rejection("bad_version", f"base version {base_version} is not in [0, {self.version}]")
         staleness = self.version - base_version
@@ -107,6 +128,38 @@ class CommitState:
         norm = tensor_norm(pseudo_grad)
         if not math.isfinite(norm):
             raise Rejection("not_finite", "the pseudo-gradient contains NaN or Inf")
+        d = limits.defence
+        defended = d is not None and d.enabled and peer is not None
+        if defended and now is not None:
+            wait = self.defence.share_wait(peer, now, d)
+            if wait is not None:
+                raise Rejection("busy", "this peer's share of recent commits is above its share of the swarm's work; "
+                                        "resend the same submission later",
+                                detail=f"commit share: over {self.defence.allowed_share(peer, now, d):.3g} commits in "
+                                       f"{d.share_window:g} s", retry_after=wait)
+        peer_bound = self.defence.norm_bound(peer, d) if defended else None
+        if peer_bound is not None:
+            if norm > peer_bound:
+                raise Rejection("norm_too_large", "‖Δ‖ is above this peer's norm bound (a multiple of the other peers' "
+                                                  "recent accepted norms)",
+                                detail=f"‖Δ‖ = {norm:.4g} > {d.norm_factor:g} × median over other peers of their median "
+                                       f"recent accepted norm = {peer_bound:.4g}")
+        else:
+            if defended and self.recent_norms:  # too few voters yet: at most the defence's factor × the run's median
+                bound = d.norm_factor * statistics.median(list(self.recent_norms)[-d.norm_window:])
+                if norm > bound:
+                    raise Rejection("norm_too_large", "‖Δ‖ is above the run's norm bound (a multiple of recent "
+                                                      "accepted norms)",
+                                    detail=f"‖Δ‖ = {norm:.4g} > {d.norm_factor:g} × median of the last "
+                                           f"{d.norm_window} accepted norms = {bound:.4g} (too few voters yet)")
+            self._check_run_norm(norm, limits)
+        if defended:
+            self._check_replay_and_loss(pseudo_grad, d, region)
+        return norm
+
+    def _check_run_norm(self, norm: float, limits: SubmissionLimits) -> None:
+        """The run-wide rule: a multiple of the median of recent accepted norms (any sender's), or
+        of ‖θ‖ before ``norm_min_history`` norms were accepted."""
         history = list(self.recent_norms)[-limits.norm_window:]
         if len(history) >= limits.norm_min_history:
             bound = limits.norm_factor * statistics.median(history)
@@ -120,7 +173,27 @@ class CommitState:
                                                   "norms were accepted)",
                                 detail=f"‖Δ‖ = {norm:.4g} > {limits.norm_factor:g} × max(‖θ‖, 1) = {bound:.4g} "
                                        f"(fewer than {limits.norm_min_history} accepted norms)")
-        return norm
+
+    def _check_replay_and_loss(self, pseudo_grad: list[torch.Tensor], d: DefenceLimits, region: str | None) -> None:
+        cos = self.defence.max_cosine(self.defence.sketch(pseudo_grad))
+        self.last_screen = {"replay_cosine": cos}
+        if cos > d.replay_cosine:
+            raise Rejection("replayed_update", "the pseudo-gradient repeats a recently committed one",
+                            detail=f"sketch cosine {cos:.4f} > {d.replay_cosine:g} with a recent commit")
+        if not d.screen or self.screen is None:
+            return
+        region = region[:64] if isinstance(region, str) and region else None
+        s = self.screen.score(self.engine.params, pseudo_grad, region, self.version, scale=d.screen_scale)
+        if s is None:
+            return
+        self.last_screen.update(s, region=region, version=self.version)
+        logger.info("loss screen: region %s own %s mean %+.4f (%d languages, %.1f ms) %s", region,
+                    "-" if s["own"] is None else f"{s['own']:+.4f}", s["mean"], s["regions"], 1e3 * s["seconds"],
+                    self.last_screen)
+        if (s["own"] is not None and s["own"] > d.screen_own_margin) or s["mean"] > d.screen_mean_margin:
+            raise Rejection("harmful_update", "the pseudo-gradient makes the model clearly worse on held-out data",
+                            detail=f"loss change at θ−Δ: own language {s['own']}, mean {s['mean']:+.4f} "
+                                   f"(margins {d.screen_own_margin:g}, {d.screen_mean_margin:g})")
 
     def workers(self, peer: str) -> int:
         """K for a commit by ``peer``: the distinct senders of the last ``WORKERS_WINDOW`` commits
@@ -128,13 +201,18 @@ class CommitState:
         return min(MAX_WORKERS, len(set(self.recent_senders) | {peer}))
 
     def apply(self, pseudo_grad: list[torch.Tensor], base_version: int, peer: str, seq: int, steps: int, norm: float,
-              worker: str | None = None, seconds: float | None = None, tokens: int = 0, num_workers: int | None = None):
+              worker: str | None = None, seconds: float | None = None, tokens: int = 0, num_workers: int | None = None,
+              commit_time: float | None = None):
         """Commit one submission; ``worker``/``seconds`` feed the region-fair weight (outer.fairness):
         the sender's region and how long its round took; ``tokens`` counts toward the run's budget;
-        ``num_workers`` is K (default: ``workers(peer)``)."""
+        ``num_workers`` is K (default: ``workers(peer)``); ``commit_time`` is the coordinator's clock
+        at the commit (it travels in the forwarded commit; None: the commit-share rule does not
+        count it)."""
         k = self.workers(peer) if num_workers is None else num_workers
+        sketch = self.defence.sketch(pseudo_grad)  # of Δ as received: before the commit changes anything
         info = self.engine.commit(pseudo_grad, base_version, worker=worker, seconds=seconds, num_workers=k)
         self.recent_senders.append(peer)
+        self.defence.record(peer, norm, sketch, commit_time)
         self._record(peer, seq, steps, norm, tokens)
         self._credit(peer, worker, tokens, info)
         return info
@@ -192,8 +270,9 @@ class CommitState:
         """Synchronous DiLoCo: one outer step on the mean of one pseudo-gradient per peer.
         ``items``: (peer, seq, steps, tokens, norm, Δ) each."""
         info = self.engine.sync_commit([d for *_, d in items], base_version, num_workers=len(items))
-        for peer, seq, steps, tokens, norm, _ in items:
+        for peer, seq, steps, tokens, norm, delta in items:
             self._record(peer, seq, steps, norm, tokens)
+            self.defence.record(peer, norm, self.defence.sketch(delta), None)
             self._credit(peer, None, tokens, info)  # the cosine and branches are those of the mean
         return info
 
@@ -208,7 +287,8 @@ class CommitState:
                 "contributors": sorted(self.contributors),
                 "recent_norms": list(self.recent_norms),
                 "credit": {p: dict(c) for p, c in self.credit.items()},
-                "recent_senders": list(self.recent_senders), "log": self.log.state_dict()}
+                "recent_senders": list(self.recent_senders), "log": self.log.state_dict(),
+                "defence": self.defence.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore ``state_dict()``; everything is checked before anything changes.
@@ -241,6 +321,9 @@ class CommitState:
             raise ValueError(f"commit state: recent_senders must be a list of at most {WORKERS_WINDOW} peer ids")
         log = CommitLog()
         log.load_state_dict(state.get("log"))  # states written before the commit log have none
+        defence = DefenceState(self.defence.limits)
+        if "defence" in state:  # states written before the poisoning rules have none
+            defence.load_state_dict(state["defence"])
         try:
             self.engine.load_state_dict(state.get("engine"))  # checks everything before it changes anything
         except ValueError:
@@ -257,6 +340,7 @@ class CommitState:
         self.credit = credit
         self.recent_senders = deque(senders, maxlen=WORKERS_WINDOW)
         self.log = log
+        self.defence = defence
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()

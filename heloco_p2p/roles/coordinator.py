@@ -184,15 +184,19 @@ class CoordinatorService:
     async def _commit(self, delta, peer: str, sub: messages.Submission, payload: bytes, t_decode: float) -> messages.Reply:
         """Check, apply, replicate, acknowledge (under the commit lock)."""
         st, rep, loop = self.state, self.replication, asyncio.get_running_loop()
+        commit_time = time.time()  # the coordinator's clock: the commit-share rule counts commits by it
         try:
-            norm = await loop.run_in_executor(None, st.check, delta, sub.base_version, self.limits)
+            norm = await loop.run_in_executor(None, lambda: st.check(delta, sub.base_version, self.limits, peer=peer,
+                                                                     region=sub.region or None, now=commit_time))
         except Rejection as exc:
+            if exc.code == "busy":  # over its commit share: the sender keeps its Δ and resends it
+                return self.busy(str(exc), exc.retry_after or 1.0)
             return self.reject(peer, exc.code, str(exc), exc.detail)
         version_before = st.version
         t1 = time.perf_counter()
         num_workers = st.workers(peer)
         info = await loop.run_in_executor(None, st.apply, delta, sub.base_version, peer, sub.seq, sub.steps, norm,
-                                          sub.worker, sub.seconds, sub.tokens, num_workers)
+                                          sub.worker, sub.seconds, sub.tokens, num_workers, commit_time)
         digest = await loop.run_in_executor(None, params_digest, st.engine.params)
         st.log.append(st.version, st.term, peer, sub.seq, sub.base_version, digest)
         dispatched = st.engine.dispatch_params()  # computed once: digested, then sent in the reply
@@ -200,7 +204,7 @@ class CoordinatorService:
             await loop.run_in_executor(None, params_digest, dispatched)
         t2 = time.perf_counter()
         commit = messages.CommitForward(st.term, version_before, sub.base_version, peer, sub.seq, sub.steps, sub.tensors,
-                                        digest, sub.worker, sub.seconds, sub.tokens, num_workers)
+                                        digest, sub.worker, sub.seconds, sub.tokens, num_workers, commit_time)
         held = await rep.forward(commit, payload)
         if not self.term.active:
             # a standby follows a newer term that this peer verified: another peer coordinates, and
@@ -208,7 +212,8 @@ class CoordinatorService:
             return messages.not_coordinator(self.term.highest_seen, "a standby follows a newer term; read the lease again")
         summary = info.summary()
         event = {**summary, "peer": peer, "seq": sub.seq, "norm": norm, "digest": digest, "term": st.term,
-                 "dispatch_digest": dispatch_digest, "num_workers": num_workers, "stats": sub.stats, "replicas": held}
+                 "dispatch_digest": dispatch_digest, "num_workers": num_workers, "stats": sub.stats, "replicas": held,
+                 "screen": st.last_screen}
         required = rep.required()
         if held < required:  # committed here, held by too few: not acknowledged (the retry is a duplicate)
             logger.warning("commit %d is held by %d standbys of the %d required: not acknowledged",

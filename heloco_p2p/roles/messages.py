@@ -142,6 +142,7 @@ class CommitForward:
     seconds: float | None = None
     tokens: int = 0
     num_workers: int | None = None
+    commit_time: float | None = None  # the coordinator's clock at the commit (the commit-share rule counts by it)
 
     def header(self) -> dict:
         return {"kind": "commit", **asdict(self)}
@@ -152,6 +153,9 @@ class CommitForward:
         if not (worker is None or isinstance(worker, str) and len(worker) <= 256) or \
                 not (seconds is None or positive(seconds)):
             raise WireError("malformed", "header fields 'worker' (a string) and 'seconds' (a number > 0) are malformed")
+        commit_time = header.get("commit_time")
+        if not (commit_time is None or positive(commit_time)):
+            raise WireError("malformed", "header field 'commit_time' must be a number > 0")
         num_workers = header.get("num_workers")
         if num_workers is not None:
             num_workers = header_int(header, "num_workers", lo=1, hi=MAX_WORKERS)
@@ -159,7 +163,7 @@ class CommitForward:
                    base_version=header_int(header, "base_version"), peer=header_str(header, "peer"),
                    seq=header_int(header, "seq"), steps=header_int(header, "steps"), tensors=tensor_meta(header),
                    digest=header_str(header, "digest"), worker=worker, seconds=seconds,
-                   tokens=header_int(header, "tokens", default=0), num_workers=num_workers)
+                   tokens=header_int(header, "tokens", default=0), num_workers=num_workers, commit_time=commit_time)
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,8 @@ class StandbyService:
             return messages.rejected("not_finite", "the pseudo-gradient contains NaN or Inf")
         self._follow(commit.term, remote)
         await loop.run_in_executor(None, self.state.apply, delta, commit.base_version, commit.peer, commit.seq,
-                                   commit.steps, norm, commit.worker, commit.seconds, commit.tokens, commit.num_workers)
+                                   commit.steps, norm, commit.worker, commit.seconds, commit.tokens, commit.num_workers,
+                                   commit.commit_time)
         mine = await loop.run_in_executor(None, params_digest, self.state.engine.params)
         if mine != commit.digest:
             logger.warning("standby: digest differs at version %d; asking for the full state", self.state.version)

@@ -49,9 +49,12 @@ class LocalSwarm:
         self.netns = netns  # None: every peer on 127.0.0.1; else a NetnsTestnet: one namespace per peer
         self.procs: dict[str, subprocess.Popen] = {}
         self.maddr: str | None = None
+        # how a peer is started, by name: the interpreter's arguments before ``join`` (default
+        # ``-m heloco_p2p``; scripts/poison.py starts its attackers through its own entry point)
+        self.entry: dict[str, list[str]] = {}
 
     def start(self, name: str, region: str, *extra: str, initial: bool = True) -> subprocess.Popen:
-        args = [sys.executable, "-m", "heloco_p2p", "join", "--run-id", self.run_id, "--region", region, "--name", name,
+        args = [sys.executable, *self.entry.get(name, ["-m", "heloco_p2p"]), "join", "--run-id", self.run_id, "--region", region, "--name", name,
                 "--threads", "1", "--metrics", str(self.dir / f"{name}.jsonl"),
                 "--checkpoint-dir", str(self.dir / f"ckpt-{name}"), "--identity", str(self.dir / f"id-{name}"), *extra]
         if initial and self.maddr:

@@ -107,12 +107,15 @@ def _coordinator_now(sw: LocalSwarm) -> str | None:
 def run_testnet(profiles: list[PeerProfile], config_path: str, minutes: float, out: Path,
                 run_id: str | None = None, live: bool = True, eval_every: float = 30.0, during=None,
                 swarm_key_file: str | None = None, dashboard_host: str = "127.0.0.1",
-                dashboard_port: int | None = None) -> dict:
+                dashboard_port: int | None = None, entry: dict[str, list[str]] | None = None,
+                extra_args: dict[str, list[str]] | None = None, until=None) -> dict:
     """Run the cast for ``minutes``, then stop every peer and write the outputs; returns the summary.
     ``swarm_key_file``: every peer (and the observer) uses this swarm key (docs/security.md).
     ``dashboard_port``: serve the dashboard there while the run lasts (taken: any free port; None: none).
     ``during(sw, client)``, if given, is called about once a second while the run lasts (scripts/chaos.py
-    injects faults with it)."""
+    injects faults with it). ``entry``/``extra_args``: per peer name, how it is started
+    (``LocalSwarm.entry``) and options added to its ``join``; ``until(sw)``: stop early once it is
+    true (checked about once a second; scripts/poison.py stops when every honest peer trained its rounds)."""
     cfg = load_config(config_path)
     out.mkdir(parents=True, exist_ok=True)
     run_id = run_id or f"testnet-{uuid.uuid4().hex[:6]}"
@@ -121,15 +124,17 @@ def run_testnet(profiles: list[PeerProfile], config_path: str, minutes: float, o
     evaluator = _Evaluator(cfg, [p.region for p in profiles])
     curve = [{"event": "val", "time": time.time(), "version": 0, "val_loss": evaluator(evaluator.theta0)}]
     sw = LocalSwarm(out / "peers", run_id, swarm_key_file=swarm_key_file)
+    sw.entry.update(entry or {})
+    extra_args = extra_args or {}
     (out / "peers").mkdir(exist_ok=True)
     client = dashboard = server = None
     interrupted = False
     t_start = time.time()
     try:
         first, rest = profiles[0], profiles[1:]
-        sw.start(first.name, first.region, "--config", str(config_file), *peer_args(first))
+        sw.start(first.name, first.region, "--config", str(config_file), *peer_args(first), *extra_args.get(first.name, []))
         for p in rest:
-            sw.start(p.name, p.region, *peer_args(p))
+            sw.start(p.name, p.region, *peer_args(p), *extra_args.get(p.name, []))
         client = SwarmNode(run_id, initial_peers=[sw.maddr], client_mode=True,
                            swarm_key=load_swarm_key(swarm_key_file) if swarm_key_file else None)
         banner = ""
@@ -151,6 +156,8 @@ def run_testnet(profiles: list[PeerProfile], config_path: str, minutes: float, o
                 view.refresh()
                 if during is not None:
                     during(sw, client)
+                if until is not None and until(sw):
+                    break
                 if time.time() >= next_eval:
                     next_eval += eval_every
                     point = _fetch_and_evaluate(client, evaluator, view.lease())
