@@ -79,7 +79,7 @@ class Attack:
     def log(self, outcome, sent) -> None:
         from heloco_p2p.roles.commit_state import tensor_norm
 
-        self.peer.log_metric({"event": "attack", "kind": self.kind, "scale": self.scale, "status": outcome.status,
+        self.peer.metrics.log({"event": "attack", "kind": self.kind, "scale": self.scale, "status": outcome.status,
                               "reason": outcome.reason, "duplicate": bool(outcome.reply.get("duplicate")),
                               "norm": tensor_norm(sent)})
 
@@ -188,7 +188,7 @@ def _flood(peer, attack: Flood, original) -> None:
     import torch
 
     rate = peer.cfg.swarm.submit_rate or 2.0
-    seq = peer.seq + 10**9  # above the training thread's: its own submissions become duplicates
+    seq = peer.tally.seq + 10**9  # above the training thread's: its own submissions become duplicates
     version = peer.version
     while not peer.stop_event.is_set():
         t0 = time.time()
