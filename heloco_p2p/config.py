@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from heloco_p2p.algorithms import ALGORITHMS, resolve_outer
 from heloco_p2p.outer import registry
+from heloco_p2p.swarm.sparse import TopkCodec, check_params
 
 REPO_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -146,9 +147,17 @@ class OuterConfig(_Section):
 
 
 class SwarmConfig(_Section):
-    """Timing and limits of the real swarm (heloco-peer join)."""
+    """Timing and limits of the real swarm (heloco-peer join).
 
-    compression: Literal["none", "fp16", "8bit"] = "none"  # pseudo-gradients on the wire
+    ``compression: topk`` sends pseudo-gradients sparse and low-bit with error feedback on the
+    sender (swarm/sparse.py, swarm/uplink.py): per chunk of ``topk_chunk`` values the
+    ``topk_density`` share of largest magnitudes, each in ``topk_bits`` bits plus its index, one
+    bf16 scale per chunk; ``Uplink.bits_per_param`` / ``sparse.bits_per_param`` give the cost."""
+
+    compression: Literal["none", "fp16", "8bit", "topk"] = "none"  # pseudo-gradients on the wire
+    topk_density: float = Field(0.02, gt=0, le=1)  # share of each chunk's values sent (topk)
+    topk_bits: int = Field(2, ge=2, le=8)  # bits per sent value, sign included (topk)
+    topk_chunk: int = Field(128, ge=16, le=4096)  # values per chunk, a power of two (topk)
     reply_compression: Literal["none", "fp16", "8bit"] = "none"  # θ in replies ("none": replicas stay exact)
     lease_seconds: float = Field(10.0, gt=0)  # a coordinator lease lapses this long after its last renewal
     heartbeat_seconds: float = Field(3.0, gt=0)
@@ -172,6 +181,21 @@ class SwarmConfig(_Section):
     checkpoint_every: int = Field(50, gt=0)  # commits between coordinator checkpoints
     # train the next round while a submission travels, folding its reply in mid-round (docs/protocol.md)
     overlap: bool = True
+
+    @model_validator(mode="after")
+    def _topk(self) -> "SwarmConfig":
+        try:
+            check_params(self.topk_density, self.topk_bits, self.topk_chunk)
+        except ValueError as exc:
+            raise ValueError(f"swarm.{exc}") from None
+        given = sorted(k for k in ("topk_density", "topk_bits", "topk_chunk") if k in self.model_fields_set)
+        if given and self.compression != "topk":
+            raise ValueError(f"{', '.join(given)} only apply to compression: topk (compression is "
+                             f"{self.compression!r}); set compression: topk or remove them")
+        return self
+
+    def topk_codec(self) -> TopkCodec:
+        return TopkCodec(self.topk_density, self.topk_bits, self.topk_chunk)
 
 
 class RunConfig(_Section):
