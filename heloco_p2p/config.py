@@ -188,7 +188,10 @@ class SwarmConfig(_Section):
             check_params(self.topk_density, self.topk_bits, self.topk_chunk)
         except ValueError as exc:
             raise ValueError(f"swarm.{exc}") from None
-        given = sorted(k for k in ("topk_density", "topk_bits", "topk_chunk") if k in self.model_fields_set)
+        # a value other than the default, not merely a key present: a dumped config (to_yaml, the
+        # genesis files, checkpoints) lists every key and must load again
+        fields = type(self).model_fields
+        given = [k for k in ("topk_density", "topk_bits", "topk_chunk") if getattr(self, k) != fields[k].default]
         if given and self.compression != "topk":
             raise ValueError(f"{', '.join(given)} only apply to compression: topk (compression is "
                              f"{self.compression!r}); set compression: topk or remove them")

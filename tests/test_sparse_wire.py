@@ -292,6 +292,19 @@ def test_config_validation_names_the_key(overrides, needle):
     assert needle in str(e.value)
 
 
+def test_a_dumped_config_loads_again_with_or_without_topk():
+    import yaml
+
+    from heloco_p2p.config import config_from_dict
+
+    for overrides in ({}, {"swarm.compression": "topk", "swarm.topk_density": 0.05, "swarm.topk_bits": 3}):
+        cfg = load_config("configs/tiny.yaml", overrides=overrides)
+        again = config_from_dict(yaml.safe_load(cfg.to_yaml()))
+        assert again.digest() == cfg.digest() and again.swarm == cfg.swarm
+    # the defaults written out with compression none are not "topk settings without topk"
+    assert load_config("configs/tiny.yaml", overrides={"swarm.topk_density": 0.02}).swarm.compression == "none"
+
+
 def test_config_topk_codec():
     cfg = load_config("configs/tiny.yaml", overrides={"swarm.compression": "topk", "swarm.topk_density": 0.05,
                                                       "swarm.topk_chunk": 64})
