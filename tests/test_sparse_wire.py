@@ -362,3 +362,38 @@ def test_sim_config_uplink_per_variant_and_its_validation(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_sim_config(path)
     assert "topk_bits" in str(e.value)
+
+
+def test_coordinator_commits_a_topk_submission_and_refuses_a_damaged_one():
+    import asyncio
+
+    from heloco_p2p.outer import build_engine
+    from heloco_p2p.roles.commit_state import CommitState, SubmissionLimits
+    from heloco_p2p.roles.coordinator import CoordinatorService
+
+    from fakes import FakeNode
+
+    shapes = [(4,), (16, 128)]
+    state = CommitState(build_engine([torch.zeros(s) for s in shapes], "lookahead"))
+    service = CoordinatorService(FakeNode({"status": "ok"}), state, shapes, SubmissionLimits(submit_rate=0.0))
+    service.replication.standbys = ["QmStandby"]
+    service.activate(1)
+    delta = [torch.full((4,), 0.01), 0.01 * torch.randn(16, 128, generator=torch.Generator().manual_seed(2))]
+    meta, payload, sent = encode_tensors_sent(delta, "topk", TopkCodec(0.05, 2, 128))
+
+    def submit(seq, meta, payload):
+        header = {"run_id": "fenced", "seq": seq, "base_version": state.version, "steps": 5, "term": 1,
+                  "tensors": meta, "stats": {"seconds": 1.0}}
+        return asyncio.run(service.handle_submit(header, payload, "QmPeer"))
+
+    # t1's blob starts after t0's: claim one more value per chunk than it carries (its length no longer fits)
+    start = meta[0]["nbytes"]
+    bad = bytearray(payload)
+    struct.pack_into("<H", bad, start + 4, 7)
+    reply, _ = submit(0, meta, bytes(bad))
+    assert reply["status"] == "rejected" and reply["reason"] == "bad_tensor" and state.version == 0
+    reply, _ = submit(1, meta[:1] + [dict(meta[1], nbytes=meta[1]["nbytes"] - 1)], payload[:-1])
+    assert reply["status"] == "rejected" and reply["reason"] == "bad_tensor" and state.version == 0
+    reply, data = submit(2, meta, payload)
+    assert reply["status"] == "accepted" and reply["version"] == 1 and len(data) > 0
+    assert int((sent[1] != 0).sum()) == 16 * 6  # k = 6 of each row's 128 values reached the coordinator
