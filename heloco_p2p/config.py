@@ -146,6 +146,9 @@ class OuterConfig(_Section):
     dylu_min_steps: int = Field(1, gt=0)
 
 
+TOPK_KEYS = ("topk_density", "topk_bits", "topk_chunk")
+
+
 class SwarmConfig(_Section):
     """Timing and limits of the real swarm (heloco-peer join).
 
@@ -191,7 +194,7 @@ class SwarmConfig(_Section):
         # a value other than the default, not merely a key present: a dumped config (to_yaml, the
         # genesis files, checkpoints) lists every key and must load again
         fields = type(self).model_fields
-        given = [k for k in ("topk_density", "topk_bits", "topk_chunk") if getattr(self, k) != fields[k].default]
+        given = [k for k in TOPK_KEYS if getattr(self, k) != fields[k].default]
         if given and self.compression != "topk":
             raise ValueError(f"{', '.join(given)} only apply to compression: topk (compression is "
                              f"{self.compression!r}); set compression: topk or remove them")
@@ -223,8 +226,14 @@ class RunConfig(_Section):
         return self
 
     def digest(self) -> str:
-        """sha256 of the canonical JSON of this config: part of a run's identity."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """sha256 of the canonical JSON of this config: part of a run's identity. Without topk the
+        ``swarm.topk_*`` keys (then at their defaults) are left out, so that runs and simulator
+        logs from before they existed keep their identity."""
+        tree = self.model_dump(mode="json")
+        if self.swarm.compression != "topk":
+            for key in TOPK_KEYS:
+                tree["swarm"].pop(key, None)
+        blob = json.dumps(tree, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def to_yaml(self) -> str:

@@ -397,3 +397,19 @@ def test_coordinator_commits_a_topk_submission_and_refuses_a_damaged_one():
     reply, data = submit(2, meta, payload)
     assert reply["status"] == "accepted" and reply["version"] == 1 and len(data) > 0
     assert int((sent[1] != 0).sum()) == 16 * 6  # k = 6 of each row's 128 values reached the coordinator
+
+
+def test_the_digest_of_a_run_without_topk_leaves_the_topk_keys_out():
+    import hashlib
+    import json
+
+    cfg = load_config("configs/tiny.yaml")
+    tree = cfg.model_dump(mode="json")
+    assert {"topk_density", "topk_bits", "topk_chunk"} <= set(tree["swarm"])
+    for key in ("topk_density", "topk_bits", "topk_chunk"):
+        del tree["swarm"][key]
+    blob = json.dumps(tree, sort_keys=True, separators=(",", ":")).encode()
+    assert cfg.digest() == hashlib.sha256(blob).hexdigest()  # what it was before these keys existed
+    topk = load_config("configs/tiny.yaml", overrides={"swarm.compression": "topk"})
+    denser = load_config("configs/tiny.yaml", overrides={"swarm.compression": "topk", "swarm.topk_density": 0.05})
+    assert len({cfg.digest(), topk.digest(), denser.digest()}) == 3
