@@ -258,13 +258,16 @@ class RunConfig(_Section):
         return self
 
     def digest(self) -> str:
-        """sha256 of the canonical JSON of this config: part of a run's identity. Without topk the
-        ``swarm.topk_*`` keys (then at their defaults) are left out, so that runs and simulator
-        logs from before they existed keep their identity."""
+        """sha256 of the canonical JSON of this config: part of a run's identity. Sections added
+        later are left out while they hold their defaults (``swarm.topk_*`` without topk,
+        ``swarm.defence``), so that runs, checkpoints and simulator logs from before they existed
+        keep their identity."""
         tree = self.model_dump(mode="json")
         if self.swarm.compression != "topk":
             for key in TOPK_KEYS:
                 tree["swarm"].pop(key, None)
+        if tree["swarm"].get("defence") == DefenceConfig().model_dump(mode="json"):
+            tree["swarm"].pop("defence")
         blob = json.dumps(tree, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
