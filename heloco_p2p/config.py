@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from heloco_p2p.algorithms import ALGORITHMS, resolve_outer
 from heloco_p2p.outer import registry
+from heloco_p2p.swarm.sparse import TopkCodec, check_params
 
 REPO_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -176,10 +177,21 @@ class DefenceConfig(_Section):
     screen_mean_margin: float = Field(0.25, ge=0)
 
 
-class SwarmConfig(_Section):
-    """Timing and limits of the real swarm (heloco-peer join)."""
+TOPK_KEYS = ("topk_density", "topk_bits", "topk_chunk")
 
-    compression: Literal["none", "fp16", "8bit"] = "none"  # pseudo-gradients on the wire
+
+class SwarmConfig(_Section):
+    """Timing and limits of the real swarm (heloco-peer join).
+
+    ``compression: topk`` sends pseudo-gradients sparse and low-bit with error feedback on the
+    sender (swarm/sparse.py, swarm/uplink.py): per chunk of ``topk_chunk`` values the
+    ``topk_density`` share of largest magnitudes, each in ``topk_bits`` bits plus its index, one
+    bf16 scale per chunk; ``Uplink.bits_per_param`` / ``sparse.bits_per_param`` give the cost."""
+
+    compression: Literal["none", "fp16", "8bit", "topk"] = "none"  # pseudo-gradients on the wire
+    topk_density: float = Field(0.02, gt=0, le=1)  # share of each chunk's values sent (topk)
+    topk_bits: int = Field(2, ge=2, le=8)  # bits per sent value, sign included (topk)
+    topk_chunk: int = Field(128, ge=16, le=4096)  # values per chunk, a power of two (topk)
     reply_compression: Literal["none", "fp16", "8bit"] = "none"  # θ in replies ("none": replicas stay exact)
     lease_seconds: float = Field(10.0, gt=0)  # a coordinator lease lapses this long after its last renewal
     heartbeat_seconds: float = Field(3.0, gt=0)
@@ -205,6 +217,24 @@ class SwarmConfig(_Section):
     overlap: bool = True
     defence: DefenceConfig = Field(default_factory=DefenceConfig)  # poisoning bounds (docs/security.md)
 
+    @model_validator(mode="after")
+    def _topk(self) -> "SwarmConfig":
+        try:
+            check_params(self.topk_density, self.topk_bits, self.topk_chunk)
+        except ValueError as exc:
+            raise ValueError(f"swarm.{exc}") from None
+        # a value other than the default, not merely a key present: a dumped config (to_yaml, the
+        # genesis files, checkpoints) lists every key and must load again
+        fields = type(self).model_fields
+        given = [k for k in TOPK_KEYS if getattr(self, k) != fields[k].default]
+        if given and self.compression != "topk":
+            raise ValueError(f"{', '.join(given)} only apply to compression: topk (compression is "
+                             f"{self.compression!r}); set compression: topk or remove them")
+        return self
+
+    def topk_codec(self) -> TopkCodec:
+        return TopkCodec(self.topk_density, self.topk_bits, self.topk_chunk)
+
 
 class RunConfig(_Section):
     name: str = "run"
@@ -228,8 +258,17 @@ class RunConfig(_Section):
         return self
 
     def digest(self) -> str:
-        """sha256 of the canonical JSON of this config: part of a run's identity."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """sha256 of the canonical JSON of this config: part of a run's identity. Sections added
+        later are left out while they hold their defaults (``swarm.topk_*`` without topk,
+        ``swarm.defence``), so that runs, checkpoints and simulator logs from before they existed
+        keep their identity."""
+        tree = self.model_dump(mode="json")
+        if self.swarm.compression != "topk":
+            for key in TOPK_KEYS:
+                tree["swarm"].pop(key, None)
+        if tree["swarm"].get("defence") == DefenceConfig().model_dump(mode="json"):
+            tree["swarm"].pop("defence")
+        blob = json.dumps(tree, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def to_yaml(self) -> str:

@@ -1,4 +1,6 @@
 """Run configs: every shipped config loads; bad ones fail at load naming the file and the key."""
+import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -100,3 +102,16 @@ def test_digest_changes_with_content():
     b = load_config("configs/tiny.yaml", overrides={"inner.lr": 0.01})
     assert a.digest() == load_config("configs/tiny.yaml").digest()
     assert a.digest() != b.digest()
+
+
+def test_sections_added_later_keep_old_identities_while_at_their_defaults():
+    """A run config's digest is its identity (genesis, checkpoints, simulator logs): the defence
+    section and the topk keys, at their defaults, leave it as it was before they existed."""
+    cfg = load_config("configs/tiny.yaml")
+    tree = cfg.model_dump(mode="json")
+    for key in ("defence", "topk_density", "topk_bits", "topk_chunk"):
+        tree["swarm"].pop(key)
+    before = hashlib.sha256(json.dumps(tree, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    assert cfg.digest() == before
+    assert load_config("configs/tiny.yaml", overrides={"swarm.defence.norm_factor": 6.0}).digest() != before
+    assert load_config("configs/tiny.yaml", overrides={"swarm.compression": "topk"}).digest() != before

@@ -343,7 +343,7 @@ def test_every_handler_refuses_bad_input_and_state_stays_bitwise_unchanged(rig):
         header, payload = fz.submit_header()
         header["tensors"][1] = dict(header["tensors"][1], dtype=dtype)
         fz.send_signed("submit", header, payload, code, what=f"submit: dtype {dtype!r}")
-    for compression in ("none", "fp16", "8bit"):
+    for compression in ("none", "fp16", "8bit", "topk"):  # topk: t0 and t2 sparse, t1 (1-D) fp32
         header, payload = fz.submit_header(compression=compression)
         meta = header["tensors"]
         for i in range(3):

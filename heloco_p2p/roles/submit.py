@@ -6,6 +6,9 @@ Retries keep the same sequence number (the coordinator's ledger makes a resend i
 after a connection error, ``not_coordinator``, ``busy`` / ``rate_limited`` (waiting
 ``retry_after``), and when the lease moves to another holder while a reply is awaited (a frozen
 or deposed coordinator): docs/protocol.md, "A round" and "Election and failover".
+
+With ``swarm.compression: topk`` the client keeps the error-feedback residual (swarm/uplink.py):
+Δ + e is sent, e ← (Δ + e) − sent once accepted, e ← 0 on any other outcome.
 """
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ from typing import Callable
 import torch
 
 from heloco_p2p.swarm.records import LeaseRecord
-from heloco_p2p.swarm.wire import WireError, encode_tensors, unpack_params
+from heloco_p2p.swarm.uplink import Uplink
+from heloco_p2p.swarm.wire import WireError, unpack_params
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +74,7 @@ class SubmitClient:
                  keep_going: Callable[[], bool]):
         self.node, self.election, self.service, self.swarm = node, election, service, swarm
         self.region, self.names, self.stop_event, self.keep_going = region, list(names), stop_event, keep_going
+        self.uplink = Uplink(swarm.compression, swarm.topk_codec() if swarm.compression == "topk" else None)
 
     def header(self, seq: int, base: int, stats, meta: list) -> dict:
         loss = stats.loss if math.isfinite(stats.loss) else None  # headers are strict JSON
@@ -79,8 +84,15 @@ class SubmitClient:
 
     def submit(self, seq: int, delta: list[torch.Tensor], base: int, stats,
                expected: list[tuple[tuple[int, ...], torch.dtype]]) -> SubmitOutcome:
+        out = self._submit(seq, delta, base, stats, expected)
+        self.uplink.settle(out.status == "accepted")  # the residual is kept only for an applied Δ
+        return out
+
+    def _submit(self, seq: int, delta: list[torch.Tensor], base: int, stats,
+                expected: list[tuple[tuple[int, ...], torch.dtype]]) -> SubmitOutcome:
         t0 = time.perf_counter()
-        meta, payload = encode_tensors([d.detach().float().cpu() for d in delta], self.swarm.compression)
+        enc = self.uplink.prepare(delta)
+        meta, payload = enc.meta, enc.payload
         t_ser = time.perf_counter() - t0
         header = self.header(seq, base, stats, meta)
         deadline = time.time() + self.swarm.submit_timeout

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from heloco_p2p.algorithms import ALGORITHMS, AlgorithmPreset
 from heloco_p2p.config import ConfigError, RunConfig, format_errors, load_config, read_yaml, resolve_config_path
 from heloco_p2p.outer import registry
+from heloco_p2p.swarm.sparse import TopkCodec, check_params
 
 # Relative step times (1 = the fastest worker) for 4 workers. moderate follows the Async
 # Local-SGD study (Liu et al. 2024); severe is one fast worker and three 15x slower ones.
@@ -37,6 +38,28 @@ class Experiment(_Strict):
     data: list[Literal["non-iid", "iid", "non-iid-disjoint"]] = ["non-iid"]
 
 
+class UplinkConfig(_Strict):
+    """How workers' pseudo-gradients travel to the coordinator, as ``swarm.compression`` in the
+    swarm: each Δ goes through the wire's encoder and decoder before the outer step, and with
+    ``topk`` each worker keeps its error-feedback residual (swarm/uplink.py; every simulated
+    commit is applied, so the residual is always kept). ``error_feedback: false`` is the ablation
+    without it."""
+
+    compression: Literal["none", "fp16", "8bit", "topk"] = "none"
+    density: float = 0.02
+    bits: int = 2
+    chunk: int = 128
+    error_feedback: bool = True
+
+    @model_validator(mode="after")
+    def _valid(self) -> "UplinkConfig":
+        check_params(self.density, self.bits, self.chunk)
+        return self
+
+    def codec(self) -> TopkCodec:
+        return TopkCodec(self.density, self.bits, self.chunk)
+
+
 class Variant(_Strict):
     """A new algorithm name made from a built-in one with other arguments (for ablations)."""
 
@@ -53,6 +76,7 @@ class Variant(_Strict):
     steps_per_round: int | None = Field(None, gt=0)  # H for this name (None: the config's)
     dylu: bool | None = None
     overlap: bool | None = None  # overlapped rounds for this name (None: the config's ``overlap``)
+    uplink: UplinkConfig | None = None  # Δ compression for this name (None: the config's ``uplink``)
 
 
 class SimConfig(_Strict):
@@ -81,6 +105,7 @@ class SimConfig(_Strict):
     # ρ for every asynchronous algorithm and variant (None: each preset's own). HeLoCo's paper gives
     # every asynchronous rule ρ = base (1/√K), so that an ablation compares rules, not step sizes.
     staleness_weight: str | None = None
+    uplink: UplinkConfig = Field(default_factory=UplinkConfig)  # Δ on the wire (default: fp32, exact)
 
     @model_validator(mode="after")
     def _names_exist(self) -> "SimConfig":
@@ -140,6 +165,10 @@ class SimConfig(_Strict):
     def overlap_for(self, algorithm: str) -> bool:
         v = self.variants.get(algorithm)
         return self.overlap if v is None or v.overlap is None else v.overlap
+
+    def uplink_for(self, algorithm: str) -> UplinkConfig:
+        v = self.variants.get(algorithm)
+        return self.uplink if v is None or v.uplink is None else v.uplink
 
     def steps_for(self, algorithm: str) -> int:
         """H for ``algorithm``: its variant's ``steps_per_round`` or the config's."""

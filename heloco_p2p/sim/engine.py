@@ -64,6 +64,8 @@ class SimSpec:
     time_budget: float
     eval_points: int = 5  # evaluations along each budget axis
     overlap: bool = False  # overlapped rounds (see the module docstring)
+    # Δ on the wire: None (fp32, exact) or a sim.config.UplinkConfig as a dict (see Simulation._send)
+    uplink: dict | None = None
 
     @property
     def run_id(self) -> str:
@@ -85,6 +87,7 @@ class Worker:
     fold_params: list[torch.Tensor] | None = None
     fold_version: int = 0
     round_end: float = 0.0
+    uplink: object | None = None  # swarm.uplink.Uplink: the worker's sender and its residual
 
 
 @dataclass
@@ -143,6 +146,15 @@ class Simulation:
         self.now, self.tokens = 0.0, 0
         self.curve: list[dict] = []
         self.commits: list[dict] = []
+        if spec.uplink is not None:
+            from heloco_p2p.swarm.sparse import TopkCodec
+            from heloco_p2p.swarm.uplink import Uplink
+
+            u = spec.uplink
+            codec = TopkCodec(u["density"], u["bits"], u["chunk"]) if u["compression"] == "topk" else None
+            for w in self.workers:
+                w.uplink = Uplink(u["compression"], codec, error_feedback=u.get("error_feedback", True))
+        self._layout = [(tuple(t.shape), torch.float32) for t in theta0]
         self._tok_marks = [spec.token_budget * (k + 1) / spec.eval_points for k in range(spec.eval_points)]
         self._time_marks = [spec.time_budget * (k + 1) / spec.eval_points for k in range(spec.eval_points)]
         self.at_tokens: dict | None = None
@@ -182,7 +194,7 @@ class Simulation:
     def _done(self) -> bool:
         return self.at_tokens is not None and self.at_time is not None
 
-    def _record(self, w: Worker, info, stats) -> None:
+    def _record(self, w: Worker, info, stats, bits: float | None = None) -> None:
         w.rounds += 1
         w.tokens += stats.tokens
         w.staleness.append(info.staleness)
@@ -192,6 +204,20 @@ class Simulation:
                              "branches": summary["branches"], "cosine": summary["mean_cosine"],
                              "fairness_weight": summary["fairness_weight"],
                              "staleness_weight": summary["staleness_weight"]})
+        if bits is not None:  # the uplink's payload (tensor blobs) per parameter, and the residual left
+            self.commits[-1].update(uplink_bits_per_param=bits, residual_norm=w.uplink.residual_norm())
+
+    def _send(self, w: Worker, delta: list[torch.Tensor]) -> tuple[list[torch.Tensor], float | None]:
+        """Δ as the coordinator decodes it from w's uplink (the wire's own encoder and decoder),
+        and its bits per parameter; w keeps its error-feedback residual (every commit applies)."""
+        if w.uplink is None:
+            return delta, None
+        from heloco_p2p.swarm.wire import decode_tensors
+
+        enc = w.uplink.prepare(delta)
+        w.uplink.settle(True)
+        sent = decode_tensors(enc.meta, enc.payload, self._layout)
+        return sent, 8 * len(enc.payload) / sum(t.numel() for t in sent)
 
     def _start(self, w: Worker) -> float:
         """Worker w starts a round from the current dispatch point; returns its finish time."""
@@ -239,10 +265,11 @@ class Simulation:
             self.now = t
             w = self.workers[idx]
             (pseudo_grad, stats), base = run_round(w)
+            pseudo_grad, bits = self._send(w, pseudo_grad)
             info = self.engine.commit(pseudo_grad, base, worker=str(w.index), seconds=self._round_seconds(w, stats.steps),
                                       num_workers=self.num_workers)
             self.tokens += stats.tokens
-            self._record(w, info, stats)
+            self._record(w, info, stats, bits)
             after_commit(w, stats)
             self._evaluate_token_marks()
             heapq.heappush(heap, (start(w, False), idx))
@@ -255,10 +282,11 @@ class Simulation:
                 break
             self.now = finish
             results = [w.trainer.run_round(None, w.steps) for w in self.workers]
-            info = self.engine.sync_commit([d for d, _ in results], self.engine.version, num_workers=self.num_workers)
-            for w, (_, stats) in zip(self.workers, results):
+            sent = [self._send(w, d) for w, (d, _) in zip(self.workers, results)]
+            info = self.engine.sync_commit([d for d, _ in sent], self.engine.version, num_workers=self.num_workers)
+            for w, (_, stats), (_, bits) in zip(self.workers, results, sent):
                 self.tokens += stats.tokens
-                self._record(w, info, stats)
+                self._record(w, info, stats, bits)
             self._evaluate_token_marks()
 
 

@@ -75,7 +75,10 @@ def _spec_key(cfg: SimConfig, spec: SimSpec) -> str:
     """The identity of a run: its whole specification (the preset's arguments included) and
     everything of the config it depends on: the run config (model, inner loop, data settings:
     its digest) and the regions."""
-    return json.dumps({"spec": asdict(spec), "run_config": cfg.run_config().digest(), "regions": list(cfg.regions)},
+    d = asdict(spec)
+    if d.get("uplink") is None:  # runs logged before the uplink option keep their keys
+        d.pop("uplink", None)
+    return json.dumps({"spec": d, "run_config": cfg.run_config().digest(), "regions": list(cfg.regions)},
                       sort_keys=True)
 
 
@@ -139,18 +142,43 @@ def make_spec(cfg: SimConfig, algorithm: str, heterogeneity: str, data: str, see
     # DyLU's floor comes from the run config's outer section, as in the swarm (algorithms.resolve_outer)
     preset = replace(cfg.algorithms()[algorithm], dylu_min_steps=run_cfg.outer.dylu_min_steps)
     levels = cfg.levels()
-    n_params = None
+    uplink = cfg.uplink_for(algorithm)
     comm = [0.0] * len(cfg.regions)
     if cfg.bandwidth:
+        from heloco_p2p.local.model import trainable_params
         with torch.device("meta"):
-            n_params = count_params(build_model(run_cfg.model))
-        comm = [2 * 4 * n_params / cfg.bandwidth] * len(cfg.regions)  # fp32 up and down
+            model = build_model(run_cfg.model)
+        n_params = count_params(model)
+        up = uplink_bytes([tuple(p.shape) for p in trainable_params(model)], uplink)
+        comm = [(up + 4 * n_params) / cfg.bandwidth] * len(cfg.regions)  # Δ up, fp32 θ down
     return SimSpec(algorithm=preset, lr=preset.lr if lr is None else lr, heterogeneity=heterogeneity,
                    slowness=list(levels[heterogeneity]), data=data, seed=seed,
                    steps_per_round=cfg.steps_for(algorithm), step_time=cfg.step_time, comm_seconds=comm,
                    token_budget=cfg.token_budget, time_budget=cfg.time_budgets.get(heterogeneity, cfg.time_budget),
                    eval_points=cfg.eval_points,
-                   overlap=cfg.overlap_for(algorithm))
+                   overlap=cfg.overlap_for(algorithm),
+                   uplink=None if uplink.compression == "none" else uplink.model_dump())
+
+
+def uplink_bytes(shapes: list[tuple[int, ...]], uplink) -> int:
+    """Bytes of one Δ's tensor blobs on the wire for ``uplink`` (framing and metadata not counted)."""
+    import math
+
+    from heloco_p2p.swarm.sparse import TopkCodec
+
+    codec = TopkCodec(uplink.density, uplink.bits, uplink.chunk) if uplink.compression == "topk" else None
+    total = 0
+    for shape in shapes:
+        n = math.prod(shape)
+        if uplink.compression == "topk" and len(shape) >= 2 and n >= codec.chunk:
+            total += codec.blob_bytes(n)
+        elif uplink.compression == "fp16":
+            total += 2 * n
+        elif uplink.compression == "8bit" and len(shape) >= 2 and n >= 4096:
+            total += n + 4 * (-(-n // 4096)) + 1040
+        else:
+            total += 4 * n
+    return total
 
 
 def _cells(cfg: SimConfig) -> list[tuple[str, str, str]]:

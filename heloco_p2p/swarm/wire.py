@@ -11,7 +11,9 @@ messages itself::
 (lengths big-endian). The header carries the metadata of the tensors in the payload (from
 :func:`encode_tensors`) and whatever the RPC layer needs (run, version, stats, a signature); the
 payload is the tensors, each a serialized ``hivemind.proto.runtime_pb2.Tensor`` (hivemind's
-compressions: NONE, FLOAT16, BLOCKWISE_8BIT). Tensors travel as float32 whatever the model's dtype.
+compressions: NONE, FLOAT16, BLOCKWISE_8BIT), or for ``topk`` (pseudo-gradients only) the
+project's own sparse low-bit blob (``swarm/sparse.py``). Tensors travel as float32 whatever the
+model's dtype.
 
 Usage (client, then server)::
 
@@ -46,9 +48,14 @@ from google.protobuf.message import DecodeError
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.proto import runtime_pb2
 
+from heloco_p2p.swarm.sparse import SparseFormatError, TopkCodec, decode_topk, encode_topk
+
 logger = logging.getLogger(__name__)
 
-COMPRESSIONS = ("none", "fp16", "8bit")
+COMPRESSIONS = ("none", "fp16", "8bit")  # dense: any tensor (pseudo-gradients and θ)
+# and what pseudo-gradients may also use: "topk", sparse and lossy (swarm/sparse.py), sent with
+# error feedback by the peer (swarm/uplink.py); decoded only against a known layout
+WIRE_COMPRESSIONS = COMPRESSIONS + ("topk",)
 MAGIC = b"HLC1"
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
@@ -89,39 +96,63 @@ class WireError(ValueError):
         return f"{self.code}: {self.message}"
 
 
-def wire_compression(tensor: torch.Tensor, compression: str) -> str:
+def wire_compression(tensor: torch.Tensor, compression: str, topk: TopkCodec | None = None) -> str:
     """The compression a tensor is actually sent with when ``compression`` is requested.
 
     :param tensor: the tensor to send
-    :param compression: one of :data:`COMPRESSIONS`
+    :param compression: one of :data:`WIRE_COMPRESSIONS`
+    :param topk: the codec for ``topk`` (its chunk size decides which tensors are too small)
     """
     if compression == "8bit" and (tensor.dim() < 2 or tensor.numel() < MIN_NUMEL_8BIT):
+        return "none"
+    # norm gains and biases are few values the model is sensitive to: topk sends them as fp32
+    if compression == "topk" and (tensor.dim() < 2 or tensor.numel() < (topk or TopkCodec()).chunk):
         return "none"
     return compression
 
 
-def encode_tensors(tensors: Sequence[torch.Tensor], compression: str) -> tuple[list[dict], bytes]:
+def encode_tensors(tensors: Sequence[torch.Tensor], compression: str,
+                   topk: TopkCodec | None = None) -> tuple[list[dict], bytes]:
     """Serialize CPU float32 tensors into per-tensor metadata and one concatenated payload.
 
     fp16 clamps to ±65504; 8bit is hivemind's blockwise quantization (bitsandbytes), used only
     for tensors with at least 2 dimensions and :data:`MIN_NUMEL_8BIT` values (see
-    :func:`wire_compression`); the compression actually used is recorded per tensor.
+    :func:`wire_compression`); topk (``swarm/sparse.py``, codec ``topk``, default
+    :class:`TopkCodec`) only for tensors with at least 2 dimensions and one chunk of values;
+    the compression actually used is recorded per tensor.
 
     :param tensors: CPU float32 tensors (pseudo-gradients or parameters), in layout order
-    :param compression: one of :data:`COMPRESSIONS`
+    :param compression: one of :data:`WIRE_COMPRESSIONS`
     :returns: (metadata: a JSON-friendly list of ``{shape, dtype, nbytes, compression}``, payload)
     """
-    if compression not in COMPRESSIONS:
-        raise ValueError(f"unknown compression {compression!r}, expected one of {COMPRESSIONS}")
-    meta, parts = [], []
+    meta, payload, _ = encode_tensors_sent(tensors, compression, topk, want_sent=False)
+    return meta, payload
+
+
+def encode_tensors_sent(tensors: Sequence[torch.Tensor], compression: str, topk: TopkCodec | None = None,
+                        want_sent: bool = True) -> tuple[list[dict], bytes, list[torch.Tensor] | None]:
+    """:func:`encode_tensors`, and what the receiver will decode from it (for error feedback):
+    ``(meta, payload, sent)``, ``sent`` None unless ``want_sent``."""
+    if compression not in WIRE_COMPRESSIONS:
+        raise ValueError(f"unknown compression {compression!r}, expected one of {WIRE_COMPRESSIONS}")
+    codec = topk or TopkCodec()
+    meta, parts, sent = [], [], []
     for i, tensor in enumerate(tensors):
         if tensor.dtype != torch.float32 or tensor.device.type != "cpu":
             raise TypeError(f"tensor {i}: expected a CPU float32 tensor, got {tensor.dtype} on {tensor.device}")
-        used = wire_compression(tensor, compression)
-        blob = serialize_torch_tensor(tensor.detach(), _PROTO_COMPRESSION[used]).SerializeToString()
+        used = wire_compression(tensor, compression, codec)
+        if used == "topk":
+            blob, dec = encode_topk(tensor, codec)
+        else:
+            blob = serialize_torch_tensor(tensor.detach(), _PROTO_COMPRESSION[used]).SerializeToString()
+            dec = None
+            if want_sent:
+                dec = tensor.detach().clone() if used == "none" else \
+                    _decode_one(i, memoryview(blob), tuple(tensor.shape), used)
         meta.append({"shape": list(tensor.shape), "dtype": "float32", "nbytes": len(blob), "compression": used})
         parts.append(blob)
-    return meta, b"".join(parts)
+        sent.append(dec)
+    return meta, b"".join(parts), (sent if want_sent else None)
 
 
 def _check_meta(meta: Any) -> list[tuple[tuple[int, ...], str, int]]:
@@ -138,7 +169,7 @@ def _check_meta(meta: Any) -> list[tuple[tuple[int, ...], str, int]]:
             raise WireError("malformed", f"tensor {i}: shape must be a list of non-negative integers")
         if type(nbytes) is not int or nbytes < 0:
             raise WireError("malformed", f"tensor {i}: nbytes must be a non-negative integer")
-        if comp not in COMPRESSIONS:
+        if comp not in WIRE_COMPRESSIONS:
             raise WireError("malformed", f"tensor {i}: unknown compression {comp!r}")
         dtype = entry.get("dtype")
         if dtype != "float32":
@@ -177,7 +208,17 @@ def _dequantize_blockwise(buffer: bytearray, numel: int, n_absmax: int) -> torch
     return out
 
 
-def _decode_one(i: int, blob: memoryview, shape: tuple[int, ...], compression: str) -> torch.Tensor:
+def _decode_one(i: int, blob: memoryview, shape: tuple[int, ...], compression: str,
+                known_layout: bool = True) -> torch.Tensor:
+    if compression == "topk":
+        # a sparse blob decodes to prod(shape) values from few bytes: only against a layout the
+        # receiver knows (its model), never for a shape the sender alone declares
+        if not known_layout:
+            raise WireError("bad_tensor", f"tensor {i}: topk is accepted only against a known layout")
+        try:
+            return decode_topk(blob, shape)
+        except SparseFormatError as e:
+            raise WireError("bad_tensor", f"tensor {i}: topk: {e}") from None
     try:
         proto = runtime_pb2.Tensor.FromString(blob)
     except (DecodeError, ValueError, TypeError) as e:
@@ -235,7 +276,7 @@ def decode_tensors(
                                                    f"{want_dtype}{list(want_shape)} expected")
     view, offset, tensors = memoryview(payload), 0, []
     for i, (shape, compression, nbytes) in enumerate(checked):
-        tensors.append(_decode_one(i, view[offset:offset + nbytes], shape, compression))
+        tensors.append(_decode_one(i, view[offset:offset + nbytes], shape, compression, expected is not None))
         offset += nbytes
     return tensors
 
