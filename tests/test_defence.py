@@ -370,3 +370,21 @@ def test_a_sign_flipper_in_a_real_open_swarm_is_refused_and_the_model_still_lear
     assert rec["honest_refused"] == 0, rec
     for region, loss in rec["per_language"].items():
         assert loss < rec["untrained_per_language"][region] - 0.5, rec
+
+
+def test_noise_that_a_small_step_hides_is_refused_by_the_whole_update_on_its_own_language():
+    g = torch.Generator().manual_seed(0)
+    seqs = torch.randint(0, 32, (4, 17), generator=g)
+    screen = LossScreen(_Bigram, lambda region: seqs)
+    theta = [torch.ones(32, 32)]
+    noise = [torch.randn(32, 32, generator=torch.Generator().manual_seed(5)) * 0.6]
+    s = screen.score(theta, noise, "de", version=0, scale=0.1, full_own=True)
+    assert abs(s["own"]) < 0.05 and abs(s["mean"]) < 0.05  # at θ − 0.1·Δ it looks harmless
+    assert s["own_full"] > 0.1  # at θ − Δ it is not
+    state = CommitState(build_engine([torch.ones(32, 32)], "lookahead"), screen=screen)
+    with pytest.raises(Rejection) as exc:
+        state.check(noise, 0, SubmissionLimits(submit_rate=0.0, defence=DefenceLimits()), peer="QmN", region="de", now=1.0)
+    assert exc.value.code == "harmful_update"
+    # with that rule off, the same noise is committed
+    off = DefenceLimits(screen_full_own_margin=None)
+    assert state.check(noise, 0, SubmissionLimits(submit_rate=0.0, defence=off), peer="QmN", region="de", now=1.0) > 0
