@@ -173,7 +173,7 @@ class DefenceConfig(_Section):
     screen_tokens: int = Field(128, gt=1)  # of each block, the first this many tokens
     screen_scale: float = Field(0.1, gt=0)  # the candidate is scored at θ − screen_scale × Δ
     screen_own_margin: float = Field(0.05, ge=0)
-    screen_mean_margin: float = Field(0.25, ge=0)
+    screen_mean_margin: float = Field(0.5, ge=0)
     # and refuse one whose whole update (θ − Δ) makes the sender's own language worse by more than this (None: off)
     screen_full_own_margin: float | None = 0.0
 

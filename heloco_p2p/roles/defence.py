@@ -71,7 +71,7 @@ class DefenceLimits:
     screen_tokens: int = 128  # of each block, the first this many tokens
     screen_scale: float = 0.1  # the candidate is scored at θ − screen_scale × Δ
     screen_own_margin: float = 0.05  # nats: loss(θ − sΔ) − loss(θ) on the sender's language may not exceed this
-    screen_mean_margin: float = 0.25  # nats: nor, on the mean over languages, this
+    screen_mean_margin: float = 0.5  # nats: nor, on the mean over languages, this
     # nats: loss(θ − Δ) − loss(θ) on the sender's language (the whole update applied) may not exceed this
     screen_full_own_margin: float | None = 0.0
 
