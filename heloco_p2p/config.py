@@ -153,7 +153,7 @@ class DefenceConfig(_Section):
     # per-peer norm bound: ‖Δ‖ ≤ norm_factor × the median, over the other peers, of each peer's median
     # of its last norm_window accepted norms (peers with min_norms of them vote; with fewer than
     # min_voters voters the run-wide rule, swarm.norm_factor, applies)
-    norm_factor: float = Field(4.0, gt=1)
+    norm_factor: float = Field(5.0, gt=1)
     norm_window: int = Field(8, gt=0)
     min_norms: int = Field(2, gt=0)
     min_voters: int = Field(2, gt=0)

@@ -56,7 +56,7 @@ class DefenceLimits:
     """The knobs (``swarm.defence``; docs/security.md, "Poisoning")."""
 
     enabled: bool = True
-    norm_factor: float = 4.0  # ‖Δ‖ ≤ this × median over other peers of their median recent accepted norm
+    norm_factor: float = 5.0  # ‖Δ‖ ≤ this × median over other peers of their median recent accepted norm
     norm_window: int = 8  # accepted norms kept per peer
     min_norms: int = 2  # accepted norms a peer needs before it votes
     min_voters: int = 2  # other voting peers needed for the per-peer bound (else the run-wide rule)
