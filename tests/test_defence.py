@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from heloco_p2p.outer import build_engine
-from heloco_p2p.roles.commit_state import CommitState, Rejection, SubmissionLimits, tensor_norm
+from heloco_p2p.roles.commit_state import CommitState, Rejection, SubmissionLimits
 from heloco_p2p.roles.coordinator import CoordinatorService
 from heloco_p2p.roles.defence import DefenceLimits, DefenceState, LossScreen, Sketcher, cosine
 from heloco_p2p.swarm.wire import encode_tensors
