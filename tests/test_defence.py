@@ -358,7 +358,8 @@ def test_a_sign_flipper_in_a_real_open_swarm_is_refused_and_the_model_still_lear
     for name, region in (("a", "de"), ("b", "fr"), ("c", "es")):
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({"name": name, "region": region, "speed": 1.0,
                                                                 "device": "cpu", "batch_size": 8}))
-    config = write_test_config(tmp_path / "cfg.yaml")
+    (tmp_path / "config").mkdir()
+    config = write_test_config(tmp_path / "config" / "cfg.yaml")  # not among the profiles (*.yaml)
     args = Namespace(peers=str(tmp_path / "*.yaml"), config=str(config), rounds=8, max_minutes=1.6, set=[])
     rec = poison.one_run("sign_flip", True, args, tmp_path / "run")
     assert min(rec["honest_rounds"].values()) >= 8, rec  # the run ended by rounds, not by time
