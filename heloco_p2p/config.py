@@ -154,7 +154,7 @@ class DefenceConfig(_Section):
     # per-peer norm bound: ‖Δ‖ ≤ norm_factor × the median, over the other peers, of each peer's median
     # of its last norm_window accepted norms (peers with min_norms of them vote; with fewer than
     # min_voters voters the run-wide rule, swarm.norm_factor, applies)
-    norm_factor: float = Field(4.0, gt=1)
+    norm_factor: float = Field(5.0, gt=1)
     norm_window: int = Field(8, gt=0)
     min_norms: int = Field(2, gt=0)
     min_voters: int = Field(2, gt=0)
@@ -174,7 +174,9 @@ class DefenceConfig(_Section):
     screen_tokens: int = Field(128, gt=1)  # of each block, the first this many tokens
     screen_scale: float = Field(0.1, gt=0)  # the candidate is scored at θ − screen_scale × Δ
     screen_own_margin: float = Field(0.05, ge=0)
-    screen_mean_margin: float = Field(0.25, ge=0)
+    screen_mean_margin: float = Field(0.5, ge=0)
+    # and refuse one whose whole update (θ − Δ) makes the sender's own language worse by more than this (None: off)
+    screen_full_own_margin: float | None = 0.0
 
 
 TOPK_KEYS = ("topk_density", "topk_bits", "topk_chunk")

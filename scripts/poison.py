@@ -310,10 +310,16 @@ def _f(x, spec=".2f") -> str:
 
 def render(results: dict) -> str:
     runs, meta = results["runs"], results["meta"]
+    invocations = results.get("invocations") or [meta]
+    for r in runs:
+        r.setdefault("tree", invocations[0]["tree"])
     clean = [r for r in runs if r["attack"] == "clean"]
     clean_mean = statistics.fmean(r["mean_loss"] for r in clean) if clean else math.nan
-    lines = [f"Measured {meta['date']} on {meta['machine']} (load average {meta['load']} at the start; "
-             f"tree {meta['tree']}):", "", "```", meta["command"], "```", "",
+    lines = []
+    for m in invocations:
+        lines += [f"Measured {m['date']} on {m['machine']} (load average {m['load']} at the start; "
+                  f"tree {m['tree']}):", "", "```", m["command"], "```", ""]
+    lines += [
              f"The cast: the 4 honest peers of peers/*.yaml (de, es, fr, ru at speeds 1, 0.4, 0.6, 0.25) plus the "
              f"attacker(s) (region {ATTACKER_REGION}, speed 1), configs/testnet.yaml, an open run; each run stops "
              f"once every honest peer trained {meta['rounds']} rounds. Loss: the final θ on the validation blocks of "
@@ -324,13 +330,14 @@ def render(results: dict) -> str:
         lines += [f"Clean runs ({len(clean)}, defence on unless said): mean loss "
                   + ", ".join(_f(m) for m in means) + f" (spread {_f(max(means) - min(means))}); "
                   + "worst language " + ", ".join(_f(r["worst_loss"]) for r in clean) + ".", ""]
-    lines += ["| attack | defence | attacker commits (share) | attacker submissions accepted | mean loss (Δ vs clean) "
-              "| worst language | honest refused | honest resends | screen ms | target |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| attack | defence | tree | attacker commits (share) | attacker submissions accepted | "
+              "mean loss (Δ vs clean) | worst language | honest refused | honest resends | screen ms | target |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         delta = r["mean_loss"] - clean_mean if clean else math.nan
         met = target_met(r, clean_mean)
-        lines.append(f"| {r['attack']} | {'on' if r['defence'] else 'off'} | {r['attacker_commits']} of {r['commits']} "
+        lines.append(f"| {r['attack']} | {'on' if r['defence'] else 'off'} | {r['tree'][:7]} | "
+                     f"{r['attacker_commits']} of {r['commits']} "
                      f"({100 * r['attacker_share']:.0f}%) | {r['attacker_accepted']} of {r['attacker_submissions']} | "
                      f"{_f(r['mean_loss'])} ({_f(delta, '+.2f')}) | {_f(r['worst_loss'])} | "
                      f"{r['honest_refused']} of {r['honest_submissions']} ({r['honest_refused_pct']:.1f}%) | "
@@ -398,9 +405,12 @@ def main() -> None:
     if args.json and args.json.exists():
         results = json.loads(args.json.read_text())
     if not args.render_only:
+        if "meta" in results and not results.get("invocations"):
+            results["invocations"] = [results["meta"]]
         results["meta"] = {"date": datetime.date.today().isoformat(), "machine": f"{platform.node()} "
                            f"({os.cpu_count()} CPUs, {platform.machine()})", "load": "%.2f" % os.getloadavg()[0],
                            "tree": _tree(), "command": command, "rounds": args.rounds, "seed": args.seed}
+        results.setdefault("invocations", []).append(results["meta"])
         # the first clean run before the attacks, the others after them (the spread covers the series)
         plan = [(None, True)] * min(1, args.clean_runs) + ([(None, False)] if args.clean_off else []) + \
                [(a, d) for a in attacks for d in defences if d or a not in ON_ONLY] + \
@@ -409,6 +419,7 @@ def main() -> None:
             name = f"{attack or 'clean'}-{'on' if defence else 'off'}-{i}-{uuid.uuid4().hex[:4]}"
             print(f"[{time.strftime('%H:%M:%S')}] run {i + 1}/{len(plan)}: {name}", flush=True)
             rec = one_run(attack, defence, args, args.out / name)
+            rec["tree"] = results["meta"]["tree"]
             results["runs"].append(rec)
             print(json.dumps({k: v for k, v in rec.items() if k not in ("per_language", "untrained_per_language")}),
                   flush=True)

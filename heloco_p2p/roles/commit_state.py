@@ -183,17 +183,21 @@ class CommitState:
         if not d.screen or self.screen is None:
             return
         region = region[:64] if isinstance(region, str) and region else None
-        s = self.screen.score(self.engine.params, pseudo_grad, region, self.version, scale=d.screen_scale)
+        s = self.screen.score(self.engine.params, pseudo_grad, region, self.version, scale=d.screen_scale,
+                              full_own=d.screen_full_own_margin is not None)
         if s is None:
             return
         self.last_screen.update(s, region=region, version=self.version)
         logger.info("loss screen: region %s own %s mean %+.4f (%d languages, %.1f ms) %s", region,
                     "-" if s["own"] is None else f"{s['own']:+.4f}", s["mean"], s["regions"], 1e3 * s["seconds"],
                     self.last_screen)
-        if (s["own"] is not None and s["own"] > d.screen_own_margin) or s["mean"] > d.screen_mean_margin:
+        full = s.get("own_full")
+        if (s["own"] is not None and s["own"] > d.screen_own_margin) or s["mean"] > d.screen_mean_margin or \
+                (full is not None and d.screen_full_own_margin is not None and full > d.screen_full_own_margin):
             raise Rejection("harmful_update", "the pseudo-gradient makes the model clearly worse on held-out data",
-                            detail=f"loss change at θ−Δ: own language {s['own']}, mean {s['mean']:+.4f} "
-                                   f"(margins {d.screen_own_margin:g}, {d.screen_mean_margin:g})")
+                            detail=f"loss change at θ − {d.screen_scale:g}·Δ: own language {s['own']}, mean "
+                                   f"{s['mean']:+.4f} (margins {d.screen_own_margin:g}, {d.screen_mean_margin:g}); "
+                                   f"at θ − Δ: own language {full} (margin {d.screen_full_own_margin})")
 
     def workers(self, peer: str) -> int:
         """K for a commit by ``peer``: the distinct senders of the last ``WORKERS_WINDOW`` commits

@@ -21,7 +21,9 @@ after the value checks and before anything is committed:
 4. **Loss screening** (``LossScreen``): the candidate's loss change on a small held-out batch per
    language (validation blocks after those evaluators use): loss at θ − Δ minus loss at θ, on the
    sender's claimed language and as the mean over the languages the coordinator has seen; over
-   ``screen_own_margin`` / ``screen_mean_margin`` it is refused ``harmful_update``. Only the
+   ``screen_own_margin`` / ``screen_mean_margin``, or when the whole update (θ − Δ) makes the
+   sender's own language worse by more than ``screen_full_own_margin``, it is refused
+   ``harmful_update``. Only the
    coordinator screens; standbys apply what was committed.
 
 The state the rules keep (per-peer norms, commit times, sketches) is ``DefenceState``: pure and
@@ -54,7 +56,7 @@ class DefenceLimits:
     """The knobs (``swarm.defence``; docs/security.md, "Poisoning")."""
 
     enabled: bool = True
-    norm_factor: float = 4.0  # ‖Δ‖ ≤ this × median over other peers of their median recent accepted norm
+    norm_factor: float = 5.0  # ‖Δ‖ ≤ this × median over other peers of their median recent accepted norm
     norm_window: int = 8  # accepted norms kept per peer
     min_norms: int = 2  # accepted norms a peer needs before it votes
     min_voters: int = 2  # other voting peers needed for the per-peer bound (else the run-wide rule)
@@ -69,7 +71,9 @@ class DefenceLimits:
     screen_tokens: int = 128  # of each block, the first this many tokens
     screen_scale: float = 0.1  # the candidate is scored at θ − screen_scale × Δ
     screen_own_margin: float = 0.05  # nats: loss(θ − sΔ) − loss(θ) on the sender's language may not exceed this
-    screen_mean_margin: float = 0.25  # nats: nor, on the mean over languages, this
+    screen_mean_margin: float = 0.5  # nats: nor, on the mean over languages, this
+    # nats: loss(θ − Δ) − loss(θ) on the sender's language (the whole update applied) may not exceed this
+    screen_full_own_margin: float | None = 0.0
 
     @classmethod
     def from_config(cls, cfg) -> "DefenceLimits":
@@ -264,9 +268,10 @@ class LossScreen:
         return {r: validation_loss(self.model, b) for r, b in blocks.items()}
 
     def score(self, params: list[torch.Tensor], delta: list[torch.Tensor], region: str | None,
-              version: int, scale: float = 1.0) -> dict | None:
+              version: int, scale: float = 1.0, full_own: bool = False) -> dict | None:
         """``{"own": change on the sender's language or None, "mean": change of the mean over
-        languages, "regions": n}``; None when no language has held-out data."""
+        languages, "regions": n}`` at θ − scale·Δ, and with ``full_own`` ``"own_full"``: the change on
+        the sender's language at θ − Δ; None when no language has held-out data."""
         t0 = time.perf_counter()
         blocks = self._region_blocks(region)
         if not blocks:
@@ -286,5 +291,11 @@ class LossScreen:
         own = change.get(region) if region else None
         out = {"own": own if finite else math.inf, "mean": statistics.fmean(change.values()) if finite else math.inf,
                "regions": len(blocks), "seconds": time.perf_counter() - t0}
+        if full_own and region in blocks:  # the whole update on the sender's own language: one more pass there
+            with torch.no_grad():
+                whole = [p - d.to(p.dtype) for p, d in zip(params, delta)]
+            value = self._losses(whole, {region: blocks[region]})[region] - base[region]
+            out["own_full"] = value if math.isfinite(value) else math.inf
+            out["seconds"] = time.perf_counter() - t0
         self.seconds.append(out["seconds"])
         return out
