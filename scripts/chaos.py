@@ -64,7 +64,7 @@ sys.path.insert(0, str(ROOT))
 from heloco_p2p.checkpoint import load_checkpoint, read_header  # noqa: E402
 from heloco_p2p.config import load_config  # noqa: E402
 from heloco_p2p.tools.monitor import live_coordinator  # noqa: E402
-from heloco_p2p.tools.report import replace_section  # noqa: E402
+from heloco_p2p.tools.report import git_tree, replace_section  # noqa: E402
 from heloco_p2p.tools.testnet import load_profiles, peer_args, run_testnet  # noqa: E402
 
 HEADING = "## Chaos"
@@ -79,13 +79,7 @@ def _events(peers_dir: Path) -> list[dict]:
 
 
 def _names(sw) -> dict[str, str]:
-    """peer id → name, from the events each peer logs about itself."""
-    out = {}
-    for name in sw.procs:
-        for e in sw.events(name, "heartbeat")[:1] + sw.events(name, "train_start")[:1]:
-            if e.get("peer"):
-                out[e["peer"]] = name
-    return out
+    return sw.peer_names()
 
 
 def _live_lease(client, lease_seconds: float):
@@ -814,16 +808,7 @@ def render(results: dict, out: Path) -> str:
 
 def _tree() -> str:
     """The commit the run used, and whether the working tree differed from it."""
-    import subprocess
-
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + (" with uncommitted changes" if dirty else "")
+    return git_tree(ROOT)
 
 
 def main() -> None:

@@ -206,12 +206,7 @@ def _flood(peer, attack: Flood, original) -> None:
 
 # ------------------------------------------------------------------------------------ one run
 def _names(sw) -> dict[str, str]:
-    out = {}
-    for name in sw.procs:
-        for e in sw.events(name, "heartbeat")[:1] + sw.events(name, "train_start")[:1]:
-            if e.get("peer"):
-                out[e["peer"]] = name
-    return out
+    return sw.peer_names()
 
 
 def one_run(attack: str | None, defence: bool, args, out: Path) -> dict:
@@ -362,18 +357,10 @@ def target_met(r: dict, clean_mean: float) -> bool:
 
 
 def _tree() -> str:
-    import subprocess
-
     if os.environ.get("POISON_TREE"):  # a run from a snapshot of the tree (not a git checkout)
         return os.environ["POISON_TREE"]
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + (" with uncommitted changes" if dirty else "")
+    from heloco_p2p.tools.report import git_tree  # loaded by the measurement only, as the others here
+    return git_tree(ROOT)
 
 
 def main() -> None:

@@ -110,6 +110,15 @@ class LocalSwarm:
     def all_events(self, kind: str) -> list[dict]:
         return [e for name in self.procs for e in self.events(name, kind)]
 
+    def peer_names(self) -> dict[str, str]:
+        """peer id → name, from the events each peer logs about itself."""
+        out = {}
+        for name in self.procs:
+            for e in self.events(name, "heartbeat")[:1] + self.events(name, "train_start")[:1]:
+                if e.get("peer"):
+                    out[e["peer"]] = name
+        return out
+
     def wait_until(self, predicate, timeout: float, what: str) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
