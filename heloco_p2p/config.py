@@ -175,8 +175,10 @@ class DefenceConfig(_Section):
     screen_scale: float = Field(0.1, gt=0)  # the candidate is scored at θ − screen_scale × Δ
     screen_own_margin: float = Field(0.05, ge=0)
     screen_mean_margin: float = Field(0.5, ge=0)
-    # and refuse one whose whole update (θ − Δ) makes the sender's own language worse by more than this (None: off)
-    screen_full_own_margin: float | None = 0.0
+    # and refuse one whose whole update (θ − Δ) makes the sender's own language worse by more than this (None: off).
+    # Off by default: at a large outer lr (0.7) θ moves far between a peer's base and the commit and it refuses
+    # honest Δs too; configs/testnet.yaml (outer lr 0.1, where it was measured) turns it on
+    screen_full_own_margin: float | None = None
 
 
 TOPK_KEYS = ("topk_density", "topk_bits", "topk_chunk")

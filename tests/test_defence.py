@@ -361,7 +361,8 @@ def test_a_sign_flipper_in_a_real_open_swarm_is_refused_and_the_model_still_lear
     (tmp_path / "config").mkdir()
     # not among the profiles (*.yaml); the testnet's outer lr (0.1): at the tiny config's 0.7, θ moves so far between
     # a peer's base and the commit that the whole-update rule refused honest Δs too (3 in one run)
-    config = write_test_config(tmp_path / "config" / "cfg.yaml", outer={"optimizer_args": {"lr": 0.1, "momentum": 0.9}})
+    config = write_test_config(tmp_path / "config" / "cfg.yaml", outer={"optimizer_args": {"lr": 0.1, "momentum": 0.9}},
+                               defence={"screen_full_own_margin": 0.0})  # the rules as measured on the testnet
     args = Namespace(peers=str(tmp_path / "*.yaml"), config=str(config), rounds=8, max_minutes=1.6, set=[])
     rec = poison.one_run("sign_flip", True, args, tmp_path / "run")
     assert min(rec["honest_rounds"].values()) >= 8, rec  # the run ended by rounds, not by time
@@ -387,8 +388,10 @@ def test_noise_that_a_small_step_hides_is_refused_by_the_whole_update_on_its_own
     assert s["own_full"] > 0.1  # at θ − Δ it is not
     state = CommitState(build_engine([torch.ones(32, 32)], "lookahead"), screen=screen)
     with pytest.raises(Rejection) as exc:
-        state.check(noise, 0, SubmissionLimits(submit_rate=0.0, defence=DefenceLimits()), peer="QmN", region="de", now=1.0)
+        state.check(noise, 0, SubmissionLimits(submit_rate=0.0, defence=DefenceLimits(screen_full_own_margin=0.0)),
+                    peer="QmN", region="de", now=1.0)
     assert exc.value.code == "harmful_update"
-    # with that rule off, the same noise is committed
-    off = DefenceLimits(screen_full_own_margin=None)
+    # with that rule off (the default: docs/security.md), the same noise is committed
+    off = DefenceLimits()
+    assert off.screen_full_own_margin is None
     assert state.check(noise, 0, SubmissionLimits(submit_rate=0.0, defence=off), peer="QmN", region="de", now=1.0) > 0

@@ -73,7 +73,7 @@ class DefenceLimits:
     screen_own_margin: float = 0.05  # nats: loss(θ − sΔ) − loss(θ) on the sender's language may not exceed this
     screen_mean_margin: float = 0.5  # nats: nor, on the mean over languages, this
     # nats: loss(θ − Δ) − loss(θ) on the sender's language (the whole update applied) may not exceed this
-    screen_full_own_margin: float | None = 0.0
+    screen_full_own_margin: float | None = None  # off by default (config.DefenceConfig says why)
 
     @classmethod
     def from_config(cls, cfg) -> "DefenceLimits":
