@@ -353,3 +353,46 @@ def test_replies_carry_the_dispatch_point_and_standbys_stay_bitwise_equal():
     assert coord_state.log.head == standby_state.log.head and len(coord_state.log.entries) == 4
     assert [e.version for e in standby_state.log.entries] == [1, 2, 3, 4]
     assert standby_state.log.entries[-1].digest == params_digest(standby_state.engine.params)
+
+
+class _LossyLink(ScriptedNode):
+    """The coordinator's node, wired to a real standby: the first forwarded commit is applied
+    there but its reply is lost (the stream ends before it), as a reset stream does."""
+
+    def __init__(self, standby):
+        super().__init__({})
+        self.standby, self.lost = standby, 0
+
+    async def acall(self, peer_id, name, header, payload=b"", **kwargs):
+        from heloco_p2p.swarm.wire import WireError
+
+        self.calls.append((peer_id, name, header.get("kind")))
+        reply, data = await self.standby.standby.handle_replicate(header, payload, "QmCoordinator")
+        if header.get("kind") == "commit" and not self.lost:
+            self.lost += 1
+            raise WireError("closed", "stream ended before a message")
+        return reply, data
+
+
+def test_a_lost_replication_reply_is_resent_once_and_applied_once():
+    coord_state, standby_state = _published(), _published()
+    standby = CoordinatorService(ScriptedNode({}, peer_id=STANDBY), standby_state, SHAPES,
+                                 SubmissionLimits(submit_rate=0.0))
+    standby.term.believed = ("QmCoordinator", 1)
+    node = _LossyLink(standby)
+    coord = CoordinatorService(node, coord_state, SHAPES, SubmissionLimits(submit_rate=0.0))
+    coord.replication.standbys = [STANDBY]
+    coord.activate(1)
+    for seq in range(3):
+        header, payload = _submission(coord_state, seq, value=0.01 * (seq + 1))
+        reply, _ = run(coord.handle_submit(header, payload, "QmP1"))
+        assert reply["status"] == "accepted", reply
+    assert node.lost == 1
+    # the standby was kept (not dropped for one broken stream) and got no full state
+    assert coord.replication.standbys == [STANDBY]
+    assert [c[2] for c in node.calls] == ["commit", "commit", "commit", "commit"]  # 3 commits, one resent
+    # applied once: the same versions, θ and chain on both
+    assert standby_state.version == coord_state.version == 3
+    assert all(torch.equal(a, b) for a, b in zip(coord_state.engine.params, standby_state.engine.params))
+    assert standby_state.log.head == coord_state.log.head
+    assert [e.version for e in standby_state.log.entries] == [1, 2, 3]

@@ -16,6 +16,7 @@ from collections import deque
 
 from heloco_p2p.roles import messages
 from heloco_p2p.roles.commit_state import params_digest
+from heloco_p2p.swarm.wire import WireError
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ class Replication:
         for sb in list(self.standbys):
             t0 = time.monotonic()
             try:
-                reply, _ = await asyncio.wait_for(self.node.acall(sb, "replicate", header, payload), timeout=self.timeout())
+                reply = await self._send_commit(sb, header, payload)
                 status = reply.get("status")
                 if status == "fenced":
                     was_fenced = True
@@ -152,6 +153,23 @@ class Replication:
         if was_fenced:
             await self.term.verify(force=True)
         return held
+
+    async def _send_commit(self, standby: str, header: dict, payload: bytes) -> dict:
+        """One forwarded commit, sent again once if the stream broke before the reply (a lost
+        reply, not a slow standby: a resend of a commit it holds is answered ``ok``, not applied
+        twice). A timeout is not retried: the wait is bounded by ``timeout()`` in all."""
+        deadline = time.monotonic() + self.timeout()
+        for attempt in (1, 2):
+            try:
+                reply, _ = await asyncio.wait_for(self.node.acall(standby, "replicate", header, payload),
+                                                  timeout=max(0.1, deadline - time.monotonic()))
+                return reply
+            except (WireError, ConnectionError, OSError) as exc:
+                if attempt == 2 or (isinstance(exc, WireError) and exc.code not in ("closed", "truncated")):
+                    raise
+                logger.info("standby %s: the stream broke before the reply (%s); sending the commit again",
+                            standby[-8:], exc)
+        raise AssertionError("unreachable")
 
     async def send_full_state(self, standby: str) -> None:
         """The whole commit state to ``standby`` (call with the commit lock held, so that no commit

@@ -80,6 +80,8 @@ class StandbyService:
         return messages.ok(version=self.state.version)
 
     async def _apply(self, commit: messages.CommitForward, payload: bytes, remote: str) -> messages.Reply:
+        if self._holds(commit):  # a resend after a lost reply: held already, never applied twice
+            return messages.ok(version=self.state.version)
         if commit.version_before != self.state.version:
             return {"status": "out_of_sync", "version": self.state.version}, b""
         if commit.base_version > self.state.version:
@@ -102,6 +104,14 @@ class StandbyService:
             return {"status": "out_of_sync", "version": self.state.version}, b""
         self.state.log.append(self.state.version, commit.term, commit.peer, commit.seq, commit.base_version, mine)
         return messages.ok(version=self.state.version)
+
+    def _holds(self, commit: messages.CommitForward) -> bool:
+        """Whether the newest commit here is ``commit`` (same version, term, sender, seq and θ digest)."""
+        if self.state.version != commit.version_before + 1 or not self.state.log.entries:
+            return False
+        last = self.state.log.entries[-1]
+        return (last.version, last.term, last.peer, last.seq, last.digest) == (
+            self.state.version, commit.term, commit.peer, commit.seq, commit.digest)
 
     def _follow(self, term: int, remote: str) -> None:
         """``remote`` coordinates ``term`` (it replicated to us): remember it, and follow the term

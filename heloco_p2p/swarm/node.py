@@ -318,7 +318,7 @@ class SwarmNode:
                                                  "message": f"{self.open_streams} requests open; retry after 1 s"})
                 except (ConnectionError, OSError):
                     pass
-                writer.close()
+                await linger_close(reader, writer)
                 return
             self.open_streams += 1
             try:
@@ -330,7 +330,8 @@ class SwarmNode:
                                                       receiver=remote)
                 self.bytes_out += await write_message(writer, reply, data)
             except (ConnectionError, asyncio.IncompleteReadError, OSError) as exc:
-                logger.debug("stream %s from %s broke: %s", name, remote, exc)
+                logger.warning("stream %s from %s broke before the reply was sent: %s: %s", name, remote[-8:],
+                               type(exc).__name__, exc)
             finally:
                 self.open_streams -= 1
                 await linger_close(reader, writer)
@@ -372,7 +373,12 @@ class SwarmNode:
             if auth is not None:
                 self.swarm_key.check_body(auth, payload)
             self.bytes_in += len(payload)
-            reply, data = await handler(header, payload, remote)
+            try:
+                reply, data = await handler(header, payload, remote)
+            except (ConnectionError, asyncio.IncompleteReadError, OSError) as exc:
+                # the handler's own calls to other peers failed: an answer, not a broken stream
+                logger.warning("handler %s for %s: %s: %s", name, remote[-8:], type(exc).__name__, exc)
+                reply, data = {"status": "error", "reason": "internal", "message": f"{type(exc).__name__}: {exc}"}, b""
         except WireError as exc:
             reply, data = {"status": "rejected", "reason": exc.code, "message": exc.message}, b""
             if exc.retry_after is not None:

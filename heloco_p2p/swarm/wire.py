@@ -461,18 +461,20 @@ async def request(
     return reply
 
 
-async def linger_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float = 2.0,
+async def linger_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float = 10.0,
                        max_bytes: int = 256 << 20) -> None:
     """Close a server stream without destroying the reply that was just written.
 
-    A server that refuses a request from its header stops reading; if it then closed at once
-    with the client's unread bytes still arriving, TCP would reset the connection and the client
-    could lose the reply it was about to read. So: half-close, then read and discard (never
-    buffer) what the client still sends, for at most ``timeout`` seconds and ``max_bytes``.
+    The server closes only once the client has: it reads and discards (never buffers) what the
+    client still sends until the client's end of stream, for at most ``timeout`` seconds and
+    ``max_bytes``. Closing earlier loses replies: p2pd turns the end of our side into a full
+    libp2p ``Close`` (write *and* read), and a stream closed for reading while the remote still
+    writes (a request refused from its header, its payload still arriving) or has not yet read
+    what is buffered is *reset*; a reset discards the reply bytes the client's daemon had not
+    yet passed on, so the client saw "stream ended before a message" for a reply the server had
+    sent. A half-close (``write_eof``) triggers the same ``Close`` in p2pd and is not used.
     """
     try:
-        if writer.can_write_eof():
-            writer.write_eof()
         deadline = asyncio.get_running_loop().time() + timeout
         seen = 0
         while seen < max_bytes:
