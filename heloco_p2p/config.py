@@ -155,6 +155,9 @@ class DefenceConfig(_Section):
     # of its last norm_window accepted norms (peers with min_norms of them vote; with fewer than
     # min_voters voters the run-wide rule, swarm.norm_factor, applies)
     norm_factor: float = Field(5.0, gt=1)
+    # norm clip: an accepted Δ above clip_factor × the same median is scaled down to it (None: off);
+    # at most norm_factor (above it the Δ is refused)
+    clip_factor: float | None = Field(2.0, gt=0)
     norm_window: int = Field(8, gt=0)
     min_norms: int = Field(2, gt=0)
     min_voters: int = Field(2, gt=0)
@@ -179,6 +182,14 @@ class DefenceConfig(_Section):
     # Off by default: at a large outer lr (0.7) θ moves far between a peer's base and the commit and it refuses
     # honest Δs too; configs/testnet.yaml (outer lr 0.1, where it was measured) turns it on
     screen_full_own_margin: float | None = None
+
+    @model_validator(mode="after")
+    def _clip_below_refusal(self):
+        if self.clip_factor is not None and self.clip_factor > self.norm_factor:
+            raise ValueError(f"swarm.defence.clip_factor ({self.clip_factor:g}) is above norm_factor "
+                             f"({self.norm_factor:g}): a Δ that large is refused, not clipped; lower clip_factor "
+                             "or set it to null (off)")
+        return self
 
 
 TOPK_KEYS = ("topk_density", "topk_bits", "topk_chunk")

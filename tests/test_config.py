@@ -115,3 +115,12 @@ def test_sections_added_later_keep_old_identities_while_at_their_defaults():
     assert cfg.digest() == before
     assert load_config("configs/tiny.yaml", overrides={"swarm.defence.norm_factor": 6.0}).digest() != before
     assert load_config("configs/tiny.yaml", overrides={"swarm.compression": "topk"}).digest() != before
+
+
+def test_a_norm_clip_above_the_refusal_bound_is_an_error(tmp_path):
+    p = _write(tmp_path, lambda t: t.setdefault("swarm", {}).setdefault("defence", {}).update(clip_factor=6.0))
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    assert "clip_factor" in str(err.value) and "norm_factor" in str(err.value)
+    p = _write(tmp_path, lambda t: t.setdefault("swarm", {}).setdefault("defence", {}).update(clip_factor=None))
+    assert load_config(p).swarm.defence.clip_factor is None

@@ -395,3 +395,72 @@ def test_noise_that_a_small_step_hides_is_refused_by_the_whole_update_on_its_own
     off = DefenceLimits()
     assert off.screen_full_own_margin is None
     assert state.check(noise, 0, SubmissionLimits(submit_rate=0.0, defence=off), peer="QmN", region="de", now=1.0) > 0
+
+
+def _ratchet_clipped(state, limits, peer, start, seed, steps=40):
+    """The ratchet through the coordinator's path (check, then the norm clip, then apply): returns
+    (norms sent, norms committed)."""
+    sent, committed, norm = [], [], start
+    for k in range(steps):
+        d = _delta(norm, seed + k)
+        try:
+            n = state.check(d, state.version, limits, peer=peer)
+        except Rejection as exc:
+            assert exc.code == "norm_too_large"
+            norm *= 0.8
+            continue
+        d, n, _ = state.clip(d, n, limits, peer=peer)
+        state.apply(d, state.version, peer, k, 1, n)
+        sent.append(norm)
+        committed.append(n)
+        norm *= 1.5
+    return sent, committed
+
+
+def test_an_amplified_delta_is_clipped_and_its_senders_vote_cannot_climb():
+    limits = _limits(share_factor=1e9, clip_factor=2.0)
+    state = _state()
+    seed = _warm(state, limits)
+    ref = 1.05  # the median over the honest peers of their median norms
+    assert state.defence.clip_scale("QmMallory", 1.0 * ref, limits.defence) == 1.0
+    assert state.defence.clip_scale("QmMallory", 3.0 * ref, limits.defence) == pytest.approx(2 / 3)
+    sent, committed = _ratchet_clipped(state, limits, "QmMallory", 2.0, seed + 100)
+    assert len(committed) >= 10 and max(sent) > 2.5 * ref  # it kept sending more than the clip lets through
+    assert max(committed) <= 2.0 * ref * (1 + 1e-6)  # what reached θ: at most the clip
+    assert all(c == pytest.approx(min(s, 2.0 * ref), rel=1e-5) for s, c in zip(sent, committed))
+    # its vote is the median of clipped norms: an honest peer's bound moves by one rank and at most to 2 × ref
+    assert state.defence.norm_bound("QmA", limits.defence) <= F * statistics_median([1.2, 0.9, 1.1, 2.0 * ref]) + 1e-6
+    assert state.defence.norm_bound("QmMallory", limits.defence) == pytest.approx(F * ref)  # its own: unchanged
+    off = _limits(share_factor=1e9, clip_factor=None)
+    assert state.clip(_delta(3.0, 1), 3.0, off, peer="QmMallory")[2] == 1.0
+
+
+def test_a_clipped_commit_is_forwarded_with_its_scale_and_the_standby_stays_bitwise_equal():
+    def run(coro):
+        return asyncio.new_event_loop().run_until_complete(coro)
+
+    limits = _limits(share_factor=1e9, clip_factor=2.0)
+    coord_state, standby_state = _state(), _state()
+    node = ScriptedNode({})
+    node.run_id = "fenced"
+    coord = CoordinatorService(node, coord_state, SHAPES, limits)
+    coord.replication.standbys = ["QmStandby"]
+    coord.activate(1)
+    standby = CoordinatorService(ScriptedNode({}, peer_id="QmStandby"), standby_state, SHAPES, limits)
+    standby.term.believed = ("QmCoordinator", 1)
+    sends = [(peer, norm, 10 * r + i) for r in range(2) for i, (peer, norm) in enumerate(HONEST.items())]
+    sends.append(("QmMallory", 3.0, 99))  # under the refusal bound (3 × 1.05), over the clip (2 × 1.05)
+    for seq, (peer, norm, seed) in enumerate(sends):
+        meta, payload = encode_tensors(_delta(norm, seed), "none")
+        header = {"run_id": "fenced", "seq": seq, "base_version": coord_state.version, "steps": 5, "term": 1,
+                  "tensors": meta, "region": "de", "stats": {"seconds": 1.0}}
+        reply, _ = run(coord.handle_submit(header, payload, peer))
+        assert reply["status"] == "accepted", reply
+        forwarded = node.headers[-1]
+        assert run(standby.standby.handle_replicate(forwarded, payload, "QmCoordinator"))[0]["status"] == "ok"
+    assert forwarded["scale"] == pytest.approx(2.0 * 1.05 / 3.0, rel=1e-4)  # the last one was clipped
+    assert all(h["scale"] == 1.0 for h in node.headers[:-1])
+    assert coord_state.defence.norms["QmMallory"][-1] == pytest.approx(2.1, rel=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(coord_state.engine.params, standby_state.engine.params))
+    assert coord_state.defence.state_dict()["norms"] == standby_state.defence.state_dict()["norms"]
+    assert coord_state.log.head == standby_state.log.head

@@ -157,6 +157,20 @@ class CommitState:
             self._check_replay_and_loss(pseudo_grad, d, region)
         return norm
 
+    def clip(self, pseudo_grad: list[torch.Tensor], norm: float, limits: SubmissionLimits,
+             peer: str | None = None) -> tuple[list[torch.Tensor], float, float]:
+        """The defence's norm clip (roles/defence.py, rule 1) of a checked submission: returns
+        (Δ to commit, its norm, the scale applied). The scale travels in the forwarded commit and
+        standbys use :func:`scaled` too, so replicas stay bitwise equal."""
+        d = limits.defence
+        if d is None or not d.enabled or peer is None:
+            return pseudo_grad, norm, 1.0
+        scale = self.defence.clip_scale(peer, norm, d)
+        if scale >= 1.0:
+            return pseudo_grad, norm, 1.0
+        delta = scaled(pseudo_grad, scale)
+        return delta, tensor_norm(delta), scale
+
     def _check_run_norm(self, norm: float, limits: SubmissionLimits) -> None:
         """The run-wide rule: a multiple of the median of recent accepted norms (any sender's), or
         of ‖θ‖ before ``norm_min_history`` norms were accepted."""
@@ -373,6 +387,11 @@ def _check_credit(credit) -> dict:
             raise ValueError(f"commit state: credit of {str(peer)[:20]!r} is malformed")
         out[peer] = {"region": c["region"][:64], **{k: c[k] for k in _CREDIT_INTS + ("cos_sum", "ratio_sum")}}
     return out
+
+
+def scaled(tensors: list[torch.Tensor], scale: float) -> list[torch.Tensor]:
+    """``tensors`` × ``scale`` (the norm clip), computed the same way on the coordinator and its standbys."""
+    return [t * scale for t in tensors]
 
 
 def tensor_norm(tensors: list[torch.Tensor]) -> float:

@@ -192,6 +192,9 @@ class CoordinatorService:
             if exc.code == "busy":  # over its commit share: the sender keeps its Δ and resends it
                 return self.busy(str(exc), exc.retry_after or 1.0)
             return self.reject(peer, exc.code, str(exc), exc.detail)
+        delta, norm, scale = st.clip(delta, norm, self.limits, peer=peer)
+        if scale < 1.0:
+            logger.info("norm clip: the submission of %s scaled by %.3f", peer[-8:], scale)
         version_before = st.version
         t1 = time.perf_counter()
         num_workers = st.workers(peer)
@@ -204,7 +207,7 @@ class CoordinatorService:
             await loop.run_in_executor(None, params_digest, dispatched)
         t2 = time.perf_counter()
         commit = messages.CommitForward(st.term, version_before, sub.base_version, peer, sub.seq, sub.steps, sub.tensors,
-                                        digest, sub.worker, sub.seconds, sub.tokens, num_workers, commit_time)
+                                        digest, sub.worker, sub.seconds, sub.tokens, num_workers, commit_time, scale)
         held = await rep.forward(commit, payload)
         if not self.term.active:
             # a standby follows a newer term that this peer verified: another peer coordinates, and

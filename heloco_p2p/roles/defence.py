@@ -4,7 +4,10 @@ after the value checks and before anything is committed:
 
 1. **Per-peer norm bound** that a peer's own submissions cannot raise: ‖Δ‖ ≤ ``norm_factor`` ×
    the median, over the *other* peers, of each peer's median recent accepted norm (one vote per
-   peer identity). A ratcheting peer moves only its own vote, which its own bound ignores; k
+   peer identity); and an accepted Δ above ``clip_factor`` × that median is scaled down to it
+   (the norm clip: an amplified honest Δ, which improves its sender's language and so passes
+   the loss screen, moves θ at most as far as a large honest one; the norm recorded is the
+   clipped one, so a peer's vote cannot climb through its own clipped submissions). A ratcheting peer moves only its own vote, which its own bound ignores; k
    identities of one attacker are k votes, which move the median only once they are half of the
    voters. With fewer than ``min_voters`` other peers with history the run-wide rule of
    ``CommitState`` applies (``swarm.norm_factor`` × the median of recent accepted norms, or
@@ -57,6 +60,7 @@ class DefenceLimits:
 
     enabled: bool = True
     norm_factor: float = 5.0  # ‖Δ‖ ≤ this × median over other peers of their median recent accepted norm
+    clip_factor: float | None = 2.0  # an accepted Δ is scaled down to at most this × the same reference
     norm_window: int = 8  # accepted norms kept per peer
     min_norms: int = 2  # accepted norms a peer needs before it votes
     min_voters: int = 2  # other voting peers needed for the per-peer bound (else the run-wide rule)
@@ -138,6 +142,19 @@ class DefenceState:
         if len(votes) < lim.min_voters:
             return None
         return lim.norm_factor * statistics.median(votes)
+
+    def clip_scale(self, peer: str, norm: float, limits: DefenceLimits | None = None) -> float:
+        """The factor (≤ 1) that brings ``norm`` down to ``clip_factor`` × the other peers' median
+        recent accepted norm (one vote per peer, as in :meth:`norm_bound`); 1 when the Δ is within
+        it, the clip is off, or too few other peers have history."""
+        lim = limits or self.limits
+        if lim.clip_factor is None or not (norm > 0 and math.isfinite(norm)):
+            return 1.0
+        bound = self.norm_bound(peer, lim)
+        if bound is None:
+            return 1.0
+        cap = lim.clip_factor * bound / lim.norm_factor
+        return 1.0 if norm <= cap else cap / norm
 
     def share_wait(self, peer: str, now: float, limits: DefenceLimits | None = None) -> float | None:
         """Seconds ``peer`` must wait before another commit of its is within its share; None: now."""

@@ -143,6 +143,7 @@ class CommitForward:
     tokens: int = 0
     num_workers: int | None = None
     commit_time: float | None = None  # the coordinator's clock at the commit (the commit-share rule counts by it)
+    scale: float = 1.0  # the defence's norm clip: the Δ committed is the one received × scale (0 < scale ≤ 1)
 
     def header(self) -> dict:
         return {"kind": "commit", **asdict(self)}
@@ -159,11 +160,15 @@ class CommitForward:
         num_workers = header.get("num_workers")
         if num_workers is not None:
             num_workers = header_int(header, "num_workers", lo=1, hi=MAX_WORKERS)
+        scale = header.get("scale", 1.0)
+        if not (positive(scale) and scale <= 1.0):
+            raise WireError("malformed", "header field 'scale' must be a number in (0, 1]")
         return cls(term=header_int(header, "term"), version_before=header_int(header, "version_before"),
                    base_version=header_int(header, "base_version"), peer=header_str(header, "peer"),
                    seq=header_int(header, "seq"), steps=header_int(header, "steps"), tensors=tensor_meta(header),
                    digest=header_str(header, "digest"), worker=worker, seconds=seconds,
-                   tokens=header_int(header, "tokens", default=0), num_workers=num_workers, commit_time=commit_time)
+                   tokens=header_int(header, "tokens", default=0), num_workers=num_workers, commit_time=commit_time,
+                   scale=float(scale))
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import logging
 import math
 
 from heloco_p2p.roles import messages
-from heloco_p2p.roles.commit_state import params_digest, parse_state, tensor_norm
+from heloco_p2p.roles.commit_state import params_digest, parse_state, scaled, tensor_norm
 from heloco_p2p.swarm.wire import WireError, decode_tensors
 
 logger = logging.getLogger(__name__)
@@ -91,6 +91,8 @@ class StandbyService:
             delta = await loop.run_in_executor(None, decode_tensors, commit.tensors, payload, self.expected)
         except WireError as exc:
             return messages.rejected(exc.code, exc.message)
+        if commit.scale != 1.0:  # the coordinator's norm clip, applied the same way
+            delta = scaled(delta, commit.scale)
         norm = tensor_norm(delta)
         if not math.isfinite(norm):  # the coordinator never commits these: a replica must not either
             return messages.rejected("not_finite", "the pseudo-gradient contains NaN or Inf")
