@@ -396,3 +396,20 @@ def test_a_lost_replication_reply_is_resent_once_and_applied_once():
     assert all(torch.equal(a, b) for a, b in zip(coord_state.engine.params, standby_state.engine.params))
     assert standby_state.log.head == coord_state.log.head
     assert [e.version for e in standby_state.log.entries] == [1, 2, 3]
+
+
+def test_the_theta_digest_is_a_tree_that_sees_every_byte_and_the_tensor_boundaries(monkeypatch):
+    from heloco_p2p.roles import commit_state
+
+    monkeypatch.setattr(commit_state, "DIGEST_CHUNK", 64)  # many leaves on small tensors: the threaded path
+    g = torch.Generator().manual_seed(3)
+    params = [torch.randn(100, generator=g), torch.randn(7, 9, generator=g), torch.zeros(0)]
+    d = params_digest(params)
+    assert d == params_digest([p.clone() for p in params])  # a function of the bytes only
+    for i in range(2):  # one bit of any tensor changes it
+        changed = [p.clone() for p in params]
+        changed[i].view(-1)[-1] = torch.nextafter(changed[i].view(-1)[-1], torch.tensor(1e9))
+        assert params_digest(changed) != d
+    # the same bytes cut at another tensor boundary are another θ
+    flat = torch.cat([p.flatten() for p in params])
+    assert params_digest([flat[:50], flat[50:]]) != params_digest([flat[:51], flat[51:]])

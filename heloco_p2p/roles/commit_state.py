@@ -16,8 +16,10 @@ import hashlib
 import io
 import logging
 import math
+import os
 import statistics
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -30,12 +32,39 @@ from heloco_p2p.roles.messages import MAX_WORKERS
 logger = logging.getLogger(__name__)
 
 
+DIGEST_CHUNK = 16 << 20  # bytes of θ per leaf of the digest's tree
+_digest_pool: ThreadPoolExecutor | None = None
+
+
+def _leaf(piece: memoryview) -> bytes:
+    return hashlib.blake2b(piece, digest_size=16).digest()  # hashlib releases the GIL on large buffers
+
+
 def params_digest(params: list[torch.Tensor]) -> str:
-    """blake2b of θ's bytes: equal digests mean bitwise-equal replicas."""
-    h = hashlib.blake2b(digest_size=16)
+    """A blake2b tree over θ's bytes: equal digests mean bitwise-equal replicas.
+
+    Each tensor's buffer is cut into ``DIGEST_CHUNK`` leaves, hashed on up to 4 threads (no copy
+    of θ), and the root hashes the leaf digests with each tensor's byte length. At 125M
+    parameters one pass over 500 MB took ~0.6 s on one core; the coordinator computes it on every
+    commit, so the leaves use the cores there are."""
+    global _digest_pool
+    pieces, lengths = [], []
     for p in params:
-        h.update(p.detach().contiguous().cpu().numpy())  # the buffer itself: no copy of θ
-    return h.hexdigest()
+        buf = memoryview(p.detach().contiguous().cpu().numpy()).cast("B")  # the buffer itself
+        lengths.append(len(buf))
+        pieces += [buf[i:i + DIGEST_CHUNK] for i in range(0, len(buf), DIGEST_CHUNK)] or [buf]
+    if len(pieces) > 1:
+        if _digest_pool is None:
+            _digest_pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="digest")
+        leaves = list(_digest_pool.map(_leaf, pieces))
+    else:
+        leaves = [_leaf(piece) for piece in pieces]
+    root = hashlib.blake2b(digest_size=16, person=b"heloco-theta-v2")
+    for n in lengths:
+        root.update(n.to_bytes(8, "big"))
+    for leaf in leaves:
+        root.update(leaf)
+    return root.hexdigest()
 
 
 class Rejection(Exception):
