@@ -202,13 +202,17 @@ class CoordinatorService:
                                           sub.worker, sub.seconds, sub.tokens, num_workers, commit_time)
         digest = await loop.run_in_executor(None, params_digest, st.engine.params)
         st.log.append(st.version, st.term, peer, sub.seq, sub.base_version, digest)
-        dispatched = st.engine.dispatch_params()  # computed once: digested, then sent in the reply
-        dispatch_digest = digest if dispatched is st.engine.params else \
-            await loop.run_in_executor(None, params_digest, dispatched)
+        # computed once, off the event loop: digested, then sent in the reply
+        dispatched = await loop.run_in_executor(None, st.engine.dispatch_params)
+        # the dispatch digest (for the run's audit: what peers received) is computed while the
+        # commit travels to the standbys, not before
+        dispatch_digest_future = None if dispatched is st.engine.params else \
+            loop.run_in_executor(None, params_digest, dispatched)
         t2 = time.perf_counter()
         commit = messages.CommitForward(st.term, version_before, sub.base_version, peer, sub.seq, sub.steps, sub.tensors,
                                         digest, sub.worker, sub.seconds, sub.tokens, num_workers, commit_time, scale)
         held = await rep.forward(commit, payload)
+        dispatch_digest = digest if dispatch_digest_future is None else await dispatch_digest_future
         if not self.term.active:
             # a standby follows a newer term that this peer verified: another peer coordinates, and
             # this commit (applied here only) must not be acknowledged; the sender resubmits there
