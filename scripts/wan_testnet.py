@@ -4,7 +4,7 @@ peer in a network namespace of its own (heloco_p2p/tools/netns.py, root).
 
     python scripts/wan_testnet.py --calibrate                        # time inner steps here, suggest H
     python scripts/wan_testnet.py --rss-only                         # one peer's peak RSS, then exit
-    python scripts/wan_testnet.py --compare --minutes 20 --steps-per-round 40 --write-results
+    python scripts/wan_testnet.py --compare --minutes 20 --write-results  # wrap8 vs fp32 replies, H 80
     python scripts/wan_testnet.py --tiny --minutes 1                 # the tiny model (tests/test_wan.py)
 
 The cast: a coordinator and a standby started with ``--no-train`` on 200 Mbit/s links each way
