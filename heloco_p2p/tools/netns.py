@@ -6,6 +6,7 @@ own, so that links between peers can be cut, healed and (optionally) rate-shaped
         net.exec_args("a", ["python", "-c", "..."])  # ["ip", "netns", "exec", "hl-1a2b3c-a", ...]
         net.cut("a", "b"); net.heal("a", "b")        # blackhole routes both ways, then removed
         net.isolate("a"); net.rejoin("a")            # a's bridge port down, then up
+        net.link_bytes("a")                          # (bytes a sent, bytes a received) so far
 
 Layout: a bridge ``hl-<6 hex>-br`` in the root namespace holding ``10.77.K.254/24`` (K: the
 first /24 of 10.77.0.0/16 no address or route here uses yet, so parallel runs do not collide),
@@ -218,6 +219,13 @@ class NetnsTestnet:
     def exec_args(self, name: str, argv: list[str]) -> list[str]:
         """``argv`` run inside peer ``name``'s namespace (``ip netns exec`` execs it: same pid)."""
         return ["ip", "netns", "exec", self.namespace(name), *argv]
+
+    def link_bytes(self, name: str) -> tuple[int, int]:
+        """(uplink, downlink) bytes so far on ``name``'s link: what it sent and what it received,
+        read in the root namespace on the bridge side of its veth (``rx_bytes``, ``tx_bytes``:
+        Ethernet frames, the length the tbf qdiscs count)."""
+        stats = Path("/sys/class/net") / f"{self.prefix}h{self.peers[name]}" / "statistics"
+        return int((stats / "rx_bytes").read_text()), int((stats / "tx_bytes").read_text())
 
     def run(self, name: str, *argv: str, check: bool = True, timeout: float | None = 60) -> subprocess.CompletedProcess:
         proc = subprocess.run(self.exec_args(name, list(argv)), capture_output=True, text=True, timeout=timeout)
