@@ -21,7 +21,8 @@
     python scripts/bench.py --quick                  # smoke run, a few minutes on 2 cores
     python scripts/bench.py --write-results          # full run (about 20 minutes)
 
-Prints a table; writes bench/results.json (keys: utilization {peer: fraction}, swarm_vs_solo,
+Prints a table; writes bench/results.json (keeping the keys other benchmarks own, e.g. ``wan``)
+(keys: utilization {peer: fraction}, swarm_vs_solo,
 commit, wire, join, fan_in) and bench/results-detail.json (everything, with date, machine,
 command and the load average before and after); ``--write-results`` replaces the subsection
 "### Benchmark suite" of docs/results.md. Item functions come from bench_outer.py and
@@ -681,7 +682,12 @@ def main(argv=None) -> dict:
     }
     validate_results(results)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    path = args.out / "results.json"
+    try:  # keys other benchmarks own (wan: scripts/wan_testnet.py) are kept, after this suite's
+        kept = {k: v for k, v in json.loads(path.read_text()).items() if k not in RESULT_KEYS}
+    except (OSError, ValueError, AttributeError):
+        kept = {}
+    path.write_text(json.dumps({**results, **kept}, indent=1) + "\n")
     (args.out / "results-detail.json").write_text(json.dumps(detail, indent=1) + "\n")
     report = render(detail)
     print(summary_table(results))
