@@ -413,3 +413,41 @@ def test_the_theta_digest_is_a_tree_that_sees_every_byte_and_the_tensor_boundari
     # the same bytes cut at another tensor boundary are another θ
     flat = torch.cat([p.flatten() for p in params])
     assert params_digest([flat[:50], flat[50:]]) != params_digest([flat[:51], flat[51:]])
+
+
+def test_a_reachable_peer_is_recruited_before_the_standby_just_dropped():
+    """A standby dropped because its link to the coordinator is cut still heartbeats (other peers
+    relay its records): it goes after every peer dropped less recently, so the reachable one is
+    recruited during the cut instead of after it."""
+    from types import SimpleNamespace
+
+    from heloco_p2p.roles.election import Election
+    from heloco_p2p.swarm.records import PeerRecord
+
+    svc, state, node = _coordinator(standbys=())
+    now = time.time()
+
+    def peer(pid, heartbeat):
+        return PeerRecord(peer_id=pid, name=pid, region="de", device="cpu", role="training", steps_per_second=1.0,
+                          inner_steps=5, version=0, rounds=1, tokens=1, loss=1.0, staleness=0, accepted=1, rejected=0,
+                          bytes_in=0, bytes_out=0, heartbeat=heartbeat, maddrs=[])
+
+    svc.replication.dropped_at = {"QmA-cut": now - 5.0}  # dropped 5 s ago, heartbeating since
+    recruited = []
+
+    async def recruit(pid):
+        recruited.append(pid)
+        svc.replication.standbys.append(pid)
+
+    svc.replication.recruit = recruit
+    el = object.__new__(Election)
+    el.service, el._recruit_failed = svc, {}
+    el.cfg = SimpleNamespace(swarm=SimpleNamespace(num_standbys=1))
+    el.node = SimpleNamespace(run=lambda coro, timeout=None: asyncio.run(coro))
+    el.live_peers = lambda: [peer("QmA-cut", now - 1.0), peer("QmZ-reachable", now - 1.0)]
+    el.choose_standbys()
+    assert recruited == ["QmZ-reachable"]  # not the dropped one, though its id sorts first
+    svc.replication.standbys.clear()
+    svc.replication.dropped_at["QmZ-reachable"] = now - 1.0  # both dropped: the least recent first
+    el.choose_standbys()
+    assert recruited == ["QmZ-reachable", "QmA-cut"]

@@ -151,8 +151,8 @@ class Election:
     def choose_standbys(self) -> None:
         """Keep ``num_standbys`` standbys: a live training peer gets the full state, then the commits.
         A standby dropped for a failed replication is tried again only once it heartbeats after the
-        drop (a frozen peer cannot), and a failed recruitment is not repeated for 30 s, so a frozen
-        peer does not block the others."""
+        drop (a frozen peer cannot), and after every peer dropped less recently (a cut one can);
+        a failed recruitment is not repeated for 30 s, so a frozen peer does not block the others."""
         svc, want = self.service, self.cfg.swarm.num_standbys
         rep = svc.replication
         live = [p for p in self.live_peers() if p.role in REPLICA_ROLES]
@@ -168,7 +168,11 @@ class Election:
         candidates = [p for p in live if p.peer_id not in rep.standbys and p.role in ("training", "standby")
                       and now - self._recruit_failed.get(p.peer_id, -math.inf) > 30.0
                       and p.heartbeat > rep.dropped_at.get(p.peer_id, -math.inf)]  # alive since it was dropped
-        for p in sorted(candidates, key=lambda p: p.peer_id)[: want - len(rep.standbys)]:
+        # the least recently dropped first: a standby dropped because its link to this peer is cut
+        # still heartbeats (others relay its records), and trying it first blocks the recruitment
+        # of a reachable peer until the cut heals
+        order = sorted(candidates, key=lambda p: (rep.dropped_at.get(p.peer_id, -math.inf), p.peer_id))
+        for p in order[: want - len(rep.standbys)]:
             if not svc.active:  # stepped down meanwhile: recruit no one
                 break
             try:
