@@ -198,7 +198,8 @@ class Peer:
             self.trainer, self.schedule.steps_for, self.schedule.more, self._submit, self.held, self.metrics.log,
             self.stop_event, speed=o.speed, submit_timeout=self.cfg.swarm.submit_timeout)
         self.submitter = SubmitClient(self.node, self.election, self.service, self.cfg.swarm, o.region,
-                                      self.commit_state.engine.names, self.stop_event, self.schedule.time_left)
+                                      self.commit_state.engine.names, self.stop_event, self.schedule.time_left,
+                                      start_point=lambda: (self.global_params, self.held_kind))
         self.state_server = StateServer(self.cfg.to_yaml(), tokenizer_file, self.service, lambda: self.role,
                                         self.held, self.node.records.owner, config_digest=self.cfg.digest())
         self.node.add_handler("genesis", self.state_server.serve_genesis)
@@ -322,8 +323,7 @@ class Peer:
 
     def _submit(self, delta: list[torch.Tensor], base: int, stats, compute: float) -> None:
         """One round's pseudo-gradient through the submit client, and what its outcome means here."""
-        out = self.submitter.submit(self.tally.seq, delta, base, stats, tensor_layout(self.global_params),
-                                    start=self.global_params, held=self.held_kind)
+        out = self.submitter.submit(self.tally.seq, delta, base, stats, tensor_layout(self.global_params))
         if out.status == "accepted":
             reply = out.reply
             if out.resync:  # a wrap8 reply that did not decode on this peer's start point: the exact state instead

@@ -9,6 +9,7 @@ import asyncio
 import json
 import math
 import random
+import threading
 import uuid
 from types import SimpleNamespace
 
@@ -314,29 +315,50 @@ def test_replies_stay_dense_and_unchanged_without_wrap8():
     assert all(torch.equal(a, b) for a, b in zip(unpack_params(data), state.engine.dispatch_params()))
 
 
-def _client(reply_compression="wrap8"):
+def _client(svc, start_point, reply_compression="wrap8"):
+    """A submit client whose one coordinator is ``svc`` (its ``send`` calls the handler directly)."""
     cfg = load_config("configs/tiny.yaml", overrides={"swarm.reply_compression": reply_compression})
     node = SimpleNamespace(run_id="fenced", peer_id="QmPeer")
-    return SubmitClient(node, None, None, cfg.swarm, "de", ["a", "b"], stop_event=None, keep_going=lambda: True)
+    election = SimpleNamespace(refresh=lambda: SimpleNamespace(peer_id="QmCoordinator", term=1), lease=None)
+    client = SubmitClient(node, election, SimpleNamespace(term=SimpleNamespace(highest_seen=1)), cfg.swarm, "de",
+                          svc.state.engine.names, threading.Event(), lambda: True, start_point=start_point)
+    client.sent = []
+
+    def send(lease, header, payload):
+        client.sent.append(header)
+        return asyncio.run(svc.handle_submit(header, payload, "QmPeer"))
+
+    client.send = send
+    return client
 
 
 def test_the_submit_client_decodes_on_its_start_point_and_asks_for_the_state_when_a_block_fails():
     svc, state = _service()
-    client, g = _client(), torch.Generator().manual_seed(10)
+    g = torch.Generator().manual_seed(10)
     expected = [(s, torch.float32) for s in SHAPES]
-    start = [p.clone() for p in state.engine.dispatch_params()]
-    header, payload = _submission(0, 0, "exact", g)
-    reply, data = asyncio.run(svc.handle_submit(header, payload, "QmPeer"))
-    params, held = client.reply_params(reply, data, expected, start)
-    assert held == "wrap8" and all(torch.equal(a, b) for a, b in
-                                   zip(params, grid_of(state.engine.dispatch_params(), svc.downlink.payload)))
-    far = [p + 1.0 for p in start]  # a start point far outside the bound: the checksums fail
-    assert client.reply_params(reply, data, expected, far) == (None, "none")
-    assert client.reply_params(reply, data[:-1], expected, start) == (None, "none")  # truncated: a resync too
-    assert client.reply_params(reply, data, expected, None) == (None, "none")
-    dense = unpack_params(asyncio.run(svc.handle_submit(*_submission(0, 1, "none", g), "QmPeer"))[1], expected)
-    assert len(dense) == 2
-    assert client.header(1, 0, SimpleNamespace(loss=1.0, steps=1, tokens=1, seconds=1.0), [], "wrap8")["held"] == "wrap8"
+    stats = SimpleNamespace(loss=1.0, steps=5, tokens=10, seconds=1.0)
+    held = {"params": [p.clone() for p in state.engine.dispatch_params()], "kind": "exact"}  # a joiner's θ̄
+    client = _client(svc, lambda: (held["params"], held["kind"]))
+    for seq in range(3):
+        out = client.submit(seq, [torch.randn(s, generator=g) * 1e-3 for s in SHAPES], state.version, stats, expected)
+        assert client.sent[-1]["held"] == held["kind"]
+        assert out.status == "accepted" and not out.resync and out.held == "wrap8", out.reply
+        assert all(torch.equal(a, b) for a, b in zip(out.params, grid_of(state.engine.dispatch_params(),
+                                                                            svc.downlink.payload)))
+        assert 8.0 < out.reply_bits_per_param < 8.2
+        held = {"params": out.params, "kind": out.held}
+    # a start point far outside the bound (the peer's state went wrong): the checksums fail, the state is asked for
+    far = {"params": [p + 1.0 for p in held["params"]], "kind": "wrap8"}
+    client.start_point = lambda: (far["params"], far["kind"])
+    out = client.submit(3, [torch.zeros(s) + 1e-4 for s in SHAPES], state.version, stats, expected)
+    assert out.status == "accepted" and out.resync and out.params is None and out.held == "none"
+    # so is a truncated reply; a client with no start point says it holds nothing and gets fp32
+    truncated = svc.downlink.payload.data[:-1]
+    assert client.reply_params({"params_encoding": "wrap8"}, truncated, expected, held["params"]) == (None, "none")
+    client.start_point = None
+    out = client.submit(4, [torch.zeros(s) + 1e-4 for s in SHAPES], state.version, stats, expected)
+    assert client.sent[-1]["held"] == "none" and out.reply["params_encoding"] == "dense" and out.held == "exact"
+    assert all(torch.equal(a, b) for a, b in zip(out.params, state.engine.dispatch_params()))
 
 
 def test_a_submissions_held_field_is_checked():

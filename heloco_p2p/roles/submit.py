@@ -82,12 +82,16 @@ class SubmitClient:
     :param region: the peer's region (the region-fair weight keys on it)
     :param names: the tensor names of the layout (checked by the coordinator)
     :param keep_going: False when the peer is leaving or out of time
+    :param start_point: ``() -> (params, held)``: where the round being submitted started (the
+        peer's θ̄ or its wrap8 grid, and which: "exact", "wrap8", "none"), read when a submission
+        starts; a wrap8 reply is decoded against it. None: replies are only decoded when dense
     """
 
     def __init__(self, node, election, service, swarm, region: str, names: list[str], stop_event: threading.Event,
-                 keep_going: Callable[[], bool]):
+                 keep_going: Callable[[], bool], start_point: Callable[[], tuple] | None = None):
         self.node, self.election, self.service, self.swarm = node, election, service, swarm
         self.region, self.names, self.stop_event, self.keep_going = region, list(names), stop_event, keep_going
+        self.start_point = start_point
         self.uplink = Uplink(swarm.compression, swarm.topk_codec() if swarm.compression == "topk" else None)
 
     def header(self, seq: int, base: int, stats, meta: list, held: str = "exact") -> dict:
@@ -97,10 +101,8 @@ class SubmitClient:
                 "stats": {"loss": loss, "tokens": stats.tokens, "seconds": stats.seconds}}
 
     def submit(self, seq: int, delta: list[torch.Tensor], base: int, stats,
-               expected: list[tuple[tuple[int, ...], torch.dtype]], start: list[torch.Tensor] | None = None,
-               held: str = "exact") -> SubmitOutcome:
-        """Submit Δ of a round that started from ``start`` (θ̄ of version ``base``, or its wrap8
-        grid: ``held``), which a wrap8 reply is decoded against."""
+               expected: list[tuple[tuple[int, ...], torch.dtype]]) -> SubmitOutcome:
+        start, held = self.start_point() if self.start_point is not None else (None, "none")
         out = self._submit(seq, delta, base, stats, expected, start, held if start is not None else "none")
         self.uplink.settle(out.status == "accepted")  # the residual is kept only for an applied Δ
         return out
