@@ -308,6 +308,23 @@ def test_the_coordinator_sends_one_wrap8_payload_per_version_and_fp32_to_what_it
     assert svc.reply_resyncs == 3
 
 
+def test_standbys_replay_the_forwarded_deltas_and_stay_bitwise_equal_under_wrap8():
+    svc, state = _service()
+    g = torch.Generator().manual_seed(11)
+    standby_state = CommitState(build_engine(init_params(SHAPES, torch.Generator().manual_seed(8)), "lookahead"))
+    standby = CoordinatorService(ScriptedNode({}, peer_id="QmStandby"), standby_state, SHAPES,
+                                 SubmissionLimits(submit_rate=0.0), reply_compression="wrap8")
+    standby.term.believed = ("QmCoordinator", 1)
+    for seq in range(4):
+        header, payload = _submission(state.version, seq, "exact", g)
+        assert asyncio.run(svc.handle_submit(header, payload, "QmPeer"))[0]["params_encoding"] == "wrap8"
+        forwarded = svc.node.headers[-1]
+        assert asyncio.run(standby.standby.handle_replicate(forwarded, payload, "QmCoordinator"))[0]["status"] == "ok"
+    assert all(torch.equal(a, b) for a, b in zip(state.engine.params, standby_state.engine.params))
+    assert all(torch.equal(a, b) for a, b in zip(state.engine.dispatch_params(), standby_state.engine.dispatch_params()))
+    assert standby.downlink.payload is None  # a standby builds no reply payloads
+
+
 def test_replies_stay_dense_and_unchanged_without_wrap8():
     svc, state = _service(compression="none")
     reply, data = asyncio.run(svc.handle_submit(*_submission(0, 0, "exact", torch.Generator()), "QmPeer"))
