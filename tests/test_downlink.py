@@ -378,6 +378,49 @@ def test_the_submit_client_decodes_on_its_start_point_and_asks_for_the_state_whe
     assert all(torch.equal(a, b) for a, b in zip(out.params, state.engine.dispatch_params()))
 
 
+def test_a_peer_that_cannot_decode_a_reply_downloads_the_state_and_says_so():
+    """Peer._submit on a resync: the exact state (as a joiner's), held "exact" afterwards, a
+    ``reply_resync`` event and an ack with ``reply_resync: true``; a decoded reply is held "wrap8"."""
+    from heloco_p2p.peer import Peer
+    from heloco_p2p.roles.submit import SubmitOutcome
+    from heloco_p2p.roles.tally import SubmitTally
+
+    exact = [torch.ones(s) for s in SHAPES]
+    outcomes = iter([
+        SubmitOutcome("accepted", {"version": 7, "term": 1, "staleness": 0, "params_encoding": "wrap8",
+                                   "drift_rel_l2": 1e-4}, None, reply_bytes=100, resync=True, held="none",
+                      param_count=100),
+        SubmitOutcome("accepted", {"version": 8, "term": 1, "staleness": 0, "params_encoding": "wrap8",
+                                   "drift_rel_l2": 1e-4}, [torch.zeros(s) for s in SHAPES], reply_bytes=100,
+                      held="wrap8", param_count=100),
+    ])
+    peer = Peer.__new__(Peer)
+    logged, caught_up = [], []
+    peer.global_params, peer.version, peer.held_kind = [torch.zeros(s) for s in SHAPES], 6, "wrap8"
+    peer.rounds_loop = SimpleNamespace(rounds=1, in_flight=None)  # a blocking round: nothing in flight
+    peer.tally, peer.stop_event = SubmitTally(), threading.Event()
+    peer.metrics = SimpleNamespace(log=logged.append)
+    peer.submitter = SimpleNamespace(submit=lambda *args: next(outcomes))
+    peer.election = SimpleNamespace(run_tokens=0, role="training")
+    peer.cfg = load_config("configs/tiny.yaml", overrides={"swarm.reply_compression": "wrap8"})
+    peer.trainer = SimpleNamespace(load_params=lambda params: None, step=0)
+
+    def catch_up():
+        caught_up.append(peer.held_kind)
+        peer._adopt(exact, 9, 0, "exact")
+
+    peer._catch_up = catch_up
+    stats = SimpleNamespace(loss=1.0, tokens=10, steps=5, tokens_per_second=1.0)
+    peer._submit([torch.zeros(s) for s in SHAPES], 6, stats, 1.0)
+    assert caught_up == ["none"] and peer.held_kind == "exact" and peer.version == 9 and peer.global_params is exact
+    assert logged[0] == {"event": "reply_resync", "version": 7, "base_version": 6}
+    assert logged[1]["event"] == "ack" and logged[1]["reply_resync"] is True and logged[1]["digest"] is None
+    peer._submit([torch.zeros(s) for s in SHAPES], 9, stats, 1.0)
+    assert peer.held_kind == "wrap8" and peer.version == 8 and len(caught_up) == 1
+    assert logged[-1]["reply_resync"] is False and logged[-1]["reply_bits_per_param"] == 8.0
+    assert logged[-1]["reply_encoding"] == "wrap8" and logged[-1]["reply_drift_rel_l2"] == 1e-4
+
+
 def test_a_submissions_held_field_is_checked():
     header, _ = _submission(0, 0, "exact", torch.Generator())
     assert messages.Submission.parse(header, "QmP", "fenced", ["a", "b"], 100).held == "exact"
