@@ -207,7 +207,11 @@ class SwarmConfig(_Section):
     topk_density: float = Field(0.02, gt=0, le=1)  # share of each chunk's values sent (topk)
     topk_bits: int = Field(2, ge=2, le=8)  # bits per sent value, sign included (topk)
     topk_chunk: int = Field(128, ge=16, le=4096)  # values per chunk, a power of two (topk)
-    reply_compression: Literal["none", "fp16", "8bit"] = "none"  # θ in replies ("none": replicas stay exact)
+    # θ̄ in replies: "none" (fp32, exact), "fp16", "8bit" (lossy, re-encoded per reply), or "wrap8" (8 bits per
+    # parameter on a power-of-two grid chosen once per version, within half a grid step of θ̄: swarm/downlink.py)
+    reply_compression: Literal["none", "fp16", "8bit", "wrap8"] = "none"
+    # wrap8: a sender whose base is at most this many versions old gets the 8-bit reply, an older one fp32
+    reply_window: int = Field(16, ge=1, le=1024)
     lease_seconds: float = Field(10.0, gt=0)  # a coordinator lease lapses this long after its last renewal
     heartbeat_seconds: float = Field(3.0, gt=0)
     num_standbys: int = Field(1, ge=0)
@@ -245,6 +249,9 @@ class SwarmConfig(_Section):
         if given and self.compression != "topk":
             raise ValueError(f"{', '.join(given)} only apply to compression: topk (compression is "
                              f"{self.compression!r}); set compression: topk or remove them")
+        if self.reply_window != fields["reply_window"].default and self.reply_compression != "wrap8":
+            raise ValueError(f"reply_window only applies to reply_compression: wrap8 (reply_compression is "
+                             f"{self.reply_compression!r}); set reply_compression: wrap8 or remove it")
         return self
 
     def topk_codec(self) -> TopkCodec:
@@ -275,12 +282,14 @@ class RunConfig(_Section):
     def digest(self) -> str:
         """sha256 of the canonical JSON of this config: part of a run's identity. Sections added
         later are left out while they hold their defaults (``swarm.topk_*`` without topk,
-        ``swarm.defence``), so that runs, checkpoints and simulator logs from before they existed
+        ``swarm.reply_window`` without wrap8, ``swarm.defence``), so that runs, checkpoints and simulator logs from before they existed
         keep their identity."""
         tree = self.model_dump(mode="json")
         if self.swarm.compression != "topk":
             for key in TOPK_KEYS:
                 tree["swarm"].pop(key, None)
+        if self.swarm.reply_compression != "wrap8":
+            tree["swarm"].pop("reply_window", None)
         if tree["swarm"].get("defence") == DefenceConfig().model_dump(mode="json"):
             tree["swarm"].pop("defence")
         blob = json.dumps(tree, sort_keys=True, separators=(",", ":"))

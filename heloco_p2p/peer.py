@@ -110,6 +110,8 @@ class Peer:
         self.tally = SubmitTally()
         self.version = 0  # global version of self.global_params
         self.global_params: list[torch.Tensor] | None = None
+        # what global_params are: "exact" θ̄, the "wrap8" grid of θ̄ (swarm/downlink.py), "none" (lossy)
+        self.held_kind = "exact"
         self.checkpoints: Checkpoints | None = None
         self.rounds_loop: RoundLoop | None = None  # the training thread's rounds (roles/rounds.py)
         self.maintenance: Maintenance | None = None
@@ -183,6 +185,7 @@ class Peer:
                 lambda: build_model(self.cfg.model, self.tokenizer, seed=0).to(self.trainer.device), self._screen_blocks)
         self.service = CoordinatorService(self.node, self.commit_state, [tuple(p.shape) for p in theta0], limits,
                                           reply_compression=self.cfg.swarm.reply_compression,
+                                          reply_window=self.cfg.swarm.reply_window,
                                           config_digest=self.cfg.digest(), mode=mode,
                                           barrier_timeout=self.cfg.swarm.barrier_timeout,
                                           min_replicas=self.cfg.swarm.min_replicas,
@@ -195,7 +198,8 @@ class Peer:
             self.trainer, self.schedule.steps_for, self.schedule.more, self._submit, self.held, self.metrics.log,
             self.stop_event, speed=o.speed, submit_timeout=self.cfg.swarm.submit_timeout)
         self.submitter = SubmitClient(self.node, self.election, self.service, self.cfg.swarm, o.region,
-                                      self.commit_state.engine.names, self.stop_event, self.schedule.time_left)
+                                      self.commit_state.engine.names, self.stop_event, self.schedule.time_left,
+                                      start_point=lambda: (self.global_params, self.held_kind))
         self.state_server = StateServer(self.cfg.to_yaml(), tokenizer_file, self.service, lambda: self.role,
                                         self.held, self.node.records.owner, config_digest=self.cfg.digest())
         self.node.add_handler("genesis", self.state_server.serve_genesis)
@@ -271,13 +275,16 @@ class Peer:
         self.role = "catching_up"
         expected = tensor_layout(trainable_params(self.model))
         params, header, peer_id = download_state(self.node, self.election, expected, self.stop_event)
-        self._adopt(params, int(header["version"]), int(header.get("schedule_step", 0)))
+        # a training peer serves what it received: with wrap8, that version's grid
+        kind = "wrap8" if header.get("source") == "peer" and self.cfg.swarm.reply_compression == "wrap8" else "exact"
+        self._adopt(params, int(header["version"]), int(header.get("schedule_step", 0)), kind)
         logger.info("caught up: version %d from %s (%s)", self.version, peer_id[-8:], header.get("source"))
         self.role = "evaluator" if self.opts.evaluator else "training"
 
-    def _adopt(self, params: list[torch.Tensor], version: int, schedule_step: int) -> None:
+    def _adopt(self, params: list[torch.Tensor], version: int, schedule_step: int, kind: str = "exact") -> None:
         self.global_params = params
         self.version = version
+        self.held_kind = kind
         flight = self.rounds_loop.in_flight if self.rounds_loop is not None else None
         if flight is not None and flight.is_sender():
             # overlapped rounds: the model is training; the training thread folds θ in (roles/rounds.py)
@@ -319,7 +326,12 @@ class Peer:
         out = self.submitter.submit(self.tally.seq, delta, base, stats, tensor_layout(self.global_params))
         if out.status == "accepted":
             reply = out.reply
-            self._adopt(out.params, out.version, int(reply.get("schedule_step", 0)))
+            if out.resync:  # a wrap8 reply that did not decode on this peer's start point: the exact state instead
+                self.held_kind = "none"
+                self.metrics.log({"event": "reply_resync", "version": out.version, "base_version": base})
+                self._catch_up()
+            else:
+                self._adopt(out.params, out.version, int(reply.get("schedule_step", 0)), out.held)
             self.election.run_tokens = max(self.election.run_tokens, int(reply.get("run_tokens", 0)))
             self.metrics.log(self.tally.ack(out, stats, compute, self.cfg.swarm.compression))
             logger.info("round %d: v%d loss %.3f %.0f tok/s staleness %s role %s", self.rounds_loop.rounds, self.version,

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from heloco_p2p.config import ConfigError, load_config
+from heloco_p2p.config import ConfigError, config_from_dict, load_config
 
 CONFIGS = sorted(p for p in (Path(__file__).parent.parent / "configs").glob("*.yaml") if not p.name.startswith("sim-"))
 SIM_CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("sim-*.yaml"))
@@ -109,7 +109,7 @@ def test_sections_added_later_keep_old_identities_while_at_their_defaults():
     section and the topk keys, at their defaults, leave it as it was before they existed."""
     cfg = load_config("configs/tiny.yaml")
     tree = cfg.model_dump(mode="json")
-    for key in ("defence", "topk_density", "topk_bits", "topk_chunk"):
+    for key in ("defence", "topk_density", "topk_bits", "topk_chunk", "reply_window"):
         tree["swarm"].pop(key)
     before = hashlib.sha256(json.dumps(tree, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     assert cfg.digest() == before
@@ -124,3 +124,28 @@ def test_a_norm_clip_above_the_refusal_bound_is_an_error(tmp_path):
     assert "clip_factor" in str(err.value) and "norm_factor" in str(err.value)
     p = _write(tmp_path, lambda t: t.setdefault("swarm", {}).setdefault("defence", {}).update(clip_factor=None))
     assert load_config(p).swarm.defence.clip_factor is None
+
+
+def test_wrap8_replies_leave_old_identities_alone_and_bad_values_name_the_key():
+    """``swarm.reply_window`` at its default is left out of the digest of a run without wrap8, as
+    the topk keys are; wrap8 itself is another run; a window without wrap8, or out of range, is refused."""
+    cfg = load_config("configs/tiny.yaml")
+    tree = cfg.model_dump(mode="json")
+    for key in ("defence", "topk_density", "topk_bits", "topk_chunk", "reply_window"):
+        tree["swarm"].pop(key)
+    before = hashlib.sha256(json.dumps(tree, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    assert cfg.digest() == before
+    wrap8 = load_config("configs/tiny.yaml", overrides={"swarm.reply_compression": "wrap8"})
+    assert wrap8.swarm.reply_window == 16 and wrap8.digest() != before
+    assert load_config("configs/tiny.yaml", overrides={"swarm.reply_compression": "wrap8",
+                                                       "swarm.reply_window": 8}).digest() != wrap8.digest()
+    for overrides, needle in (({"swarm.reply_window": 8}, "reply_window only applies to reply_compression: wrap8"),
+                              ({"swarm.reply_compression": "wrap8", "swarm.reply_window": 0}, "swarm.reply_window"),
+                              ({"swarm.reply_compression": "wrap8", "swarm.reply_window": "8"}, "swarm.reply_window"),
+                              ({"swarm.reply_compression": "wrap4"}, "swarm.reply_compression")):
+        with pytest.raises(ConfigError, match=needle):
+            load_config("configs/tiny.yaml", overrides=overrides)
+    dumped = yaml.safe_load(wrap8.to_yaml())  # a dumped config (genesis files, checkpoints) loads again
+    assert dumped["swarm"]["reply_window"] == 16
+    for c in (cfg, wrap8):
+        assert config_from_dict(yaml.safe_load(c.to_yaml())).digest() == c.digest()

@@ -318,6 +318,7 @@ def test_every_handler_refuses_bad_input_and_state_stays_bitwise_unchanged(rig):
         "tensors": [{}, "x", 5, DROP],
         "stats": [[], "s", 3],
         "names": ["w,b,big", [1, 2, 3], {"w": 1}],
+        "held": ["grid", 8, ["wrap8"], True, None],  # what the sender's start point is (wrap8 replies)
     }.items():
         for value in values:
             header, payload = fz.submit_header(**{field: value})

@@ -32,6 +32,9 @@ Owners (and, where the code does not follow the rule yet, who else writes):
   ``Replication.others_alive`` and ``SyncBarrier.participants`` from the maintenance thread;
   ``TermState.renewed`` from the lease thread; ``TermState.note_term``/``step_down`` from
   whichever thread reads the lease.
+- ``DownlinkWindow`` (swarm/downlink.py, ``CoordinatorService.downlink`` with ``wrap8`` replies):
+  the event loop, under the commit lock, with the work in executor jobs the lock holder awaits
+  (the version's payload is built beside the replication and awaited before the lock is released).
 - ``CommitLog`` (commit_log.py, part of ``CommitState``): appended on the event loop under the
   commit lock; the maintenance thread reads a copy (``up_to``) to publish it.
 - ``Election`` (election.py): ``lease`` and ``run_tokens`` under its lease lock by any thread that

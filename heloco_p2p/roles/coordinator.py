@@ -13,6 +13,12 @@ key, the size and the flood limits (``swarm/node.py``); ``messages.Submission.pa
 header field (``malformed``, ``unknown_run``, ``layout_mismatch``), the decoder the tensors' bytes
 (``bad_tensor``), and ``CommitState.check`` the values (``bad_version``, ``too_stale``,
 ``not_finite``, ``norm_too_large``). Reason codes: docs/security.md.
+
+Replies carry the dispatch point θ̄ of the new version: dense (``pack_params``, with
+``swarm.reply_compression`` none/fp16/8bit, encoded per reply), or with ``wrap8`` one payload per
+version (swarm/downlink.py), built in an executor job beside the replication of the commit and
+sent to every sender whose start point the ``DownlinkWindow`` can bound; any other sender (a base
+older than ``swarm.reply_window``, nothing decodable held) gets the dense fp32 θ̄: a resync.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ from heloco_p2p.roles.commit_state import CommitState, Rejection, SubmissionLimi
 from heloco_p2p.roles.replication import Replication
 from heloco_p2p.roles.standby import StandbyService
 from heloco_p2p.roles.term import TermState
+from heloco_p2p.swarm.downlink import DownlinkWindow
 from heloco_p2p.swarm.node import HandlerLimits
 from heloco_p2p.swarm.wire import WireError, decode_tensors, encode_tensors, pack_params
 
@@ -46,16 +53,22 @@ class CoordinatorService:
     :param state: the replicated state
     :param shapes: the expected tensor layout of a pseudo-gradient
     :param limits: what a submission may be and the flood limits of ``submit``
-    :param reply_compression: how θ travels back to peers ("none" keeps replicas exact)
+    :param reply_compression: how θ travels back to peers ("none" keeps replicas exact; "wrap8":
+        swarm/downlink.py, with ``reply_window`` versions of window)
     :param mode: "async" commits each Δ alone; "sync" waits at the barrier and commits the average
     """
 
     def __init__(self, node, state: CommitState, shapes: list[tuple[int, ...]], limits: SubmissionLimits,
                  reply_compression: str = "none", config_digest: str = "", mode: str = "async",
-                 barrier_timeout: float = 300.0, min_replicas: int = 1, lease_seconds: float = 10.0):
+                 barrier_timeout: float = 300.0, min_replicas: int = 1, lease_seconds: float = 10.0,
+                 reply_window: int = 16):
         self.node, self.state, self.limits = node, state, limits
         self.expected = [(tuple(s), torch.float32) for s in shapes]
         self.reply_compression = reply_compression
+        # the dense encoding of replies (wrap8's fallback is fp32: a resync must be exact)
+        self.dense_compression = "none" if reply_compression == "wrap8" else reply_compression
+        self.downlink = DownlinkWindow(reply_window) if reply_compression == "wrap8" else None
+        self.reply_resyncs = 0  # wrap8: replies sent dense because the window could not bound the sender
         self.config_digest = config_digest
         self.mode = mode
         self.lock = asyncio.Lock()  # the commit lock: no commit, replica load or snapshot runs beside another
@@ -130,10 +143,33 @@ class CoordinatorService:
         """The reply's parameters: where the sender's next round starts (``OuterEngine.dispatch_params``:
         θ̄ = θ − η·μ·m with look-ahead dispatch, θ otherwise), unless given already computed."""
         params = self.state.engine.dispatch_params() if dispatched is None else dispatched
-        meta, data = encode_tensors([p.detach() for p in params], self.reply_compression)
+        meta, data = encode_tensors([p.detach() for p in params], self.dense_compression)
         return pack_params(meta, data)
 
-    async def early_reply(self, peer: str, seq: int) -> messages.Reply | None:
+    async def reply_params(self, sub: messages.Submission, dispatched: list | None = None,
+                           grid: asyncio.Future | None = None) -> tuple[bytes, dict]:
+        """(under the commit lock) The reply's payload and its header fields: the version's wrap8
+        payload (``grid``: its job, started at the commit; else the cached one, built now if this
+        version has none) when the window bounds the sender's start point, else dense θ̄."""
+        loop, st = asyncio.get_running_loop(), self.state
+        if self.downlink is not None:
+            payload = None
+            try:
+                payload = await grid if grid is not None else await loop.run_in_executor(
+                    None, self.downlink.advance, st.engine.dispatch_params() if dispatched is None else dispatched,
+                    st.version, st.term)
+            except Exception:  # the dense reply is always right
+                logger.exception("the wrap8 payload of version %d failed; replying with fp32", st.version)
+            if payload is not None and payload.version == st.version and \
+                    self.downlink.decodable(sub.base_version, sub.held):
+                return payload.data, {"params_encoding": "wrap8", "drift_rel_l2": payload.drift_rel_l2}
+            self.reply_resyncs += 1
+            logger.info("version %d to a sender at base %d holding %r: fp32 (outside the wrap8 window)",
+                        st.version, sub.base_version, sub.held or "?")
+        data = await loop.run_in_executor(None, self.encode_params, dispatched)
+        return data, {"params_encoding": "dense"}
+
+    async def early_reply(self, peer: str, seq: int, sub: messages.Submission | None = None) -> messages.Reply | None:
         """Under the commit lock, before a submission is checked: the answer when this peer may not
         commit now (stepped down, lease unsure) or already did (a retry: a duplicate)."""
         st = self.state
@@ -144,8 +180,12 @@ class CoordinatorService:
         if st.is_duplicate(peer, seq):
             if self.replication.required() and self.replication.replicated_version < st.version:
                 return self.busy("this submission is committed but no standby holds it yet")
-            data = await asyncio.get_running_loop().run_in_executor(None, self.encode_params, None)
-            return messages.accepted(st.version, st.term, None, st.schedule_step(), st.total_tokens, duplicate=True), data
+            if sub is None:
+                data, fields = await asyncio.get_running_loop().run_in_executor(None, self.encode_params, None), {}
+            else:  # the version's wrap8 payload is reused for every duplicate
+                data, fields = await self.reply_params(sub)
+            return messages.accepted(st.version, st.term, None, st.schedule_step(), st.total_tokens, duplicate=True,
+                                     **fields), data
         return None
 
     # -- submit -------------------------------------------------------------------------------
@@ -173,7 +213,7 @@ class CoordinatorService:
         if self.mode == "sync":
             return await self.barrier.submit(delta, remote, sub)
         async with self.lock:
-            early = await self.early_reply(remote, sub.seq)
+            early = await self.early_reply(remote, sub.seq, sub)
             if early is not None:
                 return early
             required = self.replication.required()
@@ -197,6 +237,9 @@ class CoordinatorService:
             logger.info("norm clip: the submission of %s scaled by %.3f", peer[-8:], scale)
         version_before = st.version
         t1 = time.perf_counter()
+        if self.downlink is not None and not self.downlink.follows(version_before, st.term):
+            # the first commit of this window (a new term, a gap): θ̄ before it, to measure the change from
+            await loop.run_in_executor(None, self.downlink.start, st.engine.dispatch_params(), version_before, st.term)
         num_workers = st.workers(peer)
         info = await loop.run_in_executor(None, st.apply, delta, sub.base_version, peer, sub.seq, sub.steps, norm,
                                           sub.worker, sub.seconds, sub.tokens, num_workers, commit_time)
@@ -211,7 +254,15 @@ class CoordinatorService:
         t2 = time.perf_counter()
         commit = messages.CommitForward(st.term, version_before, sub.base_version, peer, sub.seq, sub.steps, sub.tensors,
                                         digest, sub.worker, sub.seconds, sub.tokens, num_workers, commit_time, scale)
-        held = await rep.forward(commit, payload)
+        # wrap8: the version's payload is built beside the replication, and awaited before the lock is
+        # released whatever happens (it reads θ̄, which the next commit changes in place)
+        grid = loop.run_in_executor(None, self.downlink.advance, dispatched, st.version, st.term) \
+            if self.downlink is not None else None
+        try:
+            held = await rep.forward(commit, payload)
+        finally:
+            if grid is not None:
+                await asyncio.gather(grid, return_exceptions=True)
         dispatch_digest = digest if dispatch_digest_future is None else await dispatch_digest_future
         if not self.term.active:
             # a standby follows a newer term that this peer verified: another peer coordinates, and
@@ -221,6 +272,9 @@ class CoordinatorService:
         event = {**summary, "peer": peer, "seq": sub.seq, "norm": norm, "digest": digest, "term": st.term,
                  "dispatch_digest": dispatch_digest, "num_workers": num_workers, "stats": sub.stats, "replicas": held,
                  "screen": st.last_screen}
+        grid_payload = self.downlink.payload if self.downlink is not None else None
+        if grid_payload is not None and grid_payload.version == info.version:  # the drift of this version's grid
+            event["reply_drift_rel_l2"] = grid_payload.drift_rel_l2
         required = rep.required()
         if held < required:  # committed here, held by too few: not acknowledged (the retry is a duplicate)
             logger.warning("commit %d is held by %d standbys of the %d required: not acknowledged",
@@ -235,11 +289,13 @@ class CoordinatorService:
             logger.warning("version %d acknowledged with no replica: no other peer is alive to hold it", info.version)
         self.acknowledged.append((peer, sub.seq, info.version))
         t3 = time.perf_counter()
-        data = await loop.run_in_executor(None, self.encode_params, dispatched)
+        data, fields = await self.reply_params(sub, dispatched, grid)
         self.commit_seconds.append(time.perf_counter() - t1)
         timing = {"decode": t_decode, "commit": t2 - t1, "replicate": t3 - t2, "encode_reply": time.perf_counter() - t3}
+        if fields["params_encoding"] == "wrap8":
+            timing["grid"] = self.downlink.payload.seconds  # the version's payload, built beside the replication
         return messages.accepted(info.version, st.term, info.staleness, st.schedule_step(), st.total_tokens,
-                                 branches=summary["branches"], timing=timing), data
+                                 branches=summary["branches"], timing=timing, **fields), data
 
     def _record(self, events: list[dict], checkpointed: bool) -> None:
         """Commits that became the run's history (metrics, the ``commit`` event chaos.py checks the

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from heloco_p2p.swarm.downlink import HELD
 from heloco_p2p.swarm.wire import BLOCK_SIZE_8BIT, WireError
 
 MAX_INT = (1 << 53) - 1  # integers JSON carries exactly everywhere
@@ -83,7 +84,9 @@ def max_submission_bytes(shapes: list[tuple[int, ...]]) -> int:
 class Submission:
     """A peer's pseudo-gradient header (``submit``). ``worker`` and ``seconds`` are what the
     region-fair weight keys on (``fairness_inputs``); ``region`` is the language the sender says it
-    trained on ("" when it names none)."""
+    trained on ("" when it names none); ``held`` what its start point is, for a ``wrap8`` reply
+    (swarm/downlink.py): "exact" (θ̄ of its base version), "wrap8" (that version's grid), "none"
+    (nothing decodable, e.g. after a failed decode), "" when it says nothing (then it gets fp32)."""
 
     term: int
     seq: int
@@ -95,6 +98,7 @@ class Submission:
     worker: str
     seconds: float | None
     region: str
+    held: str = ""
 
     @classmethod
     def parse(cls, header: dict, remote: str, run_id: str, names: list[str], max_steps: int) -> "Submission":
@@ -121,7 +125,10 @@ class Submission:
         worker, seconds = fairness_inputs(header, remote)
         region = header.get("region")
         region = region[:64] if isinstance(region, str) else ""
-        return cls(term, seq, base_version, steps, tokens, tensors, stats, worker, seconds, region)
+        held = header.get("held", "")
+        if held not in ("",) + HELD:
+            raise WireError("malformed", f"header field 'held' must be one of {', '.join(HELD)}")
+        return cls(term, seq, base_version, steps, tokens, tensors, stats, worker, seconds, region, held)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,11 @@ or deposed coordinator): docs/protocol.md, "A round" and "Election and failover"
 
 With ``swarm.compression: topk`` the client keeps the error-feedback residual (swarm/uplink.py):
 Δ + e is sent, e ← (Δ + e) − sent once accepted, e ← 0 on any other outcome.
+
+A reply's θ̄ is dense (``unpack_params``) or, with ``swarm.reply_compression: wrap8``, decoded
+against the peer's start point (swarm/downlink.py); a wrap8 reply whose checksums do not match
+(or that does not parse) is accepted with ``params`` None and ``resync`` set: the round loop
+then downloads the exact state. The header's ``held`` says what the start point is.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from typing import Callable
 
 import torch
 
+from heloco_p2p.swarm.downlink import decode_wrap8
 from heloco_p2p.swarm.records import LeaseRecord
 from heloco_p2p.swarm.uplink import Uplink
 from heloco_p2p.swarm.wire import WireError, unpack_params
@@ -38,7 +44,8 @@ class LeaseMoved(Exception):
 class SubmitOutcome:
     """How a submission ended: ``accepted`` (``params`` at ``version``), ``rejected`` (``reason``:
     a refusal a retry cannot fix), or ``gave_up`` (no acceptance within ``submit_timeout``, or
-    the peer is stopping)."""
+    the peer is stopping). An accepted wrap8 reply that did not decode has ``params`` None and
+    ``resync`` True; ``held`` is what the peer holds once it adopts ``params``."""
 
     status: str
     reply: dict = field(default_factory=dict)
@@ -48,6 +55,13 @@ class SubmitOutcome:
     serialize_seconds: float = 0.0
     payload_bytes: int = 0
     reply_bytes: int = 0
+    resync: bool = False
+    held: str = "exact"
+    param_count: int = 0  # of the layout: reply bits per parameter = 8 · reply_bytes / param_count
+
+    @property
+    def reply_bits_per_param(self) -> float | None:
+        return 8.0 * self.reply_bytes / self.param_count if self.param_count else None
 
     @property
     def version(self) -> int:
@@ -68,33 +82,57 @@ class SubmitClient:
     :param region: the peer's region (the region-fair weight keys on it)
     :param names: the tensor names of the layout (checked by the coordinator)
     :param keep_going: False when the peer is leaving or out of time
+    :param start_point: ``() -> (params, held)``: where the round being submitted started (the
+        peer's θ̄ or its wrap8 grid, and which: "exact", "wrap8", "none"), read when a submission
+        starts; a wrap8 reply is decoded against it. None: replies are only decoded when dense
     """
 
     def __init__(self, node, election, service, swarm, region: str, names: list[str], stop_event: threading.Event,
-                 keep_going: Callable[[], bool]):
+                 keep_going: Callable[[], bool], start_point: Callable[[], tuple] | None = None):
         self.node, self.election, self.service, self.swarm = node, election, service, swarm
         self.region, self.names, self.stop_event, self.keep_going = region, list(names), stop_event, keep_going
+        self.start_point = start_point
         self.uplink = Uplink(swarm.compression, swarm.topk_codec() if swarm.compression == "topk" else None)
 
-    def header(self, seq: int, base: int, stats, meta: list) -> dict:
+    def header(self, seq: int, base: int, stats, meta: list, held: str = "exact") -> dict:
         loss = stats.loss if math.isfinite(stats.loss) else None  # headers are strict JSON
         return {"run_id": self.node.run_id, "seq": seq, "base_version": base, "steps": stats.steps,
-                "region": self.region, "tensors": meta, "names": self.names,
+                "region": self.region, "tensors": meta, "names": self.names, "held": held,
                 "stats": {"loss": loss, "tokens": stats.tokens, "seconds": stats.seconds}}
 
     def submit(self, seq: int, delta: list[torch.Tensor], base: int, stats,
                expected: list[tuple[tuple[int, ...], torch.dtype]]) -> SubmitOutcome:
-        out = self._submit(seq, delta, base, stats, expected)
+        start, held = self.start_point() if self.start_point is not None else (None, "none")
+        out = self._submit(seq, delta, base, stats, expected, start, held if start is not None else "none")
         self.uplink.settle(out.status == "accepted")  # the residual is kept only for an applied Δ
         return out
 
+    def reply_params(self, reply: dict, data: bytes, expected, start) -> tuple[list[torch.Tensor] | None, str]:
+        """The θ̄ an accepted reply brings and what the peer then holds ("exact", "wrap8", "none" for
+        a lossy dense reply); (None, "none") for a wrap8 reply that does not decode on ``start``."""
+        if reply.get("params_encoding") != "wrap8":
+            return unpack_params(data, expected), "exact" if self.swarm.reply_compression in ("none", "wrap8") else "none"
+        if start is None:
+            return None, "none"
+        try:
+            params, bad = decode_wrap8(data, start)
+        except WireError as exc:
+            logger.warning("the wrap8 reply of version %s does not parse (%s): downloading the state instead",
+                           reply.get("version"), exc)
+            return None, "none"
+        if bad:
+            logger.warning("%d blocks of the wrap8 reply of version %s do not match their checksums: downloading "
+                           "the state instead", bad, reply.get("version"))
+            return None, "none"
+        return params, "wrap8"
+
     def _submit(self, seq: int, delta: list[torch.Tensor], base: int, stats,
-                expected: list[tuple[tuple[int, ...], torch.dtype]]) -> SubmitOutcome:
+                expected: list[tuple[tuple[int, ...], torch.dtype]], start=None, held: str = "none") -> SubmitOutcome:
         t0 = time.perf_counter()
         enc = self.uplink.prepare(delta)
         meta, payload = enc.meta, enc.payload
         t_ser = time.perf_counter() - t0
-        header = self.header(seq, base, stats, meta)
+        header = self.header(seq, base, stats, meta, held)
         deadline = time.time() + self.swarm.submit_timeout
         attempt = 0
         while time.time() < deadline and not self.stop_event.is_set() and self.keep_going():
@@ -121,8 +159,10 @@ class SubmitClient:
             if reply.get("term", 0) < self.service.term.highest_seen and status == "accepted":
                 continue  # a deposed coordinator answered: ignore it (its commit cannot be acknowledged)
             if status == "accepted":
-                return SubmitOutcome("accepted", reply, unpack_params(data, expected), rtt, attempt, t_ser,
-                                     len(payload), len(data))
+                params, now_held = self.reply_params(reply, data, expected, start)
+                return SubmitOutcome("accepted", reply, params, rtt, attempt, t_ser, len(payload), len(data),
+                                     resync=params is None, held=now_held,
+                                     param_count=sum(math.prod(shape) for shape, _ in expected))
             if status == "not_coordinator":
                 time.sleep(0.3)
                 continue

@@ -36,11 +36,13 @@ class SubmitTally:
         self.tokens += stats.tokens
         self.last_staleness = int(reply["staleness"] or 0)
         ack = {"event": "ack", "seq": self.seq, "version": out.version, "term": int(reply["term"]),
-               "digest": params_digest(out.params), "duplicate": bool(reply.get("duplicate")),
+               "digest": params_digest(out.params) if out.params is not None else None, "duplicate": bool(reply.get("duplicate")),
                "staleness": reply.get("staleness"), "loss": stats.loss, "tokens": stats.tokens, "steps": stats.steps,
                "compute_seconds": compute, "rtt": out.rtt, "serialize_seconds": out.serialize_seconds,
                "bytes": out.payload_bytes, "reply_bytes": out.reply_bytes, "server": reply.get("timing", {}),
-               "attempts": out.attempts, "compression": compression}
+               "attempts": out.attempts, "compression": compression,
+               "reply_encoding": reply.get("params_encoding", "dense"), "reply_bits_per_param": out.reply_bits_per_param,
+               "reply_resync": out.resync, "reply_drift_rel_l2": reply.get("drift_rel_l2")}
         self.acks.append(ack)
         return ack
 
