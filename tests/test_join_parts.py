@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
+import signal
 import threading
 from types import SimpleNamespace
 
@@ -35,9 +37,10 @@ from heloco_p2p.roles.joining import (
     wire_digest,
     write_slice,
 )
+from heloco_p2p.swarm.lifetime import p2p_daemon_pid
 from heloco_p2p.swarm.wire import WireError, unpack_params
 
-from fakes import ScriptedNode
+from fakes import ScriptedNode, load_script
 
 SHAPES = [(33, 17), (17,), (5, 7, 3), (1,), (250,)]  # 1,192 values: parts cross tensor boundaries
 LAYOUT = [(s, torch.float32) for s in SHAPES]
@@ -313,3 +316,41 @@ def test_more_parts_than_values_is_rejected_and_old_requests_get_the_whole_fp32_
     reply, data = _serve(server, {"run_id": "parts"})
     assert reply["status"] == "ok" and "parts" not in reply
     assert all(torch.equal(a, b) for a, b in zip(unpack_params(data, LAYOUT), _dispatch(server)))
+
+
+# ---------------------------------------------------------------- real streams
+def _delayed(handler, seconds):
+    async def slower(header, payload, remote):
+        await asyncio.sleep(seconds)
+        return await handler(header, payload, remote)
+    return slower
+
+
+@pytest.mark.slow
+def test_over_real_streams_three_peers_serve_a_joiner_and_one_dying_costs_only_its_part():
+    bench = load_script("bench_join")  # its loopback servers: real SwarmNodes, p2pd and streams
+    swarm = bench.LoopbackServers(3, bench.synthetic_shapes(3_000_000))
+    try:
+        victim_node, victim = swarm.nodes[2], swarm.servers[2]
+        served, real = [], victim.serve_state
+
+        async def stops_after_two_parts(header, payload, remote):
+            if header.get("part") is not None:
+                served.append(header["part"])
+                if len(served) == 3:  # the peer's daemon dies: the third part is never answered
+                    os.kill(p2p_daemon_pid(victim_node.p2p), signal.SIGKILL)
+                    await asyncio.sleep(0.5)
+            return await real(header, payload, remote)
+
+        victim.serve_state = stops_after_two_parts
+        for server in swarm.servers[:2]:  # a little slower than the victim, so that it is asked three times
+            server.serve_state = _delayed(server.serve_state, 0.15)
+        params, header, seconds = swarm.download(3, "fp16", part_mb=0.5)
+        want = swarm.state.engine.dispatch_params()
+        assert all(torch.equal(a, b.half().float()) for a, b in zip(params, want))
+        join = header["join"]
+        assert join["parts"] == 12 and join["retried"] == 1 and list(join["failed"]) == [victim_node.peer_id[-8:]]
+        assert join["sources"][victim_node.peer_id[-8:]] == 2 and sum(join["sources"].values()) == 12
+        assert seconds < 30
+    finally:
+        swarm.close()
