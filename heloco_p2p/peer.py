@@ -278,6 +278,8 @@ class Peer:
         params, header, peer_id = download_state(self.node, self.election, expected, self.stop_event,
                                                  sources=self.opts.join_sources, part_mb=self.opts.join_part_mb)
         self._adopt(params, int(header["version"]), int(header.get("schedule_step", 0)))
+        if "join" in header:
+            self.metrics.log({"event": "state_download", "version": self.version, **header["join"]})
         logger.info("caught up: version %d from %s (%s)", self.version, peer_id[-8:], header.get("source"))
         self.role = "evaluator" if self.opts.evaluator else "training"
 

@@ -28,6 +28,8 @@ from heloco_p2p.roles.commit_state import CommitState, SubmissionLimits, params_
 from heloco_p2p.roles.coordinator import CoordinatorService
 from heloco_p2p.roles.joining import (
     MAX_PARTS,
+    MAX_PINNED,
+    MAX_PLANS_KEPT,
     JoinError,
     StateRequest,
     StateServer,
@@ -316,6 +318,17 @@ def test_more_parts_than_values_is_rejected_and_old_requests_get_the_whole_fp32_
     reply, data = _serve(server, {"run_id": "parts"})
     assert reply["status"] == "ok" and "parts" not in reply
     assert all(torch.equal(a, b) for a, b in zip(unpack_params(data, LAYOUT), _dispatch(server)))
+
+
+def test_plans_of_many_versions_and_part_counts_keep_a_bounded_memory():
+    server = _server()
+    for version in range(5):
+        server.service.state.engine.version = version
+        for parts in range(1, 12):
+            for model in ("dispatch", "theta"):
+                assert _serve(server, {"plan": True, "parts": parts, "model": model})[0]["status"] == "ok"
+    assert len(server.pinned) == MAX_PINNED and {v for _, v in server.pinned} == {4}
+    assert all(len(pin.part_digests) == MAX_PLANS_KEPT for pin in server.pinned.values())
 
 
 # ---------------------------------------------------------------- real streams

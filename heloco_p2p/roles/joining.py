@@ -211,8 +211,9 @@ JOIN_PART_MB = 16.0  # default part size (MB of the compressed state): ``heloco-
 JOIN_SOURCES = 4  # default number of peers a joiner downloads from at once: ``--join-sources``
 MAX_PARTS = 4096  # parts a state may be cut into (a plan lists one digest per part)
 STATE_COMPRESSIONS = ("none", "fp16")  # a state in parts: exact fp32, or fp16 (at most 16 bits/param)
-PIN_SECONDS = 120.0  # a served version is kept this long after its last request
+PIN_SECONDS = 60.0  # a version served in parts is kept this long after its last request
 MAX_PINNED = 2  # versions a server keeps for joiners at once (each a copy of θ̄ or θ)
+MAX_PLANS_KEPT = 4  # part counts whose part digests a kept version remembers
 MIN_PART_RATE = 256 << 10  # bytes/s below which a part request is given up (plus PART_TIMEOUT_BASE)
 PART_TIMEOUT_BASE = 30.0
 PROGRESS_SECONDS = 2.0  # seconds between progress lines
@@ -332,6 +333,8 @@ class PinnedState:
         key = (compression, parts)
         if key not in self.part_digests:
             values, _ = self.encoded(compression)
+            while len(self.part_digests) >= MAX_PLANS_KEPT:  # plans with ever new part counts cannot grow memory
+                del self.part_digests[next(iter(self.part_digests))]
             self.part_digests[key] = [wire_digest([values[a:b]]) for a, b in part_ranges(values.numel(), parts)]
         return self.part_digests[key]
 
