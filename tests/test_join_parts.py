@@ -27,6 +27,7 @@ from heloco_p2p.outer import build_engine
 from heloco_p2p.roles.commit_state import CommitState, SubmissionLimits, params_digest
 from heloco_p2p.roles.coordinator import CoordinatorService
 from heloco_p2p.roles.joining import (
+    MAX_BUSY,
     MAX_PARTS,
     MAX_PINNED,
     MAX_PLANS_KEPT,
@@ -272,6 +273,36 @@ def test_a_version_the_coordinator_no_longer_holds_makes_the_joiner_plan_again(n
     params, header, _ = download_state(node, _election(standbys=()), LAYOUT, threading.Event(), timeout=10,
                                        compression="none")
     assert header["version"] == 3 and all(torch.equal(a, b) for a, b in zip(params, _dispatch(server)))
+
+
+def test_a_busy_peer_is_asked_again_later_and_dropped_only_when_it_stays_busy(node_for):
+    coordinator, standby = _server("coordinator"), _server("standby")
+    busy = {"n": 0}
+
+    def answers_busy(server, times):
+        real = server.serve_state
+
+        async def maybe_busy(header, payload, remote):
+            if header.get("part") is not None and busy["n"] < times:
+                busy["n"] += 1
+                return {"status": "rejected", "reason": "busy", "retry_after": 0.01, "message": "busy"}, b""
+            return await real(header, payload, remote)
+        server.serve_state = maybe_busy
+
+    answers_busy(standby, 3)  # busy three times, then serves
+    coordinator.serve_state = _delayed(coordinator.serve_state, 0.05)  # so that the standby has parts left
+    node = node_for({COORD: coordinator, STANDBY: standby})
+    params, header, _ = download_state(node, _election(), LAYOUT, threading.Event(), timeout=10, compression="none",
+                                       part_mb=NUMEL * 4 / 16 / 1e6)
+    assert header["join"]["retried"] == 0 and header["join"]["failed"] == {} and busy["n"] == 3
+    assert header["join"]["sources"][STANDBY[-8:]] >= 1
+    busy["n"] = 0
+    answers_busy(standby, 10 ** 6)  # busy for good: dropped after MAX_BUSY, the coordinator serves it all
+    params, header, _ = download_state(node, _election(), LAYOUT, threading.Event(), timeout=10, compression="none",
+                                       part_mb=NUMEL * 4 / 16 / 1e6)
+    assert "in a row" in header["join"]["failed"][STANDBY[-8:]] and busy["n"] == MAX_BUSY + 1
+    assert header["join"]["sources"] == {COORD[-8:]: 16} and header["join"]["retried"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(params, _dispatch(coordinator)))
 
 
 def test_no_server_at_all_is_a_join_error(node_for):

@@ -217,6 +217,7 @@ MAX_PLANS_KEPT = 4  # part counts whose part digests a kept version remembers
 MIN_PART_RATE = 256 << 10  # bytes/s below which a part request is given up (plus PART_TIMEOUT_BASE)
 PART_TIMEOUT_BASE = 30.0
 PROGRESS_SECONDS = 2.0  # seconds between progress lines
+MAX_BUSY = 5  # busy replies in a row after which a joiner drops a source
 
 
 def part_ranges(numel: int, parts: int) -> list[tuple[int, int]]:
@@ -392,6 +393,7 @@ class PartDownload:
         self.retried = 0  # parts fetched again after a failure
         self.failed: dict[str, str] = {}  # source -> why it was dropped
         self.by_source: Counter = Counter()  # source -> parts it delivered
+        self.busy: Counter = Counter()  # source -> busy replies in a row
         self.bytes = 0
         self.part_seconds: list[float] = []
         self.t0 = self.last_log = time.monotonic()
@@ -447,8 +449,13 @@ class PartDownload:
         try:
             reply, data = await asyncio.wait_for(self.node.acall(source, "state", request), self.part_timeout)
             if reply.get("status") == "rejected" and reply.get("reason") in ("busy", "rate_limited"):
-                await asyncio.sleep(min(float(reply.get("retry_after") or 1.0), 10.0))
-                raise WireError("busy", "busy")
+                self.busy[source] += 1
+                if self.busy[source] > MAX_BUSY:
+                    raise WireError("busy", f"busy {MAX_BUSY} times in a row")
+                retry = reply.get("retry_after")
+                await asyncio.sleep(min(float(retry), 10.0) if isinstance(retry, (int, float)) and retry > 0 else 1.0)
+                raise WireError("retry", "busy")
+            self.busy[source] = 0
             if reply.get("status") != "ok":
                 raise WireError(str(reply.get("status")), str(reply.get("message", reply.get("reason", ""))))
             got = (reply.get("version"), reply.get("digest"), reply.get("part"), reply.get("start"), reply.get("stop"))
@@ -456,14 +463,14 @@ class PartDownload:
                 raise WireError("bad_tensor", f"the reply is (version, digest, part, range) {got}, not the plan's")
             values = await asyncio.get_running_loop().run_in_executor(
                 None, decode_part, data, stop - start, self.compression, plan["part_digests"][i])
-        except (Exception, asyncio.TimeoutError) as exc:
+        except Exception as exc:  # a timeout, a lost connection, a refusal, bad bytes
             holders.discard(source)
-            busy = isinstance(exc, WireError) and exc.code == "busy"
+            busy = isinstance(exc, WireError) and exc.code == "retry"  # the same source, later
             if i not in self.done and not holders:
                 self.pending.appendleft(i)
                 self.retried += 0 if busy else 1
             if busy:
-                return True  # the same source, later
+                return True
             why = f"{type(exc).__name__}: {exc}" if not isinstance(exc, WireError) else str(exc)
             self.failed[source] = why
             logger.warning("state part %d/%d from %s failed (%s); it goes to another peer", i + 1, self.parts,
