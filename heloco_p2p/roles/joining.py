@@ -565,7 +565,7 @@ def download_state(node, election, expected: list, stop_event: threading.Event, 
                 logger.warning("state v%d: the assembled state differs from the plan's digest; planning again",
                                plan["version"])
                 break
-            logger.info("downloaded state v%d: %.1f MB in %.1f s (%.1f MB/s, %s) from %d peers %s, %d parts retried",
+            logger.info("downloaded state v%d: %.1f MB in %.2f s (%.1f MB/s, %s) from %d peers %s, %d parts retried",
                         plan["version"], summary["bytes"] / 1e6, summary["seconds"], summary["mb_per_s"], compression,
                         len(summary["sources"]), summary["sources"], summary["retried"])
             return params, {**plan, "join": summary}, planner
