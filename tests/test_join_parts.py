@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import random
 import signal
 import threading
 from types import SimpleNamespace
@@ -340,6 +341,31 @@ def test_a_malformed_part_request_is_rejected_with_the_field_at_fault(header, fi
     assert exc.value.code == "malformed" and field in exc.value.message
     reply, data = _serve(_server(), {"run_id": "parts", **header})  # the handler answers, never raises
     assert reply["status"] == "rejected" and reply["reason"] == "malformed" and field in reply["message"] and data == b""
+
+
+def test_random_state_requests_are_answered_never_raised():
+    """Seeded random headers over the request's fields and JSON's types: each gets one of the
+    documented answers, and a refusal names ``malformed``."""
+    rng = random.Random(7)
+    values = [None, -1, 0, 1, 3, NUMEL, NUMEL + 1, MAX_PARTS, 2 ** 31, 2 ** 70, 1.5, "1", "", True, False, [], {},
+              [1, 2], {"a": 1}, "fp16", "none", "8bit", "theta", "dispatch", "x" * 100, "0" * 32]
+    fields = ["part", "parts", "plan", "version", "digest", "compression", "model"]
+    server = _server()
+    statuses = set()
+
+    async def fuzz():
+        for _ in range(400):
+            header = {"run_id": "parts"}
+            for f in rng.sample(fields, rng.randint(1, len(fields))):
+                header[f] = rng.choice(values)
+            reply, data = await server.serve_state(header, b"", "QmFuzz")
+            assert reply["status"] in ("ok", "rejected", "gone", "mismatch"), (header, reply)
+            assert reply["status"] != "rejected" or reply["reason"] == "malformed", (header, reply)
+            assert reply["status"] == "ok" or data == b""
+            statuses.add(reply["status"])
+
+    asyncio.run(fuzz())
+    assert statuses >= {"ok", "rejected"}
 
 
 def test_more_parts_than_values_is_rejected_and_old_requests_get_the_whole_fp32_state():
