@@ -38,6 +38,7 @@ from heloco_p2p.roles.joining import (
     download_state,
     part_ranges,
     parts_for,
+    plan_problem,
     wire_digest,
     write_slice,
 )
@@ -195,6 +196,17 @@ def test_theta_stays_exact_fp32_and_a_training_peer_serves_only_what_it_received
     plan, _ = _serve(peer, {"plan": True, "parts": 3, "compression": "none"})
     assert plan["source"] == "peer" and plan["version"] == 9 and plan["digest"] == params_digest(received)
     assert _serve(peer, {"model": "theta", "plan": True, "parts": 2})[0]["status"] == "unavailable"
+
+
+def test_a_plan_for_another_layout_or_another_request_is_refused_by_the_joiner():
+    plan, _ = _serve(_server(), {"plan": True, "parts": 3, "compression": "fp16"})
+    assert plan_problem(plan, LAYOUT, "fp16", 3) is None
+    assert "layout" in plan_problem(plan, LAYOUT[:-1], "fp16", 3)  # the joiner's model has other tensors
+    assert "layout" in plan_problem(plan, [((33, 17), torch.float32)] + LAYOUT[1:-1] + [((251,), torch.float32)],
+                                    "fp16", 3)
+    assert "parts" in plan_problem(plan, LAYOUT, "fp16", 4) and "parts" in plan_problem(plan, LAYOUT, "none", 3)
+    assert plan_problem({**plan, "part_digests": plan["part_digests"][:2]}, LAYOUT, "fp16", 3) == "no digest per part"
+    assert plan_problem({**plan, "version": "0"}, LAYOUT, "fp16", 3) == "no version or digest"
 
 
 # ---------------------------------------------------------------- downloads from several peers
