@@ -33,6 +33,8 @@ from heloco_p2p.roles.defence import DefenceLimits, DefenceState, LossScreen
 from heloco_p2p.roles.election import Election
 from heloco_p2p.roles.evaluator import Evaluator, evaluate_forever
 from heloco_p2p.roles.joining import (
+    JOIN_PART_MB,
+    JOIN_SOURCES,
     JoinError,
     StateServer,
     download_state,
@@ -85,6 +87,9 @@ class PeerOptions:
     evaluator: bool = False  # evaluate the global model per language and publish it instead of training
     eval_every: float = 60.0  # evaluator: seconds between evaluations
     eval_regions: list[str] | None = None  # evaluator: languages (None: every region the swarm trains)
+    # the state download (roles/joining.py): this peer's link decides them, not the run
+    join_sources: int = JOIN_SOURCES  # peers to download parts from at once
+    join_part_mb: float = JOIN_PART_MB  # MB of the (fp16) state per part
 
 
 class Peer:
@@ -274,10 +279,15 @@ class Peer:
         """Download the current θ (roles/joining.py) and start from it."""
         self.role = "catching_up"
         expected = tensor_layout(trainable_params(self.model))
-        params, header, peer_id = download_state(self.node, self.election, expected, self.stop_event)
-        # a training peer serves what it received: with wrap8, that version's grid
+        params, header, peer_id = download_state(self.node, self.election, expected, self.stop_event,
+                                                 sources=self.opts.join_sources, part_mb=self.opts.join_part_mb)
+        # a training peer serves what it received: with wrap8, that version's grid. An fp16 download
+        # (parts) is within 2^-11 of θ̄, a few grid steps at most: inside the window's margin (100 of
+        # the 127 steps that decode), and a block it would break fails its checksum (a resync)
         kind = "wrap8" if header.get("source") == "peer" and self.cfg.swarm.reply_compression == "wrap8" else "exact"
         self._adopt(params, int(header["version"]), int(header.get("schedule_step", 0)), kind)
+        if "join" in header:
+            self.metrics.log({"event": "state_download", "version": self.version, **header["join"]})
         logger.info("caught up: version %d from %s (%s)", self.version, peer_id[-8:], header.get("source"))
         self.role = "evaluator" if self.opts.evaluator else "training"
 

@@ -51,10 +51,16 @@ from heloco_p2p.config import ConfigError
               help="--evaluator: seconds between evaluations.")
 @click.option("--eval-regions", default=None,
               help="--evaluator: comma-separated languages (default: every region a live peer trains, and --region).")
+@click.option("--join-sources", type=click.IntRange(min=1, max=64), default=None,
+              help="Peers to download the state's parts from at once (coordinator, standbys, peers at the same "
+                   "version; default 4).")
+@click.option("--join-part-mb", type=click.FloatRange(min=0.1, max=1024), default=None,
+              help="MB of the (fp16) state per part when downloading it (default 16); a part lost with its peer "
+                   "is fetched again from another.")
 @log_level_option
 def join(run_id, resume_dir, initial_peers, config_path, region, name, identity, host_maddrs, announce_maddrs, client_mode, no_train,
          checkpoint_dir, max_rounds, max_minutes, threads, speed, batch_size, device, metrics_path, seed, overlap, swarm_key_file,
-         genesis_digest, evaluator, eval_every, eval_regions):
+         genesis_digest, evaluator, eval_every, eval_regions, join_sources, join_part_mb):
     """Join run RUN-ID: fetch its config, tokenizer and state from peers, then train and submit."""
     from heloco_p2p.peer import JoinError, Peer, PeerOptions  # loads transformers (~2 s): only for this command
 
@@ -64,7 +70,8 @@ def join(run_id, resume_dir, initial_peers, config_path, region, name, identity,
                        checkpoint_dir=checkpoint_dir, max_rounds=max_rounds, max_minutes=max_minutes, threads=threads,
                        seed=seed, speed=speed, batch_size=batch_size, device=device, metrics_path=metrics_path,
                        overlap=overlap, swarm_key_file=swarm_key_file, genesis_digest=genesis_digest, evaluator=evaluator, eval_every=eval_every,
-                       eval_regions=[r.strip() for r in eval_regions.split(",") if r.strip()] if eval_regions else None)
+                       eval_regions=[r.strip() for r in eval_regions.split(",") if r.strip()] if eval_regions else None,
+                       **{k: v for k, v in (("join_sources", join_sources), ("join_part_mb", join_part_mb)) if v is not None})
     peer = Peer(opts)
     peer.install_signal_handlers()
     code = 0
