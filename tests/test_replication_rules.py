@@ -451,3 +451,42 @@ def test_a_reachable_peer_is_recruited_before_the_standby_just_dropped():
     svc.replication.dropped_at["QmZ-reachable"] = now - 1.0  # both dropped: the least recent first
     el.choose_standbys()
     assert recruited == ["QmZ-reachable", "QmA-cut"]
+
+
+def test_a_failed_recruitment_is_retried_after_a_lease_once_the_peer_heartbeats_again():
+    from types import SimpleNamespace
+
+    from heloco_p2p.roles.election import Election
+    from heloco_p2p.swarm.records import PeerRecord
+
+    svc, state, node = _coordinator(standbys=())
+    beats = {"QmCut": time.time() - 1.0}
+
+    def peer(pid):
+        return PeerRecord(peer_id=pid, name=pid, region="de", device="cpu", role="training", steps_per_second=1.0,
+                          inner_steps=5, version=0, rounds=1, tokens=1, loss=1.0, staleness=0, accepted=1, rejected=0,
+                          bytes_in=0, bytes_out=0, heartbeat=beats[pid], maddrs=[])
+
+    tries = []
+
+    async def recruit(pid):
+        tries.append(pid)
+        if len(tries) == 1:
+            raise TimeoutError()  # the link is cut
+        svc.replication.standbys.append(pid)
+
+    svc.replication.recruit = recruit
+    el = object.__new__(Election)
+    el.service, el._recruit_failed = svc, {}
+    el.cfg = SimpleNamespace(swarm=SimpleNamespace(num_standbys=1, lease_seconds=0.2))
+    el.node = SimpleNamespace(run=lambda coro, timeout=None: asyncio.run(coro))
+    el.live_peers = lambda: [peer("QmCut")]
+    el.choose_standbys()
+    assert tries == ["QmCut"] and svc.replication.standbys == []
+    el.choose_standbys()  # within the lease, and no heartbeat since the failure: not tried
+    time.sleep(0.25)
+    el.choose_standbys()  # a lease later, still no heartbeat since: not tried
+    assert tries == ["QmCut"]
+    beats["QmCut"] = time.time()  # it heartbeats again (the cut healed): tried, not 30 s later
+    el.choose_standbys()
+    assert tries == ["QmCut", "QmCut"] and svc.replication.standbys == ["QmCut"]

@@ -152,7 +152,9 @@ class Election:
         """Keep ``num_standbys`` standbys: a live training peer gets the full state, then the commits.
         A standby dropped for a failed replication is tried again only once it heartbeats after the
         drop (a frozen peer cannot), and after every peer dropped less recently (a cut one can);
-        a failed recruitment is not repeated for 30 s, so a frozen peer does not block the others."""
+        a failed recruitment counts as a drop (the same two rules) and is not repeated for a lease
+        period, so a frozen peer does not block the others and a peer whose link was cut is tried
+        again soon after it heals, when it may be the only candidate left."""
         svc, want = self.service, self.cfg.swarm.num_standbys
         rep = svc.replication
         live = [p for p in self.live_peers() if p.role in REPLICA_ROLES]
@@ -166,7 +168,7 @@ class Election:
             return
         now = time.time()
         candidates = [p for p in live if p.peer_id not in rep.standbys and p.role in ("training", "standby")
-                      and now - self._recruit_failed.get(p.peer_id, -math.inf) > 30.0
+                      and now - self._recruit_failed.get(p.peer_id, -math.inf) > self.cfg.swarm.lease_seconds
                       and p.heartbeat > rep.dropped_at.get(p.peer_id, -math.inf)]  # alive since it was dropped
         # the least recently dropped first: a standby dropped because its link to this peer is cut
         # still heartbeats (others relay its records), and trying it first blocks the recruitment
@@ -179,7 +181,7 @@ class Election:
                 self.node.run(rep.recruit(p.peer_id), timeout=None)
                 logger.info("standby %s holds a replica at version %d", p.peer_id[-8:], self.service.state.version)
             except Exception as exc:
-                self._recruit_failed[p.peer_id] = time.time()
+                self._recruit_failed[p.peer_id] = rep.dropped_at[p.peer_id] = time.time()
                 logger.warning("could not make %s a standby: %s", p.peer_id[-8:], exc if str(exc) else type(exc).__name__)
 
     def renew_loop(self) -> None:
