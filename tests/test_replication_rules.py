@@ -442,7 +442,7 @@ def test_a_reachable_peer_is_recruited_before_the_standby_just_dropped():
     svc.replication.recruit = recruit
     el = object.__new__(Election)
     el.service, el._recruit_failed = svc, {}
-    el.cfg = SimpleNamespace(swarm=SimpleNamespace(num_standbys=1))
+    el.cfg = SimpleNamespace(swarm=SimpleNamespace(num_standbys=1, lease_seconds=6.0))
     el.node = SimpleNamespace(run=lambda coro, timeout=None: asyncio.run(coro))
     el.live_peers = lambda: [peer("QmA-cut", now - 1.0), peer("QmZ-reachable", now - 1.0)]
     el.choose_standbys()
