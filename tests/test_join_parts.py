@@ -436,3 +436,25 @@ def test_over_real_streams_three_peers_serve_a_joiner_and_one_dying_costs_only_i
         assert seconds < 30
     finally:
         swarm.close()
+
+
+def test_a_plan_waiting_for_the_commit_lock_gets_the_version_the_commit_made_and_kept_parts_are_served_meanwhile():
+    server = _server()
+    _serve(server, {"plan": True, "parts": 2, "compression": "none"})  # version 0 kept
+
+    async def go():
+        svc = server.service
+        svc.state.engine.version = 1  # a commit since version 0 was kept
+        await svc.lock.acquire()  # and another in progress
+        plan = asyncio.ensure_future(server.serve_state({"plan": True, "parts": 2, "compression": "none"}, b"", "QmJ"))
+        await asyncio.sleep(0.05)
+        # a part of the version kept before is served while the plan waits for the commit lock
+        part, _ = await asyncio.wait_for(server.serve_state({"part": 0, "parts": 2, "compression": "none", "version": 0},
+                                                            b"", "QmJ2"), 2.0)
+        svc.state.engine.version = 2  # the commit lands
+        svc.lock.release()
+        return part, await asyncio.wait_for(plan, 5.0)
+
+    part, (plan, _) = asyncio.run(go())
+    assert part["status"] == "ok" and part["version"] == 0
+    assert plan["status"] == "ok" and plan["version"] == 2, plan  # not "unavailable"

@@ -720,25 +720,36 @@ class StateServer:
 
     async def _pin(self, model: str, version: int | None) -> PinnedState | None:
         """The kept copy of ``version`` (None: the version this peer serves now), copied now if this
-        peer holds it now; None when it does not (a training peer holds no θ, only θ̄)."""
-        now = time.monotonic()
-        for key in [k for k, p in self.pinned.items() if now - p.used > PIN_SECONDS]:
-            del self.pinned[key]
+        peer holds it now; None when it does not (a training peer holds no θ, only θ̄).
+
+        The copy is taken outside ``_pin_lock`` (it waits for the commit lock, which a commit or a
+        standby's full state can hold for long): part requests of versions already kept are served
+        meanwhile. A plan (``version`` None) takes whatever version the copy caught, so a commit
+        landing while it waited does not fail the plan."""
+        self._prune()
         async with self._pin_lock:
             current = self._current_version()
             want = current if version is None else version
             pin = self.pinned.get((model, want))
-            if pin is None:
-                if want != current:
-                    return None
-                pin = await self._snapshot(model)
-                if pin is None or pin.version != want:
-                    return None
-                self.pinned[(model, want)] = pin
+            if pin is None and want != current:
+                return None
+        if pin is None:
+            pin = await self._snapshot(model)
+            if pin is None or (version is not None and pin.version != version):
+                return None
+            async with self._pin_lock:
+                pin = self.pinned.setdefault((model, pin.version), pin)
                 while len(self.pinned) > MAX_PINNED:
                     del self.pinned[min(self.pinned, key=lambda k: self.pinned[k].used)]
-            pin.used = now
-            return pin
+        pin.used = time.monotonic()
+        asyncio.get_running_loop().call_later(PIN_SECONDS + 1.0, self._prune)
+        return pin
+
+    def _prune(self) -> None:
+        """Drop kept versions unused for ``PIN_SECONDS`` (also on a timer: no request needs to come)."""
+        now = time.monotonic()
+        for key in [k for k, p in self.pinned.items() if now - p.used > PIN_SECONDS]:
+            del self.pinned[key]
 
     async def _snapshot(self, model: str) -> PinnedState | None:
         svc, st = self.service, self.service.state
