@@ -275,16 +275,21 @@ class Peer:
         blocks = validation_blocks(open_source(source_spec(cfg, region)), self.tokenizer, cfg.data.seq_len, n + k)
         return blocks[-k:, :cfg.swarm.defence.screen_tokens] if len(blocks) else None
 
-    def _catch_up(self) -> None:
-        """Download the current θ (roles/joining.py) and start from it."""
+    def _catch_up(self, exact: bool = False) -> None:
+        """Download the current θ (roles/joining.py) and start from it; ``exact``: in fp32 (a wrap8
+        resync), else in fp16 parts."""
         self.role = "catching_up"
         expected = tensor_layout(trainable_params(self.model))
         params, header, peer_id = download_state(self.node, self.election, expected, self.stop_event,
+                                                 compression="none" if exact else None,
                                                  sources=self.opts.join_sources, part_mb=self.opts.join_part_mb)
-        # a training peer serves what it received: with wrap8, that version's grid. An fp16 download
-        # (parts) is within 2^-11 of θ̄, a few grid steps at most: inside the window's margin (100 of
-        # the 127 steps that decode), and a block it would break fails its checksum (a resync)
-        kind = "wrap8" if header.get("source") == "peer" and self.cfg.swarm.reply_compression == "wrap8" else "exact"
+        # what the start point is, for the coordinator's wrap8 window (the submission's ``held``): a
+        # training peer serves what it received (with wrap8, that version's grid); a coordinator or
+        # standby θ̄ itself in fp32, or rounded to fp16 ("none": the next reply is the dense θ̄)
+        if header.get("source") == "peer" and self.cfg.swarm.reply_compression == "wrap8":
+            kind = "wrap8"
+        else:
+            kind = "exact" if header.get("compression", "none") == "none" else "none"
         self._adopt(params, int(header["version"]), int(header.get("schedule_step", 0)), kind)
         if "join" in header:
             self.metrics.log({"event": "state_download", "version": self.version, **header["join"]})
@@ -334,22 +339,27 @@ class Peer:
     def _submit(self, delta: list[torch.Tensor], base: int, stats, compute: float) -> None:
         """One round's pseudo-gradient through the submit client, and what its outcome means here."""
         out = self.submitter.submit(self.tally.seq, delta, base, stats, tensor_layout(self.global_params))
-        if out.status == "accepted":
-            reply = out.reply
-            if out.resync:  # a wrap8 reply that did not decode on this peer's start point: the exact state instead
-                self.held_kind = "none"
-                self.metrics.log({"event": "reply_resync", "version": out.version, "base_version": base})
-                self._catch_up()
-            else:
-                self._adopt(out.params, out.version, int(reply.get("schedule_step", 0)), out.held)
-            self.election.run_tokens = max(self.election.run_tokens, int(reply.get("run_tokens", 0)))
-            self.metrics.log(self.tally.ack(out, stats, compute, self.cfg.swarm.compression))
-            logger.info("round %d: v%d loss %.3f %.0f tok/s staleness %s role %s", self.rounds_loop.rounds, self.version,
-                        stats.loss, stats.tokens_per_second, reply.get("staleness"), self.role)
-        elif out.status == "rejected":  # a reason a retry cannot fix; start again from the current state
-            self.metrics.log(self.tally.refused(out))
-            logger.warning("submission rejected: %s (%s)", out.reason, out.reply.get("message"))
-        self.tally.seq += 1
+        try:
+            if out.status == "accepted":
+                reply = out.reply
+                self.election.run_tokens = max(self.election.run_tokens, int(reply.get("run_tokens", 0)))
+                if out.resync:  # a wrap8 reply that did not decode on this peer's start point: the exact state instead
+                    self.held_kind = "none"
+                    self.metrics.log({"event": "reply_resync", "version": out.version, "base_version": base})
+                else:
+                    self._adopt(out.params, out.version, int(reply.get("schedule_step", 0)), out.held)
+                self.metrics.log(self.tally.ack(out, stats, compute, self.cfg.swarm.compression))
+                logger.info("round %d: v%d loss %.3f %.0f tok/s staleness %s role %s", self.rounds_loop.rounds,
+                            out.version, stats.loss, stats.tokens_per_second, reply.get("staleness"), self.role)
+            elif out.status == "rejected":  # a reason a retry cannot fix; start again from the current state
+                self.metrics.log(self.tally.refused(out))
+                logger.warning("submission rejected: %s (%s)", out.reason, out.reply.get("message"))
+        finally:
+            # the next round's number, before anything that can fail (a resync's download): a round
+            # sent again under this acknowledged number would be answered "duplicate" and dropped
+            self.tally.seq += 1
+        if out.status == "accepted" and out.resync:
+            self._catch_up(exact=True)
         # harmful_update: the loss screen scores Δ at the coordinator's θ; a Δ from a base that θ has
         # moved far from (after a bad commit) can fail it for that reason alone: start from θ again
         if (out.status == "gave_up" or out.reason in ("too_stale", "bad_version", "harmful_update")) \

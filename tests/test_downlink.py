@@ -385,7 +385,7 @@ def test_a_peer_that_cannot_decode_a_reply_downloads_the_state_and_says_so():
     from heloco_p2p.roles.submit import SubmitOutcome
     from heloco_p2p.roles.tally import SubmitTally
 
-    exact = [torch.ones(s) for s in SHAPES]
+    exact_params = [torch.ones(s) for s in SHAPES]
     outcomes = iter([
         SubmitOutcome("accepted", {"version": 7, "term": 1, "staleness": 0, "params_encoding": "wrap8",
                                    "drift_rel_l2": 1e-4}, None, reply_bytes=100, resync=True, held="none",
@@ -405,14 +405,18 @@ def test_a_peer_that_cannot_decode_a_reply_downloads_the_state_and_says_so():
     peer.cfg = load_config("configs/tiny.yaml", overrides={"swarm.reply_compression": "wrap8"})
     peer.trainer = SimpleNamespace(load_params=lambda params: None, step=0)
 
-    def catch_up():
-        caught_up.append(peer.held_kind)
-        peer._adopt(exact, 9, 0, "exact")
+    def catch_up(exact=False):
+        caught_up.append((peer.held_kind, exact, peer.tally.seq))
+        peer._adopt(exact_params, 9, 0, "exact")
 
     peer._catch_up = catch_up
     stats = SimpleNamespace(loss=1.0, tokens=10, steps=5, tokens_per_second=1.0)
+    seq0 = peer.tally.seq
     peer._submit([torch.zeros(s) for s in SHAPES], 6, stats, 1.0)
-    assert caught_up == ["none"] and peer.held_kind == "exact" and peer.version == 9 and peer.global_params is exact
+    # the exact (fp32) state, downloaded once the next round's number is taken: a failed download
+    # cannot make the next round reuse the number just acknowledged
+    assert caught_up == [("none", True, seq0 + 1)]
+    assert peer.held_kind == "exact" and peer.version == 9 and peer.global_params is exact_params
     assert logged[0] == {"event": "reply_resync", "version": 7, "base_version": 6}
     assert logged[1]["event"] == "ack" and logged[1]["reply_resync"] is True and logged[1]["digest"] is None
     peer._submit([torch.zeros(s) for s in SHAPES], 9, stats, 1.0)

@@ -490,3 +490,11 @@ def test_a_failed_recruitment_is_retried_after_a_lease_once_the_peer_heartbeats_
     beats["QmCut"] = time.time()  # it heartbeats again (the cut healed): tried, not 30 s later
     el.choose_standbys()
     assert tries == ["QmCut", "QmCut"] and svc.replication.standbys == ["QmCut"]
+
+
+def test_a_standby_that_times_out_is_not_sent_the_commit_again():
+    svc, state, node = _coordinator({STANDBY: 600.0}, lease_seconds=4.0)  # frozen: never answers
+    header, payload = _submission(state, 0)
+    reply, _ = run(svc.handle_submit(header, payload, "QmPeer"))
+    assert reply["reason"] == "busy"
+    assert [c for c in node.calls if c[0] == STANDBY and c[2] == "commit"] == [(STANDBY, "replicate", "commit")]

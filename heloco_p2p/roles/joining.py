@@ -542,7 +542,11 @@ def download_state(node, election, expected: list, stop_event: threading.Event, 
             if plan.get("status") != "ok" or (model == "theta" and plan.get("source") == "peer"):
                 continue
             if plan.get("parts") is None:  # a server that answers with the whole state
-                return unpack_params(payload, expected), plan, planner
+                try:
+                    return unpack_params(payload, expected), plan, planner
+                except WireError as exc:  # a peer's malformed answer: ask another
+                    logger.warning("state from %s refused: %s", planner[-8:], exc)
+                    continue
             problem = plan_problem(plan, expected, compression, parts)
             if problem is not None:
                 logger.warning("state plan from %s refused: %s", planner[-8:], problem)

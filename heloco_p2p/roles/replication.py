@@ -164,6 +164,8 @@ class Replication:
                 reply, _ = await asyncio.wait_for(self.node.acall(standby, "replicate", header, payload),
                                                   timeout=max(0.1, deadline - time.monotonic()))
                 return reply
+            except asyncio.TimeoutError:  # a subclass of OSError: slow, not a lost reply
+                raise
             except (WireError, ConnectionError, OSError) as exc:
                 if attempt == 2 or (isinstance(exc, WireError) and exc.code not in ("closed", "truncated")):
                     raise

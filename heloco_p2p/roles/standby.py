@@ -92,8 +92,8 @@ class StandbyService:
         except WireError as exc:
             return messages.rejected(exc.code, exc.message)
         if commit.scale != 1.0:  # the coordinator's norm clip, applied the same way
-            delta = scaled(delta, commit.scale)
-        norm = tensor_norm(delta)
+            delta = await loop.run_in_executor(None, scaled, delta, commit.scale)
+        norm = await loop.run_in_executor(None, tensor_norm, delta)
         if not math.isfinite(norm):  # the coordinator never commits these: a replica must not either
             return messages.rejected("not_finite", "the pseudo-gradient contains NaN or Inf")
         self._follow(commit.term, remote)
