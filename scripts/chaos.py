@@ -248,7 +248,11 @@ def check_history(events: list[dict], final_checkpoint: Path | None) -> dict:
                 lost_duplicates.append(a)
             continue
         c = final.get(a["version"])  # a peer receives θ̄ with look-ahead dispatch: its digest is dispatch_digest
-        if c is None or c.get("dispatch_digest", c["digest"]) != a["digest"] or (c["peer"], c["seq"]) != (a["peer"], a["seq"]):
+        # with wrap8 replies a peer holds θ̄ on the version's grid (or nothing yet, on a resync): the
+        # chain entry must still be its submission; the θ̄ digest cannot be compared
+        grid = a.get("reply_encoding") == "wrap8" or a.get("reply_resync")
+        if c is None or (c["peer"], c["seq"]) != (a["peer"], a["seq"]) or \
+                (not grid and c.get("dispatch_digest", c["digest"]) != a["digest"]):
             lost.append(a)
     ledger = {}
     if final_checkpoint is not None:
