@@ -96,6 +96,11 @@ def run_tree(opts, reply: str) -> dict:
         tree["name"] = "wan-125m"
         tree["data"].update(seq_len=opts.seq_len, val_blocks=2)
         tree["inner"].update(optimizer="adamw", precision="fp32", device="cpu", batch_size=1, warmup_steps=20)
+        if opts.num_layers:  # fewer layers: ~100M at 10 (5 processes must fit the machine's memory)
+            m = tree["model"]
+            m["num_layers"] = opts.num_layers
+            h, i = m["hidden_size"], m["intermediate_size"]
+            m["nominal_params"] = m["vocab_size"] * h + opts.num_layers * (4 * h * h + 3 * h * i)
         tree["swarm"] = swarm
     if opts.steps_per_round:
         tree["inner"]["steps_per_round"] = opts.steps_per_round
@@ -542,6 +547,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lease-seconds", type=float, default=None, help="swarm.lease_seconds (45; --tiny 6)")
     ap.add_argument("--submit-timeout", type=float, default=None, help="swarm.submit_timeout (900; --tiny 120)")
     ap.add_argument("--seq-len", type=int, default=32, help="125M: tokens per block")
+    ap.add_argument("--num-layers", type=int, default=None,
+                    help="the model's layers (default gpu-125m's 13: 126M parameters; 10: 97M)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per peer")
     ap.add_argument("--join-timeout", type=float, default=None, help="seconds for each start step (900; --tiny 180)")
     ap.add_argument("--calibrate", action="store_true", help="time inner steps here, print the H to use, exit")
