@@ -37,3 +37,25 @@ def sim_run_cfg():
 
     return load_config("configs/tiny.yaml", overrides={"data.seq_len": SEQ, "inner.batch_size": 2,
                                                         "inner.warmup_steps": 2, "inner.total_steps": 100})
+
+
+@pytest.fixture(autouse=True)
+def _no_child_process_outlives_its_test(request):
+    """A child process (a DHT, a multiprocessing worker) left running by a test would keep pytest
+    from exiting at the end of the suite (it joins its children): name the test and end it."""
+    import multiprocessing
+    import time
+    import warnings
+
+    before = {p.pid for p in multiprocessing.active_children()}
+    yield
+    deadline = time.monotonic() + 5.0
+    while True:
+        left = [p for p in multiprocessing.active_children() if p.pid not in before]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    for p in left:
+        warnings.warn(f"{request.node.nodeid} left child process {p.pid} ({p.name}) running; killed", stacklevel=2)
+        p.kill()
+        p.join(timeout=5)

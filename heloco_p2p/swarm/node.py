@@ -436,6 +436,14 @@ class SwarmNode:
             self.dht.shutdown()
         except Exception as exc:  # best effort: we are leaving anyway
             logger.debug("dht shutdown: %s", exc)
+        # the DHT is a child process: one that did not stop (its shutdown message lost, its own
+        # daemon gone) would keep the parent from exiting, so it is ended for certain
+        for end in ("terminate", "kill"):
+            if not self.dht.is_alive():
+                break
+            logger.warning("the DHT process %s did not stop; %s", self.dht.pid, end)
+            getattr(self.dht, end)()
+            self.dht.join(timeout=5)
         try:
             self.run(self.p2p.shutdown(), timeout=10)
         except Exception as exc:
