@@ -285,11 +285,15 @@ class Peer:
                                                  sources=self.opts.join_sources, part_mb=self.opts.join_part_mb)
         # what the start point is, for the coordinator's wrap8 window (the submission's ``held``): a
         # training peer serves what it received (with wrap8, that version's grid); a coordinator or
-        # standby θ̄ itself in fp32, or rounded to fp16 ("none": the next reply is the dense θ̄)
+        # standby θ̄ itself, in fp32 or rounded to fp16. An fp16 start is held "exact": its rounding
+        # (2^-11 relative) is a few grid steps at most, inside the window's margin (100 of the 127
+        # steps that decode), and a block it would break fails its checksums (a resync in fp32). As
+        # "none" every joiner's first reply was the dense fp32 θ̄: on a 50 Mbit/s link at 79M
+        # parameters that reply took ~100 s against ~35 s, and cost each trainer a 30 s wait
         if header.get("source") == "peer" and self.cfg.swarm.reply_compression == "wrap8":
             kind = "wrap8"
         else:
-            kind = "exact" if header.get("compression", "none") == "none" else "none"
+            kind = "exact"
         self._adopt(params, int(header["version"]), int(header.get("schedule_step", 0)), kind)
         if "join" in header:
             self.metrics.log({"event": "state_download", "version": self.version, **header["join"]})
