@@ -131,7 +131,13 @@ def cast_rates(opts) -> dict[str, tuple[float, float]]:
 
 
 def layout(opts) -> list[tuple[int, ...]]:
-    return bench_wire.layout("tiny" if opts.tiny else "gpu-125m")
+    """The run's parameter shapes (its own model config: ``--num-layers`` changes them), on the meta device."""
+    from heloco_p2p.local import build_model, trainable_params
+
+    cfg = checked_config(opts, opts.reply_compression)
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    return [tuple(p.shape) for p in trainable_params(model)]
 
 
 # ------------------------------------------------------------------------------ /proc readers
