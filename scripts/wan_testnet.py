@@ -473,8 +473,9 @@ def wan_results(opts, runs: dict[str, dict], memory: dict | None, command: str, 
         "cast": [{"name": n, "region": r, "role": role, "up_mbit": rates[n][0], "down_mbit": rates[n][1]}
                  for (n, r), role in [(s, "coordinator (--no-train)") for s in SERVERS[:1]]
                  + [(s, "standby (--no-train)") for s in SERVERS[1:]] + [(t, "training") for t in TRAINERS]],
-        "model": "tiny (launcher.write_test_config)" if opts.tiny else "gpu-125m shape, AdamW fp32, batch 1 × "
-                 f"{opts.seq_len}",
+        "model": "tiny (launcher.write_test_config)" if opts.tiny else
+                 f"gpu-125m shape{f' with {opts.num_layers} layers' if opts.num_layers else ''}, AdamW fp32, "
+                 f"batch 1 × {opts.seq_len}",
         "steps_per_round": checked_config(opts, opts.reply_compression).inner.steps_per_round,
         "compression": opts.compression, "minutes": opts.minutes, "threads_per_peer": opts.threads,
         "command": command, "date": datetime.date.today().isoformat(), "tree": git_tree(ROOT),
