@@ -415,6 +415,14 @@ def test_the_theta_digest_is_a_tree_that_sees_every_byte_and_the_tensor_boundari
     assert params_digest([flat[:50], flat[50:]]) != params_digest([flat[:51], flat[51:]])
 
 
+def _training_record(pid: str, heartbeat: float):
+    from heloco_p2p.swarm.records import PeerRecord
+
+    return PeerRecord(peer_id=pid, name=pid, region="de", device="cpu", role="training", steps_per_second=1.0,
+                      inner_steps=5, version=0, rounds=1, tokens=1, loss=1.0, staleness=0, accepted=1, rejected=0,
+                      bytes_in=0, bytes_out=0, heartbeat=heartbeat, maddrs=[])
+
+
 def test_a_reachable_peer_is_recruited_before_the_standby_just_dropped():
     """A standby dropped because its link to the coordinator is cut still heartbeats (other peers
     relay its records): it goes after every peer dropped less recently, so the reachable one is
@@ -422,15 +430,12 @@ def test_a_reachable_peer_is_recruited_before_the_standby_just_dropped():
     from types import SimpleNamespace
 
     from heloco_p2p.roles.election import Election
-    from heloco_p2p.swarm.records import PeerRecord
 
     svc, state, node = _coordinator(standbys=())
     now = time.time()
 
     def peer(pid, heartbeat):
-        return PeerRecord(peer_id=pid, name=pid, region="de", device="cpu", role="training", steps_per_second=1.0,
-                          inner_steps=5, version=0, rounds=1, tokens=1, loss=1.0, staleness=0, accepted=1, rejected=0,
-                          bytes_in=0, bytes_out=0, heartbeat=heartbeat, maddrs=[])
+        return _training_record(pid, heartbeat)
 
     svc.replication.dropped_at = {"QmA-cut": now - 5.0}  # dropped 5 s ago, heartbeating since
     recruited = []
@@ -457,15 +462,12 @@ def test_a_failed_recruitment_is_retried_after_a_lease_once_the_peer_heartbeats_
     from types import SimpleNamespace
 
     from heloco_p2p.roles.election import Election
-    from heloco_p2p.swarm.records import PeerRecord
 
     svc, state, node = _coordinator(standbys=())
     beats = {"QmCut": time.time() - 1.0}
 
     def peer(pid):
-        return PeerRecord(peer_id=pid, name=pid, region="de", device="cpu", role="training", steps_per_second=1.0,
-                          inner_steps=5, version=0, rounds=1, tokens=1, loss=1.0, staleness=0, accepted=1, rejected=0,
-                          bytes_in=0, bytes_out=0, heartbeat=beats[pid], maddrs=[])
+        return _training_record(pid, beats[pid])
 
     tries = []
 
