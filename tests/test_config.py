@@ -104,14 +104,19 @@ def test_digest_changes_with_content():
     assert a.digest() != b.digest()
 
 
+def _digest_without_later_keys(cfg) -> str:
+    """The digest of ``cfg`` as it was before the defence section, the topk keys and reply_window existed."""
+    tree = cfg.model_dump(mode="json")
+    for key in ("defence", "topk_density", "topk_bits", "topk_chunk", "reply_window"):
+        tree["swarm"].pop(key)
+    return hashlib.sha256(json.dumps(tree, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def test_sections_added_later_keep_old_identities_while_at_their_defaults():
     """A run config's digest is its identity (genesis, checkpoints, simulator logs): the defence
     section and the topk keys, at their defaults, leave it as it was before they existed."""
     cfg = load_config("configs/tiny.yaml")
-    tree = cfg.model_dump(mode="json")
-    for key in ("defence", "topk_density", "topk_bits", "topk_chunk", "reply_window"):
-        tree["swarm"].pop(key)
-    before = hashlib.sha256(json.dumps(tree, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    before = _digest_without_later_keys(cfg)
     assert cfg.digest() == before
     assert load_config("configs/tiny.yaml", overrides={"swarm.defence.norm_factor": 6.0}).digest() != before
     assert load_config("configs/tiny.yaml", overrides={"swarm.compression": "topk"}).digest() != before
@@ -130,10 +135,7 @@ def test_wrap8_replies_leave_old_identities_alone_and_bad_values_name_the_key():
     """``swarm.reply_window`` at its default is left out of the digest of a run without wrap8, as
     the topk keys are; wrap8 itself is another run; a window without wrap8, or out of range, is refused."""
     cfg = load_config("configs/tiny.yaml")
-    tree = cfg.model_dump(mode="json")
-    for key in ("defence", "topk_density", "topk_bits", "topk_chunk", "reply_window"):
-        tree["swarm"].pop(key)
-    before = hashlib.sha256(json.dumps(tree, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    before = _digest_without_later_keys(cfg)
     assert cfg.digest() == before
     wrap8 = load_config("configs/tiny.yaml", overrides={"swarm.reply_compression": "wrap8"})
     assert wrap8.swarm.reply_window == 16 and wrap8.digest() != before

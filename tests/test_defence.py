@@ -260,19 +260,25 @@ def test_a_malformed_defence_state_changes_nothing():
     assert state.to_bytes() == before
 
 
+def _coordinator_and_standby(limits):
+    """A coordinator in term 1 (its node records what it forwards) and the standby that believes it."""
+    node = ScriptedNode({})
+    node.run_id = "fenced"
+    coord = CoordinatorService(node, _state(), SHAPES, limits)
+    coord.replication.standbys = ["QmStandby"]
+    coord.activate(1)
+    standby = CoordinatorService(ScriptedNode({}, peer_id="QmStandby"), _state(), SHAPES, limits)
+    standby.term.believed = ("QmCoordinator", 1)
+    return coord, standby, node
+
+
 def test_a_standby_applying_the_forwarded_commits_has_the_same_defence_state():
     def run(coro):
         return asyncio.new_event_loop().run_until_complete(coro)
 
     limits = _limits(share_factor=1e9)
-    coord_state, standby_state = _state(), _state()
-    node = ScriptedNode({})
-    node.run_id = "fenced"
-    coord = CoordinatorService(node, coord_state, SHAPES, limits)
-    coord.replication.standbys = ["QmStandby"]
-    coord.activate(1)
-    standby = CoordinatorService(ScriptedNode({}, peer_id="QmStandby"), standby_state, SHAPES, limits)
-    standby.term.believed = ("QmCoordinator", 1)
+    coord, standby, node = _coordinator_and_standby(limits)
+    coord_state, standby_state = coord.state, standby.state
     for seq in range(3):
         for i, (peer, norm) in enumerate(HONEST.items()):
             meta, payload = encode_tensors(_delta(norm, 10 * seq + i), "none")
@@ -440,14 +446,8 @@ def test_a_clipped_commit_is_forwarded_with_its_scale_and_the_standby_stays_bitw
         return asyncio.new_event_loop().run_until_complete(coro)
 
     limits = _limits(share_factor=1e9, clip_factor=2.0)
-    coord_state, standby_state = _state(), _state()
-    node = ScriptedNode({})
-    node.run_id = "fenced"
-    coord = CoordinatorService(node, coord_state, SHAPES, limits)
-    coord.replication.standbys = ["QmStandby"]
-    coord.activate(1)
-    standby = CoordinatorService(ScriptedNode({}, peer_id="QmStandby"), standby_state, SHAPES, limits)
-    standby.term.believed = ("QmCoordinator", 1)
+    coord, standby, node = _coordinator_and_standby(limits)
+    coord_state, standby_state = coord.state, standby.state
     sends = [(peer, norm, 10 * r + i) for r in range(2) for i, (peer, norm) in enumerate(HONEST.items())]
     sends.append(("QmMallory", 3.0, 99))  # under the refusal bound (3 × 1.05), over the clip (2 × 1.05)
     for seq, (peer, norm, seed) in enumerate(sends):
