@@ -423,13 +423,25 @@ def _training_record(pid: str, heartbeat: float):
                       bytes_in=0, bytes_out=0, heartbeat=heartbeat, maddrs=[])
 
 
+def _election(svc, lease_seconds: float, live_peers):
+    """An Election of ``svc`` without a network: one standby wanted, ``live_peers()`` its view."""
+    from types import SimpleNamespace
+
+    from heloco_p2p.roles.election import Election
+
+    el = object.__new__(Election)
+    el.service, el._recruit_failed = svc, {}
+    el.cfg = SimpleNamespace(swarm=SimpleNamespace(num_standbys=1, lease_seconds=lease_seconds))
+    el.node = SimpleNamespace(run=lambda coro, timeout=None: asyncio.run(coro))
+    el.live_peers = live_peers
+    return el
+
+
 def test_a_reachable_peer_is_recruited_before_the_standby_just_dropped():
     """A standby dropped because its link to the coordinator is cut still heartbeats (other peers
     relay its records): it goes after every peer dropped less recently, so the reachable one is
     recruited during the cut instead of after it."""
-    from types import SimpleNamespace
 
-    from heloco_p2p.roles.election import Election
 
     svc, state, node = _coordinator(standbys=())
     now = time.time()
@@ -445,11 +457,7 @@ def test_a_reachable_peer_is_recruited_before_the_standby_just_dropped():
         svc.replication.standbys.append(pid)
 
     svc.replication.recruit = recruit
-    el = object.__new__(Election)
-    el.service, el._recruit_failed = svc, {}
-    el.cfg = SimpleNamespace(swarm=SimpleNamespace(num_standbys=1, lease_seconds=6.0))
-    el.node = SimpleNamespace(run=lambda coro, timeout=None: asyncio.run(coro))
-    el.live_peers = lambda: [peer("QmA-cut", now - 1.0), peer("QmZ-reachable", now - 1.0)]
+    el = _election(svc, 6.0, lambda: [peer("QmA-cut", now - 1.0), peer("QmZ-reachable", now - 1.0)])
     el.choose_standbys()
     assert recruited == ["QmZ-reachable"]  # not the dropped one, though its id sorts first
     svc.replication.standbys.clear()
@@ -459,9 +467,7 @@ def test_a_reachable_peer_is_recruited_before_the_standby_just_dropped():
 
 
 def test_a_failed_recruitment_is_retried_after_a_lease_once_the_peer_heartbeats_again():
-    from types import SimpleNamespace
 
-    from heloco_p2p.roles.election import Election
 
     svc, state, node = _coordinator(standbys=())
     beats = {"QmCut": time.time() - 1.0}
@@ -478,11 +484,7 @@ def test_a_failed_recruitment_is_retried_after_a_lease_once_the_peer_heartbeats_
         svc.replication.standbys.append(pid)
 
     svc.replication.recruit = recruit
-    el = object.__new__(Election)
-    el.service, el._recruit_failed = svc, {}
-    el.cfg = SimpleNamespace(swarm=SimpleNamespace(num_standbys=1, lease_seconds=0.2))
-    el.node = SimpleNamespace(run=lambda coro, timeout=None: asyncio.run(coro))
-    el.live_peers = lambda: [peer("QmCut")]
+    el = _election(svc, 0.2, lambda: [peer("QmCut")])
     el.choose_standbys()
     assert tries == ["QmCut"] and svc.replication.standbys == []
     el.choose_standbys()  # within the lease, and no heartbeat since the failure: not tried
