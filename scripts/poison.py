@@ -22,7 +22,10 @@ it ends just under whatever bound the coordinator enforces):
 - ``ratchet``: its honest Δ × k, k × 1.5 after every acceptance (slowly raising its norms);
 - ``flood``: −k·Δ plus fresh noise (so that no two are alike), sent back to back at the rate limit;
 - ``replay``: its first accepted honest Δ, resubmitted every round;
-- ``sybil``: two identities running sign_flip.
+- ``sybil``: two identities running sign_flip;
+- ``honest_extra``: not an attack but its control: a fifth peer of the attacker's region and speed
+  that sends its honest Δ unchanged (what one more honest participant of that language does to the
+  other languages at the same number of honest rounds).
 
 Per run: the attackers' share of the commits, the final mean and worst-language validation loss
 (and the untrained one), the honest submissions refused (count and %), the honest resends (busy,
@@ -48,7 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 HEADING = "## Poisoning (open run)"
-ATTACKS = ("sign_flip", "sign_flip_lie", "scaled_noise", "ratchet", "flood", "replay", "sybil")
+ATTACKS = ("sign_flip", "sign_flip_lie", "scaled_noise", "ratchet", "flood", "replay", "sybil", "honest_extra")
 LIE_REGION = "ru"  # sign_flip_lie claims this region (another honest peer's) for its de-trained Δ
 ON_ONLY = ("sign_flip_lie",)  # without the defence the claimed region changes nothing: sign_flip off is that run
 ATTACKER_REGION = "de"
@@ -114,6 +117,16 @@ class Ratchet(Attack):
         return [self.scale * d for d in delta]
 
 
+class HonestExtra(Attack):
+    kind = "honest_extra"
+
+    def make(self, delta):
+        return [d.clone() for d in delta]
+
+    def learn(self, outcome) -> None:
+        pass
+
+
 class Replay(Attack):
     kind = "replay"
 
@@ -137,7 +150,7 @@ class Flood(SignFlip):
 
 
 ATTACK_CLASSES = {"sign_flip": SignFlip, "sign_flip_lie": SignFlip, "scaled_noise": ScaledNoise, "ratchet": Ratchet, "flood": Flood,
-                  "replay": Replay}
+                  "replay": Replay, "honest_extra": HonestExtra}
 
 
 def run_attacker(kind: str, join_args: list[str]) -> None:

@@ -502,3 +502,26 @@ def test_a_standby_that_times_out_is_not_sent_the_commit_again():
     reply, _ = run(svc.handle_submit(header, payload, "QmPeer"))
     assert reply["reason"] == "busy"
     assert [c for c in node.calls if c[0] == STANDBY and c[2] == "commit"] == [(STANDBY, "replicate", "commit")]
+
+
+def test_a_synchronous_commit_no_standby_took_is_logged_once_a_standby_holds_it():
+    state = _state()
+    svc = CoordinatorService(ScriptedNode({STANDBY: 600.0}), state, SHAPES, SubmissionLimits(submit_rate=0.0),
+                             min_replicas=1, lease_seconds=4.0, mode="sync")
+    svc.replication.standbys = [STANDBY]  # frozen: the full state never arrives
+    svc.activate(1)
+    svc.barrier.participants = {"QmPeer"}
+    logged = []
+    svc.on_commit = logged.append
+    header, payload = _submission(state, 0)
+    reply, _ = run(svc.handle_submit(header, payload, "QmPeer"))
+    assert reply["status"] == "rejected" and reply["reason"] == "busy"
+    assert state.version == 1 and logged == [] and svc.replication.standbys == []
+    # a new standby takes the state: version 1 is the run's now, and in the history once
+    run(svc.replication.recruit("QmOther"))
+    assert [e["version"] for e in logged] == [1] and logged[0]["peers"] == 1
+    svc.term.lease_until = time.monotonic() + 10
+    header, payload = _submission(state, 1)
+    reply, _ = run(svc.handle_submit(header, payload, "QmPeer"))
+    assert reply["status"] == "accepted" and state.version == 2
+    assert [e["version"] for e in logged] == [1, 2]

@@ -83,6 +83,10 @@ class SyncBarrier:
             if held >= required:
                 rep.durable(event)
                 rep.mark_committed(digest)
+            else:  # committed here, held by too few: in the run's history once a later commit is durable
+                logger.warning("synchronous commit %d is held by %d standbys of the %d required: not acknowledged",
+                               info.version, held, required)
+                rep.hold_back(event)
             if held < required or not c.term.lease_valid():  # committed, not acknowledged: the retries are duplicates
                 answer = c.busy(f"the commit is held by {held} of {required} standbys")
             else:
