@@ -464,3 +464,24 @@ def test_a_clipped_commit_is_forwarded_with_its_scale_and_the_standby_stays_bitw
     assert all(torch.equal(a, b) for a, b in zip(coord_state.engine.params, standby_state.engine.params))
     assert coord_state.defence.state_dict()["norms"] == standby_state.defence.state_dict()["norms"]
     assert coord_state.log.head == standby_state.log.head
+
+
+def test_a_region_the_screen_cannot_check_shares_one_fairness_bucket():
+    g = torch.Generator().manual_seed(0)
+    seqs = torch.randint(0, 32, (4, 17), generator=g)
+    seqs[:, 1::2] = (seqs[:, 0::2][:, :8] + 1) % 32
+    screen = LossScreen(_Bigram, lambda region: seqs if region == "de" else None)
+    state = CommitState(build_engine([torch.ones(32, 32)], "lookahead"), screen=screen)
+    good = torch.zeros(32, 32)
+    good[torch.arange(32), (torch.arange(32) + 1) % 32] = -3.0
+    limits = SubmissionLimits(submit_rate=0.0, defence=DefenceLimits())
+    state.check([good], 0, limits, peer="QmA", region="de", now=1.0)
+    assert state.fairness_worker("region:de", limits) == "region:de"
+    for claim, worker in (("xx", "region:xx"), ("yy", "region:yy"), (None, "peer:QmM")):  # invented, or none
+        state.check([good], 0, limits, peer="QmM", region=claim, now=1.0)
+        assert state.last_screen["own"] is None and state.fairness_worker(worker, limits) == "unscreened"
+    # without the defence (a closed run), or with nothing screened, the claim is kept
+    off = SubmissionLimits(submit_rate=0.0, defence=DefenceLimits(enabled=False))
+    assert state.fairness_worker("region:xx", off) == "region:xx"
+    state.last_screen = None
+    assert state.fairness_worker("region:xx", limits) == "region:xx"

@@ -30,6 +30,7 @@ from heloco_p2p.roles.defence import DefenceLimits, DefenceState, LossScreen
 from heloco_p2p.roles.messages import MAX_WORKERS
 
 logger = logging.getLogger(__name__)
+UNSCREENED = "unscreened"  # the region-fair key of submissions whose language the screen cannot check
 
 
 DIGEST_CHUNK = 16 << 20  # bytes of θ per leaf of the digest's tree
@@ -185,6 +186,19 @@ class CommitState:
         if defended:
             self._check_replay_and_loss(pseudo_grad, d, region)
         return norm
+
+    def fairness_worker(self, worker: str | None, limits: SubmissionLimits) -> str | None:
+        """What the region-fair weight keys on for the submission just checked: the claimed region
+        when the loss screen holds that language's held-out data, else (the defence screened the
+        submission on other languages only: no region, or one nobody can check) the one bucket
+        ``unscreened``, shared by every such sender. A claim the coordinator cannot check would
+        otherwise be a fresh share of the step per invented region or identity. Without the
+        defence, or when nothing was screened, ``worker`` is kept."""
+        d = limits.defence
+        last = self.last_screen or {}
+        if d is None or not d.enabled or not d.screen or not last.get("regions") or last.get("own") is not None:
+            return worker
+        return UNSCREENED
 
     def clip(self, pseudo_grad: list[torch.Tensor], norm: float, limits: SubmissionLimits,
              peer: str | None = None) -> tuple[list[torch.Tensor], float, float]:

@@ -238,6 +238,7 @@ class CoordinatorService:
             if exc.code == "busy":  # over its commit share: the sender keeps its Δ and resends it
                 return self.busy(str(exc), exc.retry_after or 1.0)
             return self.reject(peer, exc.code, str(exc), exc.detail)
+        worker = st.fairness_worker(sub.worker, self.limits)  # read now: the next check replaces last_screen
         delta, norm, scale = await loop.run_in_executor(None, lambda: st.clip(delta, norm, self.limits, peer=peer))
         if scale < 1.0:
             logger.info("norm clip: the submission of %s scaled by %.3f", peer[-8:], scale)
@@ -248,7 +249,7 @@ class CoordinatorService:
             await loop.run_in_executor(None, self.downlink.start, st.engine.dispatch_params(), version_before, st.term)
         num_workers = st.workers(peer)
         info = await loop.run_in_executor(None, st.apply, delta, sub.base_version, peer, sub.seq, sub.steps, norm,
-                                          sub.worker, sub.seconds, sub.tokens, num_workers, commit_time)
+                                          worker, sub.seconds, sub.tokens, num_workers, commit_time)
         digest = await loop.run_in_executor(None, params_digest, st.engine.params)
         st.log.append(st.version, st.term, peer, sub.seq, sub.base_version, digest)
         # computed once, off the event loop: digested, then sent in the reply
@@ -259,7 +260,7 @@ class CoordinatorService:
             loop.run_in_executor(None, params_digest, dispatched)
         t2 = time.perf_counter()
         commit = messages.CommitForward(st.term, version_before, sub.base_version, peer, sub.seq, sub.steps, sub.tensors,
-                                        digest, sub.worker, sub.seconds, sub.tokens, num_workers, commit_time, scale)
+                                        digest, worker, sub.seconds, sub.tokens, num_workers, commit_time, scale)
         # wrap8: the version's payload is built beside the replication, and awaited before the lock is
         # released whatever happens (it reads θ̄, which the next commit changes in place)
         grid = loop.run_in_executor(None, self.downlink.advance, dispatched, st.version, st.term) \
