@@ -298,7 +298,7 @@ def one_run(attack: str | None, defence: bool, args, out: Path) -> dict:
         "screen_honest_mean_max": max((s["mean"] for s in screens), default=None),
         "max_norm": max(norms) if norms else None,
         "honest_rounds": {n: len(sw.events(n, "round")) for n in names},
-        "out": str(out),
+        "out": str(out), "settings": list(args.set),
     }
     rec["honest_refused_pct"] = 100.0 * rec["honest_refused"] / max(1, rec["honest_submissions"])
     return rec
@@ -321,8 +321,12 @@ def render(results: dict) -> str:
     invocations = results.get("invocations") or [meta]
     for r in runs:
         r.setdefault("tree", invocations[0]["tree"])
+    groups: dict[tuple, list] = {}  # runs are compared with the clean runs of the same settings
+    for r in runs:
+        groups.setdefault(_settings(r), []).append(r)
+    clean_means = {k: statistics.fmean(r["mean_loss"] for r in rs if r["attack"] == "clean")
+                   for k, rs in groups.items() if any(r["attack"] == "clean" for r in rs)}
     clean = [r for r in runs if r["attack"] == "clean"]
-    clean_mean = statistics.fmean(r["mean_loss"] for r in clean) if clean else math.nan
     lines = []
     for m in invocations:
         lines += [f"Measured {m['date']} on {m['machine']} (load average {m['load']} at the start; "
@@ -332,24 +336,32 @@ def render(results: dict) -> str:
              f"attacker(s) (region {ATTACKER_REGION}, speed 1), configs/testnet.yaml, an open run; each run stops "
              f"once every honest peer trained {meta['rounds']} rounds. Loss: the final θ on the validation blocks of "
              f"the 4 honest languages (mean, and the worst language); untrained: "
-             f"{_f(clean[0]['untrained_mean'] if clean else None)}.", ""]
-    if clean:
-        means = [r["mean_loss"] for r in clean]
-        lines += [f"Clean runs ({len(clean)}, defence on unless said): mean loss "
-                  + ", ".join(_f(m) for m in means) + f" (spread {_f(max(means) - min(means))}); "
-                  + "worst language " + ", ".join(_f(r["worst_loss"]) for r in clean) + ".", ""]
-    lines += ["| attack | defence | tree | attacker commits (share) | attacker submissions accepted | "
+             f"{_f(clean[0]['untrained_mean'] if clean else None)}. Settings: the `--set` overrides of "
+             f"configs/testnet.yaml a run had (– none); each run is compared with the clean runs of its settings.", ""]
+    for key, rs in groups.items():
+        cl = [r for r in rs if r["attack"] == "clean"]
+        if cl:
+            means = [r["mean_loss"] for r in cl]
+            lines += [f"Clean runs, settings {_settings_text(key)} ({len(cl)}): mean loss "
+                      + ", ".join(_f(m) for m in means) + f" (spread {_f(max(means) - min(means))}); "
+                      + "worst language " + ", ".join(_f(r["worst_loss"]) for r in cl) + ".", ""]
+    lines += ["| attack | defence | settings | tree | attacker commits (share) | attacker submissions accepted | "
               "mean loss (Δ vs clean) | worst language | honest refused | honest resends | screen ms | target |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
-        delta = r["mean_loss"] - clean_mean if clean else math.nan
-        met = target_met(r, clean_mean)
-        lines.append(f"| {r['attack']} | {'on' if r['defence'] else 'off'} | {r['tree'][:7]} | "
-                     f"{r['attacker_commits']} of {r['commits']} "
+        clean_mean = clean_means.get(_settings(r), math.nan)
+        delta = r["mean_loss"] - clean_mean
+        met = "control" if r["attack"] == "honest_extra" else "met" if target_met(r, clean_mean) else "missed"
+        lines.append(f"| {r['attack']} | {'on' if r['defence'] else 'off'} | {_settings_text(_settings(r))} | "
+                     f"{r['tree'][:7]} | {r['attacker_commits']} of {r['commits']} "
                      f"({100 * r['attacker_share']:.0f}%) | {r['attacker_accepted']} of {r['attacker_submissions']} | "
                      f"{_f(r['mean_loss'])} ({_f(delta, '+.2f')}) | {_f(r['worst_loss'])} | "
                      f"{r['honest_refused']} of {r['honest_submissions']} ({r['honest_refused_pct']:.1f}%) | "
-                     f"{r['honest_resends']} | {_f(r['screen_ms_median'], '.1f')} | {'met' if met else 'missed'} |")
+                     f"{r['honest_resends']} | {_f(r['screen_ms_median'], '.1f')} | {met} |")
+    on = [r for r in runs if r["defence"]]
+    refused, submitted = sum(r["honest_refused"] for r in on), sum(r["honest_submissions"] for r in on)
+    lines += ["", f"Honest submissions refused over every run with the defence on: {refused} of {submitted} "
+                  f"({100 * refused / max(1, submitted):.1f}%)."]
     lines += ["", "Target: mean loss within 0.3 nats of the clean runs' mean, below the untrained loss on every "
               "language, and under 2% of the honest submissions refused. Honest resends: submissions resent after "
               "`busy`/`rate_limited` or a lost reply (the client's attempts − 1); the commit-share rule answers `busy`. "
@@ -361,6 +373,14 @@ def render(results: dict) -> str:
     if results.get("reading"):
         lines += ["", results["reading"]]
     return "\n".join(lines)
+
+
+def _settings(r: dict) -> tuple:
+    return tuple(sorted(r.get("settings") or ()))
+
+
+def _settings_text(key: tuple) -> str:
+    return ", ".join(f"`{k}`" for k in key) if key else "–"
 
 
 def target_met(r: dict, clean_mean: float) -> bool:
