@@ -485,3 +485,20 @@ def test_a_region_the_screen_cannot_check_shares_one_fairness_bucket():
     assert state.fairness_worker("region:xx", off) == "region:xx"
     state.last_screen = None
     assert state.fairness_worker("region:xx", limits) == "region:xx"
+
+
+def test_before_enough_peers_vote_an_amplified_delta_is_clipped_to_the_other_peers_norms():
+    # the first commits of a run: one honest peer has history, the per-peer bound has too few voters
+    limits = _limits(share_factor=1e9, clip_factor=2.0)
+    state = _state()
+    for k, norm in enumerate((1.0, 2.0, 1.5)):
+        _commit(state, limits, "QmA", norm, k)
+    assert state.defence.norm_bound("QmMallory", limits.defence) is None
+    # an attacker's Δ at 2.8 × QmA's median (1.5), under the run-wide bound (3 × 1.5), is scaled to
+    # 2 × that median before it reaches θ
+    d = _delta(4.2, 50)
+    n = state.check(d, state.version, limits, peer="QmMallory")
+    clipped, n2, scale = state.clip(d, n, limits, peer="QmMallory")
+    assert scale == pytest.approx(3.0 / 4.2) and n2 == pytest.approx(3.0, rel=1e-5)
+    # the sender's own history is never its reference; with no other peer yet, nothing is clipped
+    assert state.defence.clip_scale("QmA", 100.0, limits.defence) == 1.0

@@ -7,7 +7,8 @@ after the value checks and before anything is committed:
    peer identity); and an accepted Δ above ``clip_factor`` × that median is scaled down to it
    (the norm clip: an amplified honest Δ, which improves its sender's language and so passes
    the loss screen, moves θ at most as far as a large honest one; the norm recorded is the
-   clipped one, so a peer's vote cannot climb through its own clipped submissions). A ratcheting peer moves only its own vote, which its own bound ignores; k
+   clipped one, so a peer's vote cannot climb through its own clipped submissions; before enough
+   peers vote, the clip's reference is the median of the other peers' recent accepted norms). A ratcheting peer moves only its own vote, which its own bound ignores; k
    identities of one attacker are k votes, which move the median only once they are half of the
    voters. With fewer than ``min_voters`` other peers with history the run-wide rule of
    ``CommitState`` applies (``swarm.norm_factor`` × the median of recent accepted norms, or
@@ -146,14 +147,21 @@ class DefenceState:
     def clip_scale(self, peer: str, norm: float, limits: DefenceLimits | None = None) -> float:
         """The factor (≤ 1) that brings ``norm`` down to ``clip_factor`` × the other peers' median
         recent accepted norm (one vote per peer, as in :meth:`norm_bound`); 1 when the Δ is within
-        it, the clip is off, or too few other peers have history."""
+        it or the clip is off. With too few voters yet (the first commits of a run), the reference
+        is the median of every recent accepted norm of the *other* peers (still none of the
+        sender's own); 1 when no other peer has committed yet."""
         lim = limits or self.limits
         if lim.clip_factor is None or not (norm > 0 and math.isfinite(norm)):
             return 1.0
         bound = self.norm_bound(peer, lim)
-        if bound is None:
-            return 1.0
-        cap = lim.clip_factor * bound / lim.norm_factor
+        if bound is not None:
+            reference = bound / lim.norm_factor
+        else:
+            others = [x for p, n in self.norms.items() if p != peer for x in n]
+            if not others:
+                return 1.0
+            reference = statistics.median(others)
+        cap = lim.clip_factor * reference
         return 1.0 if norm <= cap else cap / norm
 
     def share_wait(self, peer: str, now: float, limits: DefenceLimits | None = None) -> float | None:
