@@ -376,11 +376,13 @@ def render(results: dict) -> str:
 
 
 def _settings(r: dict) -> tuple:
-    return tuple(sorted(r.get("settings") or ()))
+    """The group a run is compared in: its --set overrides, and ``compare`` where the code under
+    test changed between series (the tree it was measured on)."""
+    return tuple(sorted(r.get("settings") or ())) + ((f"tree {r['compare']}",) if r.get("compare") else ())
 
 
 def _settings_text(key: tuple) -> str:
-    return ", ".join(f"`{k}`" for k in key) if key else "–"
+    return ", ".join(k if k.startswith("tree ") else f"`{k}`" for k in key) if key else "–"
 
 
 def target_met(r: dict, clean_mean: float) -> bool:
