@@ -356,7 +356,8 @@ class Peer:
 
     def _submit(self, delta: list[torch.Tensor], base: int, stats, compute: float) -> None:
         """One round's pseudo-gradient through the submit client, and what its outcome means here."""
-        out = self.submitter.submit(self.tally.seq, delta, base, stats, tensor_layout(self.global_params))
+        out = self.submitter.submit(self.tally.seq, delta, base, stats, tensor_layout(self.global_params),
+                                    True)  # release: Δ is freed once encoded (this round reads it no more)
         try:
             if out.status == "accepted":
                 reply = out.reply
