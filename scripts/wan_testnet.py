@@ -452,9 +452,45 @@ def measure_roles(opts, workdir: Path) -> dict:
         print(f"[wan]   {n:12s} {r['role']:26s} {r.get('peer_hwm_bytes', 0) / 2**30:.2f} / "
               f"{r.get('group_rss_bytes', 0) / 2**30:.2f} / {r.get('group_pss_bytes', 0) / 2**30:.2f} GiB; "
               f"{r['fp32_copies']:.1f} copies of θ in VmHWM", flush=True)
-    result = {"model_params": n_params, "roles": out, "load": loads}
+    result = {"label": opts.rss_label or git_tree(ROOT), "model_params": n_params, "roles": out, "load": loads,
+              "date": datetime.date.today().isoformat(), "tree": git_tree(ROOT), "machine": bench_wire.machine(),
+              "trainers": len(trainers)}
     atomic_write_text(workdir / "memory.json", json.dumps({**result, "series": sampler.series}) + "\n")
     return result
+
+
+MEMORY_HEADING = "### Memory per role"
+
+
+def merge_memory(path: Path, run: dict) -> dict:
+    """bench/results.json with ``run`` in its ``wan_memory`` runs (one per label; every other key kept)."""
+    results = json.loads(path.read_text()) if path.exists() else {}
+    memory = results.setdefault("wan_memory", {"runs": []})
+    memory["runs"] = [r for r in memory["runs"] if r.get("label") != run["label"]] + [run]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(results, indent=1) + "\n")
+    return memory
+
+
+def render_memory(memory: dict) -> str:
+    """The Markdown of "### Memory per role" (docs/results.md, in "## Consumer links")."""
+    lines = ["Peak memory of each role (`--rss-roles`: a coordinator and a standby with `--no-train`, then the "
+             "trainers, on the loopback; sampled every 0.5 s until every trainer had 3 accepted submissions, H = 4). "
+             "VmHWM: the peer process's own peak RSS (the kernel's, no sample can miss it); copies: VmHWM / "
+             "(4 bytes × parameters), the process's baseline (Python, torch, hivemind: about 0.4 GiB) included. "
+             "Group: the sum of VmRSS of its process group (peer, DHT process, p2pd), as the cast's own sampler "
+             "counts it.", "",
+             "| run | date · tree · load (1, 5, 15 min) start → end | parameters | role | VmHWM GiB | copies of θ | "
+             "group VmRSS GiB | group Pss GiB |", "|---|---|---|---|---|---|---|---|"]
+    for run in memory.get("runs", []):
+        head = (f"{run['date']} · {run['tree']} · {', '.join(map(str, run['load'][0]))} → "
+                f"{', '.join(map(str, run['load'][-1]))}")
+        for name, r in run["roles"].items():
+            lines.append(f"| {run['label']} | {head} | {run['model_params'] / 1e6:.1f}M | {name}: {r['role']} | "
+                         f"{r.get('peer_hwm_bytes', 0) / 2**30:.2f} | {r['fp32_copies']:.1f} | "
+                         f"{r.get('group_rss_bytes', 0) / 2**30:.2f} | {r.get('group_pss_bytes', 0) / 2**30:.2f} |")
+            head = ""
+    return "\n".join(lines)
 
 
 def check_memory(peak: int, peers: int, fraction: float = 0.9) -> dict:
@@ -581,8 +617,9 @@ def _f(x, spec=".2f") -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def render(wan: dict) -> str:
-    """The Markdown of docs/results.md's "## Consumer links"."""
+def render(wan: dict, memory_roles: dict | None = None) -> str:
+    """The Markdown of docs/results.md's "## Consumer links" (with ``memory_roles``, bench/results.json's
+    ``wan_memory``, its "### Memory per role")."""
     runs = wan["runs"]
     trainers = [n for n, _ in TRAINERS]
     rates = wan["link_mbit"]
@@ -619,6 +656,8 @@ def render(wan: dict) -> str:
               "parameters, mean per submission. Coordinator CPU: its process group (peer, DHT process, p2pd) over "
               "the measured window, per commit it made. Peak link rate: the busiest "
               f"{RATE_WINDOW:g} s of the veth's counters."]
+    if memory_roles:
+        lines += ["", MEMORY_HEADING, "", render_memory(memory_roles)]
     return "\n".join(lines)
 
 
@@ -651,6 +690,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="each role's peak RSS (coordinator, standby, trainers; loopback, no namespaces), then exit")
     ap.add_argument("--rss-trainers", type=int, default=1, help="--rss-roles: training peers (1-3)")
     ap.add_argument("--rss-acks", type=int, default=3, help="--rss-roles: accepted submissions per trainer")
+    ap.add_argument("--rss-label", default=None, help="--rss-roles: the run's name in bench/results.json (the tree)")
     ap.add_argument("--peak-rss-gib", type=float, default=None, help="skip the RSS measurement: use this peak")
     ap.add_argument("--out", type=Path, default=None, help="run directories (default: a new /tmp/wan-* directory)")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results.json",
@@ -679,7 +719,12 @@ def main(argv=None) -> dict | None:
     for reply in replies:  # refuse an unknown compression before anything starts
         checked_config(opts, reply)
     if opts.rss_roles:
-        measure_roles(opts, out / "roles")
+        run = measure_roles(opts, out / "roles")
+        memory = merge_memory(opts.results, {**run, "command": command})
+        print(f"[wan] wrote {opts.results} (key wan_memory, run {run['label']!r})")
+        if opts.write_results:
+            path = ROOT / "docs" / "results.md"
+            path.write_text(replace_section(path.read_text(), MEMORY_HEADING, render_memory(memory)))
         return None
     memory = None
     if opts.rss_only or not opts.tiny:
@@ -703,7 +748,7 @@ def main(argv=None) -> dict | None:
               f"{_f(r['coordinator_cpu_s_per_submission'])} CPU s per commit", flush=True)
     wan = wan_results(opts, runs, memory, command, [load_start, load()])
     merge_results(opts.results, wan)
-    report = render(wan)
+    report = render(wan, json.loads(opts.results.read_text()).get("wan_memory"))
     print(report)
     print(f"[wan] wrote {opts.results} (key wan); run directories under {out}")
     if opts.write_results:
