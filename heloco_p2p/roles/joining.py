@@ -26,7 +26,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import yaml
@@ -255,7 +255,7 @@ def wire_values(values: torch.Tensor, compression: str) -> torch.Tensor:
     return values
 
 
-def wire_digest(tensors: Sequence[torch.Tensor]) -> str:
+def wire_digest(tensors: Iterable[torch.Tensor]) -> str:
     """blake2b of the tensors' bytes as one stream, in order: the same over a list of parts as
     over the whole (not ``params_digest``, whose tree also hashes the tensor boundaries)."""
     h = hashlib.blake2b(digest_size=16)
@@ -335,8 +335,8 @@ class PinnedState:
     def digest(self, compression: str) -> str:
         """The digest of the whole in ``compression`` (``wire_digest`` of one stream: fed in slices)."""
         if compression not in self.wire:
-            self.wire[compression] = wire_digest(
-                [self.wire_part(compression, a, b) for a, b in _slices(self.flat.numel())])
+            self.wire[compression] = wire_digest(  # one slice in its wire form at a time
+                self.wire_part(compression, a, b) for a, b in _slices(self.flat.numel()))
         return self.wire[compression]
 
     def digests_of_parts(self, compression: str, parts: int) -> list[str]:
