@@ -52,7 +52,7 @@ from heloco_p2p.roles.rounds import RoundLoop
 from heloco_p2p.roles.schedule import RoundSchedule
 from heloco_p2p.roles.submit import SubmitClient
 from heloco_p2p.roles.tally import SubmitTally
-from heloco_p2p.swarm.lifetime import guard_children, stop_reaper
+from heloco_p2p.swarm.lifetime import guard_children, stop_reaper, trim_heap
 from heloco_p2p.swarm.node import SwarmNode, start_error_message
 
 logger = logging.getLogger(__name__)
@@ -104,8 +104,11 @@ class Peer:
     holds the global θ its rounds start from (``global_params`` at ``version``: ``held``).
     """
 
+    held_in_model = False  # global_params are the model's own parameters (a peer that never trains)
+
     def __init__(self, opts: PeerOptions):
         self.opts = opts
+        self.held_in_model = opts.no_train and not opts.evaluator
         self.stop_event = threading.Event()
         self.node: SwarmNode | None = None
         self.cfg: RunConfig | None = None
@@ -177,7 +180,7 @@ class Peer:
         self._build_local()
         self.checkpoints.open(self.cfg, self.tokenizer, tokenizer_file, param_names(self.model))
         limits = SubmissionLimits.from_config(self.cfg.swarm)
-        theta0 = [p.detach().clone() for p in trainable_params(self.model)]
+        theta0 = [p.detach() for p in trainable_params(self.model)]  # the engine copies them (it owns θ)
         mode, self.preset = resolve_outer(self.cfg.outer)
         try:  # the simulator's factory: one run config, one algorithm (K comes with each commit)
             engine = build_outer_engine(self.preset, theta0, names=param_names(self.model), num_workers=None)  # K: per commit
@@ -225,7 +228,7 @@ class Peer:
 
     def _found(self) -> None:
         record = self.genesis = publish_genesis(self.node, self.cfg, self.tokenizer)
-        self.global_params = [p.detach().clone() for p in self.commit_state.engine.params]
+        self.global_params = self._held_copy(self.commit_state.engine.params)
         self.version = 0
         self._coordinate(term=1)
         logger.info("founded run %s (config %s, tokenizer %s)", self.opts.run_id, record.config_digest[:12],
@@ -300,7 +303,18 @@ class Peer:
         logger.info("caught up: version %d from %s (%s)", self.version, peer_id[-8:], header.get("source"))
         self.role = "evaluator" if self.opts.evaluator else "training"
 
+    def _held_copy(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """A copy of ``params`` for ``global_params``: a peer that never trains (``--no-train``, not an
+        evaluator: ``held_in_model``) keeps it in its model's own parameters, which nothing else
+        writes there (one copy of θ less)."""
+        if self.held_in_model:
+            self.trainer.load_params(params)
+            return [p.detach() for p in self.trainer.params]
+        return [p.detach().clone() for p in params]
+
     def _adopt(self, params: list[torch.Tensor], version: int, schedule_step: int, kind: str = "exact") -> None:
+        if self.held_in_model:  # the model's parameters are global_params (``_held_copy``)
+            params = self._held_copy(params)
         self.global_params = params
         self.version = version
         self.held_kind = kind
@@ -342,7 +356,8 @@ class Peer:
 
     def _submit(self, delta: list[torch.Tensor], base: int, stats, compute: float) -> None:
         """One round's pseudo-gradient through the submit client, and what its outcome means here."""
-        out = self.submitter.submit(self.tally.seq, delta, base, stats, tensor_layout(self.global_params))
+        out = self.submitter.submit(self.tally.seq, delta, base, stats, tensor_layout(self.global_params),
+                                    True)  # release: Δ is freed once encoded (this round reads it no more)
         try:
             if out.status == "accepted":
                 reply = out.reply
@@ -362,6 +377,7 @@ class Peer:
             # the next round's number, before anything that can fail (a resync's download): a round
             # sent again under this acknowledged number would be answered "duplicate" and dropped
             self.tally.seq += 1
+        trim_heap()  # once a round: the memory of its transient copies of θ (Δ, the encoded Δ, the reply)
         if out.status == "accepted" and out.resync:
             self._catch_up(exact=True)
         # harmful_update: the loss screen scores Δ at the coordinator's θ; a Δ from a base that θ has

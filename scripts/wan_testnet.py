@@ -4,6 +4,7 @@ peer in a network namespace of its own (heloco_p2p/tools/netns.py, root).
 
     python scripts/wan_testnet.py --calibrate                        # time inner steps here, suggest H
     python scripts/wan_testnet.py --rss-only                         # one peer's peak RSS, then exit
+    python scripts/wan_testnet.py --rss-roles --num-layers 6         # each role's peak RSS (loopback), then exit
     python scripts/wan_testnet.py --compare --minutes 20 --write-results  # wrap8 vs fp32 replies, H 80
     python scripts/wan_testnet.py --tiny --minutes 1                 # the tiny model (tests/test_wan.py)
 
@@ -372,6 +373,126 @@ def measure_rss(opts, workdir: Path) -> int:
     return peak
 
 
+class RoleSampler(threading.Thread):
+    """Every ``period`` s, each peer's process group: the sum of VmRSS (as ``Sampler``), the sum of
+    Pss, and the peer process's own VmHWM (its kernel-kept peak RSS, so no peak falls between two
+    samples); the peaks of each."""
+
+    def __init__(self, sw: LocalSwarm, period: float = 0.5):
+        super().__init__(daemon=True, name="wan-role-sampler")
+        self.sw, self.period = sw, period
+        self.peak: dict[str, dict[str, int]] = {}
+        self.series: dict[str, list[tuple[float, int]]] = {}  # name → [(time, the peer process's VmRSS)]
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.period):
+            rss = group_rss_bytes()
+            for name, proc in list(self.sw.procs.items()):
+                top = self.peak.setdefault(name, {"group_rss": 0, "group_pss": 0, "peer_hwm": 0})
+                try:
+                    with open(f"/proc/{proc.pid}/status") as f:
+                        own = next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
+                    self.series.setdefault(name, []).append((time.time(), 1024 * own))
+                except (OSError, ValueError):
+                    pass
+                top["group_rss"] = max(top["group_rss"], rss.get(proc.pid, 0))
+                top["group_pss"] = max(top["group_pss"], group_pss_bytes(proc.pid))
+                try:
+                    with open(f"/proc/{proc.pid}/status") as f:
+                        hwm = next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), 0)
+                    top["peer_hwm"] = max(top["peer_hwm"], 1024 * hwm)
+                except (OSError, ValueError):
+                    pass
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join(10)
+
+
+def measure_roles(opts, workdir: Path) -> dict:
+    """Peak memory of each role of the cast, on the loopback (no namespaces): a coordinator and a
+    standby with ``--no-train`` (started as in ``run_cast``), then ``--rss-trainers`` training
+    peers, sampled (``RoleSampler``) until every trainer has ``--rss-acks`` accepted submissions.
+    H is at most 4, as in ``measure_rss``. Returns name → {role, the peaks (bytes), fp32 copies of
+    θ in the peer process's peak (VmHWM / 4 bytes per parameter)} and the load averages."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    small_h = argparse.Namespace(**{**vars(opts), "steps_per_round": min(opts.steps_per_round or 4, 4)})
+    cfg = write_config(workdir / "run.yaml", small_h, opts.reply_compression)
+    n_params = sum(math.prod(s) for s in layout(opts))
+    sw = LocalSwarm(workdir, f"wan-roles-{uuid.uuid4().hex[:8]}")
+    sampler = RoleSampler(sw)
+    extra = ["--threads", str(opts.threads)]
+    (name, region), (standby, standby_region) = SERVERS
+    trainers = TRAINERS[:opts.rss_trainers]
+    loads, t0 = [load()], time.time()
+    try:
+        sampler.start()
+        sw.start(name, region, "--config", str(cfg), "--no-train", *extra)
+        sw.wait_until(lambda: sw.events(name, "train_start"), opts.join_timeout, "the coordinator founding the run")
+        sw.start(standby, standby_region, "--no-train", *extra)
+        sw.wait_until(lambda: roles_now(sw, 3 * opts.lease_seconds)[:2] == (name, standby), opts.join_timeout,
+                      f"{name} coordinating with {standby} as its standby (heartbeats)")
+        for n, r in trainers:
+            sw.start(n, r, *extra)
+        sw.wait_until(lambda: all(len(sw.events(n, "ack")) >= opts.rss_acks for n, _ in trainers),
+                      opts.join_timeout, f"{opts.rss_acks} accepted submissions of every trainer")
+        time.sleep(2 * sampler.period)
+        loads.append(load())
+    finally:
+        sampler.stop()
+        sw.close()
+    roles = {name: "coordinator (--no-train)", standby: "standby (--no-train)", **{n: "training" for n, _ in trainers}}
+    out = {n: {"role": role, **{f"{k}_bytes": v for k, v in sampler.peak.get(n, {}).items()},
+               "fp32_copies": sampler.peak.get(n, {}).get("peer_hwm", 0) / (4 * n_params)} for n, role in roles.items()}
+    print(f"[wan] peak memory per role ({n_params / 1e6:.1f}M parameters, {4 * n_params / 2**20:.0f} MiB per fp32 copy "
+          f"of θ; {time.time() - t0:.0f} s; load {loads[0]} → {loads[-1]}): peer process VmHWM / its process group's "
+          "VmRSS sum / Pss sum", flush=True)
+    for n, r in out.items():
+        print(f"[wan]   {n:12s} {r['role']:26s} {r.get('peer_hwm_bytes', 0) / 2**30:.2f} / "
+              f"{r.get('group_rss_bytes', 0) / 2**30:.2f} / {r.get('group_pss_bytes', 0) / 2**30:.2f} GiB; "
+              f"{r['fp32_copies']:.1f} copies of θ in VmHWM", flush=True)
+    result = {"label": opts.rss_label or git_tree(ROOT), "model_params": n_params, "roles": out, "load": loads,
+              "date": datetime.date.today().isoformat(), "tree": git_tree(ROOT), "machine": bench_wire.machine(),
+              "trainers": len(trainers)}
+    atomic_write_text(workdir / "memory.json", json.dumps({**result, "series": sampler.series}) + "\n")
+    return result
+
+
+MEMORY_HEADING = "### Memory per role"
+
+
+def merge_memory(path: Path, run: dict) -> dict:
+    """bench/results.json with ``run`` in its ``wan_memory`` runs (one per label; every other key kept)."""
+    results = json.loads(path.read_text()) if path.exists() else {}
+    memory = results.setdefault("wan_memory", {"runs": []})
+    memory["runs"] = [r for r in memory["runs"] if r.get("label") != run["label"]] + [run]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(results, indent=1) + "\n")
+    return memory
+
+
+def render_memory(memory: dict) -> str:
+    """The Markdown of "### Memory per role" (docs/results.md, in "## Consumer links")."""
+    lines = ["Peak memory of each role (`--rss-roles`: a coordinator and a standby with `--no-train`, then the "
+             "trainers, on the loopback; sampled every 0.5 s until every trainer had 3 accepted submissions, H = 4). "
+             "VmHWM: the peer process's own peak RSS (the kernel's, no sample can miss it); copies: VmHWM / "
+             "(4 bytes × parameters), the process's baseline (Python, torch, hivemind: about 0.4 GiB) included. "
+             "Group: the sum of VmRSS of its process group (peer, DHT process, p2pd), as the cast's own sampler "
+             "counts it.", "",
+             "| run | date · tree · load (1, 5, 15 min) start → end | parameters | role | VmHWM GiB | copies of θ | "
+             "group VmRSS GiB | group Pss GiB |", "|---|---|---|---|---|---|---|---|"]
+    for run in memory.get("runs", []):
+        head = (f"{run['date']} · {run['tree']} · {', '.join(map(str, run['load'][0]))} → "
+                f"{', '.join(map(str, run['load'][-1]))}")
+        for name, r in run["roles"].items():
+            lines.append(f"| {run['label']} | {head} | {run['model_params'] / 1e6:.1f}M | {name}: {r['role']} | "
+                         f"{r.get('peer_hwm_bytes', 0) / 2**30:.2f} | {r['fp32_copies']:.1f} | "
+                         f"{r.get('group_rss_bytes', 0) / 2**30:.2f} | {r.get('group_pss_bytes', 0) / 2**30:.2f} |")
+            head = ""
+    return "\n".join(lines)
+
+
 def check_memory(peak: int, peers: int, fraction: float = 0.9) -> dict:
     avail = mem_available()
     need = peers * peak
@@ -496,8 +617,9 @@ def _f(x, spec=".2f") -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def render(wan: dict) -> str:
-    """The Markdown of docs/results.md's "## Consumer links"."""
+def render(wan: dict, memory_roles: dict | None = None) -> str:
+    """The Markdown of docs/results.md's "## Consumer links" (with ``memory_roles``, bench/results.json's
+    ``wan_memory``, its "### Memory per role")."""
     runs = wan["runs"]
     trainers = [n for n, _ in TRAINERS]
     rates = wan["link_mbit"]
@@ -534,6 +656,8 @@ def render(wan: dict) -> str:
               "parameters, mean per submission. Coordinator CPU: its process group (peer, DHT process, p2pd) over "
               "the measured window, per commit it made. Peak link rate: the busiest "
               f"{RATE_WINDOW:g} s of the veth's counters."]
+    if memory_roles:
+        lines += ["", MEMORY_HEADING, "", render_memory(memory_roles)]
     return "\n".join(lines)
 
 
@@ -562,6 +686,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--calibrate-steps", type=int, default=3)
     ap.add_argument("--rss-only", action="store_true", help="one peer's peak RSS at the run's size, then exit")
     ap.add_argument("--rss-seconds", type=float, default=60.0)
+    ap.add_argument("--rss-roles", action="store_true",
+                    help="each role's peak RSS (coordinator, standby, trainers; loopback, no namespaces), then exit")
+    ap.add_argument("--rss-trainers", type=int, default=1, help="--rss-roles: training peers (1-3)")
+    ap.add_argument("--rss-acks", type=int, default=3, help="--rss-roles: accepted submissions per trainer")
+    ap.add_argument("--rss-label", default=None, help="--rss-roles: the run's name in bench/results.json (the tree)")
     ap.add_argument("--peak-rss-gib", type=float, default=None, help="skip the RSS measurement: use this peak")
     ap.add_argument("--out", type=Path, default=None, help="run directories (default: a new /tmp/wan-* directory)")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results.json",
@@ -589,6 +718,14 @@ def main(argv=None) -> dict | None:
     replies = [opts.reply_compression] + (["none"] if opts.compare and opts.reply_compression != "none" else [])
     for reply in replies:  # refuse an unknown compression before anything starts
         checked_config(opts, reply)
+    if opts.rss_roles:
+        run = measure_roles(opts, out / "roles")
+        memory = merge_memory(opts.results, {**run, "command": command})
+        print(f"[wan] wrote {opts.results} (key wan_memory, run {run['label']!r})")
+        if opts.write_results:
+            path = ROOT / "docs" / "results.md"
+            path.write_text(replace_section(path.read_text(), MEMORY_HEADING, render_memory(memory)))
+        return None
     memory = None
     if opts.rss_only or not opts.tiny:
         peak = int(opts.peak_rss_gib * 2**30) if opts.peak_rss_gib and not opts.rss_only else \
@@ -611,7 +748,7 @@ def main(argv=None) -> dict | None:
               f"{_f(r['coordinator_cpu_s_per_submission'])} CPU s per commit", flush=True)
     wan = wan_results(opts, runs, memory, command, [load_start, load()])
     merge_results(opts.results, wan)
-    report = render(wan)
+    report = render(wan, json.loads(opts.results.read_text()).get("wan_memory"))
     print(report)
     print(f"[wan] wrote {opts.results} (key wan); run directories under {out}")
     if opts.write_results:

@@ -6,6 +6,9 @@ import logging
 import click
 
 from heloco_p2p import __version__
+from heloco_p2p.swarm.lifetime import one_malloc_arena
+
+one_malloc_arena()  # before any thread of a command starts (swarm/lifetime.py says why)
 
 LOG_LEVELS = click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False)
 

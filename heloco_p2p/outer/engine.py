@@ -198,7 +198,7 @@ class OuterEngine:
 
     # ------------------------------------------------------------------ the two commits
     def commit(self, pseudo_grad: Sequence[Tensor], base_version: int, worker: str | None = None,
-               seconds: float | None = None, num_workers: int | None = None) -> CommitInfo:
+               seconds: float | None = None, num_workers: int | None = None, consume: bool = False) -> CommitInfo:
         """Correct one pseudo-gradient, apply it, and advance the version by one.
 
         :param pseudo_grad: Δ = θ̄(base_version) − θ_local, one tensor per block (converted to
@@ -207,6 +207,10 @@ class OuterEngine:
         :param worker: who sent Δ (a peer id, a worker index), for the region-fair weight ρ_w
         :param seconds: how long that worker's round took (for ``fairness: compute_time``)
         :param num_workers: K for a staleness weight that needs it (``base``); None: the engine's
+        :param consume: the caller gives ``pseudo_grad`` up (it reads it no more): ρ·Δ and the
+            corrected blocks are written into its tensors instead of the engine's scratch (one
+            copy of θ less held; the values, and so θ, are bitwise the same). Its tensors are
+            undefined afterwards, also when the commit is refused
         :raises ValueError: bad base_version (negative or > version), layout, NaN/inf in Δ, bad
             seconds, or no K where the weight needs one; the state is then left bitwise unchanged
         """
@@ -215,7 +219,7 @@ class OuterEngine:
         if seconds is not None and not (isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
                                         and math.isfinite(seconds) and seconds > 0):
             raise ValueError(f"seconds: must be a finite number > 0, got {seconds!r}")
-        return self._commit(delta, v0, 1, worker, seconds, num_workers)
+        return self._commit(delta, v0, 1, worker, seconds, num_workers, consume)
 
     def sync_commit(self, pseudo_grads: Sequence[Sequence[Tensor]], base_version: int,
                     num_workers: int | None = None) -> CommitInfo:
@@ -243,19 +247,21 @@ class OuterEngine:
         return self._commit(mean, v0, len(deltas), num_workers=num_workers)
 
     def _commit(self, delta: list[Tensor], base_version: int, count: int, worker: str | None = None,
-                seconds: float | None = None, num_workers: int | None = None) -> CommitInfo:
+                seconds: float | None = None, num_workers: int | None = None, consume: bool = False) -> CommitInfo:
         staleness = self.version - base_version
         # ρ first: a missing K must refuse the commit before anything (fairness estimates) changes
         rho = self.staleness_weight.weight(staleness, self.num_workers if num_workers is None else num_workers)
         before = self.weight_order == "before" and rho != 1.0
+        # where ρΔ and corrected blocks go: the scratch, never the caller's tensors unless it gives them up
+        scratch = (lambda: delta) if consume else self._scratch
         if before:  # ρ in (0, 1]: NaN/inf in Δ stay NaN/inf and are refused below. Δ̂ of ρΔ: the correction's confidence compares ‖ρΔ‖ with ‖m‖ (HeLoCo's code)
-            work = self._scratch()
+            work = scratch()
             for w, d in zip(work, delta):
-                torch.mul(d, rho, out=w)  # the scratch, never the caller's tensors
+                torch.mul(d, rho, out=w)
             delta = work
         momentum = self.optimizer.momentum
         fixed = apply_correction(  # raises on NaN/inf in Δ before any state changes
-            self.correction, delta, momentum, self.optimizer.momentum_unit, staleness, self._scratch, self.names
+            self.correction, delta, momentum, self.optimizer.momentum_unit, staleness, scratch, self.names
         )
         key = None if worker is None else str(worker)
         rho_w = self.fairness.weight(key, seconds, self.version)
@@ -350,19 +356,22 @@ class OuterEngine:
             "weight_order": self.weight_order,
         }
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, copy: bool = True) -> dict[str, Any]:
         """θ, optimizer buffers and step count, version and config; tensors are cloned.
 
         Loading it into an engine with the same config reproduces every later commit bitwise
         (on the same machine and torch build; see docs/algorithms.md on replicas).
+
+        :param copy: False: θ and the optimizer buffers are the live tensors themselves (no copy of
+            θ and m: for a caller that serialises the dict at once and commits nothing meanwhile)
         """
         return {
             "format": STATE_FORMAT,
             "version": self.version,
             "config": self.config,
             "names": list(self.names),
-            "params": [p.detach().clone() for p in self.params],
-            "optimizer": self.optimizer.state_dict(),
+            "params": [p.detach().clone() if copy else p.detach() for p in self.params],
+            "optimizer": self.optimizer.state_dict(copy),
             "fairness": self.fairness.state_dict(),
         }
 

@@ -84,11 +84,13 @@ class OuterOptimizer(Registered):
             self.buffers[name] = [torch.zeros_like(p) for p in like]
         return self.buffers[name]
 
-    def state_dict(self) -> dict[str, Any]:
-        """Step count and buffers (cloned, so later steps do not change the returned dict)."""
+    def state_dict(self, copy: bool = True) -> dict[str, Any]:
+        """Step count and buffers (cloned, so later steps do not change the returned dict; with
+        ``copy`` False the live buffers themselves)."""
         return {
             "steps": self.steps,
-            "buffers": {k: None if v is None else [t.detach().clone() for t in v] for k, v in self.buffers.items()},
+            "buffers": {k: None if v is None else [t.detach().clone() if copy else t.detach() for t in v]
+                        for k, v in self.buffers.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any], like: list[Tensor]) -> None:
@@ -96,8 +98,12 @@ class OuterOptimizer(Registered):
         check_optimizer_state(self, state, like)
         self.steps = int(state["steps"])
         for k in self.BUFFERS:
-            v = state["buffers"][k]
-            self.buffers[k] = None if v is None else [t.detach().to(p.device).clone() for t, p in zip(v, like)]
+            v, mine = state["buffers"][k], self.buffers[k]
+            if v is not None and mine is not None:  # written into the buffers there are: no second copy meanwhile
+                for dst, t in zip(mine, v):
+                    dst.copy_(t.detach())
+            else:
+                self.buffers[k] = None if v is None else [t.detach().to(p.device).clone() for t, p in zip(v, like)]
 
 
 def check_optimizer_state(opt: OuterOptimizer, state: Any, like: list[Tensor]) -> None:

@@ -263,15 +263,17 @@ class CommitState:
 
     def apply(self, pseudo_grad: list[torch.Tensor], base_version: int, peer: str, seq: int, steps: int, norm: float,
               worker: str | None = None, seconds: float | None = None, tokens: int = 0, num_workers: int | None = None,
-              commit_time: float | None = None):
+              commit_time: float | None = None, consume: bool = False):
         """Commit one submission; ``worker``/``seconds`` feed the region-fair weight (outer.fairness):
         the sender's region and how long its round took; ``tokens`` counts toward the run's budget;
         ``num_workers`` is K (default: ``workers(peer)``); ``commit_time`` is the coordinator's clock
         at the commit (it travels in the forwarded commit; None: the commit-share rule does not
-        count it)."""
+        count it); ``consume``: the caller reads ``pseudo_grad`` no more, and the engine may work in
+        its tensors (``OuterEngine.commit``: no scratch copy of θ; the same θ bitwise)."""
         k = self.workers(peer) if num_workers is None else num_workers
         sketch = self.defence.sketch(pseudo_grad)  # of Δ as received: before the commit changes anything
-        info = self.engine.commit(pseudo_grad, base_version, worker=worker, seconds=seconds, num_workers=k)
+        info = self.engine.commit(pseudo_grad, base_version, worker=worker, seconds=seconds, num_workers=k,
+                                  consume=consume)
         self.recent_senders.append(peer)
         self.defence.record(peer, norm, sketch, commit_time)
         self._record(peer, seq, steps, norm, tokens)
@@ -341,8 +343,10 @@ class CommitState:
         return seq <= self.applied.get(peer, -1)
 
     # replication ----------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {"engine": self.engine.state_dict(), "term": self.term, "applied": dict(self.applied),
+    def state_dict(self, copy: bool = True) -> dict:
+        """Everything replicated; ``copy`` False: θ and the optimizer buffers are the live tensors
+        (``to_bytes``, which serialises at once under the commit lock), else copies."""
+        return {"engine": self.engine.state_dict(copy), "term": self.term, "applied": dict(self.applied),
                 "applied_count": dict(self.applied_count),
                 "total_steps": self.total_steps, "total_tokens": self.total_tokens,
                 "contributors": sorted(self.contributors),
@@ -404,8 +408,10 @@ class CommitState:
         self.defence = defence
 
     def to_bytes(self) -> bytes:
+        """The full state serialised (call it under the commit lock: θ and m are read in place, not
+        copied first; ``getvalue`` shares the buffer's bytes). At 125M: θ and m, 1 GB, once."""
         buf = io.BytesIO()
-        torch.save(self.state_dict(), buf)
+        torch.save(self.state_dict(copy=False), buf)
         return buf.getvalue()
 
     def load_bytes(self, data: bytes) -> None:
@@ -449,11 +455,40 @@ def tensor_norm(tensors: list[torch.Tensor]) -> float:
 
 
 
+class _ViewReader(io.RawIOBase):
+    """A read-only file over a bytes-like object, without a copy of it (``io.BytesIO`` copies a
+    bytearray, the type a large payload arrives as: swarm/wire.py)."""
+
+    def __init__(self, data):
+        super().__init__()
+        self._view, self._pos = memoryview(data).cast("B"), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = min(len(b), len(self._view) - self._pos)
+        b[:n] = self._view[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
 def parse_state(data: bytes) -> dict:
     """A full commit state sent by a peer: tensors and plain containers only (``weights_only``:
     never pickled objects, which would run the sender's code here)."""
     try:
-        state = torch.load(io.BytesIO(data), weights_only=True)
+        state = torch.load(_ViewReader(data), weights_only=True)
     except Exception as exc:
         raise ValueError(f"the full state does not load ({type(exc).__name__}: {str(exc)[:200]})") from None
     if not isinstance(state, dict):

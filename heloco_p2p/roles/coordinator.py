@@ -37,6 +37,7 @@ from heloco_p2p.roles.replication import Replication
 from heloco_p2p.roles.standby import StandbyService
 from heloco_p2p.roles.term import TermState
 from heloco_p2p.swarm.downlink import DownlinkWindow
+from heloco_p2p.swarm.lifetime import trim_heap
 from heloco_p2p.swarm.node import HandlerLimits
 from heloco_p2p.swarm.wire import WireError, decode_tensors, encode_tensors, pack_params
 
@@ -239,7 +240,10 @@ class CoordinatorService:
                 return self.busy(str(exc), exc.retry_after or 1.0)
             return self.reject(peer, exc.code, str(exc), exc.detail)
         worker = st.fairness_worker(sub.worker, self.limits)  # read now: the next check replaces last_screen
-        delta, norm, scale = await loop.run_in_executor(None, lambda: st.clip(delta, norm, self.limits, peer=peer))
+        clipped, norm, scale = await loop.run_in_executor(None, lambda: st.clip(delta, norm, self.limits, peer=peer))
+        if clipped is not delta:
+            delta.clear()  # the unclipped Δ is read no more (decode_tensors' list, this submission's own)
+        delta = clipped
         if scale < 1.0:
             logger.info("norm clip: the submission of %s scaled by %.3f", peer[-8:], scale)
         version_before = st.version
@@ -248,8 +252,11 @@ class CoordinatorService:
             # the first commit of this window (a new term, a gap): θ̄ before it, to measure the change from
             await loop.run_in_executor(None, self.downlink.start, st.engine.dispatch_params(), version_before, st.term)
         num_workers = st.workers(peer)
+        # Δ is this submission's own decoded copy, read no more after it: the engine works in it (no
+        # scratch copy of θ), and it is freed before θ̄ is made (the caller's frame holds the same list)
         info = await loop.run_in_executor(None, st.apply, delta, sub.base_version, peer, sub.seq, sub.steps, norm,
-                                          worker, sub.seconds, sub.tokens, num_workers, commit_time)
+                                          worker, sub.seconds, sub.tokens, num_workers, commit_time, True)
+        delta.clear()
         digest = await loop.run_in_executor(None, params_digest, st.engine.params)
         st.log.append(st.version, st.term, peer, sub.seq, sub.base_version, digest)
         # computed once, off the event loop: digested, then sent in the reply
@@ -301,6 +308,7 @@ class CoordinatorService:
         timing = {"decode": t_decode, "commit": t2 - t1, "replicate": t3 - t2, "encode_reply": time.perf_counter() - t3}
         if fields["params_encoding"] == "wrap8":
             timing["grid"] = self.downlink.payload.seconds  # the version's payload, built beside the replication
+        loop.run_in_executor(None, trim_heap)  # the commit's transient copies of θ (Δ, θ̄), while the reply goes
         return messages.accepted(info.version, st.term, info.staleness, st.schedule_step(), st.total_tokens,
                                  branches=summary["branches"], timing=timing, **fields), data
 

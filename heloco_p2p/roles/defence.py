@@ -259,9 +259,12 @@ class DefenceState:
 
 class LossScreen:
     """Loss change a candidate Δ causes on small held-out batches, one per language: loss at θ − Δ
-    minus loss at θ (the loss at θ is computed once per version). The coordinator's own copy of
-    the model (``make_model``, built on first use) does the forward passes, so training is not
-    disturbed. ``blocks_for(region)`` gives that language's held-out blocks (None: no data).
+    minus loss at θ (the loss at θ is computed once per version). The coordinator's own model
+    (``make_model``, built on first use) does the forward passes, so training is not disturbed;
+    it holds no parameters of its own: each pass runs it on the tensors it scores (θ itself, or
+    θ − scale·Δ made once per candidate), which its parameters point to for the pass, so the
+    screen costs one transient copy of θ rather than a full model copy besides (at 125M, 500 MB).
+    ``blocks_for(region)`` gives that language's held-out blocks (None: no data).
 
     Cost per submission: one forward pass over ``screen_blocks`` × languages blocks (plus one at θ
     per version): docs/security.md, "Poisoning"."""
@@ -272,6 +275,8 @@ class LossScreen:
         self.model: torch.nn.Module | None = None
         self.blocks: dict[str, torch.Tensor | None] = {}
         self._base: tuple[int, tuple, dict] | None = None  # (version, regions, losses at θ)
+        self._params: list[torch.nn.Parameter] = []  # the model's trainable parameters (layout order)
+        self._shapes: list[tuple[int, ...]] = []  # and their shapes
         self.seconds: deque = deque(maxlen=200)  # wall time of recent screenings
 
     def _region_blocks(self, region: str | None) -> dict[str, torch.Tensor]:
@@ -284,13 +289,26 @@ class LossScreen:
         return {r: b for r, b in self.blocks.items() if b is not None and b.numel()}
 
     def _losses(self, params: list[torch.Tensor], blocks: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Losses of the model at ``params``: its parameters point to them for the passes (a copy
+        only where one is on another device or in another dtype), and to empty tensors after."""
         from heloco_p2p.local.evaluate import validation_loss
-        from heloco_p2p.local.model import trainable_params
 
-        with torch.no_grad():
-            for p, q in zip(trainable_params(self.model), params):
-                p.copy_(q)
-        return {r: validation_loss(self.model, b) for r, b in blocks.items()}
+        if len(params) != len(self._params):
+            raise ValueError(f"loss screen: {len(params)} tensors for a model of {len(self._params)} parameters")
+        try:
+            with torch.no_grad():
+                for p, q, shape in zip(self._params, params, self._shapes):
+                    if tuple(q.shape) != shape:
+                        raise ValueError(f"loss screen: a tensor of shape {tuple(q.shape)} for a parameter of shape {shape}")
+                    p.data = q.detach().to(p.device, p.dtype).contiguous()
+            return {r: validation_loss(self.model, b) for r, b in blocks.items()}
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        """Point the model's parameters to empty tensors: it keeps no copy of θ between passes."""
+        for p in self._params:
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
 
     def score(self, params: list[torch.Tensor], delta: list[torch.Tensor], region: str | None,
               version: int, scale: float = 1.0, full_own: bool = False) -> dict | None:
@@ -302,8 +320,13 @@ class LossScreen:
         if not blocks:
             return None
         if self.model is None:
+            from heloco_p2p.local.model import trainable_params
+
             self.model = self.make_model()
             self.model.eval()
+            self._params = trainable_params(self.model)
+            self._shapes = [tuple(p.shape) for p in self._params]
+            self._release()  # built with parameters of its own: freed at once (the layout is kept)
         key = tuple(sorted(blocks))
         if self._base is None or self._base[0] != version or self._base[1] != key:
             self._base = (version, key, self._losses(params, blocks))
@@ -311,6 +334,7 @@ class LossScreen:
         with torch.no_grad():
             moved = [p - scale * d.to(p.dtype) for p, d in zip(params, delta)]
         after = self._losses(moved, blocks)
+        del moved  # before the whole update below is made: one copy of θ at a time
         change = {r: after[r] - base[r] for r in blocks}
         finite = all(math.isfinite(v) for v in change.values())
         own = change.get(region) if region else None

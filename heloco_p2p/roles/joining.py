@@ -26,7 +26,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import yaml
@@ -36,6 +36,7 @@ from heloco_p2p.data import load_tokenizer, tokenizer_digest
 from heloco_p2p.roles import lease as lease_rules
 from heloco_p2p.roles.messages import header_int, header_str, rejected
 from heloco_p2p.swarm.auth import SwarmKeyError, load_swarm_key
+from heloco_p2p.swarm.lifetime import trim_heap
 from heloco_p2p.swarm.records import PROTOCOL_VERSION, GenesisRecord, PeerRecord
 from heloco_p2p.swarm.wire import WireError, encode_tensors, pack_params, unpack_params
 
@@ -254,7 +255,7 @@ def wire_values(values: torch.Tensor, compression: str) -> torch.Tensor:
     return values
 
 
-def wire_digest(tensors: Sequence[torch.Tensor]) -> str:
+def wire_digest(tensors: Iterable[torch.Tensor]) -> str:
     """blake2b of the tensors' bytes as one stream, in order: the same over a list of parts as
     over the whole (not ``params_digest``, whose tree also hashes the tensor boundaries)."""
     h = hashlib.blake2b(digest_size=16)
@@ -310,8 +311,10 @@ class StateRequest:
 
 @dataclass
 class PinnedState:
-    """One version of θ̄ (or θ) a server keeps for joiners: a flat fp32 copy, its wire forms and
-    their digests, made once per version however many joiners ask."""
+    """One version of θ̄ (or θ) a server keeps for joiners: a flat fp32 copy and the digests of
+    its wire forms, made once per version however many joiners ask. A part's wire form (fp16)
+    is made from the copy when the part is asked for (``wire_part``), not kept whole beside it:
+    at 125M that would be 250 MB more per kept version."""
 
     model: str
     version: int
@@ -321,23 +324,36 @@ class PinnedState:
     flat: torch.Tensor
     layout: list  # the tensors' shapes, in order
     used: float = field(default_factory=time.monotonic)
-    wire: dict = field(default_factory=dict)  # compression -> (flat values in the wire dtype, digest)
+    wire: dict = field(default_factory=dict)  # compression -> digest of the whole in that wire form
     part_digests: dict = field(default_factory=dict)  # (compression, parts) -> [digest of each part]
 
-    def encoded(self, compression: str) -> tuple[torch.Tensor, str]:
+    def wire_part(self, compression: str, start: int, stop: int) -> torch.Tensor:
+        """Values [start, stop) in the wire's dtype (``wire_values`` is elementwise: a slice of the
+        whole's wire form)."""
+        return wire_values(self.flat[start:stop], compression)
+
+    def digest(self, compression: str) -> str:
+        """The digest of the whole in ``compression`` (``wire_digest`` of one stream: fed in slices)."""
         if compression not in self.wire:
-            values = wire_values(self.flat, compression)
-            self.wire[compression] = (values, wire_digest([values]))
+            self.wire[compression] = wire_digest(  # one slice in its wire form at a time
+                self.wire_part(compression, a, b) for a, b in _slices(self.flat.numel()))
         return self.wire[compression]
 
     def digests_of_parts(self, compression: str, parts: int) -> list[str]:
         key = (compression, parts)
         if key not in self.part_digests:
-            values, _ = self.encoded(compression)
             while len(self.part_digests) >= MAX_PLANS_KEPT:  # plans with ever new part counts cannot grow memory
                 del self.part_digests[next(iter(self.part_digests))]
-            self.part_digests[key] = [wire_digest([values[a:b]]) for a, b in part_ranges(values.numel(), parts)]
+            self.part_digests[key] = [wire_digest([self.wire_part(compression, a, b)])
+                                      for a, b in part_ranges(self.flat.numel(), parts)]
         return self.part_digests[key]
+
+
+DIGEST_SLICE = 1 << 22  # values made into their wire form at once for the digest of a whole
+
+
+def _slices(numel: int) -> list[tuple[int, int]]:
+    return [(a, min(numel, a + DIGEST_SLICE)) for a in range(0, numel, DIGEST_SLICE)] or [(0, 0)]
 
 
 def plan_problem(plan: dict, expected: Sequence, compression: str, parts: int) -> str | None:
@@ -693,8 +709,8 @@ class StateServer:
                         "message": f"version {req.version} is not held here (this peer is at {now})"}, b""
             return {"status": "unavailable", "message": "no state yet"}, b""
         async with self._pin_lock:  # made once per version and compression
-            values, digest = await loop.run_in_executor(None, pin.encoded, req.compression)
-        numel = values.numel()
+            digest = await loop.run_in_executor(None, pin.digest, req.compression)
+        numel = pin.flat.numel()
         if req.parts > max(numel, 1):
             return rejected("malformed", f"{req.parts} parts for a state of {numel} values")
         where = {"version": pin.version, "term": pin.term, "source": pin.source, "digest": digest,
@@ -708,11 +724,14 @@ class StateServer:
             return {"status": "mismatch", **where,
                     "message": f"version {pin.version} here has digest {digest}, not {req.digest}"}, b""
         start, stop = req.part * numel // req.parts, (req.part + 1) * numel // req.parts
-        part = values[start:stop]
 
         def encode():
+            part = pin.wire_part(req.compression, start, stop)
             meta, data = encode_tensors([part.to(torch.float32)], req.compression)
-            return wire_digest([part]), pack_params(meta, data)
+            out = wire_digest([part]), pack_params(meta, data)
+            del part, data
+            trim_heap()  # what encoding the part freed (a join asks for parts by the dozen)
+            return out
 
         part_digest, data = await loop.run_in_executor(None, encode)
         return {"status": "ok", **where, "part": req.part, "start": start, "stop": stop,

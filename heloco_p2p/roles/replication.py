@@ -16,6 +16,7 @@ from collections import deque
 
 from heloco_p2p.roles import messages
 from heloco_p2p.roles.commit_state import params_digest
+from heloco_p2p.swarm.lifetime import trim_heap
 from heloco_p2p.swarm.wire import WireError
 
 logger = logging.getLogger(__name__)
@@ -183,6 +184,8 @@ class Replication:
         timeout = self.lease_seconds + len(data) / 5e6
         header = messages.FullStateHeader(self.state.term, self.state.version).header()
         reply, _ = await asyncio.wait_for(self.node.acall(standby, "replicate", header, data), timeout)
+        del data
+        asyncio.get_running_loop().run_in_executor(None, trim_heap)
         if reply.get("status") != "ok":
             raise RuntimeError(f"standby refused the full state: {str(reply)[:300]}")
         self.rtts.append(time.monotonic() - t0)

@@ -15,6 +15,7 @@ import math
 
 from heloco_p2p.roles import messages
 from heloco_p2p.roles.commit_state import params_digest, parse_state, scaled, tensor_norm
+from heloco_p2p.swarm.lifetime import trim_heap
 from heloco_p2p.swarm.wire import WireError, decode_tensors
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class StandbyService:
         self._follow(term, remote)
         self.state.term = term
         logger.info("standby: replica loaded at version %d (term %d)", self.state.version, term)
+        asyncio.get_running_loop().run_in_executor(None, trim_heap)  # the parsed state's copy of θ and m
         return messages.ok(version=self.state.version)
 
     async def _apply(self, commit: messages.CommitForward, payload: bytes, remote: str) -> messages.Reply:
@@ -99,12 +101,14 @@ class StandbyService:
         self._follow(commit.term, remote)
         await loop.run_in_executor(None, self.state.apply, delta, commit.base_version, commit.peer, commit.seq,
                                    commit.steps, norm, commit.worker, commit.seconds, commit.tokens, commit.num_workers,
-                                   commit.commit_time)
+                                   commit.commit_time, True)  # Δ decoded here for this commit: the engine works in it
+        del delta
         mine = await loop.run_in_executor(None, params_digest, self.state.engine.params)
         if mine != commit.digest:
             logger.warning("standby: digest differs at version %d; asking for the full state", self.state.version)
             return {"status": "out_of_sync", "version": self.state.version}, b""
         self.state.log.append(self.state.version, commit.term, commit.peer, commit.seq, commit.base_version, mine)
+        loop.run_in_executor(None, trim_heap)  # the decoded Δ's memory
         return messages.ok(version=self.state.version)
 
     def _holds(self, commit: messages.CommitForward) -> bool:

@@ -101,9 +101,12 @@ class SubmitClient:
                 "stats": {"loss": loss, "tokens": stats.tokens, "seconds": stats.seconds}}
 
     def submit(self, seq: int, delta: list[torch.Tensor], base: int, stats,
-               expected: list[tuple[tuple[int, ...], torch.dtype]]) -> SubmitOutcome:
+               expected: list[tuple[tuple[int, ...], torch.dtype]], release: bool = False) -> SubmitOutcome:
+        """Send Δ until it is accepted, refused for good or given up. ``release``: the caller hands
+        ``delta`` over, and the list is emptied once Δ is encoded (its tensors are read no more; an
+        overlapped round's list lives until the next round ends: a copy of θ while that one trains)."""
         start, held = self.start_point() if self.start_point is not None else (None, "none")
-        out = self._submit(seq, delta, base, stats, expected, start, held if start is not None else "none")
+        out = self._submit(seq, delta, base, stats, expected, start, held if start is not None else "none", release)
         self.uplink.settle(out.status == "accepted")  # the residual is kept only for an applied Δ
         return out
 
@@ -127,9 +130,12 @@ class SubmitClient:
         return params, "wrap8"
 
     def _submit(self, seq: int, delta: list[torch.Tensor], base: int, stats,
-                expected: list[tuple[tuple[int, ...], torch.dtype]], start=None, held: str = "none") -> SubmitOutcome:
+                expected: list[tuple[tuple[int, ...], torch.dtype]], start=None, held: str = "none",
+                release: bool = False) -> SubmitOutcome:
         t0 = time.perf_counter()
         enc = self.uplink.prepare(delta)
+        if release:
+            delta.clear()  # encoded: the fp32 Δ is read no more
         meta, payload = enc.meta, enc.payload
         t_ser = time.perf_counter() - t0
         header = self.header(seq, base, stats, meta, held)

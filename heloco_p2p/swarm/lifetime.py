@@ -282,6 +282,54 @@ def stop_reaper(reaper: subprocess.Popen, timeout: float = 5.0) -> None:
         reaper.wait()
 
 
+# -- the heap ---------------------------------------------------------------------------------
+M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
+TRIM_FREE_BYTES = 64 << 20  # trim_heap returns the free heap memory to the system above this
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to tune
+        return None
+
+
+def one_malloc_arena() -> bool:
+    """Make every thread of this process allocate from glibc's main heap (``M_ARENA_MAX`` 1),
+    before any thread is started, unless ``MALLOC_ARENA_MAX`` is set. With an arena per thread, a
+    peer's executor threads each keep the memory of the tensors they freed (a dispatch θ̄, a
+    decoded Δ, a part of the state a joiner downloads): a no-train coordinator of a 60M-parameter
+    run peaked at about 3 fp32 copies of θ more than with one arena (docs/results.md, "Memory per
+    role"), and inner steps took no more CPU. Returns whether it was set (False off glibc)."""
+    libc = _libc()
+    if libc is None or "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    return bool(libc.mallopt(M_ARENA_MAX, 1))
+
+
+def trim_heap(min_free: int = TRIM_FREE_BYTES) -> int:
+    """Give the heap's free memory back to the system (``malloc_trim``) when more than ``min_free``
+    bytes of it are free; returns those bytes (0: nothing done). A tensor of a few MB (θ's blocks
+    at 125M) is allocated on the heap once glibc's mmap threshold has risen past it, and the
+    memory of the transient copies of θ a commit, a reply or a round makes stays in the process
+    when freed (holes below the top of the heap): their peaks add up instead of overlapping."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return 0
+    libc.mallinfo2.restype = _Mallinfo2
+    free = libc.mallinfo2().fordblks
+    if free <= min_free:
+        return 0
+    libc.malloc_trim(0)
+    return int(free)
+
+
 def _set_pdeathsig(sig: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:

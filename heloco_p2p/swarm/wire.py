@@ -303,10 +303,22 @@ async def write_message(writer: asyncio.StreamWriter, header: dict, payload: byt
     head = _dump_header(header)
     prefix = MAGIC + _U32.pack(len(head)) + head + _U64.pack(len(payload))
     writer.write(prefix)
-    if payload:
-        writer.write(payload)
-    await writer.drain()
+    await write_payload(writer, payload)
     return len(prefix) + len(payload)
+
+
+_WRITE_CHUNK = 1 << 20
+
+
+async def write_payload(writer: asyncio.StreamWriter, payload: bytes) -> None:
+    """Write ``payload`` in chunks of 1 MiB, each taken by the transport before the next (``drain``):
+    the bytes a socket cannot take at once are copied into the transport's buffer, so a payload
+    written whole (a full state, θ in a reply: hundreds of MB at 125M) was held twice until sent."""
+    view = memoryview(payload)
+    for start in range(0, len(view), _WRITE_CHUNK):
+        writer.write(view[start:start + _WRITE_CHUNK])
+        await writer.drain()
+    await writer.drain()
 
 
 async def _read_exactly(reader: asyncio.StreamReader, n: int, what: str) -> bytes:
@@ -317,15 +329,22 @@ async def _read_exactly(reader: asyncio.StreamReader, n: int, what: str) -> byte
 
 
 async def _read_payload(reader: asyncio.StreamReader, n: int) -> bytes:
-    # Chunked, so memory grows with what actually arrives, not with what the length field claims.
-    chunks, remaining = [], n
-    while remaining:
-        chunk = await reader.read(min(remaining, _READ_CHUNK))
+    """``n`` bytes: one chunk as it came (bytes), or a bytearray grown as the chunks arrive (memory
+    grows with what actually arrives, not with what the length field claims, and a large payload
+    is never held twice, as chunks and joined)."""
+    first = await reader.read(min(n, _READ_CHUNK)) if n else b""
+    if len(first) == n:
+        return first
+    if not first:
+        raise WireError("truncated", f"stream ended after 0 of {n} payload bytes")
+    buf = bytearray(first)
+    del first
+    while len(buf) < n:
+        chunk = await reader.read(min(n - len(buf), _READ_CHUNK))
         if not chunk:
-            raise WireError("truncated", f"stream ended after {n - remaining} of {n} payload bytes")
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            raise WireError("truncated", f"stream ended after {len(buf)} of {n} payload bytes")
+        buf += chunk
+    return buf
 
 
 CONTINUE = b"\x01"  # "send the payload": a server's answer to a request header it accepts
@@ -444,8 +463,7 @@ async def request(
             return rest
         if check_continue is not None:
             check_continue(await _read_exactly(reader, continue_proof_len, "go-ahead proof"))
-        writer.write(payload)
-        await writer.drain()
+        await write_payload(writer, payload)
         return await read_message(reader, max_header_bytes, max_payload_bytes)
     send = asyncio.ensure_future(write_message(writer, header, payload))
     try:
@@ -531,4 +549,4 @@ def unpack_params(payload: bytes, expected=None) -> list[torch.Tensor]:
         meta = json.loads(payload[4:4 + n])
     except ValueError as exc:
         raise WireError("malformed", f"parameter metadata is not JSON: {exc}") from None
-    return decode_tensors(meta, payload[4 + n:], expected)
+    return decode_tensors(meta, memoryview(payload)[4 + n:], expected)  # a view: no copy of θ's bytes
