@@ -56,6 +56,9 @@ class Election:
         self._paused_since: float | None = None  # a coordinator whose lease may have lapsed, re-confirming it
         self.seen_peers: dict[str, float] = {}  # peer id -> when it was last seen alive (rejoin_if_alone)
         self._last_rejoin = -math.inf
+        # which live peers may hold a replica (sharded runs widen it: a peer coordinating another
+        # shard may stand by for this one; roles/shards.py)
+        self.may_stand_by: Callable[[PeerRecord], bool] = lambda p: p.role in REPLICA_ROLES
         service.term.verify_lease = self.refresh
         service.standby.on_handover = self.took_over_by_handover
 
@@ -157,7 +160,7 @@ class Election:
         again soon after it heals, when it may be the only candidate left."""
         svc, want = self.service, self.cfg.swarm.num_standbys
         rep = svc.replication
-        live = [p for p in self.live_peers() if p.role in REPLICA_ROLES]
+        live = [p for p in self.live_peers() if self.may_stand_by(p)]
         rep.others_alive = len(live)
         if rep.waiting_for_standby():
             logger.warning("waiting for a standby: %d of %d hold the state; submissions are answered busy",
@@ -167,7 +170,7 @@ class Election:
         if len(rep.standbys) >= want:
             return
         now = time.time()
-        candidates = [p for p in live if p.peer_id not in rep.standbys and p.role in ("training", "standby")
+        candidates = [p for p in live if p.peer_id not in rep.standbys and p.role != "catching_up"
                       and now - self._recruit_failed.get(p.peer_id, -math.inf) > self.cfg.swarm.lease_seconds
                       and p.heartbeat > rep.dropped_at.get(p.peer_id, -math.inf)]  # alive since it was dropped
         # the least recently dropped first: a standby dropped because its link to this peer is cut
@@ -284,7 +287,7 @@ class Election:
         if self._holder_still_coordinates(lease):
             return
         term = max(lease.term, svc.term.highest_seen) + 1
-        svc.replication.others_alive = len([p for p in self.live_peers() if p.role in REPLICA_ROLES])
+        svc.replication.others_alive = len([p for p in self.live_peers() if self.may_stand_by(p)])
         svc.replication.standbys = [s for s in lease.standbys if s != self.node.peer_id]
         svc.activate(term)
         self.role = "coordinator"
