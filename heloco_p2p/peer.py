@@ -292,10 +292,12 @@ class Peer:
                                      lease_seconds=self.cfg.swarm.lease_seconds)
         tag = {} if router is None else {"shard": shard}
         service.on_commit = lambda summary: self.metrics.log({"event": "commit", **summary, **tag})
-        election = Election(node, self.cfg, service, self.stop_event, self.metrics.log, role=self._role)
-        if router is not None:
+        log = self.metrics.log if router is None else (lambda e: self.metrics.log({**e, "shard": shard}))
+        election = Election(node, self.cfg, service, self.stop_event, log, role=self._role)
+        if router is not None:  # a peer coordinating another shard may stand by for this one, after free peers
             election.may_stand_by = lambda p, k=str(shard): p.role in REPLICA_ROLES + ("coordinator",) \
                 and p.shards.get(k) != "coordinator"
+            election.standby_rank = lambda p: int("coordinator" in p.shards.values())
         start = (lambda: (self.global_params, self.held_kind)) if router is None else \
             (lambda: (None if self.global_params is None else self.plan.part(self.global_params, shard), self.held_kind))
         submitter = SubmitClient(node, election, service, self.cfg.swarm, region, names, self.stop_event,

@@ -59,6 +59,7 @@ class Election:
         # which live peers may hold a replica (sharded runs widen it: a peer coordinating another
         # shard may stand by for this one; roles/shards.py)
         self.may_stand_by: Callable[[PeerRecord], bool] = lambda p: p.role in REPLICA_ROLES
+        self.standby_rank: Callable[[PeerRecord], int] = lambda p: 0  # lower: recruited first
         service.term.verify_lease = self.refresh
         service.standby.on_handover = self.took_over_by_handover
 
@@ -176,7 +177,7 @@ class Election:
         # the least recently dropped first: a standby dropped because its link to this peer is cut
         # still heartbeats (others relay its records), and trying it first blocks the recruitment
         # of a reachable peer until the cut heals
-        order = sorted(candidates, key=lambda p: (rep.dropped_at.get(p.peer_id, -math.inf), p.peer_id))
+        order = sorted(candidates, key=lambda p: (self.standby_rank(p), rep.dropped_at.get(p.peer_id, -math.inf), p.peer_id))
         for p in order[: want - len(rep.standbys)]:
             if not svc.active:  # stepped down meanwhile: recruit no one
                 break

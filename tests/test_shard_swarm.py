@@ -1,0 +1,90 @@
+"""A real 2-shard swarm: separate peer processes on 127.0.0.1, the tiny model, ``swarm.shards: 2``.
+
+The founder holds both shards until another peer can take one (a handover); then the holder of
+shard 1 is SIGKILLed. Shard 0 keeps committing while shard 1 fails over to its standby, and no
+acknowledged part of either shard is lost: every part a peer logged as acknowledged is in its
+shard's history (the commits logged by the shard's holders, the dead one's up to the version the
+heir took over at, the heir's after it).
+"""
+import time
+import uuid
+
+import pytest
+
+from heloco_p2p.tools.launcher import LocalSwarm, write_test_config
+
+pytestmark = pytest.mark.slow
+
+
+def _holder_by_handover(sw, names, shard):
+    for n in names:
+        if any(e.get("shard") == shard and e.get("handover") for e in sw.events(n, "takeover")):
+            return n
+    return None
+
+
+def test_a_shard_holder_killed_the_other_shard_keeps_committing_and_no_acknowledged_part_is_lost(tmp_path):
+    cfg = write_test_config(tmp_path / "cfg.yaml", shards=2, defence={"screen": False})
+    sw = LocalSwarm(tmp_path, f"shards-{uuid.uuid4().hex[:8]}")
+    names = ["a", "b", "c", "d"]
+    try:
+        sw.start("a", "de", "--config", str(cfg))
+        sw.wait_for_maddr("a")
+        for name, region in zip(names[1:], ("fr", "en", "es")):
+            sw.start(name, region)
+
+        # 1. shard 1 moves to a peer that holds no shard; both shards commit with a standby
+        sw.wait_until(lambda: _holder_by_handover(sw, names[1:], 1), 180, "shard 1 handed to another peer")
+        holder = _holder_by_handover(sw, names[1:], 1)
+
+        def replicated(name, shard, n):
+            return len([e for e in sw.events(name, "commit") if e.get("shard", 0) == shard and e["replicas"] >= 1]) >= n
+
+        sw.wait_until(lambda: replicated(holder, 1, 5) and replicated("a", 0, 5), 180, "replicated commits on both shards")
+        assert not any(e.get("shard", 0) == 0 for e in sw.events(holder, "commit"))  # one shard role per peer
+
+        # 2. SIGKILL shard 1's holder: a standby of shard 1 takes it over
+        dead_commits = [e for e in sw.events(holder, "commit") if e.get("shard") == 1]
+        sw.kill(holder)
+        killed_at = time.time()
+        others = [n for n in names if n != holder]
+
+        def takeover():
+            found = [(n, e) for n in others for e in sw.events(n, "takeover")
+                     if e.get("shard") == 1 and not e.get("handover") and e["time"] > killed_at]
+            return found[0] if found else None
+
+        sw.wait_until(takeover, 90, "a standby taking shard 1 over")
+        heir, event = takeover()
+        dead_commits = [e for e in sw.events(holder, "commit") if e.get("shard") == 1]  # the log is complete now
+        assert event["version"] >= max(e["version"] for e in dead_commits)  # the replica holds every logged commit
+
+        # 3. shard 0 committed while shard 1 had no coordinator
+        during = [e for n in others for e in sw.events(n, "commit")
+                  if e.get("shard", 0) == 0 and killed_at < e["time"] < event["time"]]
+        assert during, "shard 0 stopped committing during the failover of shard 1"
+        sw.wait_until(lambda: len([e for e in sw.events(heir, "commit") if e.get("shard") == 1
+                                   and e["time"] > event["time"]]) >= 5, 120, "commits on shard 1 under its heir")
+
+        # 4. no acknowledged part lost: each shard's history holds every acknowledged (peer, seq)
+        for shard in (0, 1):
+            history = []
+            for n in names:
+                for e in sw.events(n, "commit"):
+                    if e.get("shard", 0) != shard:
+                        continue
+                    if shard == 1 and n == holder and e["version"] > event["version"]:
+                        continue  # committed by the dead holder only: never acknowledged
+                    history.append(e)
+            held = {(e["peer"], e["seq"]) for e in history}
+            versions = sorted({e["version"] for e in history})
+            assert versions == list(range(1, len(versions) + 1)), f"shard {shard}: a gap in its history"
+            for n in names:
+                acks = [a for a in sw.events(n, "ack") if a.get("shard", 0) == shard]
+                assert acks, f"{n} had no acknowledged part on shard {shard}"
+                missing = [a["seq"] for a in acks if (a["peer"], a["seq"]) not in held]
+                assert not missing, f"{n}: acknowledged parts {missing} of shard {shard} are not in its history"
+    finally:
+        sw.close()
+        for name in sw.procs:
+            assert not sw.group_alive(name), f"{name} left processes behind"
