@@ -5,16 +5,21 @@ and replies of one coordinator committing the whole Δ (HeLoCo's rules are per b
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import pytest
 import torch
 
 from heloco_p2p.algorithms import ALGORITHMS, build_outer_engine
 from heloco_p2p.config import ConfigError, load_config
+from heloco_p2p.local.inner import RoundStats
 from heloco_p2p.roles.commit_state import CommitState, SubmissionLimits
 from heloco_p2p.roles.coordinator import CoordinatorService
 from heloco_p2p.roles.shard_node import ShardNode, ShardRouter
+from heloco_p2p.roles.shard_submit import ShardedSubmit
 from heloco_p2p.roles.shards import ShardError, ShardPlan, scalar_version
+from heloco_p2p.roles.submit import SubmitOutcome
 from heloco_p2p.swarm.records import GenesisRecord, PeerRecord, record_dict
 from heloco_p2p.swarm.wire import encode_tensors, unpack_params
 
@@ -211,3 +216,78 @@ def test_a_request_for_a_shard_this_peer_does_not_serve_is_refused_with_a_reason
     for shard in (1, "1", -1, True):
         reply, _ = run(node.handlers["submit"]({"run_id": "fenced", "shard": shard}, b"", "QmA"))
         assert reply["status"] == "rejected" and reply["reason"] == "unknown_shard"
+
+
+# -- a peer's parts: a shard failing over delays only its part --------------------------------
+def _stats(steps=5, tokens=100):
+    return RoundStats(steps=steps, tokens=tokens, loss=1.0, first_loss=1.0, last_loss=1.0, seconds=1.0,
+                      steps_per_second=5.0, tokens_per_second=100.0, lr=1e-3, grad_norm=1.0)
+
+
+class ScriptedShards:
+    """``send`` for ShardedSubmit: per shard, a list of statuses to answer in turn (then accepted);
+    a shard's ledger dedups by (seq) as a coordinator's does."""
+
+    def __init__(self, script, hold=None):
+        self.script, self.hold = script, hold or {}
+        self.sent = []  # (shard, seq, base, Δ sum)
+        self.applied = {}  # shard -> [seq]
+
+    def __call__(self, shard, seq, part, base, stats):
+        self.sent.append((shard, seq, base, float(sum(t.sum() for t in part)), stats.steps))
+        if shard in self.hold:
+            self.hold[shard].wait(10)
+        status = self.script.get(shard, []).pop(0) if self.script.get(shard) else "accepted"
+        applied = self.applied.setdefault(shard, [])
+        if status == "applied_then_lost":  # committed, but the reply never came
+            applied.append(seq)
+            return SubmitOutcome("gave_up")
+        if status == "gave_up":
+            return SubmitOutcome("gave_up")
+        duplicate = seq in applied
+        if not duplicate:
+            applied.append(seq)
+        return SubmitOutcome("accepted", {"version": len(applied), "term": 1, "staleness": 0, "duplicate": duplicate},
+                             params=[t.clone() for t in part])
+
+
+def test_a_part_that_gave_up_is_sent_again_under_its_number_and_later_parts_are_merged():
+    plan = ShardPlan.for_shapes(SHAPES, 2)
+    send = ScriptedShards({1: ["applied_then_lost", "gave_up"]})
+    sub = ShardedSubmit(plan, send, grace=lambda first: 5.0)
+    ones = [torch.ones(s) for s in SHAPES]
+    out = sub.submit(10, ones, (0, 0), _stats())
+    assert [(o.shard, o.outcome.status) for o in out] == [(0, "accepted"), (1, "gave_up")]
+    assert sub.pending(1) == 1 and sub.pending(0) == 0
+    out = sub.submit(11, ones, (1, 0), _stats())  # seq 10 again on shard 1: gives up again; 11 is carried
+    assert [(o.shard, o.part.seq, o.outcome.status) for o in out] == [(0, 11, "accepted"), (1, 10, "gave_up")]
+    assert sub.pending(1) == 2
+    out = sub.submit(12, ones, (2, 0), _stats())  # 10 again (a duplicate: it was committed), then 11 + 12 merged
+    assert [(o.shard, o.part.seq, o.outcome.status, o.outcome.reply.get("duplicate")) for o in out] == [
+        (0, 12, "accepted", False), (1, 10, "accepted", True), (1, 12, "accepted", False)]
+    merged = out[-1].part
+    assert merged.rounds == 2 and merged.stats.steps == 10 and merged.stats.tokens == 200 and merged.base == 0
+    assert all(torch.equal(t, 2 * torch.ones(s)) for t, s in zip(merged.delta, plan.split(SHAPES)[1]))
+    assert send.applied[1] == [10, 12]  # each round's Δ of shard 1 applied once: 10 alone, 11 + 12 together
+    assert sub.pending(1) == 0
+    sub.close()
+
+
+def test_a_slow_shard_does_not_hold_the_round_past_the_grace():
+    plan = ShardPlan.for_shapes(SHAPES, 2)
+    gate = threading.Event()
+    send = ScriptedShards({}, hold={1: gate})
+    sub = ShardedSubmit(plan, send, grace=lambda first: 0.2)
+    ones = [torch.ones(s) for s in SHAPES]
+    t0 = time.monotonic()
+    out = sub.submit(1, ones, (0, 0), _stats())
+    assert time.monotonic() - t0 < 5.0
+    assert [(o.shard, o.outcome.status) for o in out] == [(0, "accepted")]  # shard 1's part goes on in the background
+    out = sub.submit(2, ones, (1, 0), _stats())  # shard 1 still busy: its new part is carried, not sent
+    assert [o.shard for o in out] == [0] and sub.pending(1) == 2
+    gate.set()
+    late = sub.settle(timeout=5)
+    assert [(o.shard, o.part.seq, o.outcome.status) for o in late] == [(1, 1, "accepted")]
+    out = sub.submit(3, ones, (2, 1), _stats())
+    assert [(o.shard, o.part.seq, o.part.rounds) for o in out] == [(0, 3, 1), (1, 3, 2)]
+    sub.close()
