@@ -6,14 +6,14 @@ acknowledged part of either shard is lost: every part a peer logged as acknowled
 shard's history (the commits logged by the shard's holders, the dead one's up to the version the
 heir took over at, the heir's after it).
 """
+import json
 import time
 import uuid
 
 import pytest
+import torch
 
 from heloco_p2p.tools.launcher import LocalSwarm, write_test_config
-
-pytestmark = pytest.mark.slow
 
 
 def _holder_by_handover(sw, names, shard):
@@ -23,6 +23,7 @@ def _holder_by_handover(sw, names, shard):
     return None
 
 
+@pytest.mark.slow  # ~75 s
 def test_a_shard_holder_killed_the_other_shard_keeps_committing_and_no_acknowledged_part_is_lost(tmp_path):
     cfg = write_test_config(tmp_path / "cfg.yaml", shards=2, defence={"screen": False})
     sw = LocalSwarm(tmp_path, f"shards-{uuid.uuid4().hex[:8]}")
@@ -88,3 +89,36 @@ def test_a_shard_holder_killed_the_other_shard_keeps_committing_and_no_acknowled
         sw.close()
         for name in sw.procs:
             assert not sw.group_alive(name), f"{name} left processes behind"
+
+
+def test_export_assembles_theta_from_every_shards_checkpoint_bitwise(tmp_path):
+    """A lone founder of a 2-shard run commits two rounds and leaves: each shard's checkpoint is
+    in its own directory, and ``export`` merges them at the cut (2, 2), bitwise."""
+    from click.testing import CliRunner
+    from transformers import AutoModelForCausalLM
+
+    from heloco_p2p.cli import main
+    from heloco_p2p.local import trainable_params
+    from heloco_p2p.roles.shards import ShardPlan
+
+    cfg = write_test_config(tmp_path / "cfg.yaml", shards=2, defence={"screen": False})
+    sw = LocalSwarm(tmp_path, f"shards-{uuid.uuid4().hex[:8]}")
+    try:
+        sw.start("a", "de", "--config", str(cfg), "--max-rounds", "2")
+        assert sw.procs["a"].wait(180) == 0, (tmp_path / "a.log").read_text()[-3000:]
+    finally:
+        sw.close()
+    parts = [torch.load(tmp_path / "ckpt-a" / f"shard-{k}" / "coordinator.pt", weights_only=True) for k in (0, 1)]
+    assert [p["commit_state"]["engine"]["version"] for p in parts] == [2, 2]
+    out = tmp_path / "model"
+    result = CliRunner().invoke(main, ["export", "--checkpoint", str(tmp_path / "ckpt-a"), "--out", str(out),
+                                       "--log-level", "WARNING"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "heloco_export.json").read_text())
+    assert meta["shard_versions"] == [2, 2] and meta["version"] == 2
+    model = AutoModelForCausalLM.from_pretrained(out)
+    loaded = trainable_params(model)
+    plan = ShardPlan.for_shapes([tuple(p.shape) for p in loaded], 2)
+    theta = plan.merge([p["commit_state"]["engine"]["params"] for p in parts])
+    assert all(torch.equal(p.detach(), t) for p, t in zip(loaded, theta))
+    assert plan.merge([p["param_names"] for p in parts]) == [n for n, _ in model.named_parameters()]
