@@ -9,7 +9,7 @@ time, on this object's pool:
   last gave up (``in_doubt``: sent, outcome unknown, so it is sent again under its own sequence
   number: the shard's ledger answers ``duplicate`` if it was committed), then the carried parts
   merged with the new one (never sent: their Δ add up; their base is the oldest, so the staleness
-  the shard measures is never too small; steps and tokens add up);
+  the shard measures is never too small; steps, tokens and round seconds add up);
 - a shard still busy with an earlier job gets nothing now: its new part is carried;
 - ``submit`` waits for every job it started, but once one shard answered, the others get at
   most ``grace(elapsed)`` more seconds; a job still running then finishes in the background and
@@ -51,7 +51,8 @@ class Part:
         stats = self.stats
         if dataclasses.is_dataclass(stats):
             stats = dataclasses.replace(newer.stats, steps=stats.steps + newer.stats.steps,
-                                        tokens=stats.tokens + newer.stats.tokens)
+                                        tokens=stats.tokens + newer.stats.tokens,
+                                        seconds=stats.seconds + newer.stats.seconds)
         return Part(newer.seq, [a + b for a, b in zip(self.delta, newer.delta)], min(self.base, newer.base), stats,
                     self.rounds + newer.rounds)
 
