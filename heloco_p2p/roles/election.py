@@ -56,12 +56,16 @@ class Election:
         self._paused_since: float | None = None  # a coordinator whose lease may have lapsed, re-confirming it
         self.seen_peers: dict[str, float] = {}  # peer id -> when it was last seen alive (rejoin_if_alone)
         self._last_rejoin = -math.inf
-        # which live peers may hold a replica (sharded runs widen it: a peer coordinating another
-        # shard may stand by for this one; roles/shards.py)
-        self.may_stand_by: Callable[[PeerRecord], bool] = lambda p: p.role in REPLICA_ROLES
-        self.standby_rank: Callable[[PeerRecord], int] = lambda p: 0  # lower: recruited first
         service.term.verify_lease = self.refresh
         service.standby.on_handover = self.took_over_by_handover
+
+    # which live peers may hold a replica, and which first (lower rank); a sharded run sets its own
+    # per shard (peer.py: a peer coordinating another shard may stand by for this one, after free peers)
+    def may_stand_by(self, p: PeerRecord) -> bool:
+        return p.role in REPLICA_ROLES
+
+    def standby_rank(self, p: PeerRecord) -> int:
+        return 0
 
     def refresh(self) -> LeaseRecord | None:
         """Read the lease claims from the DHT and believe one by THE rule (roles/lease.py). A later
