@@ -12,7 +12,11 @@ import uuid
 
 import pytest
 import torch
+from click.testing import CliRunner
 
+from heloco_p2p.cli import main
+from heloco_p2p.local import trainable_params
+from heloco_p2p.roles.shards import ShardPlan
 from heloco_p2p.tools.launcher import LocalSwarm, write_test_config
 
 
@@ -94,12 +98,7 @@ def test_a_shard_holder_killed_the_other_shard_keeps_committing_and_no_acknowled
 def test_export_assembles_theta_from_every_shards_checkpoint_bitwise(tmp_path):
     """A lone founder of a 2-shard run commits two rounds and leaves: each shard's checkpoint is
     in its own directory, and ``export`` merges them at the cut (2, 2), bitwise."""
-    from click.testing import CliRunner
-    from transformers import AutoModelForCausalLM
-
-    from heloco_p2p.cli import main
-    from heloco_p2p.local import trainable_params
-    from heloco_p2p.roles.shards import ShardPlan
+    from transformers import AutoModelForCausalLM  # heavy: only where it is used
 
     cfg = write_test_config(tmp_path / "cfg.yaml", shards=2, defence={"screen": False})
     sw = LocalSwarm(tmp_path, f"shards-{uuid.uuid4().hex[:8]}")

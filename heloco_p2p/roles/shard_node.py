@@ -31,7 +31,8 @@ class ShardRouter:
     """Serves each handler name once on ``node`` and routes requests by their ``shard`` field.
 
     The node's gate (payload limit, in-flight limit, rate) is shared by the shards of a name:
-    its payload limit is the largest any shard asked for."""
+    its payload limit is the largest any shard asked for, its in-flight limit the sum (each shard
+    keeps the room it would have alone); the per-peer rate is the first shard's."""
 
     def __init__(self, node):
         self.node = node
@@ -62,6 +63,8 @@ class ShardRouter:
             current = getattr(getattr(gate, "limits", None), "max_payload_bytes", None)
             if wanted and current is not None and wanted > current:
                 gate.limits.max_payload_bytes = wanted
+            if limits is not None and hasattr(gate, "max_inflight"):
+                gate.max_inflight += limits.max_inflight
         table[shard] = handler
         return self.gates[name]
 
