@@ -14,7 +14,7 @@ import torch
 from heloco_p2p.algorithms import ALGORITHMS, build_outer_engine
 from heloco_p2p.config import ConfigError, load_config
 from heloco_p2p.local.inner import RoundStats
-from heloco_p2p.roles.commit_state import CommitState, SubmissionLimits
+from heloco_p2p.roles.commit_state import CommitState, SubmissionLimits, params_digest
 from heloco_p2p.roles.coordinator import CoordinatorService
 from heloco_p2p.roles.shard_node import ShardNode, ShardRouter
 from heloco_p2p.roles.shard_submit import ShardedSubmit
@@ -171,8 +171,9 @@ def _header(seq, base, meta, names, shard=None):
 
 def test_two_shard_coordinators_on_one_node_reply_and_replicate_as_one_coordinator_bitwise():
     """Through the wire's ``shard`` field: each part goes to its shard's ``submit`` on one node,
-    is committed and forwarded (tagged with its shard), and the merged replies are the reply of
-    one unsharded coordinator to the whole Δ."""
+    is committed and forwarded (tagged with its shard) to that shard's standby on another node,
+    which stays bitwise equal to it, and the merged replies are the reply of one unsharded
+    coordinator to the whole Δ."""
     run = asyncio.new_event_loop().run_until_complete
     plan, names = ShardPlan.for_shapes(SHAPES, 2), [f"p{i}" for i in range(len(SHAPES))]
     whole_node = RoutingNode()
@@ -182,6 +183,15 @@ def test_two_shard_coordinators_on_one_node_reply_and_replicate_as_one_coordinat
     services = [_service(ShardNode(node, router, k), part, n, s)
                 for k, (part, n, s) in enumerate(zip(plan.split(_theta0()), plan.split(names), plan.split(SHAPES)))]
     assert set(node.handlers) == {"submit", "replicate", "handover"}  # one route per name, not one per shard
+    standby_node = RoutingNode()
+    standby_router = ShardRouter(standby_node)
+    standbys = []
+    for k, (part, n, s) in enumerate(zip(plan.split(_theta0()), plan.split(names), plan.split(SHAPES))):
+        sb = CoordinatorService(ShardNode(standby_node, standby_router, k),
+                                CommitState(build_outer_engine(ALGORITHMS["heloco"], part, names=n)), s,
+                                SubmissionLimits(submit_rate=0.0))
+        sb.term.believed = ("QmCoordinator", 1)
+        standbys.append(sb)
     for step in range(6):
         peer, delta, base = PEERS[step % 3], _delta(step), max(0, whole.state.version - step % 2)
         meta, payload = encode_tensors(delta, "none")
@@ -196,6 +206,9 @@ def test_two_shard_coordinators_on_one_node_reply_and_replicate_as_one_coordinat
             replies.append(unpack_params(data))
             forwarded = node.headers[-1]
             assert forwarded["kind"] == "commit" and forwarded.get("shard", 0) == k
+            answer, _ = run(standby_node.handlers["replicate"](forwarded, payload, "QmCoordinator"))
+            assert answer == {"status": "ok", "version": want["version"]}
+            assert params_digest(standbys[k].state.engine.params) == params_digest(services[k].state.engine.params)
         merged = plan.merge(replies)
         assert all(torch.equal(a, b) for a, b in zip(merged, unpack_params(want_data)))
     merged = plan.merge([s.state.engine.params for s in services])
