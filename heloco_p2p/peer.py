@@ -124,6 +124,10 @@ class Peer:
     holds the global θ its rounds start from (``global_params`` at ``version``: ``held``).
     """
 
+    # set in ``__init__``/``start``; class defaults so a peer assembled piecemeal (tests) is unsharded
+    shards: "list[ShardStack] | tuple" = ()
+    sharded: "ShardedSubmit | None" = None
+
     def __init__(self, opts: PeerOptions):
         self.opts = opts
         self.stop_event = threading.Event()
@@ -153,7 +157,7 @@ class Peer:
         standby of any, else the role it has as a trainer): ``shard_roles`` has each."""
         if self.election is None:
             return self._role
-        if len(self.shards) == 1:
+        if len(self.shards) <= 1:
             return self.election.role
         roles = [st.election.role for st in self.shards]
         return next((r for r in ("coordinator", "standby") if r in roles), roles[0])
@@ -161,14 +165,15 @@ class Peer:
     @role.setter
     def role(self, value: str) -> None:
         if self.election is not None:
-            for st in self.shards:
+            self.election.role = value  # shard 0's (the only one without shards)
+            for st in self.shards[1:]:
                 st.election.role = value
         else:
             self._role = value
 
     def shard_roles(self) -> dict[str, str]:
         """Shard -> this peer's role in it, for the shards it coordinates or stands by for (S > 1)."""
-        if len(self.shards) == 1:
+        if len(self.shards) <= 1:
             return {}
         return {str(st.shard): st.election.role for st in self.shards if st.election.role in ("coordinator", "standby")}
 
