@@ -53,7 +53,7 @@ from heloco_p2p.roles.rounds import RoundLoop
 from heloco_p2p.roles.schedule import RoundSchedule
 from heloco_p2p.roles.shard_node import ShardNode, ShardRouter
 from heloco_p2p.roles.shard_submit import ShardedSubmit
-from heloco_p2p.roles.shards import ShardError, ShardPlan
+from heloco_p2p.roles.shards import ShardError, ShardPlan, scalar_version
 from heloco_p2p.roles.submit import SubmitClient
 from heloco_p2p.roles.tally import SubmitTally
 from heloco_p2p.swarm.lifetime import guard_children, stop_reaper
@@ -270,9 +270,8 @@ class Peer:
                                      f"swarm.shards = {self.cfg.swarm.shards} gives for this model")
         except ShardError as exc:
             raise JoinError(str(exc)) from None
-        if plan.count > 1 and (self.opts.evaluator or self.cfg.swarm.reply_compression == "wrap8"
-                               or self.checkpoints.saved is not None):
-            raise JoinError("swarm.shards > 1 does not support evaluators, wrap8 replies or --resume yet")
+        if plan.count > 1 and (self.cfg.swarm.reply_compression == "wrap8" or self.checkpoints.saved is not None):
+            raise JoinError("swarm.shards > 1 does not support wrap8 replies or --resume yet")
         return plan
 
     def _build_shard(self, shard: int, router, params: list[torch.Tensor], names: list[str], limits, mode: str,
@@ -452,6 +451,18 @@ class Peer:
         for st in idle:
             st.election.role = "evaluator" if self.opts.evaluator else "training"
 
+    def _download_theta(self) -> tuple[list[torch.Tensor], int]:
+        """S > 1 (an evaluator): the global θ, each shard's part from that shard's peers, merged;
+        its version is the lowest of the parts' (roles/shards.py ``scalar_version``)."""
+        shapes = [tuple(p.shape) for p in trainable_params(self.model)]
+        parts, versions = [], []
+        for st in self.shards:
+            expected = [(s, torch.float32) for s in self.plan.part(shapes, st.shard)]
+            params, header, _ = download_state(st.node, st.election, expected, self.stop_event, model="theta")
+            parts.append(params)
+            versions.append(int(header["version"]))
+        return self.plan.merge(parts), scalar_version(tuple(versions))
+
     def _adopt(self, params: list[torch.Tensor], version: int, schedule_step: int, kind: str = "exact") -> None:
         self.global_params = params
         self.version = version
@@ -481,7 +492,7 @@ class Peer:
             ev = Evaluator(self.model, self.trainer.load_params, self.cfg, self.tokenizer, regions=o.eval_regions,
                            own_region=o.region)
             evaluate_forever(ev, self.node, self.election, self.name, o.eval_every, self.stop_event, self.schedule.time_left,
-                             self.metrics.log)
+                             self.metrics.log, download=self._download_theta if len(self.shards) > 1 else None)
             return
         if o.no_train:
             while not self.stop_event.wait(1.0):

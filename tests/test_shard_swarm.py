@@ -121,3 +121,25 @@ def test_export_assembles_theta_from_every_shards_checkpoint_bitwise(tmp_path):
     theta = plan.merge([p["commit_state"]["engine"]["params"] for p in parts])
     assert all(torch.equal(p.detach(), t) for p, t in zip(loaded, theta))
     assert plan.merge([p["param_names"] for p in parts]) == [n for n, _ in model.named_parameters()]
+
+
+@pytest.mark.slow
+def test_an_evaluator_of_a_sharded_run_evaluates_theta_merged_from_every_shard(tmp_path):
+    cfg = write_test_config(tmp_path / "cfg.yaml", shards=2, defence={"screen": False})
+    sw = LocalSwarm(tmp_path, f"shards-{uuid.uuid4().hex[:8]}")
+    try:
+        sw.start("a", "de", "--config", str(cfg))
+        sw.wait_for_maddr("a")
+        sw.start("b", "fr")
+        sw.wait_until(lambda: len([x for x in sw.events("b", "ack") if x["shard"] == 1]) >= 3, 180,
+                      "acknowledged parts of shard 1")
+        sw.start("e", "de", "--evaluator", "--eval-every", "3", "--eval-regions", "de,fr")
+        sw.wait_until(lambda: len([x for x in sw.events("e", "eval") if x["version"] > 0]) >= 2, 180,
+                      "two evaluations of a trained θ")
+        evals = [x for x in sw.events("e", "eval") if x["version"] > 0]
+        assert all(0 < v < 12 for x in evals for v in x["val_loss"]["per_language"].values())
+        assert not any(x.get("shard") is not None for x in sw.events("e", "ack"))  # it submits nothing
+    finally:
+        sw.close()
+        for name in sw.procs:
+            assert not sw.group_alive(name), f"{name} left processes behind"
