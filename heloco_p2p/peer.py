@@ -483,9 +483,9 @@ class Peer:
     def train_loop(self) -> None:
         o, started = self.opts, time.time()
         self.schedule.start_clock(o.max_minutes)
-        self.metrics.log({"event": "ready", "version": self.version})  # joined and holding θ (join latency)
+        self.metrics.log({"event": "ready", **self._version_fields()})  # joined and holding θ (join latency)
         if not o.no_train:
-            self.metrics.log({"event": "eval", "version": self.version, "val_loss": self.evaluate()})
+            self.metrics.log({"event": "eval", **self._version_fields(), "val_loss": self.evaluate()})
         self.metrics.log({"event": "train_start"})
         if o.evaluator:
             self.role = "evaluator"
@@ -501,7 +501,13 @@ class Peer:
             return
         self.rounds_loop.run(self.overlap)
         self.metrics.log({"event": "train_end", "rounds": self.rounds_loop.rounds})
-        self.metrics.log({"event": "eval", "version": self.version, "val_loss": self.evaluate()})
+        self.metrics.log({"event": "eval", **self._version_fields(), "val_loss": self.evaluate()})
+
+    def _version_fields(self) -> dict:
+        """``version`` as an event logs it: one number (with shards the lowest; ``shard_versions`` each)."""
+        if isinstance(self.version, tuple):
+            return {"version": scalar_version(self.version), "shard_versions": list(self.version)}
+        return {"version": self.version}
 
     def _submit(self, delta: list[torch.Tensor], base: int, stats, compute: float) -> None:
         """One round's pseudo-gradient through the submit client, and what its outcome means here."""
