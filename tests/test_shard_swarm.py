@@ -48,6 +48,15 @@ def test_a_shard_holder_killed_the_other_shard_keeps_committing_and_no_acknowled
         sw.wait_until(lambda: replicated(holder, 1, 5) and replicated("a", 0, 5), 180, "replicated commits on both shards")
         assert not any(e.get("shard", 0) == 0 for e in sw.events(holder, "commit"))  # one shard role per peer
 
+        def roles(name):
+            beats = sw.events(name, "heartbeat")
+            return beats[-1].get("shards") if beats else None
+
+        # the holder of shard 1 stands by for no other shard (free peers are there): its death costs
+        # shard 0 no replica
+        sw.wait_until(lambda: roles(holder) == {"1": "coordinator"} and roles("a") == {"0": "coordinator"}, 60,
+                      "shard holders that stand by for no other shard")
+
         # 2. SIGKILL shard 1's holder: a standby of shard 1 takes it over
         dead_commits = [e for e in sw.events(holder, "commit") if e.get("shard") == 1]
         sw.kill(holder)

@@ -153,7 +153,12 @@ class Maintenance:
         """A peer coordinating several shards hands one of them (the highest) to a standby of it
         that coordinates no shard and is alive: no peer holds two shard roles while another peer
         could hold one (docs/protocol.md, "Sharded coordinators"). At most one handover a call;
-        returns the heir, or None. The handover is the leaving coordinator's (``hand_over``)."""
+        returns the heir, or None. The handover is the leaving coordinator's (``hand_over``).
+        And each shard this peer coordinates swaps a standby that coordinates another shard for a
+        free peer (``free_standbys``), so that one holder's death costs no other shard its replica."""
+        for election, service in self.stacks:
+            if service.active:
+                self.free_standbys(election, service)
         held = [k for k, (_, s) in enumerate(self.stacks) if s.active]
         if len(held) < 2:
             return None
@@ -172,6 +177,36 @@ class Maintenance:
         else:
             election.role = "training"
         return heir
+
+    def free_standbys(self, election: Election, service: CoordinatorService) -> str | None:
+        """One standby of ``service``'s shard that coordinates another shard is replaced by a live
+        peer that coordinates none (recruited first, so the shard never has fewer replicas);
+        returns the peer recruited, or None."""
+        live = election.live_peers()
+        holders = {p.peer_id for p in live if "coordinator" in p.shards.values()}
+        rep = service.replication
+        stacked = [s for s in rep.standbys if s in holders]
+        free = [p.peer_id for p in live if p.peer_id not in rep.standbys and p.peer_id not in holders
+                and p.role in ("training", "standby") and election.may_stand_by(p)]
+        if not stacked or not free:
+            return None
+
+        async def swap():
+            await rep.recruit(free[0])
+            async with rep.lock:
+                if free[0] in rep.standbys and stacked[0] in rep.standbys:
+                    rep.standbys.remove(stacked[0])  # still an heir of this term (it held every commit so far)
+                    return free[0]
+            return None
+
+        try:
+            taken = self.node.run(swap(), timeout=None)
+        except Exception as exc:
+            logger.warning("could not swap standby %s for %s: %s", stacked[0][-8:], free[0][-8:], exc)
+            return None
+        if taken:
+            logger.info("standby %s (it coordinates another shard) replaced by %s", stacked[0][-8:], taken[-8:])
+        return taken
 
     def withdraw(self) -> None:
         """Leaving: overwrite the last heartbeat with role ``left``; it must outlast that one."""
