@@ -17,7 +17,7 @@ from heloco_p2p.local.inner import RoundStats
 from heloco_p2p.roles.commit_state import CommitState, SubmissionLimits, params_digest
 from heloco_p2p.roles.coordinator import CoordinatorService
 from heloco_p2p.roles.shard_node import ShardNode, ShardRouter
-from heloco_p2p.roles.shard_submit import ShardedSubmit
+from heloco_p2p.roles.shard_submit import MAX_CARRIED, ShardedSubmit
 from heloco_p2p.roles.shards import ShardError, ShardPlan, scalar_version
 from heloco_p2p.roles.submit import SubmitOutcome
 from heloco_p2p.swarm.records import GenesisRecord, PeerRecord, record_dict
@@ -264,7 +264,7 @@ class ScriptedShards:
                              params=[t.clone() for t in part])
 
 
-def test_a_part_that_gave_up_is_sent_again_under_its_number_and_later_parts_are_merged():
+def test_a_part_that_gave_up_is_sent_again_under_its_number_before_the_parts_carried_after_it():
     plan = ShardPlan.for_shapes(SHAPES, 2)
     send = ScriptedShards({1: ["applied_then_lost", "gave_up"]})
     sub = ShardedSubmit(plan, send, grace=lambda first: 5.0)
@@ -275,14 +275,31 @@ def test_a_part_that_gave_up_is_sent_again_under_its_number_and_later_parts_are_
     out = sub.submit(11, ones, (1, 0), _stats())  # seq 10 again on shard 1: gives up again; 11 is carried
     assert [(o.shard, o.part.seq, o.outcome.status) for o in out] == [(0, 11, "accepted"), (1, 10, "gave_up")]
     assert sub.pending(1) == 2
-    out = sub.submit(12, ones, (2, 0), _stats())  # 10 again (a duplicate: it was committed), then 11 + 12 merged
+    out = sub.submit(12, ones, (2, 0), _stats())  # 10 again (a duplicate: it was committed), then 11, then 12
     assert [(o.shard, o.part.seq, o.outcome.status, o.outcome.reply.get("duplicate")) for o in out] == [
-        (0, 12, "accepted", False), (1, 10, "accepted", True), (1, 12, "accepted", False)]
-    merged = out[-1].part
-    assert merged.rounds == 2 and merged.stats.steps == 10 and merged.stats.tokens == 200 and merged.base == 0
-    assert all(torch.equal(t, 2 * torch.ones(s)) for t, s in zip(merged.delta, plan.split(SHAPES)[1]))
-    assert send.applied[1] == [10, 12]  # each round's Δ of shard 1 applied once: 10 alone, 11 + 12 together
+        (0, 12, "accepted", False), (1, 10, "accepted", True), (1, 11, "accepted", False), (1, 12, "accepted", False)]
+    assert all(o.part.rounds == 1 and o.part.base == 0 for o in out if o.shard == 1)  # one round's part each
+    assert send.applied[1] == [10, 11, 12]  # each round's Δ of shard 1 applied once
     assert sub.pending(1) == 0
+    sub.close()
+
+
+def test_past_the_bound_the_oldest_carried_parts_are_merged_never_a_part_already_sent():
+    plan = ShardPlan.for_shapes(SHAPES, 2)
+    gate = threading.Event()
+    send = ScriptedShards({}, hold={1: gate})
+    sub = ShardedSubmit(plan, send, grace=lambda first: 0.05)
+    ones = [torch.ones(s) for s in SHAPES]
+    sub.submit(0, ones, (0, 0), _stats())  # shard 1 holds seq 0 in flight
+    for seq in range(1, MAX_CARRIED + 3):
+        sub.submit(seq, ones, (seq, 0), _stats())
+    carried = sub.shards[1].carried
+    assert len(carried) == MAX_CARRIED and sub.pending(1) == MAX_CARRIED + 3
+    assert [p.rounds for p in carried] == [3] + [1] * (MAX_CARRIED - 1)
+    assert carried[0].seq == 3 and carried[0].base == 0 and carried[0].stats.steps == 15
+    assert all(torch.equal(t, 3 * torch.ones(s)) for t, s in zip(carried[0].delta, plan.split(SHAPES)[1]))
+    gate.set()
+    assert [o.part.seq for o in sub.settle(timeout=5)] == [0]  # the part in flight was never merged
     sub.close()
 
 
@@ -302,5 +319,5 @@ def test_a_slow_shard_does_not_hold_the_round_past_the_grace():
     late = sub.settle(timeout=5)
     assert [(o.shard, o.part.seq, o.outcome.status) for o in late] == [(1, 1, "accepted")]
     out = sub.submit(3, ones, (2, 1), _stats())
-    assert [(o.shard, o.part.seq, o.part.rounds) for o in out] == [(0, 3, 1), (1, 3, 2)]
+    assert [(o.shard, o.part.seq, o.part.base) for o in out] == [(0, 3, 2), (1, 2, 0), (1, 3, 1)]
     sub.close()

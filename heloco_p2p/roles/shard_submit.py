@@ -8,16 +8,20 @@ time, on this object's pool:
 - ``submit`` starts, for every shard with nothing in flight, a job that sends first the part that
   last gave up (``in_doubt``: sent, outcome unknown, so it is sent again under its own sequence
   number: the shard's ledger answers ``duplicate`` if it was committed), then the carried parts
-  merged with the new one (never sent: their Δ add up; their base is the oldest, so the staleness
-  the shard measures is never too small; steps, tokens and round seconds add up);
-- a shard still busy with an earlier job gets nothing now: its new part is carried;
+  and the new one, in order, each under its own sequence number and base (each is one round's Δ
+  part, so each meets the shard's norm bounds as any round's does);
+- a shard still busy with an earlier job gets nothing now: its new part is carried. Past
+  ``MAX_CARRIED`` carried parts the two oldest are merged into one (never sent: their Δ add up,
+  under the newer sequence number, with the older base, so the staleness the shard measures is
+  never too small; steps, tokens and round seconds add up), which bounds the memory a long
+  failover takes at ``MAX_CARRIED`` parts of Δ;
 - ``submit`` waits for every job it started, but once one shard answered, the others get at
   most ``grace(elapsed)`` more seconds; a job still running then finishes in the background and
   its outcome is returned by a later ``submit`` (or ``settle``).
 
 Nothing acknowledged is lost (a part leaves this object only once its shard acknowledged or
 refused it) and nothing is applied twice (a resent part keeps its sequence number; a merged part
-takes the newest number of the parts it merges, and only parts never sent are merged).
+takes the newer number of the parts it merges, and only parts never sent are merged).
 Owned by the thread that submits (one at a time, as the ``SubmitClient`` is).
 """
 from __future__ import annotations
@@ -35,6 +39,8 @@ from heloco_p2p.roles.shards import ShardPlan
 from heloco_p2p.roles.submit import SubmitOutcome
 
 logger = logging.getLogger(__name__)
+
+MAX_CARRIED = 8  # carried parts kept apart per shard; past it the two oldest are merged
 
 
 @dataclass
@@ -69,9 +75,14 @@ class PartOutcome:
 @dataclass
 class _Shard:
     in_doubt: Part | None = None
-    carried: Part | None = None
+    carried: list = field(default_factory=list)  # parts never sent, oldest first
     job: concurrent.futures.Future | None = None
-    done: list = field(default_factory=list)  # outcomes of a job that finished in the background
+    done: list = field(default_factory=list)  # the parts of the job in flight (unsettled if it dies)
+
+    def carry(self, part: Part) -> None:
+        self.carried.append(part)
+        if len(self.carried) > MAX_CARRIED:
+            self.carried[:2] = [self.carried[0].merged(self.carried[1])]
 
 
 class ShardedSubmit:
@@ -89,7 +100,8 @@ class ShardedSubmit:
     def pending(self, shard: int) -> int:
         """Rounds whose part of ``shard`` is not acknowledged yet (in flight, in doubt, carried)."""
         s = self.shards[shard]
-        return sum(p.rounds for p in (s.in_doubt, s.carried) if p is not None) + (1 if s.job is not None else 0)
+        return sum(p.rounds for p in [s.in_doubt, *s.carried] if p is not None) + \
+            (sum(p.rounds for p in s.done) if s.job is not None else 0)
 
     def _run(self, shard: int, parts: list[Part]) -> tuple[list[PartOutcome], list[Part]]:
         """Send ``parts`` in order, stopping at the first that gives up: returns the outcomes and
@@ -115,8 +127,9 @@ class ShardedSubmit:
         s.job, s.done = None, []
         if unsettled:
             s.in_doubt = unsettled[0]
-            for p in unsettled[1:]:
-                s.carried = p if s.carried is None else s.carried.merged(p)
+            later, s.carried = s.carried, []
+            for p in unsettled[1:] + later:
+                s.carry(p)
         return outcomes
 
     def submit(self, seq: int, delta: list[torch.Tensor], bases, stats) -> list[PartOutcome]:
@@ -127,14 +140,13 @@ class ShardedSubmit:
         started: dict[int, concurrent.futures.Future] = {}
         for k, s in enumerate(self.shards):
             out += self._collect(k)
-            new = Part(seq, parts[k], int(bases[k]), stats)
-            s.carried = new if s.carried is None else s.carried.merged(new)
+            s.carry(Part(seq, parts[k], int(bases[k]), stats))
             if s.job is not None:
                 logger.info("shard %d is still busy with an earlier part: this round's part is carried (%d rounds)",
-                            k, s.carried.rounds)
+                            k, sum(p.rounds for p in s.carried))
                 continue
-            queue = [p for p in (s.in_doubt, s.carried) if p is not None]
-            s.in_doubt = s.carried = None
+            queue = [p for p in [s.in_doubt, *s.carried] if p is not None]
+            s.in_doubt, s.carried = None, []
             s.done = queue  # what comes back as unsettled if the job dies
             s.job = started[k] = self.pool.submit(self._run, k, queue)
         t0 = time.monotonic()
