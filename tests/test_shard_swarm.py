@@ -79,6 +79,10 @@ def test_a_shard_holder_killed_the_other_shard_keeps_committing_and_no_acknowled
         sw.wait_until(lambda: len([e for e in sw.events(heir, "commit") if e.get("shard") == 1
                                    and e["time"] > event["time"]]) >= 5, 120, "commits on shard 1 under its heir")
 
+        # the parts carried through the failover were committed one round each, not refused as too large
+        refused = [e for n in names for e in sw.events(n, "rejected") if e.get("reason") == "norm_too_large"]
+        assert not refused, refused[:3]
+
         # 4. stop the others (peers holding no shard first; a holder that leaves hands its shard over
         # or checkpoints it): each shard's newest checkpoint holds every part acknowledged on it
         holding = {n for n in others if "coordinator" in (roles(n) or {}).values()}
