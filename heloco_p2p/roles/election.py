@@ -58,6 +58,9 @@ class Election:
         self._last_rejoin = -math.inf
         service.term.verify_lease = self.refresh
         service.standby.on_handover = self.took_over_by_handover
+        replication = getattr(service, "replication", None)  # (test doubles of a service may have none)
+        if replication is not None:
+            replication.announce = self.publish  # a recruited standby counts once a claim names it
 
     # which live peers may hold a replica, and which first (lower rank); a sharded run sets its own
     # per shard (peer.py: a peer coordinating another shard may stand by for this one, after free peers)
@@ -108,7 +111,7 @@ class Election:
         credit = self.service.state.credit_summary()
         stale = list(svc.staleness_recent)
         record = LeaseRecord(peer_id=self.node.peer_id, term=term, version=version,
-                             digest=digest, standbys=list(svc.replication.standbys),
+                             digest=digest, standbys=svc.replication.announced(),
                              maddrs=self.node.visible_maddrs(), renewed=time.time(), commits=svc.commits_this_term,
                              tokens=run_tokens,
                              rejected=svc.rejected_this_term, commits_per_minute=svc.commits_per_minute(),
