@@ -234,6 +234,9 @@ class SwarmConfig(_Section):
     checkpoint_every: int = Field(50, gt=0)  # commits between coordinator checkpoints
     # train the next round while a submission travels, folding its reply in mid-round (docs/protocol.md)
     overlap: bool = True
+    # the coordinator role sharded by parameter blocks (roles/shards.py, docs/protocol.md "Sharded
+    # coordinators"): S shard coordinators, each with its own lease, term, standbys and version
+    shards: int = Field(1, ge=1, le=32)
     defence: DefenceConfig = Field(default_factory=DefenceConfig)  # poisoning bounds (docs/security.md)
 
     @model_validator(mode="after")
@@ -275,6 +278,14 @@ class RunConfig(_Section):
         if self.swarm.min_replicas > self.swarm.num_standbys:
             raise ValueError(f"swarm.min_replicas ({self.swarm.min_replicas}) exceeds swarm.num_standbys "
                              f"({self.swarm.num_standbys}): no commit could ever be acknowledged")
+        if self.swarm.shards > 1:
+            mode, _ = resolve_outer(self.outer)
+            if mode == "sync":
+                raise ValueError("swarm.shards > 1 needs an asynchronous outer algorithm (the sync barrier is one "
+                                 "commit over all blocks)")
+            if self.swarm.defence.enabled and self.swarm.defence.screen:
+                raise ValueError("swarm.shards > 1 cannot use swarm.defence.screen (the loss screen scores the whole "
+                                 "model; no shard coordinator holds it): set swarm.defence.screen: false")
         if self.data.seq_len > self.model.max_seq_len:
             raise ValueError(f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
         return self
@@ -290,6 +301,8 @@ class RunConfig(_Section):
                 tree["swarm"].pop(key, None)
         if self.swarm.reply_compression != "wrap8":
             tree["swarm"].pop("reply_window", None)
+        if tree["swarm"].get("shards") == 1:  # unsharded runs keep the identity they had
+            tree["swarm"].pop("shards")
         if tree["swarm"].get("defence") == DefenceConfig().model_dump(mode="json"):
             tree["swarm"].pop("defence")
         blob = json.dumps(tree, sort_keys=True, separators=(",", ":"))

@@ -12,6 +12,7 @@ docs/protocol.md.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -30,7 +31,7 @@ from heloco_p2p.roles.checkpoints import Checkpoints
 from heloco_p2p.roles.commit_state import CommitState, SubmissionLimits, params_digest
 from heloco_p2p.roles.coordinator import CoordinatorService
 from heloco_p2p.roles.defence import DefenceLimits, DefenceState, LossScreen
-from heloco_p2p.roles.election import Election
+from heloco_p2p.roles.election import REPLICA_ROLES, Election
 from heloco_p2p.roles.evaluator import Evaluator, evaluate_forever
 from heloco_p2p.roles.joining import (
     JOIN_PART_MB,
@@ -50,6 +51,9 @@ from heloco_p2p.roles.maintenance import Maintenance
 from heloco_p2p.roles.metrics import MetricsLog
 from heloco_p2p.roles.rounds import RoundLoop
 from heloco_p2p.roles.schedule import RoundSchedule
+from heloco_p2p.roles.shard_node import ShardNode, ShardRouter
+from heloco_p2p.roles.shard_submit import ShardedSubmit
+from heloco_p2p.roles.shards import ShardError, ShardPlan, scalar_version
 from heloco_p2p.roles.submit import SubmitClient
 from heloco_p2p.roles.tally import SubmitTally
 from heloco_p2p.swarm.lifetime import guard_children, stop_reaper, trim_heap
@@ -92,6 +96,22 @@ class PeerOptions:
     join_part_mb: float = JOIN_PART_MB  # MB of the (fp16) state per part
 
 
+@dataclass
+class ShardStack:
+    """The one-coordinator roles of one shard (all of them, as today, when ``swarm.shards`` is 1):
+    its node view (roles/shard_node.py), commit state, coordinator service, election, submit
+    client, state server and checkpoints."""
+
+    shard: int
+    node: object
+    commit_state: CommitState
+    service: CoordinatorService
+    election: Election
+    submitter: SubmitClient
+    state_server: StateServer
+    checkpoints: Checkpoints
+
+
 class Peer:
     """One peer of a run: ``start`` joins (or founds, or resumes) it and wires the roles,
     ``train_loop`` trains (or evaluates, or only serves), ``leave`` hands the role over and stops.
@@ -105,6 +125,9 @@ class Peer:
     """
 
     held_in_model = False  # global_params are the model's own parameters (a peer that never trains)
+    # set in ``__init__``/``start``; class defaults so a peer assembled piecemeal (tests) is unsharded
+    shards: "list[ShardStack] | tuple" = ()
+    sharded: "ShardedSubmit | None" = None
 
     def __init__(self, opts: PeerOptions):
         self.opts = opts
@@ -126,17 +149,35 @@ class Peer:
         self.schedule: RoundSchedule | None = None  # H of each round, and when they stop (roles/schedule.py)
         self._renewer: threading.Thread | None = None
         self._reaper = None
+        self.shards: list[ShardStack] = []  # one stack of roles per shard (roles/shards.py)
+        self.plan: ShardPlan | None = None
+        self.sharded: ShardedSubmit | None = None  # S > 1: the parts of each Δ in flight (roles/shard_submit.py)
 
     @property
     def role(self) -> str:
-        return self.election.role if self.election is not None else self._role
+        """The peer's role; with S > 1 shards its strongest one (coordinator of any shard, else
+        standby of any, else the role it has as a trainer): ``shard_roles`` has each."""
+        if self.election is None:
+            return self._role
+        if len(self.shards) <= 1:
+            return self.election.role
+        roles = [st.election.role for st in self.shards]
+        return next((r for r in ("coordinator", "standby") if r in roles), roles[0])
 
     @role.setter
     def role(self, value: str) -> None:
         if self.election is not None:
-            self.election.role = value
+            self.election.role = value  # shard 0's (the only one without shards)
+            for st in self.shards[1:]:
+                st.election.role = value
         else:
             self._role = value
+
+    def shard_roles(self) -> dict[str, str]:
+        """Shard -> this peer's role in it, for the shards it coordinates or stands by for (S > 1)."""
+        if len(self.shards) <= 1:
+            return {}
+        return {str(st.shard): st.election.role for st in self.shards if st.election.role in ("coordinator", "standby")}
 
     def held(self) -> tuple[list[torch.Tensor] | None, int]:
         """(θ, version): the global θ this peer holds, where its next round starts."""
@@ -182,36 +223,25 @@ class Peer:
         limits = SubmissionLimits.from_config(self.cfg.swarm)
         theta0 = [p.detach() for p in trainable_params(self.model)]  # the engine copies them (it owns θ)
         mode, self.preset = resolve_outer(self.cfg.outer)
-        try:  # the simulator's factory: one run config, one algorithm (K comes with each commit)
-            engine = build_outer_engine(self.preset, theta0, names=param_names(self.model), num_workers=None)  # K: per commit
-        except ValueError as exc:
-            raise JoinError(f"outer: {exc}") from None
-        self.commit_state = CommitState(engine, defence=DefenceState(limits.defence or DefenceLimits()))
-        if limits.defence is not None and limits.defence.enabled and limits.defence.screen:
-            # its own copy of the model, on the training device (a GPU at 125M: docs/security.md, "Poisoning")
-            self.commit_state.screen = LossScreen(
-                lambda: build_model(self.cfg.model, self.tokenizer, seed=0).to(self.trainer.device), self._screen_blocks)
-        self.service = CoordinatorService(self.node, self.commit_state, [tuple(p.shape) for p in theta0], limits,
-                                          reply_compression=self.cfg.swarm.reply_compression,
-                                          reply_window=self.cfg.swarm.reply_window,
-                                          config_digest=self.cfg.digest(), mode=mode,
-                                          barrier_timeout=self.cfg.swarm.barrier_timeout,
-                                          min_replicas=self.cfg.swarm.min_replicas,
-                                          lease_seconds=self.cfg.swarm.lease_seconds)
-        self.service.on_commit = lambda summary: self.metrics.log({"event": "commit", **summary})
-        self.election = Election(self.node, self.cfg, self.service, self.stop_event, self.metrics.log, role=self._role)
+        self.plan = self._shard_plan(theta0, founder and saved is None)
+        names = param_names(self.model)
+        router = ShardRouter(self.node) if self.plan.count > 1 else None
+        self.shards = [self._build_shard(k, router, params, part_names, limits, mode, tokenizer_file, o.region)
+                       for k, (params, part_names) in enumerate(zip(self.plan.split(theta0), self.plan.split(names)))]
+        del theta0
+        first = self.shards[0]  # an unsharded run's one stack; with S > 1 the stack of shard 0
+        self.commit_state, self.service, self.election = first.commit_state, first.service, first.election
+        self.submitter, self.state_server = first.submitter, first.state_server
         self.schedule = RoundSchedule(self.node, self.cfg.inner.steps_per_round, build_dylu(self.preset), self.election,
                                       lambda: self.genesis, self.held, self.stop_event, max_rounds=o.max_rounds)
         self.rounds_loop = self.schedule.loop = RoundLoop(
             self.trainer, self.schedule.steps_for, self.schedule.more, self._submit, self.held, self.metrics.log,
             self.stop_event, speed=o.speed, submit_timeout=self.cfg.swarm.submit_timeout)
-        self.submitter = SubmitClient(self.node, self.election, self.service, self.cfg.swarm, o.region,
-                                      self.commit_state.engine.names, self.stop_event, self.schedule.time_left,
-                                      start_point=lambda: (self.global_params, self.held_kind))
-        self.state_server = StateServer(self.cfg.to_yaml(), tokenizer_file, self.service, lambda: self.role,
-                                        self.held, self.node.records.owner, config_digest=self.cfg.digest())
+        for stack in self.shards:
+            stack.submitter.keep_going = self.schedule.time_left
+        if self.plan.count > 1:
+            self.sharded = ShardedSubmit(self.plan, self._send_part, self._part_grace)
         self.node.add_handler("genesis", self.state_server.serve_genesis)
-        self.node.add_handler("state", self.state_server.serve_state)
         if saved is not None:
             self._resume(founder)
         elif founder:
@@ -221,16 +251,93 @@ class Peer:
         self.maintenance = Maintenance(self.node, self.cfg, self.election, self.service, self.rounds_loop, self.tally,
                                        self.held, self._checkpoint, self.metrics.log, name=self.name, region=o.region,
                                        device=str(self.trainer.device), trains=not o.no_train,
-                                       initial_peers=o.initial_peers)
+                                       initial_peers=o.initial_peers,
+                                       shards=[(st.election, st.service) for st in self.shards[1:]])
         self.maintenance.start()
-        self._renewer = threading.Thread(target=self.election.renew_loop, name="lease", daemon=True)
-        self._renewer.start()
+        self._renewers = [threading.Thread(target=st.election.renew_loop, name=f"lease-{st.shard}" if st.shard else "lease",
+                                           daemon=True) for st in self.shards]
+        self._renewer = self._renewers[0]
+        for t in self._renewers:
+            t.start()
+
+    def _shard_plan(self, theta0: list[torch.Tensor], founding: bool) -> ShardPlan:
+        """The run's shard plan: from ``swarm.shards`` when founding, else the genesis record's
+        (which must be the one the config gives: roles/shards.py)."""
+        try:
+            plan = ShardPlan.for_shapes([tuple(p.shape) for p in theta0], self.cfg.swarm.shards)
+            if not founding and self.genesis is not None:
+                recorded = ShardPlan.from_record(self.genesis.shards, [tuple(p.shape) for p in theta0])
+                if recorded != plan:
+                    raise ShardError(f"the genesis record's shard plan ({recorded.count} shards) is not the one "
+                                     f"swarm.shards = {self.cfg.swarm.shards} gives for this model")
+        except ShardError as exc:
+            raise JoinError(str(exc)) from None
+        if plan.count > 1 and (self.cfg.swarm.reply_compression == "wrap8" or self.checkpoints.saved is not None):
+            raise JoinError("swarm.shards > 1 does not support wrap8 replies or --resume yet")
+        return plan
+
+    def _build_shard(self, shard: int, router, params: list[torch.Tensor], names: list[str], limits, mode: str,
+                     tokenizer_file: bytes, region: str) -> "ShardStack":
+        """The one-coordinator roles of ``shard`` over its tensors (all of them when S = 1)."""
+        node = self.node if router is None else ShardNode(self.node, router, shard)
+        try:  # the simulator's factory: one run config, one algorithm (K comes with each commit)
+            engine = build_outer_engine(self.preset, params, names=names, num_workers=None)  # K: per commit
+        except ValueError as exc:
+            raise JoinError(f"outer: {exc}") from None
+        commit_state = CommitState(engine, defence=DefenceState(limits.defence or DefenceLimits()))
+        if limits.defence is not None and limits.defence.enabled and limits.defence.screen:
+            # its own copy of the model, on the training device (a GPU at 125M: docs/security.md, "Poisoning")
+            commit_state.screen = LossScreen(
+                lambda: build_model(self.cfg.model, self.tokenizer, seed=0).to(self.trainer.device), self._screen_blocks)
+        service = CoordinatorService(node, commit_state, [tuple(p.shape) for p in params], limits,
+                                     reply_compression=self.cfg.swarm.reply_compression,
+                                     reply_window=self.cfg.swarm.reply_window,
+                                     config_digest=self.cfg.digest(), mode=mode,
+                                     barrier_timeout=self.cfg.swarm.barrier_timeout,
+                                     min_replicas=self.cfg.swarm.min_replicas,
+                                     lease_seconds=self.cfg.swarm.lease_seconds)
+        tag = {} if router is None else {"shard": shard}
+        service.on_commit = lambda summary: self.metrics.log({"event": "commit", **summary, **tag})
+        log = self.metrics.log if router is None else (lambda e: self.metrics.log({**e, "shard": shard}))
+        election = Election(node, self.cfg, service, self.stop_event, log, role=self._role)
+        if router is not None:  # a peer coordinating another shard may stand by for this one, after free peers
+            election.may_stand_by = lambda p, k=str(shard): p.role in REPLICA_ROLES + ("coordinator",) \
+                and p.shards.get(k) != "coordinator"
+            election.standby_rank = lambda p: int("coordinator" in p.shards.values())
+        start = (lambda: (self.global_params, self.held_kind)) if router is None else \
+            (lambda: (None if self.global_params is None else self.plan.part(self.global_params, shard), self.held_kind))
+        submitter = SubmitClient(node, election, service, self.cfg.swarm, region, names, self.stop_event,
+                                 lambda: True, start_point=start)
+        held = self.held if router is None else (lambda: self._held_part(shard))
+        state_server = StateServer(self.cfg.to_yaml(), tokenizer_file, service, lambda: election.role if router else self.role,
+                                   held, self.node.records.owner, config_digest=self.cfg.digest())
+        node.add_handler("state", state_server.serve_state)
+        checkpoints = self.checkpoints
+        if router is not None and self.opts.checkpoint_dir:  # one checkpoint directory per shard
+            checkpoints = Checkpoints(self.opts.run_id, os.path.join(self.opts.checkpoint_dir, f"shard-{shard}"), None,
+                                      lambda e: self.metrics.log({**e, "shard": shard}))
+            checkpoints.open(self.cfg, self.tokenizer, tokenizer_file, names)
+        elif router is not None:
+            checkpoints = Checkpoints(self.opts.run_id, None, None, self.metrics.log)
+        return ShardStack(shard, node, commit_state, service, election, submitter, state_server, checkpoints)
+
+    def _held_part(self, shard: int) -> tuple[list[torch.Tensor] | None, int]:
+        """(θ of ``shard``, its version): what this peer serves joiners of that shard."""
+        params, version = self.global_params, self.version
+        if params is None:
+            return None, 0
+        return self.plan.part(params, shard), version[shard]
 
     def _found(self) -> None:
-        record = self.genesis = publish_genesis(self.node, self.cfg, self.tokenizer)
-        self.global_params = self._held_copy(self.commit_state.engine.params)
-        self.version = 0
-        self._coordinate(term=1)
+        record = self.genesis = publish_genesis(self.node, self.cfg, self.tokenizer, shards=self.plan.record())
+        if self.plan.count == 1:
+            self.global_params = self._held_copy(self.commit_state.engine.params)
+        else:
+            self.global_params = self.plan.merge([[p.detach().clone() for p in st.commit_state.engine.params]
+                                                  for st in self.shards])
+        self.version = 0 if self.plan.count == 1 else (0,) * self.plan.count
+        for stack in self.shards:  # the founder holds every shard until others can (Maintenance.place_shards)
+            self._coordinate(term=1, stack=stack)
         logger.info("founded run %s (config %s, tokenizer %s)", self.opts.run_id, record.config_digest[:12],
                     record.tokenizer_digest[:12])
 
@@ -249,14 +356,24 @@ class Peer:
         self.metrics.log({"event": "takeover", "term": plan.term, "version": self.version, "resumed": True,
                           "digest": params_digest(params)})
 
-    def _coordinate(self, term: int) -> None:
-        """Hold the coordinator role in ``term`` (founding or resuming the run) and claim the lease."""
-        self.service.activate(term)
-        self.role = "coordinator"
-        self.election.publish()
+    def _coordinate(self, term: int, stack: "ShardStack | None" = None) -> None:
+        """Hold the coordinator role (of ``stack``'s shard; default: the only one) in ``term``
+        (founding or resuming the run) and claim the lease."""
+        stack = stack or self.shards[0]
+        stack.service.activate(term)
+        stack.election.role = "coordinator"
+        stack.election.publish()
 
     def _checkpoint(self, force: bool = False) -> int | None:
-        return self.checkpoints.maybe_write(self.node, self.service, self.commit_state, self.role, force)
+        """Checkpoint each shard this peer coordinates or stands by for (when due); the version
+        written of shard 0 (or, with S > 1, of the last shard written)."""
+        if len(self.shards) == 1:
+            return self.checkpoints.maybe_write(self.node, self.service, self.commit_state, self.role, force)
+        written = None
+        for st in self.shards:
+            v = st.checkpoints.maybe_write(st.node, st.service, st.commit_state, st.election.role, force)
+            written = v if v is not None else written
+        return written
 
     def _build_local(self) -> None:
         cfg, o = self.cfg, self.opts
@@ -280,7 +397,10 @@ class Peer:
 
     def _catch_up(self, exact: bool = False) -> None:
         """Download the current θ (roles/joining.py) and start from it; ``exact``: in fp32 (a wrap8
-        resync), else in fp16 parts."""
+        resync), else in fp16 parts. With S > 1 shards: each shard's part from that shard's peers."""
+        if len(self.shards) > 1:
+            self._catch_up_shards(exact)
+            return
         self.role = "catching_up"
         expected = tensor_layout(trainable_params(self.model))
         params, header, peer_id = download_state(self.node, self.election, expected, self.stop_event,
@@ -312,6 +432,51 @@ class Peer:
             return [p.detach() for p in self.trainer.params]
         return [p.detach().clone() for p in params]
 
+    def _catch_up_shards(self, exact: bool) -> None:
+        """Each shard's part of θ̄, from its coordinator, standbys and trainers (``download_state``
+        through that shard's node view), or from this peer's own state where it coordinates that
+        shard; then θ is the merge of the parts at the version vector they came with."""
+        idle = [st for st in self.shards if not st.service.active and st.election.role != "standby"]
+        for st in idle:
+            st.election.role = "catching_up"
+        parts, versions, steps = [], [], []
+        for st in self.shards:
+            if st.service.active:
+                async def own(svc=st.service):
+                    async with svc.lock:
+                        return [p.detach().clone() for p in svc.state.engine.dispatch_params()], svc.state.version
+                params, version = st.node.run(own(), timeout=60)
+                header, peer_id = {"schedule_step": st.commit_state.schedule_step(), "source": "coordinator"}, "self"
+            else:
+                expected = [(tuple(s), torch.float32) for s in self.plan.part([tuple(p.shape) for p in
+                                                                               trainable_params(self.model)], st.shard)]
+                params, header, peer_id = download_state(st.node, st.election, expected, self.stop_event,
+                                                         compression="none" if exact else None,
+                                                         sources=self.opts.join_sources, part_mb=self.opts.join_part_mb)
+                version = int(header["version"])
+            parts.append(params)
+            versions.append(version)
+            steps.append(int(header.get("schedule_step", 0)))
+            if "join" in header:
+                self.metrics.log({"event": "state_download", "shard": st.shard, "version": version, **header["join"]})
+            logger.info("caught up: shard %d at version %d from %s (%s)", st.shard, version, peer_id[-8:],
+                        header.get("source"))
+        self._adopt(self.plan.merge(parts), tuple(versions), min(steps), "exact")
+        for st in idle:
+            st.election.role = "evaluator" if self.opts.evaluator else "training"
+
+    def _download_theta(self) -> tuple[list[torch.Tensor], int]:
+        """S > 1 (an evaluator): the global θ, each shard's part from that shard's peers, merged;
+        its version is the lowest of the parts' (roles/shards.py ``scalar_version``)."""
+        shapes = [tuple(p.shape) for p in trainable_params(self.model)]
+        parts, versions = [], []
+        for st in self.shards:
+            expected = [(s, torch.float32) for s in self.plan.part(shapes, st.shard)]
+            params, header, _ = download_state(st.node, st.election, expected, self.stop_event, model="theta")
+            parts.append(params)
+            versions.append(int(header["version"]))
+        return self.plan.merge(parts), scalar_version(tuple(versions))
+
     def _adopt(self, params: list[torch.Tensor], version: int, schedule_step: int, kind: str = "exact") -> None:
         if self.held_in_model:  # the model's parameters are global_params (``_held_copy``)
             params = self._held_copy(params)
@@ -334,16 +499,16 @@ class Peer:
     def train_loop(self) -> None:
         o, started = self.opts, time.time()
         self.schedule.start_clock(o.max_minutes)
-        self.metrics.log({"event": "ready", "version": self.version})  # joined and holding θ (join latency)
+        self.metrics.log({"event": "ready", **self._version_fields()})  # joined and holding θ (join latency)
         if not o.no_train:
-            self.metrics.log({"event": "eval", "version": self.version, "val_loss": self.evaluate()})
+            self.metrics.log({"event": "eval", **self._version_fields(), "val_loss": self.evaluate()})
         self.metrics.log({"event": "train_start"})
         if o.evaluator:
             self.role = "evaluator"
             ev = Evaluator(self.model, self.trainer.load_params, self.cfg, self.tokenizer, regions=o.eval_regions,
                            own_region=o.region)
             evaluate_forever(ev, self.node, self.election, self.name, o.eval_every, self.stop_event, self.schedule.time_left,
-                             self.metrics.log)
+                             self.metrics.log, download=self._download_theta if len(self.shards) > 1 else None)
             return
         if o.no_train:
             while not self.stop_event.wait(1.0):
@@ -352,10 +517,19 @@ class Peer:
             return
         self.rounds_loop.run(self.overlap)
         self.metrics.log({"event": "train_end", "rounds": self.rounds_loop.rounds})
-        self.metrics.log({"event": "eval", "version": self.version, "val_loss": self.evaluate()})
+        self.metrics.log({"event": "eval", **self._version_fields(), "val_loss": self.evaluate()})
+
+    def _version_fields(self) -> dict:
+        """``version`` as an event logs it: one number (with shards the lowest; ``shard_versions`` each)."""
+        if isinstance(self.version, tuple):
+            return {"version": scalar_version(self.version), "shard_versions": list(self.version)}
+        return {"version": self.version}
 
     def _submit(self, delta: list[torch.Tensor], base: int, stats, compute: float) -> None:
         """One round's pseudo-gradient through the submit client, and what its outcome means here."""
+        if self.sharded is not None:
+            self._submit_parts(delta, base, stats, compute)
+            return
         out = self.submitter.submit(self.tally.seq, delta, base, stats, tensor_layout(self.global_params),
                                     True)  # release: Δ is freed once encoded (this round reads it no more)
         try:
@@ -386,6 +560,53 @@ class Peer:
                 and not self.stop_event.is_set() and self.schedule.time_left():
             self._catch_up()
 
+    def _send_part(self, shard: int, seq: int, part: list[torch.Tensor], base: int, stats):
+        return self.shards[shard].submitter.submit(seq, part, base, stats, tensor_layout(part))
+
+    def _part_grace(self, first: float) -> float:
+        """Once one shard answered, how long the others may take before their parts go on in the
+        background (and this round's θ starts from their latest replies)."""
+        return max(self.cfg.swarm.lease_seconds / 2, 2.0 * first)
+
+    def _submit_parts(self, delta: list[torch.Tensor], base: tuple, stats, compute: float) -> None:
+        """S > 1: the parts of Δ to their shards (roles/shard_submit.py); θ becomes the union of
+        the latest reply of each shard, at the version vector of those replies."""
+        try:
+            outcomes = self.sharded.submit(self.tally.seq, delta, base, stats)
+        finally:
+            self.tally.seq += 1  # as for one shard: an acknowledged number is never sent again with another Δ
+        self._settle_parts(outcomes, compute)
+
+    def _settle_parts(self, outcomes, compute: float) -> None:
+        params, versions = list(self.global_params), list(self.version)
+        changed, catch_up, step = False, False, 0
+        for o in outcomes:
+            out, k = o.outcome, o.shard
+            if out.status == "accepted":
+                reply = out.reply
+                self.election.run_tokens = max(self.election.run_tokens, int(reply.get("run_tokens", 0)))
+                if out.params is not None and out.version >= versions[k]:
+                    for i, t in zip(self.plan.indices(k), out.params):
+                        params[i] = t
+                    versions[k], changed = out.version, True
+                    step = max(step, int(reply.get("schedule_step", 0)))
+                # the round's tokens count once (with shard 0's part), each part's acknowledgement apart
+                ack = self.tally.ack(out, o.part.stats, compute, self.cfg.swarm.compression, seq=o.part.seq,
+                                     count=k == 0)
+                self.metrics.log({**ack, "shard": k, "rounds": o.part.rounds})
+                logger.info("shard %d: v%d staleness %s (%d rounds)", k, out.version, reply.get("staleness"),
+                            o.part.rounds)
+            elif out.status == "rejected":
+                self.metrics.log({**self.tally.refused(out), "shard": k, "seq": o.part.seq})
+                logger.warning("shard %d: part rejected: %s (%s)", k, out.reason, out.reply.get("message"))
+                catch_up = catch_up or out.reason in ("too_stale", "bad_version", "harmful_update")
+            else:
+                logger.warning("shard %d: part %d not answered yet; it is sent again with the next round", k, o.part.seq)
+        if changed:
+            self._adopt(params, tuple(versions), step)
+        if catch_up and not self.stop_event.is_set() and self.schedule.time_left():
+            self._catch_up()
+
     # ------------------------------------------------------------------------------ leaving
     def evaluate(self) -> float:
         with torch.no_grad():
@@ -407,11 +628,16 @@ class Peer:
         if self.node is None:
             return
         try:
+            if self.sharded is not None:  # parts still in flight: their answers, for the log
+                self._settle_parts(self.sharded.settle(timeout=10), 0.0)
+                self.sharded.close()
             if self.cfg is not None:
-                heir = self.node.run(self.service.replication.hand_over(), timeout=30) if self.service.active else None
-                written = self._checkpoint(force=True)
-                if written is not None and heir is None:  # no standby took the role: the checkpoint is the run
-                    self.service.replication.checkpointed(written)
+                for st in self.shards:
+                    heir = self.node.run(st.service.replication.hand_over(), timeout=30) if st.service.active else None
+                    role = self.role if len(self.shards) == 1 else st.election.role
+                    written = st.checkpoints.maybe_write(st.node, st.service, st.commit_state, role, force=True)
+                    if written is not None and heir is None:  # no standby took the role: the checkpoint is the run
+                        st.service.replication.checkpointed(written)
                 if self.maintenance is not None:
                     self.maintenance.withdraw()
         except Exception as exc:

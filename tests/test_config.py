@@ -105,9 +105,9 @@ def test_digest_changes_with_content():
 
 
 def _digest_without_later_keys(cfg) -> str:
-    """The digest of ``cfg`` as it was before the defence section, the topk keys and reply_window existed."""
+    """The digest of ``cfg`` as it was before the defence section, the topk keys and reply_window and shards existed."""
     tree = cfg.model_dump(mode="json")
-    for key in ("defence", "topk_density", "topk_bits", "topk_chunk", "reply_window"):
+    for key in ("defence", "topk_density", "topk_bits", "topk_chunk", "reply_window", "shards"):
         tree["swarm"].pop(key)
     return hashlib.sha256(json.dumps(tree, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 

@@ -325,3 +325,41 @@ def test_monitor_believes_only_claims_bound_to_their_holder():
 
     assert Monitor(Records(), lease_seconds=10.0, holder_keys=Keys()).poll(NOW)["coordinator"]["peer_id"] == "Qmz"
     assert Monitor(Forged(), lease_seconds=10.0, holder_keys=Keys()).poll(NOW)["coordinator"]["peer_id"] == "Qma"
+
+
+class ShardedRecords(FakeRecords):
+    """Records of a 2-shard run: shard 1's lease claims under its own key (``for_shard``)."""
+
+    def __init__(self, shard_claims: dict):
+        super().__init__()
+        self.shard_claims = shard_claims
+
+    def for_shard(self, shard):
+        view = FakeRecords()
+        view.peers = self.peers
+        view.claims = self.shard_claims[shard]
+        return view
+
+
+def test_the_monitor_shows_every_shards_holder_term_version_and_standbys_and_says_why_one_peer_holds_two():
+    records = ShardedRecords({1: [claim("c", 3, version=7, standbys=["Qmd"])]})
+    records.peer_records = [peer("a", role="coordinator", shards={"0": "coordinator"}), peer("b"),
+                            peer("c", role="coordinator", shards={"1": "coordinator"}), peer("d")]
+    records.claims = [claim("a", 1)]
+    snap = Monitor(records, lease_seconds=10.0, shards=2).poll(NOW)
+    assert [(v["shard"], v["coordinator"]["peer_id"], v["coordinator"]["term"], v["coordinator"]["version"],
+             v["coordinator"]["standbys"]) for v in snap["shards"]] == [(0, "Qma", 1, 10, ["Qmb"]), (1, "Qmc", 3, 7, ["Qmd"])]
+    assert snap["placement"] == {"holders": {"Qma": [0], "Qmc": [1]}, "stacked": {}, "fewer_peers": False}
+    assert [p.get("shards") for p in snap["peers"]] == [{"0": "coordinator"}, None, {"1": "coordinator"}, None]
+    assert json.loads(json.dumps(snap, allow_nan=False)) == snap
+    # one peer left: the other holds both shards, because no third peer could take one
+    records = ShardedRecords({1: [claim("a", 2, version=9)]})
+    records.peer_records, records.claims = [peer("a", role="coordinator")], [claim("a", 1)]
+    snap = Monitor(records, lease_seconds=10.0, shards=2).poll(NOW)
+    assert snap["placement"] == {"holders": {"Qma": [0, 1]}, "stacked": {"Qma": [0, 1]}, "fewer_peers": True}
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(render(snap, "demo", NOW))
+    text = console.export_text()
+    assert "shard 1 coordinator a" in text and "a holds shards 0, 1 (fewer peers that accept connections than shards)" in text

@@ -410,6 +410,7 @@ def test_the_digest_of_a_run_without_topk_leaves_the_topk_keys_out():
         del tree["swarm"][key]
     del tree["swarm"]["defence"]  # at its defaults, left out too (tests/test_config.py)
     del tree["swarm"]["reply_window"]  # without wrap8, left out too
+    del tree["swarm"]["shards"]  # one shard (the default), left out too
     blob = json.dumps(tree, sort_keys=True, separators=(",", ":")).encode()
     assert cfg.digest() == hashlib.sha256(blob).hexdigest()  # what it was before these keys existed
     topk = load_config("configs/tiny.yaml", overrides={"swarm.compression": "topk"})

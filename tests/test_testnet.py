@@ -52,6 +52,21 @@ def test_testnet_writes_a_consistent_summary(tmp_path):
     assert "val_loss.png" in report and (out / "val_loss.png").exists() and (out / "staleness.png").exists()
 
 
+def test_a_sharded_testnet_evaluates_theta_merged_from_every_shard(tmp_path):
+    """swarm.shards: 2: the evaluations fetch each shard's part from its holder and merge them, and
+    the final evaluation is of θ assembled from each shard's newest checkpoint."""
+    cfg = write_test_config(tmp_path / "cfg.yaml", shards=2, defence={"screen": False})
+    out = tmp_path / "out"
+    summary = run_testnet(load_profiles(_cast(tmp_path)), str(cfg), minutes=1.5, out=out, live=False, eval_every=20)
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    commits = [e for e in events if e.get("event") == "commit"]
+    assert {e["shard"] for e in commits} == {0, 1}
+    vals = [e for e in events if e.get("event") == "val"]
+    assert len(vals) >= 3 and any(v["version"] > 0 for v in vals[1:-1])  # fetched from both shards mid-run
+    assert summary["val_loss"]["end"]["mean"] < summary["val_loss"]["start"]["mean"] - 0.3
+    assert all((out / "checkpoint" / f"shard-{k}" / "coordinator.pt").exists() for k in (0, 1))
+
+
 def test_profile_errors_name_the_file_and_key(tmp_path):
     (tmp_path / "x.yaml").write_text(yaml.safe_dump({"name": "x", "region": "de", "speed": 2.0}))
     with pytest.raises(ConfigError) as err:

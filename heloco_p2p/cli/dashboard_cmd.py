@@ -39,7 +39,8 @@ def dashboard(run_id, initial_peers, host, port, interval, max_samples, silent_a
     try:
         with observe_run(run_id, initial_peers, host_maddrs, timeout, "dashboard") as (node, genesis):
             mon = Monitor(node.records, silent_after=silent_after, lease_seconds=lease_seconds,
-                          holder_keys=lease_rules.holder_keys(node))
+                          holder_keys=lease_rules.holder_keys(node),
+                          shards=max(genesis.shards, default=0) + 1)
             dash = Dashboard(mon, run_id, genesis, interval=interval, max_samples=max_samples)
             dash.poll_once()  # the first page shows the swarm, not an empty table
             dash.start()

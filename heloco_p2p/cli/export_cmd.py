@@ -16,12 +16,13 @@ def _quiet_transformers() -> None:
 
 
 @click.command()
-@click.option("--checkpoint", "ckpt_dir", type=click.Path(file_okay=False), required=True,
-              help="A coordinator's --checkpoint-dir (coordinator.pt, config.yaml, tokenizer.json).")
+@click.option("--checkpoint", "ckpt_dirs", type=click.Path(file_okay=False), required=True, multiple=True,
+              help="A coordinator's --checkpoint-dir (coordinator.pt, config.yaml, tokenizer.json); for a run with "
+                   "swarm.shards > 1, every directory holding shard-<k> checkpoints (repeatable).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
               help="Directory to write (new, empty, or an earlier export, which is replaced).")
 @log_level_option
-def export(ckpt_dir, out_dir):
+def export(ckpt_dirs, out_dir):
     """Write a swarm checkpoint's model as a save_pretrained directory with its tokenizer.
 
     AutoModelForCausalLM.from_pretrained(OUT) loads it; heloco_export.json beside it names the
@@ -31,7 +32,7 @@ def export(ckpt_dir, out_dir):
 
     _quiet_transformers()
     try:
-        meta = export_checkpoint(ckpt_dir, out_dir)
+        meta = export_checkpoint(ckpt_dirs[0] if len(ckpt_dirs) == 1 else list(ckpt_dirs), out_dir)
     except ExportError as exc:
         fail(str(exc))
     click.echo(f"exported run {meta['run_id']} at version {meta['version']} (term {meta['term']}, "

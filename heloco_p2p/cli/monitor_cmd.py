@@ -52,7 +52,8 @@ def reader_options(what: str):
                    "reachability}]}. last_seen is the heartbeat's unix time; reachability: direct, relayed or none "
                    "(from the addresses the peer announces). A peer record holds only its last staleness: "
                    "staleness_mean is the mean over the submissions this monitor saw, so with --once it equals "
-                   "staleness_last.")
+                   "staleness_last. With swarm.shards > 1 also shards: [{shard, coordinator, commit_log}] (shard 0's is "
+                   "coordinator too) and placement: {holders, stacked, fewer_peers}.")
 @click.option("--interval", type=click.FloatRange(min=0.2), default=2.0, show_default=True,
               help="Seconds between reads of the records.")
 @reader_options("monitor")
@@ -70,7 +71,8 @@ def monitor(run_id, initial_peers, once, as_json, interval, silent_after, lease_
     try:
         with observe_run(run_id, initial_peers, host_maddrs, timeout, "monitor") as (node, genesis):
             mon = Monitor(node.records, silent_after=silent_after, lease_seconds=lease_seconds,
-                          holder_keys=lease_rules.holder_keys(node))
+                          holder_keys=lease_rules.holder_keys(node),
+                          shards=max(genesis.shards, default=0) + 1)
             if once:
                 _print(mon.poll(), as_json, run_id, genesis)
                 return

@@ -16,7 +16,15 @@ reach it through an explicit hand-off object. The threads of a peer process:
   check and apply, digests, encoding), always awaited by the coroutine that started it;
 - the maintenance thread (``maintenance.Maintenance``) and the lease thread
   (``Election.renew_loop``, with up to 3 ``renew`` pool threads writing the claim);
-- the ``submit`` thread of overlapped rounds (``rounds.InFlight``: one at a time).
+- the ``submit`` thread of overlapped rounds (``rounds.InFlight``: one at a time);
+- with ``swarm.shards`` > 1: one lease thread per shard (``lease-<k>``), and the ``shard-submit``
+  pool of ``shard_submit.ShardedSubmit`` (one thread per shard, one part in flight per shard).
+
+Sharded runs (roles/shards.py): every object below exists once per shard (``peer.ShardStack``),
+each owned as described, each reaching the node through its ``shard_node.ShardNode``; the
+peer's ``global_params`` / ``version`` (a tuple of shard versions) are written only by the
+thread that submits, from the outcomes ``ShardedSubmit.submit`` returns (its pool threads only
+send and return outcomes; their per-shard carry state is touched under ``submit`` only).
 
 Owners (and, where the code does not follow the rule yet, who else writes):
 

@@ -58,6 +58,17 @@ class Election:
         self._last_rejoin = -math.inf
         service.term.verify_lease = self.refresh
         service.standby.on_handover = self.took_over_by_handover
+        replication = getattr(service, "replication", None)  # (test doubles of a service may have none)
+        if replication is not None:
+            replication.announce = self.publish  # a recruited standby counts once a claim names it
+
+    # which live peers may hold a replica, and which first (lower rank); a sharded run sets its own
+    # per shard (peer.py: a peer coordinating another shard may stand by for this one, after free peers)
+    def may_stand_by(self, p: PeerRecord) -> bool:
+        return p.role in REPLICA_ROLES
+
+    def standby_rank(self, p: PeerRecord) -> int:
+        return 0
 
     def refresh(self) -> LeaseRecord | None:
         """Read the lease claims from the DHT and believe one by THE rule (roles/lease.py). A later
@@ -100,7 +111,7 @@ class Election:
         credit = self.service.state.credit_summary()
         stale = list(svc.staleness_recent)
         record = LeaseRecord(peer_id=self.node.peer_id, term=term, version=version,
-                             digest=digest, standbys=list(svc.replication.standbys),
+                             digest=digest, standbys=svc.replication.announced(),
                              maddrs=self.node.visible_maddrs(), renewed=time.time(), commits=svc.commits_this_term,
                              tokens=run_tokens,
                              rejected=svc.rejected_this_term, commits_per_minute=svc.commits_per_minute(),
@@ -157,7 +168,7 @@ class Election:
         again soon after it heals, when it may be the only candidate left."""
         svc, want = self.service, self.cfg.swarm.num_standbys
         rep = svc.replication
-        live = [p for p in self.live_peers() if p.role in REPLICA_ROLES]
+        live = [p for p in self.live_peers() if self.may_stand_by(p)]
         rep.others_alive = len(live)
         if rep.waiting_for_standby():
             logger.warning("waiting for a standby: %d of %d hold the state; submissions are answered busy",
@@ -167,13 +178,13 @@ class Election:
         if len(rep.standbys) >= want:
             return
         now = time.time()
-        candidates = [p for p in live if p.peer_id not in rep.standbys and p.role in ("training", "standby")
+        candidates = [p for p in live if p.peer_id not in rep.standbys and p.role != "catching_up"
                       and now - self._recruit_failed.get(p.peer_id, -math.inf) > self.cfg.swarm.lease_seconds
                       and p.heartbeat > rep.dropped_at.get(p.peer_id, -math.inf)]  # alive since it was dropped
         # the least recently dropped first: a standby dropped because its link to this peer is cut
         # still heartbeats (others relay its records), and trying it first blocks the recruitment
         # of a reachable peer until the cut heals
-        order = sorted(candidates, key=lambda p: (rep.dropped_at.get(p.peer_id, -math.inf), p.peer_id))
+        order = sorted(candidates, key=lambda p: (self.standby_rank(p), rep.dropped_at.get(p.peer_id, -math.inf), p.peer_id))
         for p in order[: want - len(rep.standbys)]:
             if not svc.active:  # stepped down meanwhile: recruit no one
                 break
@@ -284,7 +295,7 @@ class Election:
         if self._holder_still_coordinates(lease):
             return
         term = max(lease.term, svc.term.highest_seen) + 1
-        svc.replication.others_alive = len([p for p in self.live_peers() if p.role in REPLICA_ROLES])
+        svc.replication.others_alive = len([p for p in self.live_peers() if self.may_stand_by(p)])
         svc.replication.standbys = [s for s in lease.standbys if s != self.node.peer_id]
         svc.activate(term)
         self.role = "coordinator"

@@ -81,16 +81,22 @@ class Evaluator:
 
 
 def evaluate_forever(ev: Evaluator, node, election, name: str, every: float, stop_event: threading.Event,
-                     keep_going: Callable[[], bool], log_metric: Callable[[dict], None]) -> None:
+                     keep_going: Callable[[], bool], log_metric: Callable[[dict], None],
+                     download: Callable[[], tuple] | None = None) -> None:
     """The evaluator's loop: every ``every`` seconds, the global θ (never θ̄: ``model="theta"``,
-    from the coordinator or a standby) evaluated per language and published in the DHT."""
+    from the coordinator or a standby) evaluated per language and published in the DHT.
+    ``download``: ``() -> (θ, version)`` instead (a sharded run: θ merged from every shard)."""
     expected = tensor_layout(list(ev.model.parameters()))
     while not stop_event.is_set() and keep_going():
         t0 = time.time()
         try:
-            params, header, _ = download_state(node, election, expected, stop_event, model="theta")
+            if download is None:
+                params, header, _ = download_state(node, election, expected, stop_event, model="theta")
+                version = int(header["version"])
+            else:
+                params, version = download()
             regions = ev.regions_for(p.region for p in election.live_peers() if p.role != "evaluator")
-            point = ev.evaluate(params, int(header["version"]), regions)
+            point = ev.evaluate(params, version, regions)
             node.records.publish_eval(ev.record(node.peer_id, name), ttl=max(4 * every, 300.0))
             log_metric({"event": "eval", "version": point["version"],
                         "val_loss": {"mean": point["mean"], "per_language": point["per_language"]}})

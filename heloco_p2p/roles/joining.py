@@ -136,10 +136,12 @@ def vouched_by(node, initial_peers: list[str]) -> Callable[[], set[str]]:
     return ask
 
 
-def publish_genesis(node, cfg, tokenizer) -> GenesisRecord:
+def publish_genesis(node, cfg, tokenizer, shards: list[int] = ()) -> GenesisRecord:
+    """The run's genesis record; ``shards``: the shard plan's record (roles/shards.py; empty for one)."""
     record = GenesisRecord(protocol_version=PROTOCOL_VERSION, run_id=node.run_id, config_digest=cfg.digest(),
                            tokenizer_digest=tokenizer_digest(tokenizer), max_versions=cfg.swarm.max_versions,
-                           max_tokens=cfg.swarm.max_tokens, created=time.time(), founder=node.peer_id)
+                           max_tokens=cfg.swarm.max_tokens, created=time.time(), founder=node.peer_id,
+                           shards=list(shards))
     node.records.publish_genesis(record)
     return record
 

@@ -48,6 +48,11 @@ class Replication:
         self.unreplicated: list[dict] = []  # commit events of this term's commits that too few standbys hold yet
         self.snapshot: tuple[int, int, str, int] | None = None  # (term, version, θ digest, tokens) the lease names
         self.on_durable = None  # callback(events, checkpointed: bool): commits that became the run's history
+        # blocking callable() -> bool: store a lease claim naming ``announced()`` (the election's publish); a
+        # recruited standby counts only once the lease names it, so an heir of every acknowledged commit is
+        # always named in the DHT (a coordinator that died between the two left a replica no one followed)
+        self.announce = None
+        self.recruiting: str | None = None  # the standby being recruited, named by claims from now on
 
     # -- the rule -------------------------------------------------------------------------------
     def begin_term(self) -> None:
@@ -67,6 +72,11 @@ class Replication:
 
     def waiting_for_standby(self) -> bool:
         return self.term.active and len(self.standbys) < self.required()
+
+    def announced(self) -> list[str]:
+        """The standbys a lease claim names: those listed, and the one being recruited."""
+        pending = self.recruiting
+        return list(self.standbys) + ([pending] if pending is not None and pending not in self.standbys else [])
 
     def heirs(self) -> set[str]:
         """The peers that may claim this term's successor: every standby named in this term."""
@@ -208,6 +218,14 @@ class Replication:
             if not self.term.active or standby in self.standbys:
                 return
             await self.send_full_state(standby)
+            if self.announce is not None:  # named in the DHT before any commit counts on it
+                self.recruiting = standby
+                try:
+                    stored = await asyncio.get_running_loop().run_in_executor(None, self.announce)
+                finally:
+                    self.recruiting = None
+                if not stored:
+                    raise RuntimeError("the lease claim naming it could not be stored")
             self.standbys.append(standby)
             self._heirs.add(standby)
             if len(self.standbys) < self.required():

@@ -11,6 +11,7 @@ from typing import Callable
 
 from heloco_p2p.outer import DyLU
 from heloco_p2p.roles.rounds import RoundLoop
+from heloco_p2p.roles.shards import scalar_version
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class RoundSchedule:
         if self.max_rounds is not None and self.loop.rounds >= self.max_rounds:
             return False
         genesis, run_tokens = self.genesis(), self.election.run_tokens
-        if genesis.max_versions and self.held()[1] >= genesis.max_versions:
+        if genesis.max_versions and scalar_version(self.held()[1]) >= genesis.max_versions:
             logger.info("the run reached its budget of %d versions", genesis.max_versions)
             return False
         if genesis.max_tokens and run_tokens >= genesis.max_tokens:

@@ -29,13 +29,16 @@ class SubmitTally:
         self.last_staleness = 0
         self.acks: deque[dict] = deque(maxlen=ACKS_KEPT)  # the last ACKS_KEPT acknowledgements, oldest first
 
-    def ack(self, out: SubmitOutcome, stats, compute: float, compression: str) -> dict:
-        """Count an accepted submission (``out``, of the round ``stats``); returns its ``ack`` event."""
+    def ack(self, out: SubmitOutcome, stats, compute: float, compression: str, seq: int | None = None,
+            count: bool = True) -> dict:
+        """Count an accepted submission (``out``, of the round ``stats``); returns its ``ack`` event.
+        With shards: ``seq`` is the part's number, and only one part of a round is ``count``-ed."""
         reply = out.reply
-        self.accepted += 1
-        self.tokens += stats.tokens
+        if count:
+            self.accepted += 1
+            self.tokens += stats.tokens
         self.last_staleness = int(reply["staleness"] or 0)
-        ack = {"event": "ack", "seq": self.seq, "version": out.version, "term": int(reply["term"]),
+        ack = {"event": "ack", "seq": self.seq if seq is None else seq, "version": out.version, "term": int(reply["term"]),
                "digest": params_digest(out.params) if out.params is not None else None, "duplicate": bool(reply.get("duplicate")),
                "staleness": reply.get("staleness"), "loss": stats.loss, "tokens": stats.tokens, "steps": stats.steps,
                "compute_seconds": compute, "rtt": out.rtt, "serialize_seconds": out.serialize_seconds,

@@ -39,7 +39,7 @@ PROTOCOL_VERSION = 5  # 2: lease claims count only when signed by their holder (
 StrictFloat, StrictInt, StrictStr, StrictBool = pydantic.StrictFloat, pydantic.StrictInt, pydantic.StrictStr, pydantic.StrictBool
 
 
-class GenesisRecord(pydantic.BaseModel):
+class _GenesisFields(pydantic.BaseModel):
     protocol_version: StrictInt
     run_id: StrictStr
     config_digest: StrictStr
@@ -51,7 +51,13 @@ class GenesisRecord(pydantic.BaseModel):
     mac: StrictStr = ""  # swarm key MAC over the other fields (empty in an open run)
 
 
-class PeerRecord(pydantic.BaseModel):
+class GenesisRecord(_GenesisFields):
+    # swarm.shards > 1: the shard of each parameter tensor, in trainable_params order (roles/shards.py);
+    # not stored for one shard, so the record of an unsharded run is as it always was (OPTIONAL_EMPTY)
+    shards: List[StrictInt] = []
+
+
+class _PeerFields(pydantic.BaseModel):
     peer_id: StrictStr
     name: StrictStr
     region: StrictStr
@@ -71,6 +77,12 @@ class PeerRecord(pydantic.BaseModel):
     heartbeat: StrictFloat
     maddrs: List[StrictStr]
     mac: StrictStr = ""
+
+
+class PeerRecord(_PeerFields):
+    # swarm.shards > 1: this peer's role in each shard it coordinates or stands by for ("0": "coordinator",
+    # "1": "standby"); not stored when empty (an unsharded run: OPTIONAL_EMPTY)
+    shards: Dict[StrictStr, StrictStr] = {}
 
 
 class LeaseRecord(pydantic.BaseModel):
@@ -144,23 +156,65 @@ class CommitLogRecord(pydantic.BaseModel):
     mac: StrictStr = ""
 
 
-class RunSchema(pydantic.BaseModel):
-    genesis: Dict[BytesWithPublicKey, GenesisRecord]
-    peers: Dict[BytesWithPublicKey, PeerRecord]
-    coordinator: Dict[BytesWithPublicKey, LeaseRecord]
-    evals: Dict[BytesWithPublicKey, EvalRecord]
-    commitlog: Dict[BytesWithPublicKey, CommitLogRecord]
+MAX_SHARDS = 32  # lease and commit-log keys exist for shards 1..MAX_SHARDS-1 (roles/shards.py)
+# fields added after a record kind existed, left out of the stored value while empty: an unsharded
+# run's records (and their MACs) are what they were before sharding existed
+OPTIONAL_EMPTY = ("shards",)
+
+
+def shard_field(field: str, shard: int) -> str:
+    """The record kind of ``shard``'s lease or commit log: ``coordinator`` and ``commitlog`` for
+    shard 0 (the keys of an unsharded run), ``coordinator_s<k>`` / ``commitlog_s<k>`` for shard k."""
+    return field if shard == 0 else f"{field}_s{shard}"
+
+
+_shard_keys = {shard_field(f, k): (Dict[BytesWithPublicKey, model], ...)
+               for k in range(1, MAX_SHARDS) for f, model in (("coordinator", LeaseRecord), ("commitlog", CommitLogRecord))}
+# hivemind's SchemaValidator accepts a record only if parsing it changes nothing, so a record with a
+# field left out (OPTIONAL_EMPTY) and one with it set are validated by two schemas: the records as
+# they were (no ``shards``), and those of a sharded run (``shards`` required)
+RunSchema = pydantic.create_model(
+    "RunSchema", __module__=__name__,
+    genesis=(Dict[BytesWithPublicKey, _GenesisFields], ...),
+    peers=(Dict[BytesWithPublicKey, _PeerFields], ...),
+    coordinator=(Dict[BytesWithPublicKey, LeaseRecord], ...),
+    evals=(Dict[BytesWithPublicKey, EvalRecord], ...),
+    commitlog=(Dict[BytesWithPublicKey, CommitLogRecord], ...),
+    **_shard_keys,
+)
+
+
+class ShardedGenesis(_GenesisFields):
+    shards: List[StrictInt]
+
+
+class ShardedPeer(_PeerFields):
+    shards: Dict[StrictStr, StrictStr]
+
+
+ShardedRunSchema = pydantic.create_model(
+    "ShardedRunSchema", __module__=__name__,
+    genesis=(Dict[BytesWithPublicKey, ShardedGenesis], ...),
+    peers=(Dict[BytesWithPublicKey, ShardedPeer], ...),
+)
 
 
 def make_validators(run_id: str, private_key) -> tuple[list, RSASignatureValidator]:
     """Record validators for a DHT that takes part in ``run_id``: schema + owner signatures."""
     signer = RSASignatureValidator(private_key)
-    return [SchemaValidator(RunSchema, allow_extra_keys=True, prefix=run_id), signer], signer
+    schema = SchemaValidator(RunSchema, allow_extra_keys=True, prefix=run_id)
+    schema.merge_with(SchemaValidator(ShardedRunSchema, allow_extra_keys=True, prefix=run_id))
+    return [schema, signer], signer
 
 
 def record_dict(model: pydantic.BaseModel) -> dict:
-    """A record as the plain dict the DHT stores (strict types preserved)."""
-    return model.dict()
+    """A record as the plain dict the DHT stores (strict types preserved; ``OPTIONAL_EMPTY``
+    fields only when set)."""
+    value = model.dict()
+    for key in OPTIONAL_EMPTY:
+        if key in value and not value[key]:
+            del value[key]
+    return value
 
 
 class RunRecords:
@@ -173,10 +227,16 @@ class RunRecords:
         valid MAC are not returned (None: an open run, every well-formed record is returned)
     """
 
-    def __init__(self, dht, run_id: str, signer: RSASignatureValidator, swarm_key=None):
+    def __init__(self, dht, run_id: str, signer: RSASignatureValidator, swarm_key=None, shard: int = 0):
         self.dht, self.run_id, self.signer, self.swarm_key = dht, run_id, signer, swarm_key
+        self.shard = shard  # whose lease and commit log this object reads and writes (``for_shard``)
         self.ignored = 0  # records skipped because their MAC did not verify
         self._warned: set[str] = set()
+
+    def for_shard(self, shard: int) -> "RunRecords":
+        """The same records, with the lease and commit log of ``shard`` (genesis, peers and evals
+        are the run's)."""
+        return self if shard == self.shard else RunRecords(self.dht, self.run_id, self.signer, self.swarm_key, shard)
 
     @property
     def owner(self) -> bytes:
@@ -249,17 +309,17 @@ class RunRecords:
 
     # commit log ---------------------------------------------------------------------------
     def publish_commit_log(self, record: CommitLogRecord, ttl: float) -> bool:
-        return self._store("commitlog", record, ttl, await_all_replicas=False)
+        return self._store(shard_field("commitlog", self.shard), record, ttl, await_all_replicas=False)
 
     def commit_logs(self) -> list[tuple[bytes, CommitLogRecord]]:
         """Every coordinator's latest published log (with the owner key that signed it), newest term first."""
-        return sorted(self._read("commitlog", CommitLogRecord).items(), key=lambda oc: (-oc[1].term, -oc[1].time))
+        return sorted(self._read(shard_field("commitlog", self.shard), CommitLogRecord).items(), key=lambda oc: (-oc[1].term, -oc[1].time))
 
     # lease --------------------------------------------------------------------------------
     def publish_lease(self, record: LeaseRecord, ttl: float) -> bool:
         """Returns once one DHT node stored the claim (the others in the background): a frozen
         node among the replicas must not hold up the renewal of a lease for its wait timeout."""
-        return self._store("coordinator", record, ttl, await_all_replicas=False)
+        return self._store(shard_field("coordinator", self.shard), record, ttl, await_all_replicas=False)
 
     def lease_claims(self) -> list[LeaseRecord]:
         """Every unexpired claim, highest term first (ties: most recently renewed first)."""
@@ -268,5 +328,5 @@ class RunRecords:
     def lease_claims_by_owner(self) -> list[tuple[bytes, LeaseRecord]]:
         """``lease_claims`` with the owner key (subkey) that signed each: a claim is its named
         peer's only if that key is the peer's own (``roles/lease.py``)."""
-        claims = self._read("coordinator", LeaseRecord).items()
+        claims = self._read(shard_field("coordinator", self.shard), LeaseRecord).items()
         return sorted(claims, key=lambda oc: (oc[1].term, oc[1].renewed), reverse=True)

@@ -14,6 +14,15 @@ loads θ into it (names and shapes checked), and writes a ``save_pretrained`` di
 
     meta = export_checkpoint("ckpt-a", "model-v120")
     texts = generate_text("model-v120", "In the beginning", seed=0)
+
+A run with ``swarm.shards`` > 1 has one checkpoint per shard (``<checkpoint-dir>/shard-<k>/``,
+each written by that shard's holder or standbys, usually on different peers): give every
+directory that holds some (``export_checkpoint(["ckpt-a", "ckpt-c"], out)``). θ is assembled at
+one consistent cut: for each shard the newest checkpoint found (highest version, then term), each
+one whole version of its shard (written under that shard's commit lock, never mid-commit), all of
+the same run and config; the cut is named by the vector of shard versions. Shards commit
+independently (each part of a Δ is its own commit), so every such vector is a state of the run:
+the θ a training peer holds is one too (docs/protocol.md, "Sharded coordinators").
 """
 from __future__ import annotations
 
@@ -34,6 +43,7 @@ from heloco_p2p.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, TOKENIZER_FILE, 
 from heloco_p2p.config import ConfigError, config_from_dict, read_yaml
 from heloco_p2p.data import load_tokenizer, tokenizer_digest
 from heloco_p2p.local import build_model, count_params, param_names, trainable_params
+from heloco_p2p.roles.shards import ShardPlan
 
 logger = logging.getLogger(__name__)
 
@@ -54,14 +64,24 @@ class Checkpoint:
     params: list[torch.Tensor]
     names: list[str]
     run_id: str
-    version: int
+    version: int  # with shards: the lowest shard version (``versions`` has each)
     term: int
     config_digest: str
+    versions: list[int] | None = None  # swarm.shards > 1: the cut, one version per shard
+    terms: list[int] | None = None
 
 
-def read_checkpoint(ckpt_dir: str | os.PathLike) -> Checkpoint:
-    """Read and check a checkpoint directory; raise ExportError saying what is wrong."""
-    d = Path(ckpt_dir)
+def read_checkpoint(ckpt_dir: str | os.PathLike | list) -> Checkpoint:
+    """Read and check a checkpoint directory (or, for a sharded run, the directories holding its
+    ``shard-<k>`` checkpoints); raise ExportError saying what is wrong."""
+    dirs = [Path(d) for d in (ckpt_dir if isinstance(ckpt_dir, (list, tuple)) else [ckpt_dir])]
+    shard_dirs = sorted(p for d in dirs for p in d.glob("shard-*") if (p / CHECKPOINT_FILE).is_file())
+    if shard_dirs:
+        return read_sharded_checkpoint(shard_dirs)
+    if len(dirs) != 1:
+        raise ExportError(f"{', '.join(map(str, dirs))}: several checkpoint directories are for a sharded run "
+                          f"(swarm.shards > 1), and none holds a shard-<k>/{CHECKPOINT_FILE}")
+    d = dirs[0]
     if not (d / CHECKPOINT_FILE).is_file():
         missing = [f for f in (CHECKPOINT_FILE, CONFIG_FILE, TOKENIZER_FILE) if not (d / f).is_file()]
         raise ExportError(f"{d}: no {', '.join(missing)} there; a coordinator's --checkpoint-dir holds "
@@ -96,6 +116,36 @@ def read_checkpoint(ckpt_dir: str | os.PathLike) -> Checkpoint:
                       saved.config_digest)
 
 
+def read_sharded_checkpoint(shard_dirs: list[Path]) -> Checkpoint:
+    """θ of a sharded run from ``shard-<k>`` checkpoint directories (the module docstring's cut)."""
+    newest: dict[int, Checkpoint] = {}
+    for d in shard_dirs:
+        try:
+            k = int(d.name.split("-", 1)[1])
+        except ValueError:
+            raise ExportError(f"{d}: not a shard checkpoint directory (shard-<k>)") from None
+        ck = read_checkpoint(d)
+        if k not in newest or (ck.version, ck.term) > (newest[k].version, newest[k].term):
+            newest[k] = ck
+    first = next(iter(newest.values()))
+    plan_count = first.cfg.swarm.shards
+    if sorted(newest) != list(range(plan_count)):
+        raise ExportError(f"the run has {plan_count} shards; checkpoints found for shards {sorted(newest)} only "
+                          f"(give every --checkpoint directory that holds one)")
+    if len({(c.run_id, c.config_digest) for c in newest.values()}) != 1:
+        raise ExportError("the shard checkpoints are of different runs or configs")
+    model = build_model(first.cfg.model, first.tokenizer)
+    names = param_names(model)
+    plan = ShardPlan.for_shapes([tuple(p.shape) for p in trainable_params(model)], plan_count)
+    for k, ck in newest.items():
+        if ck.names != plan.part(names, k):
+            raise ExportError(f"{ck.path}: its tensors are not shard {k}'s of this run's plan")
+    params = plan.merge([newest[k].params for k in range(plan_count)])
+    versions, terms = [newest[k].version for k in range(plan_count)], [newest[k].term for k in range(plan_count)]
+    return Checkpoint(newest[0].path.parent, first.cfg, first.tokenizer, params, names, first.run_id, min(versions),
+                      max(terms), first.config_digest, versions, terms)
+
+
 def model_from_checkpoint(ckpt: Checkpoint):
     """The run's model with θ of the checkpoint; names, shapes and finiteness checked first."""
     model = build_model(ckpt.cfg.model, ckpt.tokenizer)
@@ -117,7 +167,7 @@ def model_from_checkpoint(ckpt: Checkpoint):
     return model
 
 
-def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
+def export_checkpoint(ckpt_dir: str | os.PathLike | list, out_dir: str | os.PathLike) -> dict:
     """Write the checkpoint's model as a ``save_pretrained`` directory; returns the export metadata.
 
     The directory is built beside ``out_dir`` and renamed into place, so an interrupted export
@@ -132,6 +182,8 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike) -
     meta = {"run_id": ckpt.run_id, "version": ckpt.version, "term": ckpt.term, "config_digest": ckpt.config_digest,
             "tokenizer_digest": tokenizer_digest(ckpt.tokenizer), "parameters": count_params(model),
             "checkpoint": str(ckpt.path.resolve()), "exported_at": time.time()}
+    if ckpt.versions is not None:
+        meta.update(shard_versions=ckpt.versions, shard_terms=ckpt.terms)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -132,7 +132,7 @@ def peer_row(r: PeerRecord, now: float, silent_after: float, history: StalenessH
     has_submitted = r.accepted > 0
     _, n, total = history.get(r.peer_id, (0, 0, 0))
     mean = total / n if n else (float(r.staleness) if has_submitted else None)
-    return {
+    row = {
         "peer_id": r.peer_id, "name": r.name, "region": r.region, "role": r.role, "device": r.device,
         "speed": float(r.steps_per_second), "inner_steps": r.inner_steps,
         "staleness_last": r.staleness if has_submitted else None, "staleness_mean": mean,
@@ -143,6 +143,9 @@ def peer_row(r: PeerRecord, now: float, silent_after: float, history: StalenessH
         "rejected": {"total": max(r.rejected, sum((refused or {}).values())), **dict(sorted((refused or {}).items()))},
         "reachability": reachability(r.maddrs),
     }
+    if r.shards:  # swarm.shards > 1: its role in each shard it coordinates or stands by for
+        row["shards"] = dict(r.shards)
+    return row
 
 
 def snapshot(peers: Iterable[PeerRecord], claims: Iterable[LeaseRecord], now: float, *, silent_after: float = 10.0,
@@ -200,8 +203,11 @@ class Monitor:
     """
 
     def __init__(self, records, silent_after: float = 10.0, lease_seconds: float = 10.0, forget_after: float = 600.0,
-                 holder_keys=None):
+                 holder_keys=None, shards: int = 1):
         self.records = records
+        # swarm.shards > 1: one reader per further shard, over that shard's lease and commit log keys
+        self.shard_monitors = [Monitor(records.for_shard(k), silent_after, lease_seconds, forget_after, holder_keys)
+                               for k in range(1, shards)]
         # with a HolderKeys, the lease is believed by the peers' own rule (roles/lease.py): a claim its
         # holder did not sign, or that does not follow the lease believed before, is not shown
         self.holder_keys = holder_keys
@@ -233,10 +239,16 @@ class Monitor:
         if self.holder_keys is not None and self.believed is not None:
             for pid in self.believed.standbys:  # learn the heirs' keys before they claim
                 self.holder_keys.get(pid)
-        return snapshot(self.known.values(), claims, now, silent_after=self.silent_after,
+        snap = snapshot(self.known.values(), claims, now, silent_after=self.silent_after,
                         lease_seconds=self.lease_seconds, staleness_history=self.history,
                         absent=[pid for pid in self.known if pid not in present], lease=believed, evals=evals,
                         commit_log=self.audit_log(now, checker))
+        if self.shard_monitors:
+            views = [snap] + [m.poll(now) for m in self.shard_monitors]
+            snap["shards"] = [{"shard": k, "coordinator": v["coordinator"], "commit_log": v.get("commit_log")}
+                              for k, v in enumerate(views)]
+            snap["placement"] = shard_placement([v["coordinator"] for v in views], snap["peers"])
+        return snap
 
     def audit_log(self, now: float, signed_by_holder) -> Optional[dict]:
         """Check the coordinators' published commit logs (roles/commit_log.py): each one chain, all
@@ -257,6 +269,19 @@ class Monitor:
             return None
         lease = self.believed
         return audit([e for _, e in self.logs.values()], lease.version if lease else None, lease.digest if lease else None)
+
+
+def shard_placement(coordinators: list[Optional[dict]], peers: Iterable[dict]) -> dict:
+    """Who holds which shard (swarm.shards > 1): ``holders`` peer id -> its shards, ``stacked`` the
+    peers holding more than one, and ``fewer_peers``: whether that is because fewer live peers that
+    accept connections (a direct or relayed address) than shards could hold one."""
+    holders: dict[str, list[int]] = {}
+    for k, c in enumerate(coordinators):
+        if c is not None:
+            holders.setdefault(c["peer_id"], []).append(k)
+    able = [p for p in peers if p.get("alive") and p.get("reachability") != "none"]
+    stacked = {pid: ks for pid, ks in holders.items() if len(ks) > 1}
+    return {"holders": holders, "stacked": stacked, "fewer_peers": bool(stacked) and len(able) < len(coordinators)}
 
 
 def wait_for_genesis(records, timeout: float, poll: float = 0.5) -> Optional[GenesisRecord]:
@@ -398,7 +423,8 @@ def render(snap: dict, run_id: str, now: float, genesis: GenesisRecord | None = 
         coord = Text("coordinator: none (no live lease: an election may be under way)", style="yellow")
     else:
         standbys = ", ".join(names.get(s, s[-8:]) for s in c["standbys"]) or "none"
-        coord = Text.assemble(("coordinator ", "bold"), (names.get(c["peer_id"], c["peer_id"][-8:]), "bold cyan"),
+        label = "shard 0 coordinator " if snap.get("shards") else "coordinator "
+        coord = Text.assemble((label, "bold"), (names.get(c["peer_id"], c["peer_id"][-8:]), "bold cyan"),
                               f"  term {c['term']}  version {c['version']}  {c['commits_per_min']:.1f} commits/min"
                               f"  standbys: {standbys}")
     if c is not None and c.get("waiting_for_standby"):
@@ -408,6 +434,24 @@ def render(snap: dict, run_id: str, now: float, genesis: GenesisRecord | None = 
     elif c is not None and not c["standbys"]:
         coord.append("  no standby: commits are not replicated", style="yellow")
     parts = [head, coord]
+    for view in snap.get("shards", [])[1:]:
+        c = view["coordinator"]
+        if c is None:
+            parts.append(Text(f"shard {view['shard']}: no coordinator (no live lease: an election may be under way)",
+                              style="yellow"))
+            continue
+        standbys = ", ".join(names.get(s, s[-8:]) for s in c["standbys"]) or "none"
+        parts.append(Text.assemble((f"shard {view['shard']} coordinator ", "bold"),
+                                   (names.get(c["peer_id"], c["peer_id"][-8:]), "bold cyan"),
+                                   f"  term {c['term']}  version {c['version']}  {c['commits_per_min']:.1f} commits/min"
+                                   f"  standbys: {standbys}"))
+    placement = snap.get("placement")
+    if placement and placement["stacked"]:
+        held = "; ".join(f"{names.get(p, p[-8:])} holds shards {', '.join(map(str, ks))}"
+                         for p, ks in placement["stacked"].items())
+        why = "fewer peers that accept connections than shards" if placement["fewer_peers"] else \
+            "a handover to a free standby is due"
+        parts.append(Text(f"shards: {held} ({why})", style="yellow"))
     log = snap.get("commit_log")
     if log is not None:
         if log["forks"]:

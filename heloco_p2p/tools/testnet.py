@@ -28,13 +28,15 @@ from heloco_p2p.checkpoint import load_checkpoint, read_header
 from heloco_p2p.config import ConfigError, format_errors, load_config, read_yaml
 from heloco_p2p.data import load_tokenizer
 from heloco_p2p.fsutil import atomic_write_json
-from heloco_p2p.local import build_model
+from heloco_p2p.local import build_model, trainable_params
 from heloco_p2p.roles import lease as lease_rules
 from heloco_p2p.roles.evaluator import Evaluator
+from heloco_p2p.roles.shards import ShardPlan
 from heloco_p2p.swarm.auth import load_swarm_key
 from heloco_p2p.swarm.node import SwarmNode
 from heloco_p2p.swarm.wire import unpack_params
 from heloco_p2p.tools.dashboard import Dashboard, DashboardServer
+from heloco_p2p.tools.export import ExportError, read_checkpoint
 from heloco_p2p.tools.launcher import LocalSwarm
 from heloco_p2p.tools.monitor import Monitor, render
 from heloco_p2p.tools.report import write_testnet_report
@@ -86,6 +88,8 @@ class _Evaluator:
         self.model = build_model(cfg.model, self.tok, seed=0)  # seed 0: the founder's θ0
         self.theta0 = [p.detach().clone() for p in self.model.parameters()]
         self.role = Evaluator(self.model, self._load, cfg, self.tok, regions=list(dict.fromkeys(regions)))
+        # swarm.shards > 1: θ is fetched from every shard's holder and merged by the run's plan
+        self.plan = ShardPlan.for_shapes([tuple(p.shape) for p in trainable_params(self.model)], cfg.swarm.shards)
 
     def _load(self, params: list[torch.Tensor]) -> None:
         for p, q in zip(self.model.parameters(), params):
@@ -140,7 +144,8 @@ def run_testnet(profiles: list[PeerProfile], config_path: str, minutes: float, o
         banner = ""
         if dashboard_port is not None:
             dashboard = Dashboard(Monitor(client.records, silent_after=3 * cfg.swarm.heartbeat_seconds,
-                                          lease_seconds=cfg.swarm.lease_seconds, holder_keys=lease_rules.holder_keys(client)),
+                                          lease_seconds=cfg.swarm.lease_seconds, holder_keys=lease_rules.holder_keys(client),
+                                          shards=cfg.swarm.shards),
                                   run_id, interval=2.0)
             _record_validation(dashboard, curve[0])
             dashboard.start()
@@ -150,7 +155,7 @@ def run_testnet(profiles: list[PeerProfile], config_path: str, minutes: float, o
         deadline = t_start + 60 * minutes
         next_eval = time.time() + eval_every
         with _LiveView(client, sw, enabled=live, lease_seconds=cfg.swarm.lease_seconds,
-                       silent_after=3 * cfg.swarm.heartbeat_seconds, banner=banner) as view:
+                       silent_after=3 * cfg.swarm.heartbeat_seconds, banner=banner, shards=cfg.swarm.shards) as view:
             while time.time() < deadline:
                 time.sleep(1.0)
                 view.refresh()
@@ -160,7 +165,7 @@ def run_testnet(profiles: list[PeerProfile], config_path: str, minutes: float, o
                     break
                 if time.time() >= next_eval:
                     next_eval += eval_every
-                    point = _fetch_and_evaluate(client, evaluator, view.lease())
+                    point = _fetch_and_evaluate(client, evaluator, view.leases())
                     if point:
                         curve.append(point)
                         if dashboard is not None:
@@ -178,10 +183,15 @@ def run_testnet(profiles: list[PeerProfile], config_path: str, minutes: float, o
         if client is not None:
             client.shutdown()
     wall = time.time() - t_start
-    ckpt = _collect_checkpoint(sw, out)
+    ckpt = _collect_checkpoint(sw, out) if cfg.swarm.shards == 1 else _collect_shard_checkpoints(sw, out)
     if ckpt is not None:
-        saved = load_checkpoint(ckpt)
-        curve.append({"event": "val", "time": time.time(), "version": saved.version, "val_loss": evaluator(saved.params)})
+        try:
+            saved = load_checkpoint(ckpt) if cfg.swarm.shards == 1 else read_checkpoint(ckpt)
+        except ExportError as exc:
+            logger.warning("the final checkpoint: %s", exc)
+        else:
+            curve.append({"event": "val", "time": time.time(), "version": saved.version,
+                          "val_loss": evaluator(saved.params)})
     summary = build_summary(sw, profiles, curve, wall)
     summary["interrupted"] = interrupted
     summary["run_id"] = run_id
@@ -205,20 +215,25 @@ def _record_validation(dashboard: Dashboard, point: dict) -> None:
     dashboard.record_validation(point["version"], loss["mean"], loss["per_language"], now=point["time"])
 
 
-def _fetch_and_evaluate(client, evaluator, lease) -> dict | None:
-    """The believed coordinator's θ (``lease``: the live view's, by the peers' rule), evaluated;
+def _fetch_and_evaluate(client, evaluator, leases) -> dict | None:
+    """The believed coordinator's θ (``leases``: the live view's, by the peers' rule; one per
+    shard, whose parts are merged by the plan, the version being the lowest of theirs), evaluated;
     the result is published as the testnet's evaluator record, as ``join --evaluator`` does."""
-    if lease is None:
+    if not leases or any(lease is None for lease in leases):
         return None
-    try:
-        header, payload = client.call(lease.peer_id, "state", {"run_id": client.run_id}, timeout=30)
-        if header.get("status") != "ok":
+    parts, versions = [], []
+    for k, lease in enumerate(leases):
+        request = {"run_id": client.run_id, **({"shard": k} if k else {})}
+        try:
+            header, payload = client.call(lease.peer_id, "state", request, timeout=30)
+            if header.get("status") != "ok":
+                return None
+            parts.append(unpack_params(payload))
+        except Exception as exc:  # the coordinator may be changing hands: try again next time
+            logger.debug("evaluation fetch failed: %s", exc)
             return None
-        params = unpack_params(payload)
-    except Exception as exc:  # the coordinator may be changing hands: try again next time
-        logger.debug("evaluation fetch failed: %s", exc)
-        return None
-    version = int(header["version"])
+        versions.append(int(header["version"]))
+    params, version = parts[0] if len(parts) == 1 else evaluator.plan.merge(parts), min(versions)
     point = {"event": "val", "time": time.time(), "version": version, "val_loss": evaluator(params, version)}
     try:
         client.records.publish_eval(evaluator.role.record(client.peer_id, "testnet"), ttl=600.0)
@@ -247,6 +262,24 @@ def _collect_checkpoint(sw: LocalSwarm, out: Path) -> Path | None:
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(best.parent, dest)
+    return dest
+
+
+def _collect_shard_checkpoints(sw: LocalSwarm, out: Path) -> Path | None:
+    """swarm.shards > 1: the newest checkpoint of each shard (highest term, then version) among the
+    peers' directories, as ``<out>/checkpoint/shard-<k>`` (tools/export.py assembles θ from them)."""
+    best: dict[str, tuple] = {}
+    for p in sw.dir.glob("ckpt-*/shard-*/coordinator.pt"):
+        h = read_header(p)
+        if h is not None and (p.parent.name not in best or (h["term"], h["version"]) > best[p.parent.name][0]):
+            best[p.parent.name] = ((h["term"], h["version"]), p.parent)
+    if not best:
+        return None
+    dest = out / "checkpoint"
+    if dest.exists():
+        shutil.rmtree(dest)
+    for name, (_, src) in best.items():
+        shutil.copytree(src, dest / name)
     return dest
 
 
@@ -296,10 +329,10 @@ class _LiveView:
     with a line of notes (validation losses) under it."""
 
     def __init__(self, client, sw: LocalSwarm, enabled: bool, lease_seconds: float = 10.0, silent_after: float = 10.0,
-                 banner: str = ""):
+                 banner: str = "", shards: int = 1):
         self.client, self.sw, self.enabled, self.banner = client, sw, enabled, banner
         self.monitor = Monitor(client.records, silent_after=silent_after, lease_seconds=lease_seconds,
-                               holder_keys=lease_rules.holder_keys(client))
+                               holder_keys=lease_rules.holder_keys(client), shards=shards)
         self.notes: list[str] = []
         self.live = None
 
@@ -325,6 +358,11 @@ class _LiveView:
         except Exception as exc:  # the DHT may hiccup: the last belief stands
             logger.debug("lease read: %s", exc)
         return self.monitor.lease
+
+    def leases(self) -> list:
+        """``lease()`` of every shard (one element without shards), read now."""
+        first = self.lease()
+        return [first] + [m.lease for m in self.monitor.shard_monitors]
 
     def refresh(self) -> None:
         if self.live is not None:
