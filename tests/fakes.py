@@ -72,3 +72,19 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def lone_founder_run(tmp, cfg, prefix: str, rounds: int = 2):
+    """A founder alone in a run of ``cfg`` that commits ``rounds`` rounds and leaves (it
+    checkpoints on leaving); returns its --checkpoint-dir."""
+    import uuid
+
+    from heloco_p2p.tools.launcher import LocalSwarm
+
+    sw = LocalSwarm(tmp, f"{prefix}-{uuid.uuid4().hex[:8]}")
+    try:
+        sw.start("a", "de", "--config", str(cfg), "--max-rounds", str(rounds))
+        assert sw.procs["a"].wait(180) == 0, (tmp / "a.log").read_text()[-3000:]
+    finally:
+        sw.close()
+    return tmp / "ckpt-a"

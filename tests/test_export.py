@@ -1,7 +1,6 @@
 """``heloco-peer export`` and ``heloco-peer generate`` on a checkpoint written by a real coordinator."""
 import json
 import shutil
-import uuid
 
 import pytest
 import torch
@@ -12,7 +11,9 @@ from heloco_p2p.checkpoint import seal
 from heloco_p2p.cli import main
 from heloco_p2p.data import load_tokenizer, tokenizer_digest
 from heloco_p2p.local import trainable_params
-from heloco_p2p.tools.launcher import LocalSwarm, write_test_config
+from heloco_p2p.tools.launcher import write_test_config
+
+from fakes import lone_founder_run
 
 
 def invoke(*args: str):
@@ -23,14 +24,7 @@ def invoke(*args: str):
 def checkpoint(tmp_path_factory):
     """The --checkpoint-dir of a founder that committed two rounds and left (it checkpoints on leaving)."""
     tmp = tmp_path_factory.mktemp("export-run")
-    cfg = write_test_config(tmp / "cfg.yaml")
-    sw = LocalSwarm(tmp, f"exp-{uuid.uuid4().hex[:8]}")
-    try:
-        sw.start("a", "de", "--config", str(cfg), "--max-rounds", "2")
-        assert sw.procs["a"].wait(180) == 0, (tmp / "a.log").read_text()[-3000:]
-    finally:
-        sw.close()
-    return tmp / "ckpt-a"
+    return lone_founder_run(tmp, write_test_config(tmp / "cfg.yaml"), "exp")
 
 
 @pytest.fixture(scope="module")

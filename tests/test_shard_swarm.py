@@ -18,6 +18,8 @@ from heloco_p2p.local import trainable_params
 from heloco_p2p.roles.shards import ShardPlan
 from heloco_p2p.tools.launcher import LocalSwarm, write_test_config
 
+from fakes import lone_founder_run
+
 
 def _holder_by_handover(sw, names, shard):
     for n in names:
@@ -112,13 +114,8 @@ def test_export_assembles_theta_from_every_shards_checkpoint_bitwise(tmp_path):
     from transformers import AutoModelForCausalLM  # heavy: only where it is used
 
     cfg = write_test_config(tmp_path / "cfg.yaml", shards=2, defence={"screen": False})
-    sw = LocalSwarm(tmp_path, f"shards-{uuid.uuid4().hex[:8]}")
-    try:
-        sw.start("a", "de", "--config", str(cfg), "--max-rounds", "2")
-        assert sw.procs["a"].wait(180) == 0, (tmp_path / "a.log").read_text()[-3000:]
-    finally:
-        sw.close()
-    parts = [torch.load(tmp_path / "ckpt-a" / f"shard-{k}" / "coordinator.pt", weights_only=True) for k in (0, 1)]
+    ckpt = lone_founder_run(tmp_path, cfg, "shards")
+    parts = [torch.load(ckpt / f"shard-{k}" / "coordinator.pt", weights_only=True) for k in (0, 1)]
     assert [p["commit_state"]["engine"]["version"] for p in parts] == [2, 2]
     out = tmp_path / "model"
     result = CliRunner().invoke(main, ["export", "--checkpoint", str(tmp_path / "ckpt-a"), "--out", str(out),

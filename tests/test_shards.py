@@ -284,12 +284,16 @@ def test_a_part_that_gave_up_is_sent_again_under_its_number_before_the_parts_car
     sub.close()
 
 
-def test_past_the_bound_the_oldest_carried_parts_are_merged_never_a_part_already_sent():
+def _shard1_held(grace: float):
+    """A sharded submitter of 2 shards whose shard-1 sends wait for ``gate``: (plan, gate, submitter, Δ of ones)."""
     plan = ShardPlan.for_shapes(SHAPES, 2)
     gate = threading.Event()
-    send = ScriptedShards({}, hold={1: gate})
-    sub = ShardedSubmit(plan, send, grace=lambda first: 0.05)
-    ones = [torch.ones(s) for s in SHAPES]
+    sub = ShardedSubmit(plan, ScriptedShards({}, hold={1: gate}), grace=lambda first: grace)
+    return plan, gate, sub, [torch.ones(s) for s in SHAPES]
+
+
+def test_past_the_bound_the_oldest_carried_parts_are_merged_never_a_part_already_sent():
+    plan, gate, sub, ones = _shard1_held(0.05)
     sub.submit(0, ones, (0, 0), _stats())  # shard 1 holds seq 0 in flight
     for seq in range(1, MAX_CARRIED + 3):
         sub.submit(seq, ones, (seq, 0), _stats())
@@ -304,11 +308,7 @@ def test_past_the_bound_the_oldest_carried_parts_are_merged_never_a_part_already
 
 
 def test_a_slow_shard_does_not_hold_the_round_past_the_grace():
-    plan = ShardPlan.for_shapes(SHAPES, 2)
-    gate = threading.Event()
-    send = ScriptedShards({}, hold={1: gate})
-    sub = ShardedSubmit(plan, send, grace=lambda first: 0.2)
-    ones = [torch.ones(s) for s in SHAPES]
+    plan, gate, sub, ones = _shard1_held(0.2)
     t0 = time.monotonic()
     out = sub.submit(1, ones, (0, 0), _stats())
     assert time.monotonic() - t0 < 5.0
