@@ -162,8 +162,8 @@ def run_attacker(kind: str, join_args: list[str]) -> None:
     seed = sum(map(ord, "".join(join_args)))
     original = SubmitClient.submit
 
-    def submit(self, seq, delta, base, stats, expected):
-        out = original(self, seq, delta, base, stats, expected)
+    def submit(self, seq, delta, base, stats, expected, *rest, **kw):
+        out = original(self, seq, delta, base, stats, expected, *rest, **kw)
         self.last_outcome = out
         return out
 
