@@ -80,14 +80,7 @@ class SyncBarrier:
             summary = info.summary()
             event = {**summary, "peer": ",".join(p for p, *_ in items), "seq": -1, "digest": digest, "term": st.term,
                      "peers": len(items), "staleness": 0}
-            if held >= required:
-                rep.durable(event)
-                rep.mark_committed(digest)
-            else:  # committed here, held by too few: in the run's history once a later commit is durable
-                logger.warning("synchronous commit %d is held by %d standbys of the %d required: not acknowledged",
-                               info.version, held, required)
-                rep.hold_back(event)
-            if held < required or not c.term.lease_valid():  # committed, not acknowledged: the retries are duplicates
+            if not rep.settle(event, held, digest) or not c.term.lease_valid():  # not acknowledged: retries are duplicates
                 answer = c.busy(f"the commit is held by {held} of {required} standbys")
             else:
                 for p, seq, *_ in items:

@@ -290,13 +290,8 @@ class CoordinatorService:
         if grid_payload is not None and grid_payload.version == info.version:  # the drift of this version's grid
             event["reply_drift_rel_l2"] = grid_payload.drift_rel_l2
         required = rep.required()
-        if held < required:  # committed here, held by too few: not acknowledged (the retry is a duplicate)
-            logger.warning("commit %d is held by %d standbys of the %d required: not acknowledged",
-                           info.version, held, required)
-            rep.hold_back(event)
+        if not rep.settle(event, held, digest):  # committed here, held by too few: the retry is a duplicate
             return self.busy(f"the commit is held by {held} of {required} standbys; a new standby is recruited")
-        rep.durable(event)
-        rep.mark_committed(digest)  # the lease advertises only versions a standby holds
         if not self.term.lease_valid():  # held, but the lease may have lapsed meanwhile: the retry is a duplicate
             return self.busy("the coordinator is confirming its lease", retry_after=0.5)
         if required == 0 and rep.min_replicas > 0:

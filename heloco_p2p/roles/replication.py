@@ -118,6 +118,21 @@ class Replication:
     def hold_back(self, event: dict) -> None:
         self.unreplicated.append(event)
 
+    def settle(self, event: dict, held: int, digest: str) -> bool:
+        """After a commit was replicated to ``held`` standbys: enough of them (``required``), and it
+        is the run's (``durable``, and the lease may name it); too few, and it is held back, to
+        become the run's with the next durable commit or recruit. Returns whether it may be
+        acknowledged (the asynchronous and the synchronous commit alike)."""
+        required = self.required()
+        if held < required:
+            logger.warning("commit %d is held by %d standbys of the %d required: not acknowledged",
+                           event["version"], held, required)
+            self.hold_back(event)
+            return False
+        self.durable(event)
+        self.mark_committed(digest)  # the lease advertises only versions a standby holds
+        return True
+
     def forget_unreplicated(self) -> None:
         """Stepping down: what only this peer held was never acknowledged and is not the run's."""
         if self.unreplicated:
