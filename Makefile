@@ -33,7 +33,7 @@ test-slow: venv
 	$(PY) -m pytest -q -m slow tests
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 # Solo training of the tiny model on the built-in corpus (German Bible, Elberfelder 1932).
 TRAIN_OUT ?= runs/train-$(shell date +%Y%m%d-%H%M%S)

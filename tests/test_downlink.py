@@ -460,3 +460,26 @@ def test_a_two_peer_swarm_trains_with_wrap8_replies_at_a_quarter_of_fp32(tmp_pat
         sw.close()
         for name in sw.procs:
             assert not sw.group_alive(name)
+
+
+def test_a_coordinator_that_steps_down_releases_the_window_and_starts_it_again_in_a_new_term():
+    svc, state = _service(window=4)
+    g = torch.Generator().manual_seed(12)
+    reply, _ = asyncio.run(svc.handle_submit(*_submission(0, 0, "exact", g), "QmPeer"))
+    assert reply["params_encoding"] == "wrap8" and svc.downlink.prev is not None and svc.downlink.payload is not None
+
+    async def step_down():
+        svc.term.step_down(2)  # a verified higher term (the election or a standby's handler calls this)
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+            if svc.downlink.prev is None:
+                break
+
+    asyncio.run(step_down())
+    assert not svc.active and svc.downlink.prev is None and svc.downlink.payload is None
+    assert not svc.downlink.follows(state.version, 1) and not svc.downlink.decodable(state.version, "wrap8")
+    # coordinating again (a later term): the window starts over and replies are wrap8 from its first commit
+    svc.activate(3)
+    reply, data = asyncio.run(svc.handle_submit(*_submission(state.version, 1, "exact", g), "QmPeer"))
+    assert reply["status"] == "accepted" and reply["params_encoding"] == "wrap8", reply
+    assert svc.downlink.term == 3 and svc.downlink.prev is not None

@@ -77,7 +77,7 @@ class CoordinatorService:
         self.replication = Replication(node, state, self.term, self.lock, min_replicas, lease_seconds)
         self.standby = StandbyService(node, state, self.term, self.lock, self.expected, self._take_role)
         self.barrier = SyncBarrier(self, barrier_timeout)
-        self.term.on_step_down = self.replication.forget_unreplicated
+        self.term.on_step_down = self._stepped_down
         self.replication.on_durable = self._record
         # what this term did (the lease record publishes it)
         self.commits_this_term = 0
@@ -306,6 +306,25 @@ class CoordinatorService:
         loop.run_in_executor(None, trim_heap)  # the commit's transient copies of θ (Δ, θ̄), while the reply goes
         return messages.accepted(info.version, st.term, info.staleness, st.schedule_step(), st.total_tokens,
                                  branches=summary["branches"], timing=timing, **fields), data
+
+    def _stepped_down(self) -> None:
+        """This peer stopped coordinating (from the event loop or the election's thread): what only
+        it committed is not the run's, and the wrap8 window's copy of θ̄ is released (a standby
+        holds no reply state; a new term starts the window again)."""
+        self.replication.forget_unreplicated()
+        if self.downlink is None:
+            return
+        try:
+            asyncio.get_running_loop().create_task(self._release_downlink())  # a standby's handler
+        except RuntimeError:  # the election's thread: the node's event loop runs the release
+            loop = getattr(self.node, "loop", None)
+            if loop is not None:
+                loop.call_soon_threadsafe(lambda: loop.create_task(self._release_downlink()))
+
+    async def _release_downlink(self) -> None:
+        async with self.lock:  # no commit reads the window meanwhile
+            if not self.term.active and self.downlink is not None:
+                self.downlink.clear()
 
     def _record(self, events: list[dict], checkpointed: bool) -> None:
         """Commits that became the run's history (metrics, the ``commit`` event chaos.py checks the

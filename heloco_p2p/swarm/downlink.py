@@ -374,6 +374,11 @@ class DownlinkWindow:
         """Whether the window's last version is ``version`` of ``term`` (the next can be measured from it)."""
         return self.prev is not None and self.term == term and bool(self.grids) and self.grids[-1].version == version
 
+    def clear(self) -> None:
+        """Forget the window (its θ̄ copy, grids and payload): the next commit starts it again."""
+        self.grids.clear()
+        self.prev, self.term, self.payload = None, None, None
+
     def start(self, params: Sequence[torch.Tensor], version: int, term: int) -> None:
         """Start the window at ``version`` (θ̄ = ``params``, before a commit): the next version's
         change is measured from it, so senders at this base get wrap8 from the first commit on."""
