@@ -29,11 +29,9 @@ from heloco_p2p.roles.commit_state import CommitState, SubmissionLimits
 from heloco_p2p.roles.coordinator import CoordinatorService
 from heloco_p2p.roles.joining import (
     MAX_BUSY,
-    MAX_PARTS,
     MAX_PINNED,
     MAX_PLANS_KEPT,
     JoinError,
-    StateRequest,
     StateServer,
     download_state,
     part_ranges,
@@ -42,6 +40,7 @@ from heloco_p2p.roles.joining import (
     wire_digest,
     write_slice,
 )
+from heloco_p2p.roles.messages import MAX_PARTS, StateRequest
 from heloco_p2p.swarm.lifetime import p2p_daemon_pid
 from heloco_p2p.swarm.wire import WireError, unpack_params
 

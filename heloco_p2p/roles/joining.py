@@ -34,7 +34,7 @@ import yaml
 from heloco_p2p.config import config_from_dict, load_config
 from heloco_p2p.data import load_tokenizer, tokenizer_digest
 from heloco_p2p.roles import lease as lease_rules
-from heloco_p2p.roles.messages import header_int, header_str, rejected
+from heloco_p2p.roles.messages import MAX_PARTS, StateRequest, rejected
 from heloco_p2p.swarm.auth import SwarmKeyError, load_swarm_key
 from heloco_p2p.swarm.lifetime import trim_heap
 from heloco_p2p.swarm.records import PROTOCOL_VERSION, GenesisRecord, PeerRecord
@@ -212,8 +212,6 @@ def fetch_genesis_files(node, genesis: GenesisRecord, identity: str | None = Non
 # ---------------------------------------------------------------------------------------- state in parts
 JOIN_PART_MB = 16.0  # default part size (MB of the compressed state): ``heloco-peer join --join-part-mb``
 JOIN_SOURCES = 4  # default number of peers a joiner downloads from at once: ``--join-sources``
-MAX_PARTS = 4096  # parts a state may be cut into (a plan lists one digest per part)
-STATE_COMPRESSIONS = ("none", "fp16")  # a state in parts: exact fp32, or fp16 (at most 16 bits/param)
 PIN_SECONDS = 60.0  # a version served in parts is kept this long after its last request
 MAX_PINNED = 2  # versions a server keeps for joiners at once (each a copy of θ̄ or θ)
 MAX_PLANS_KEPT = 4  # part counts whose part digests a kept version remembers
@@ -264,51 +262,6 @@ def wire_digest(tensors: Iterable[torch.Tensor]) -> str:
     for t in tensors:
         h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
-
-
-@dataclass(frozen=True)
-class StateRequest:
-    """A ``state`` request, parsed once (docs/protocol.md, "Joining"): the whole state (no
-    ``part`` and no ``plan``: today's reply, fp32 unless ``compression`` says otherwise), a plan
-    (``plan: true`` with ``parts``), or one part (``part``, ``parts`` and the plan's ``version``,
-    optionally its ``digest``)."""
-
-    model: str = "dispatch"
-    compression: str = "none"
-    plan: bool = False
-    part: int | None = None
-    parts: int | None = None
-    version: int | None = None
-    digest: str | None = None
-
-    @classmethod
-    def parse(cls, header: dict) -> "StateRequest":
-        """:raises WireError: ``malformed``, with the field at fault"""
-        model = header.get("model", "dispatch")
-        if model not in ("dispatch", "theta"):
-            raise WireError("malformed", f"header field 'model' must be 'dispatch' or 'theta', got {str(model)[:40]!r}")
-        compression = header.get("compression", "none")
-        if compression not in STATE_COMPRESSIONS:
-            raise WireError("malformed", f"header field 'compression' must be one of {STATE_COMPRESSIONS}, "
-                                         f"got {str(compression)[:40]!r}")
-        if model == "theta" and compression != "none":
-            raise WireError("malformed", "model 'theta' is served exact (compression 'none') only")
-        plan = header.get("plan", False)
-        if type(plan) is not bool:
-            raise WireError("malformed", "header field 'plan' must be true or false")
-        part = parts = version = digest = None
-        if plan or "part" in header or "parts" in header:
-            parts = header_int(header, "parts", lo=1, hi=MAX_PARTS)
-        if "part" in header:
-            if plan:
-                raise WireError("malformed", "a request is a plan or a part, not both")
-            part = header_int(header, "part", lo=0, hi=parts - 1)
-            version = header_int(header, "version")
-            if "digest" in header:
-                digest = header_str(header, "digest", max_len=64)
-        elif parts is not None and not plan:
-            raise WireError("malformed", "header field 'parts' needs 'part' (or 'plan': true)")
-        return cls(model, compression, plan, part, parts, version, digest)
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """The protocol's messages, parsed once at the edge, and the replies built in one place.
 
 Every request a handler receives is untrusted: ``Submission.parse``, ``CommitForward.parse``,
-``FullStateHeader.parse`` and ``HandoverRequest.parse`` check each header field's type and range
-and raise ``WireError`` (code ``malformed``, ``unknown_run`` or ``layout_mismatch``) before any
+``FullStateHeader.parse``, ``HandoverRequest.parse`` and ``StateRequest.parse`` (a joiner's
+``state`` request) check each header field's type and range and raise ``WireError`` (code ``malformed``, ``unknown_run`` or ``layout_mismatch``) before any
 handler logic runs; the handlers then work with typed values only. Replies are dicts on the wire
 (``swarm/node.py`` frames them); the builders below are the only places their shapes are written,
 so a status and its fields stay the same everywhere (docs/protocol.md lists them).
@@ -260,3 +260,52 @@ def accepted(version: int, term: int, staleness: int | None, schedule_step: int,
     """The header of an acknowledgement (the payload is the packed θ the sender starts from)."""
     return {"status": "accepted", "duplicate": duplicate, "version": version, "term": term, "staleness": staleness,
             "schedule_step": schedule_step, "run_tokens": run_tokens, **extra}
+
+
+MAX_PARTS = 4096  # parts a state may be cut into (a plan lists one digest per part)
+STATE_COMPRESSIONS = ("none", "fp16")  # a state in parts: exact fp32, or fp16 (at most 16 bits/param)
+
+
+@dataclass(frozen=True)
+class StateRequest:
+    """A ``state`` request, parsed once (docs/protocol.md, "Joining"): the whole state (no
+    ``part`` and no ``plan``: today's reply, fp32 unless ``compression`` says otherwise), a plan
+    (``plan: true`` with ``parts``), or one part (``part``, ``parts`` and the plan's ``version``,
+    optionally its ``digest``)."""
+
+    model: str = "dispatch"
+    compression: str = "none"
+    plan: bool = False
+    part: int | None = None
+    parts: int | None = None
+    version: int | None = None
+    digest: str | None = None
+
+    @classmethod
+    def parse(cls, header: dict) -> "StateRequest":
+        """:raises WireError: ``malformed``, with the field at fault"""
+        model = header.get("model", "dispatch")
+        if model not in ("dispatch", "theta"):
+            raise WireError("malformed", f"header field 'model' must be 'dispatch' or 'theta', got {str(model)[:40]!r}")
+        compression = header.get("compression", "none")
+        if compression not in STATE_COMPRESSIONS:
+            raise WireError("malformed", f"header field 'compression' must be one of {STATE_COMPRESSIONS}, "
+                                         f"got {str(compression)[:40]!r}")
+        if model == "theta" and compression != "none":
+            raise WireError("malformed", "model 'theta' is served exact (compression 'none') only")
+        plan = header.get("plan", False)
+        if type(plan) is not bool:
+            raise WireError("malformed", "header field 'plan' must be true or false")
+        part = parts = version = digest = None
+        if plan or "part" in header or "parts" in header:
+            parts = header_int(header, "parts", lo=1, hi=MAX_PARTS)
+        if "part" in header:
+            if plan:
+                raise WireError("malformed", "a request is a plan or a part, not both")
+            part = header_int(header, "part", lo=0, hi=parts - 1)
+            version = header_int(header, "version")
+            if "digest" in header:
+                digest = header_str(header, "digest", max_len=64)
+        elif parts is not None and not plan:
+            raise WireError("malformed", "header field 'parts' needs 'part' (or 'plan': true)")
+        return cls(model, compression, plan, part, parts, version, digest)
