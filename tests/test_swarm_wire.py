@@ -10,6 +10,7 @@ import torch
 from heloco_p2p.swarm.wire import (
     COMPRESSIONS,
     MAGIC,
+    Lingering,
     WireError,
     decode_tensors,
     encode_tensors,
@@ -422,3 +423,35 @@ def test_12_mib_message_echoed_over_a_hivemind_binary_stream():
     (doubled,) = decode_tensors(header["tensors"], body)
     assert torch.equal(doubled, big * 2)
     assert refused == {"ok": False, "code": "too_large"} and refused_body == b""
+
+
+def test_lingering_streams_are_bounded_and_the_ones_past_the_bound_close_at_once():
+    class Silent:  # a client that never closes its side: lingers until the timeout
+        async def read(self, n):
+            await asyncio.sleep(3600)
+
+    class Writer:
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    async def go():
+        pool = Lingering(limit=3)
+        writers = [Writer() for _ in range(5)]
+        tasks = [asyncio.ensure_future(pool.close(Silent(), w, timeout=0.3)) for w in writers]
+        await asyncio.sleep(0.05)
+        assert pool.count == 3 and pool.closed_at_once == 2
+        assert [w.closed for w in writers] == [False, False, False, True, True]
+        await asyncio.gather(*tasks)
+        assert pool.count == 0 and all(w.closed for w in writers)  # the lingering ones closed at their timeout
+        # the bound frees up: the next stream lingers again
+        w = Writer()
+        t = asyncio.ensure_future(pool.close(Silent(), w, timeout=0.2))
+        await asyncio.sleep(0.05)
+        assert pool.count == 1 and not w.closed and pool.closed_at_once == 2
+        await t
+
+    asyncio.run(go())
+    with pytest.raises(ValueError, match="limit"):
+        Lingering(0)

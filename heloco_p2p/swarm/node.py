@@ -15,7 +15,9 @@ reply ``{"status": "rejected", "reason": code, "message": ...}`` (plus ``retry_a
 ``busy`` and ``rate_limited``) and is counted per remote peer in ``rejections``:
 
 1. at most ``max_open_streams`` requests open at once (``busy``, before anything is read), and
-   the header within ``header_timeout`` seconds (``truncated``);
+   the header within ``header_timeout`` seconds (``truncated``); after its reply a stream lingers
+   until the client closes (``wire.linger_close``), at most ``max_open_streams`` of them at once
+   (past that a stream is closed at once: ``Lingering``);
 2. the frame (``wire.read_head``: ``bad_magic``, ``truncated``, ``too_large``, ``malformed``);
 3. with a swarm key (``swarm/auth.py``): the request's MAC, timestamp and nonce
    (``unauthenticated``, ``replayed``); a keyless node refuses authenticated requests
@@ -51,8 +53,8 @@ from heloco_p2p.swarm.auth import ReplayGuard, SwarmKey
 from heloco_p2p.swarm.lifetime import p2p_daemon_pid
 from heloco_p2p.swarm.records import RunRecords, make_validators
 from heloco_p2p.swarm.wire import (
+    Lingering,
     WireError,
-    linger_close,
     read_head,
     read_payload,
     request,
@@ -216,6 +218,8 @@ class SwarmNode:
         self.max_open_streams = max_open_streams
         self.header_timeout = header_timeout
         self.open_streams = 0
+        # streams closing after their reply (wire.linger_close): at most max_open_streams at once
+        self.lingering = Lingering(max_open_streams)
         self.gates: dict[str, Gate] = {}
         self.rejections: OrderedDict[str, Counter] = OrderedDict()  # remote peer -> reason -> count
         self.loop = asyncio.new_event_loop()
@@ -318,7 +322,7 @@ class SwarmNode:
                                                  "message": f"{self.open_streams} requests open; retry after 1 s"})
                 except (ConnectionError, OSError):
                     pass
-                await linger_close(reader, writer)
+                await self.lingering.close(reader, writer)
                 return
             self.open_streams += 1
             try:
@@ -334,7 +338,7 @@ class SwarmNode:
                                type(exc).__name__, exc)
             finally:
                 self.open_streams -= 1
-                await linger_close(reader, writer)
+                await self.lingering.close(reader, writer)
 
         self.run(self.p2p.add_binary_stream_handler(self._handler_name(name), _serve))
         return gate

@@ -509,6 +509,31 @@ async def linger_close(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
         writer.close()
 
 
+class Lingering:
+    """Server streams closing after their reply (``linger_close``), bounded: a stream lingers only
+    while fewer than ``limit`` do, else it is closed at once. A peer that never closes its side
+    holds a lingering stream for ``linger_close``'s timeout; without the bound, streams opened
+    faster than they linger out (each one refused ``busy`` at once) would grow without limit."""
+
+    def __init__(self, limit: int):
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        self.limit = limit
+        self.count = 0  # streams lingering now
+        self.closed_at_once = 0  # streams closed without lingering because ``limit`` were
+
+    async def close(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, **kwargs) -> None:
+        if self.count >= self.limit:
+            self.closed_at_once += 1
+            writer.close()
+            return
+        self.count += 1
+        try:
+            await linger_close(reader, writer, **kwargs)
+        finally:
+            self.count -= 1
+
+
 class _Prepend:
     """A reader that yields ``first`` before the rest of ``reader`` (to re-read a peeked byte)."""
 
