@@ -157,7 +157,7 @@ class DefenceConfig(_Section):
     norm_factor: float = Field(5.0, gt=1)
     # norm clip: an accepted Δ above clip_factor × the same median is scaled down to it (None: off);
     # at most norm_factor (above it the Δ is refused)
-    clip_factor: float | None = Field(2.0, gt=0)
+    clip_factor: float | None = Field(1.0, gt=0)
     norm_window: int = Field(8, gt=0)
     min_norms: int = Field(2, gt=0)
     min_voters: int = Field(2, gt=0)

@@ -345,19 +345,16 @@ def render(results: dict) -> str:
             lines += [f"Clean runs, settings {_settings_text(key)} ({len(cl)}): mean loss "
                       + ", ".join(_f(m) for m in means) + f" (spread {_f(max(means) - min(means))}); "
                       + "worst language " + ", ".join(_f(r["worst_loss"]) for r in cl) + ".", ""]
-    lines += ["| attack | defence | settings | tree | attacker commits (share) | attacker submissions accepted | "
+    header = ["| attack | defence | settings | tree | attacker commits (share) | attacker submissions accepted | "
               "mean loss (Δ vs clean) | worst language | honest refused | honest resends | screen ms | target |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in runs:
-        clean_mean = clean_means.get(_settings(r), math.nan)
-        delta = r["mean_loss"] - clean_mean
-        met = "control" if r["attack"] == "honest_extra" else "met" if target_met(r, clean_mean) else "missed"
-        lines.append(f"| {r['attack']} | {'on' if r['defence'] else 'off'} | {_settings_text(_settings(r))} | "
-                     f"{r['tree'][:7]} | {r['attacker_commits']} of {r['commits']} "
-                     f"({100 * r['attacker_share']:.0f}%) | {r['attacker_accepted']} of {r['attacker_submissions']} | "
-                     f"{_f(r['mean_loss'])} ({_f(delta, '+.2f')}) | {_f(r['worst_loss'])} | "
-                     f"{r['honest_refused']} of {r['honest_submissions']} ({r['honest_refused_pct']:.1f}%) | "
-                     f"{r['honest_resends']} | {_f(r['screen_ms_median'], '.1f')} | {met} |")
+    current = results.get("current")
+    now = [r for r in runs if current and r.get("compare") == current and not r.get("settings")]
+    if now:  # the latest series (the defaults under test) first, then every earlier one
+        lines += [f"**The current defaults** (series `{current}`):", ""] + header + [_row(r, clean_means) for r in now]
+        lines += ["", "**Every earlier series and variant** (each against the clean runs of its own settings and "
+                      "length):", ""]
+    lines += header + [_row(r, clean_means) for r in runs if r not in now]
     on = [r for r in runs if r["defence"]]
     refused, submitted = sum(r["honest_refused"] for r in on), sum(r["honest_submissions"] for r in on)
     lines += ["", f"Honest submissions refused over every run with the defence on: {refused} of {submitted} "
@@ -375,14 +372,27 @@ def render(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _row(r: dict, clean_means: dict) -> str:
+    clean_mean = clean_means.get(_settings(r), math.nan)
+    delta = r["mean_loss"] - clean_mean
+    met = "control" if r["attack"] == "honest_extra" else "met" if target_met(r, clean_mean) else "missed"
+    return (f"| {r['attack']} | {'on' if r['defence'] else 'off'} | {_settings_text(_settings(r))} | "
+            f"{r['tree'][:7]} | {r['attacker_commits']} of {r['commits']} "
+            f"({100 * r['attacker_share']:.0f}%) | {r['attacker_accepted']} of {r['attacker_submissions']} | "
+            f"{_f(r['mean_loss'])} ({_f(delta, '+.2f')}) | {_f(r['worst_loss'])} | "
+            f"{r['honest_refused']} of {r['honest_submissions']} ({r['honest_refused_pct']:.1f}%) | "
+            f"{r['honest_resends']} | {_f(r['screen_ms_median'], '.1f')} | {met} |")
+
+
 def _settings(r: dict) -> tuple:
     """The group a run is compared in: its --set overrides, and ``compare`` where the code under
     test changed between series (the tree it was measured on)."""
-    return tuple(sorted(r.get("settings") or ())) + ((f"tree {r['compare']}",) if r.get("compare") else ())
+    length = () if r.get("rounds", 8) == 8 else (f"{r['rounds']} rounds",)  # 8: every series before 2026-12-02
+    return tuple(sorted(r.get("settings") or ())) + length + ((f"tree {r['compare']}",) if r.get("compare") else ())
 
 
 def _settings_text(key: tuple) -> str:
-    return ", ".join(k if k.startswith("tree ") else f"`{k}`" for k in key) if key else "–"
+    return ", ".join(k if k.startswith("tree ") or k.endswith(" rounds") else f"`{k}`" for k in key) if key else "–"
 
 
 def target_met(r: dict, clean_mean: float) -> bool:
@@ -416,6 +426,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "poison")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for the run (repeatable), e.g. swarm.defence.share_factor=1.5")
+    ap.add_argument("--compare", default=None, metavar="LABEL",
+                    help="compare these runs only with clean runs of the same label (the code or its defaults changed "
+                         "since the earlier series in --json); the section shows this series first")
     ap.add_argument("--json", type=Path, default=None, help="write the results here (and read earlier ones to extend)")
     ap.add_argument("--write-results", action="store_true", help="the section of docs/reliability.md")
     ap.add_argument("--render-only", action="store_true", help="rewrite the section from --json, no runs")
@@ -442,6 +455,9 @@ def main() -> None:
             print(f"[{time.strftime('%H:%M:%S')}] run {i + 1}/{len(plan)}: {name}", flush=True)
             rec = one_run(attack, defence, args, args.out / name)
             rec["tree"] = results["meta"]["tree"]
+            if args.compare:
+                rec["compare"] = args.compare
+                results["current"] = args.compare
             results["runs"].append(rec)
             print(json.dumps({k: v for k, v in rec.items() if k not in ("per_language", "untrained_per_language")}),
                   flush=True)

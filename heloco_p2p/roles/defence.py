@@ -61,7 +61,7 @@ class DefenceLimits:
 
     enabled: bool = True
     norm_factor: float = 5.0  # ‖Δ‖ ≤ this × median over other peers of their median recent accepted norm
-    clip_factor: float | None = 2.0  # an accepted Δ is scaled down to at most this × the same reference
+    clip_factor: float | None = 1.0  # an accepted Δ is scaled down to at most this × the same reference
     norm_window: int = 8  # accepted norms kept per peer
     min_norms: int = 2  # accepted norms a peer needs before it votes
     min_voters: int = 2  # other voting peers needed for the per-peer bound (else the run-wide rule)
