@@ -346,7 +346,7 @@ def render(results: dict) -> str:
                       + ", ".join(_f(m) for m in means) + f" (spread {_f(max(means) - min(means))}); "
                       + "worst language " + ", ".join(_f(r["worst_loss"]) for r in cl) + ".", ""]
     header = ["| attack | defence | settings | tree | attacker commits (share) | attacker submissions accepted | "
-              "mean loss (Δ vs clean) | worst language | honest refused | honest resends | screen ms | target |",
+              "mean loss (Δ vs clean) | worst language | honest refused | honest resends | screen ms | loss target |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     current = results.get("current")
     now = [r for r in runs if current and r.get("compare") == current and not r.get("settings")]
@@ -355,12 +355,10 @@ def render(results: dict) -> str:
         lines += ["", "**Every earlier series and variant** (each against the clean runs of its own settings and "
                       "length):", ""]
     lines += header + [_row(r, clean_means) for r in runs if r not in now]
-    on = [r for r in runs if r["defence"]]
-    refused, submitted = sum(r["honest_refused"] for r in on), sum(r["honest_submissions"] for r in on)
-    lines += ["", f"Honest submissions refused over every run with the defence on: {refused} of {submitted} "
-                  f"({100 * refused / max(1, submitted):.1f}%)."]
-    lines += ["", "Target: mean loss within 0.3 nats of the clean runs' mean, below the untrained loss on every "
-              "language, and under 2% of the honest submissions refused. Honest resends: submissions resent after "
+    lines += [""] + ([refusal_line(now, f"the series `{current}`"), ""] if now else []) + \
+        [refusal_line(runs, "every run with the defence on")]
+    lines += ["", "Target (per run): mean loss within 0.3 nats of the clean runs' mean and below the untrained loss on "
+              "every language; under 2% of the honest submissions refused is a rate over a series (above). Honest resends: submissions resent after "
               "`busy`/`rate_limited` or a lost reply (the client's attempts − 1); the commit-share rule answers `busy`. "
               "Screen ms: the loss screen's median time per screened commit at the coordinator, on this loaded machine.",
               "", "Refusal reasons of the attackers' submissions, per run: "
@@ -396,9 +394,24 @@ def _settings_text(key: tuple) -> str:
 
 
 def target_met(r: dict, clean_mean: float) -> bool:
-    """The issue's target: within 0.3 nats of the clean mean, below untrained on every language, < 2% honest refused."""
+    """The loss target of one run: within 0.3 nats of the clean mean and below untrained on every
+    language. The honest-refusal target (< 2%) is a rate over a series (``refusal_line``): with
+    ~45 honest submissions a run, one refusal is already 2.2%."""
     below = all(v < r["untrained_per_language"].get(k, math.inf) for k, v in r["per_language"].items())
-    return bool(r["mean_loss"] <= clean_mean + 0.3 and below and r["honest_refused_pct"] < 2.0)
+    return bool(r["mean_loss"] <= clean_mean + 0.3 and below)
+
+
+def refusal_line(runs: list, what: str) -> str:
+    on = [r for r in runs if r["defence"]]
+    refused, submitted = sum(r["honest_refused"] for r in on), sum(r["honest_submissions"] for r in on)
+    pct = 100 * refused / max(1, submitted)
+    reasons: dict = {}
+    for r in on:
+        for k, v in r.get("honest_refused_reasons", {}).items():
+            reasons[k] = reasons.get(k, 0) + v
+    why = (" (" + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())) + ")") if reasons else ""
+    return (f"Honest submissions refused over {what}: {refused} of {submitted} ({pct:.1f}%){why}; target < 2%: "
+            f"{'met' if pct < 2.0 else 'missed'}.")
 
 
 def _tree() -> str:
