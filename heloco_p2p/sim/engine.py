@@ -36,8 +36,8 @@ it waits while the link carries an earlier part) and is committed then, with bas
 shard-k version the round started from, so its staleness is τ_k = v_k − v0_k at that commit.
 The reply to part k is shard k's dispatch point right after that commit (at its new v_k) and
 arrives ``latency[w][k]`` later; the worker starts its next round when every reply is in, from the
-union of the S replies. DyLU, tokens, the time evaluations and the commit record count a round
-when its last part is committed. With S = 1 and no delays the shard model is the unsharded one
+union of the S replies (its H, with DyLU, decided then). Tokens, DyLU's speed, the token-budget
+evaluations and the commit record count a round when its last part is committed. With S = 1 and no delays the shard model is the unsharded one
 bitwise (tests/test_sim_shards.py); without a ``shard_delay`` (and S = 1) the unsharded loop
 runs, as before the model existed.
 
@@ -383,8 +383,10 @@ class Simulation:
     def _run_async_sharded(self) -> None:
         """The event loop of the shard model (module docstring). Events: ``send`` (a round's
         parts leave; the round is computed then), ``arrive`` (part k reaches its holder's link),
-        ``commit`` (part k has crossed it and is committed). Ties in time go in the order the
-        events were made (a counter), so S = 1 without delays commits as the unsharded loop."""
+        ``commit`` (part k has crossed it and is committed), ``start`` (the last reply is in; a
+        round whose replies are in at once starts in its last commit's event). Ties in time go
+        in the order the events were made (a counter), so S = 1 without delays commits as the
+        unsharded loop."""
         S = self.spec.shards
         delay = self.spec.shard_delay or {}
         latency = delay.get("latency_s") or [[0.0] * S for _ in self.workers]
@@ -422,12 +424,17 @@ class Simulation:
                 else:  # first come first served on the holder's link
                     free[k] = max(t, free[k]) + link[k]
                     push(free[k], "commit", idx, k)
+            elif kind == "start":
+                push(self._start_sharded(w, t), "send", idx)
             else:
                 self._commit_part(w, k)
                 if w.flight["left"] == 0:
                     at = max(tk + lat for tk, lat in zip(w.flight["t"], latency[idx]))  # the last reply is in
                     self._round_done(w)
-                    push(self._start_sharded(w, at), "send", idx)
+                    if at > t:
+                        push(at, "start", idx)
+                    else:
+                        push(self._start_sharded(w, t), "send", idx)
 
     def _commit_part(self, w: Worker, k: int) -> None:
         f, engine = w.flight, self.engine.engines[k]
