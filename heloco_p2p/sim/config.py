@@ -2,6 +2,7 @@
 seeds and budgets to run, on top of a base run config that gives the model and inner loop."""
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
@@ -60,6 +61,49 @@ class UplinkConfig(_Strict):
         return TopkCodec(self.density, self.bits, self.chunk)
 
 
+class ShardDelay(_Strict):
+    """How the parts of a round reach their shard coordinators (``shards``, sim/engine.py): part k
+    of worker w sent at t arrives at t + latency[w][k] + J (J exponential with mean ``jitter_s``,
+    from the run's seeded RNG; 0 when ``jitter_s`` is 0), then crosses its holder's link of
+    ``link`` bytes per virtual second (bytes_k / link, the part as the uplink encodes it), first
+    come first served: a part that arrives while the link carries another waits for it. It is
+    committed when it has crossed. Its reply (the shard's θ̄ right after that commit) takes
+    latency[w][k] back. ``link`` None: no transfer time and no queue.
+
+    ``latency_s``: one value for every worker and shard, one per shard, or one list per worker
+    (worker × shard: holders and workers in different places)."""
+
+    latency_s: float | list[float] | list[list[float]] = 0.0
+    jitter_s: float = Field(0.0, ge=0)
+    link: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _valid(self) -> "ShardDelay":
+        lat = self.latency_s if isinstance(self.latency_s, list) else [self.latency_s]
+        flat = [x for row in lat for x in (row if isinstance(row, list) else [row])]
+        if not flat or not all(math.isfinite(x) and x >= 0 for x in flat):
+            raise ValueError(f"latency_s: must be >= 0 (one value, one per shard or worker × shard), got {self.latency_s!r}")
+        if not math.isfinite(self.jitter_s):
+            raise ValueError(f"jitter_s: must be finite, got {self.jitter_s!r}")
+        return self
+
+    def latencies(self, shards: int, workers: int) -> list[list[float]]:
+        """latency[w][k] for ``workers`` workers and ``shards`` shards.
+
+        :raises ValueError: a list that does not fit S (or the workers)
+        """
+        lat = self.latency_s
+        if not isinstance(lat, list):
+            return [[float(lat)] * shards for _ in range(workers)]
+        if all(isinstance(row, list) for row in lat):
+            if len(lat) != workers or any(len(row) != shards for row in lat):
+                raise ValueError(f"shard_delay.latency_s: expected {workers} lists (one per worker) of {shards} values")
+            return [[float(x) for x in row] for row in lat]
+        if any(isinstance(row, list) for row in lat) or len(lat) != shards:
+            raise ValueError(f"shard_delay.latency_s: {len(lat)} values for {shards} shards")
+        return [[float(x) for x in lat] for _ in range(workers)]
+
+
 class Variant(_Strict):
     """A new algorithm name made from a built-in one with other arguments (for ablations)."""
 
@@ -77,6 +121,8 @@ class Variant(_Strict):
     dylu: bool | None = None
     overlap: bool | None = None  # overlapped rounds for this name (None: the config's ``overlap``)
     uplink: UplinkConfig | None = None  # Δ compression for this name (None: the config's ``uplink``)
+    shards: int | None = Field(None, ge=1)  # S shard coordinators for this name (None: the config's)
+    shard_delay: ShardDelay | None = None  # the parts' delays for this name (None: the config's)
 
 
 class SimConfig(_Strict):
@@ -106,6 +152,10 @@ class SimConfig(_Strict):
     # every asynchronous rule ρ = base (1/√K), so that an ablation compares rules, not step sizes.
     staleness_weight: str | None = None
     uplink: UplinkConfig = Field(default_factory=UplinkConfig)  # Δ on the wire (default: fp32, exact)
+    # S shard coordinators, as swarm.shards (1: one coordinator, today's simulator exactly), and
+    # how each part of a round reaches its shard (None: at once); per variant too (sim/engine.py)
+    shards: int = Field(1, ge=1)
+    shard_delay: ShardDelay | None = None
 
     @model_validator(mode="after")
     def _names_exist(self) -> "SimConfig":
@@ -170,6 +220,18 @@ class SimConfig(_Strict):
         v = self.variants.get(algorithm)
         return self.uplink if v is None or v.uplink is None else v.uplink
 
+    def shards_for(self, algorithm: str) -> int:
+        v = self.variants.get(algorithm)
+        return self.shards if v is None or v.shards is None else v.shards
+
+    def shard_delay_for(self, algorithm: str) -> ShardDelay | None:
+        v = self.variants.get(algorithm)
+        return self.shard_delay if v is None or v.shard_delay is None else v.shard_delay
+
+    def sharded(self, algorithm: str) -> bool:
+        """Whether ``algorithm`` runs on the shard model (S > 1, or any shard delay)."""
+        return self.shards_for(algorithm) > 1 or self.shard_delay_for(algorithm) is not None
+
     def steps_for(self, algorithm: str) -> int:
         """H for ``algorithm``: its variant's ``steps_per_round`` or the config's."""
         v = self.variants.get(algorithm)
@@ -186,5 +248,46 @@ def load_sim_config(path: str | Path) -> SimConfig:
         cfg = SimConfig.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(format_errors(str(p), err)) from None
-    cfg.run_config()  # the base config and its overrides must be valid too
+    run_cfg = cfg.run_config()  # the base config and its overrides must be valid too
+    try:
+        _check_shards(cfg, run_cfg)
+    except ValueError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
     return cfg
+
+
+def _check_shards(cfg: SimConfig, run_cfg: RunConfig) -> None:
+    """Every algorithm run on the shard model: asynchronous, not overlapped, S a plan the model
+    allows (roles/shards.py), latencies that fit S."""
+    names = {a for exp in cfg.experiments for a in exp.algorithms} | set(cfg.lr_grid)
+    algos = cfg.algorithms()
+    for a in sorted(names):
+        if not cfg.sharded(a):
+            continue
+        S = cfg.shards_for(a)
+        if algos[a].mode != "async":
+            raise ValueError(f"{a}: shards and shard_delay are modelled for asynchronous algorithms only "
+                             "(the sync barrier is one commit over all blocks)")
+        if cfg.overlap_for(a):
+            raise ValueError(f"{a}: shards and shard_delay are not modelled with overlapped rounds")
+        delay = cfg.shard_delay_for(a)
+        if delay is not None:
+            delay.latencies(S, len(cfg.regions))
+        shard_shapes(run_cfg, S)
+
+
+def shard_shapes(run_cfg: RunConfig, shards: int) -> list[list[tuple[int, ...]]]:
+    """The trainable tensors' shapes of each shard of ``run_cfg``'s model (ShardPlan, by bytes).
+
+    :raises ShardError: S more than the model's tensors (or MAX_SHARDS)
+    """
+    import torch
+
+    from heloco_p2p.local import build_model
+    from heloco_p2p.local.model import trainable_params
+    from heloco_p2p.roles.shards import ShardPlan
+
+    with torch.device("meta"):
+        model = build_model(run_cfg.model)
+    shapes = [tuple(p.shape) for p in trainable_params(model)]
+    return ShardPlan.for_shapes(shapes, shards).split(shapes)

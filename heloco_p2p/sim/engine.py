@@ -25,6 +25,22 @@ last step, waiting for it, when it comes later than that. The reply is the dispa
 after that commit (θ̄ for a look-ahead dispatch), so the folded-in round's Δ is measured from the
 point it now stands on, as in a blocking round.
 
+Sharded coordinators (``SimSpec.shards`` = S > 1, or any ``shard_delay``; asynchronous
+blocking rounds only), as ``swarm.shards`` in the swarm (docs/protocol.md, "Sharded
+coordinators"): the blocks are split by bytes (``roles.shards.ShardPlan``) over S outer engines,
+each from the same factory, each with its own version counter v_k. A round's Δ is split into S
+parts; part k leaves at the time a whole Δ would be committed without shards, arrives at shard k
+after ``latency[w][k]`` plus an exponential jitter (mean ``jitter_s``, drawn from the run's seeded
+RNG in event order), crosses the holder's link in ``link_seconds[k]`` (first come first served:
+it waits while the link carries an earlier part) and is committed then, with base v0_k = the
+shard-k version the round started from, so its staleness is τ_k = v_k − v0_k at that commit.
+The reply to part k is shard k's dispatch point right after that commit (at its new v_k) and
+arrives ``latency[w][k]`` later; the worker starts its next round when every reply is in, from the
+union of the S replies (its H, with DyLU, decided then). Tokens, DyLU's speed, the token-budget
+evaluations and the commit record count a round when its last part is committed. With S = 1 and no delays the shard model is the unsharded one
+bitwise (tests/test_sim_shards.py); without a ``shard_delay`` (and S = 1) the unsharded loop
+runs, as before the model existed.
+
 Data splits: ``non-iid`` (worker w trains on its region's language), ``iid`` (every batch mixes
 all languages), ``non-iid-disjoint`` (its language AND a disjoint share of the content: worker w
 of n gets the train books b with b's position ≡ w mod n, ``block_streams(region, seed, (w, n))``).
@@ -32,8 +48,11 @@ of n gets the train books b with b's position ≡ w mod n, ``block_streams(regio
 from __future__ import annotations
 
 import heapq
+import itertools
 import logging
 import math
+import random
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -66,6 +85,10 @@ class SimSpec:
     overlap: bool = False  # overlapped rounds (see the module docstring)
     # Δ on the wire: None (fp32, exact) or a sim.config.UplinkConfig as a dict (see Simulation._send)
     uplink: dict | None = None
+    shards: int = 1  # S shard coordinators (the module docstring)
+    # None (S = 1: the unsharded loop; S > 1: parts arrive at once), or {"latency_s": [[S values] per worker],
+    # "jitter_s": mean of the exponential extra delay, "link_seconds": [S values] or None}
+    shard_delay: dict | None = None
 
     @property
     def run_id(self) -> str:
@@ -88,6 +111,12 @@ class Worker:
     fold_version: int = 0
     round_end: float = 0.0
     uplink: object | None = None  # swarm.uplink.Uplink: the worker's sender and its residual
+    # the shard model: per shard, the base version of the round in flight, the latest reply
+    # (dispatch point, version), the staleness of each committed part; the round in flight
+    shard_base: list[int] = field(default_factory=list)
+    replies: list[tuple[list[torch.Tensor], int]] = field(default_factory=list)
+    shard_staleness: list[list[int]] = field(default_factory=list)
+    flight: dict | None = None
 
 
 @dataclass
@@ -110,6 +139,35 @@ def mixture_batches(streams: list[Iterator[torch.Tensor]], batch_size: int, offs
             rows.append(next(streams[i % len(streams)]))
             i += 1
         yield torch.stack(rows)
+
+
+class ShardedEngine:
+    """S outer engines over the blocks of a ``ShardPlan`` (the coordinators of the shard model).
+    ``params`` is θ in ``trainable_params`` order (the engines' live tensors), ``version`` the
+    lowest shard version, ``versions`` all of them."""
+
+    def __init__(self, engines: list, plan):
+        self.engines, self.plan = engines, plan
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return self.plan.merge([e.params for e in self.engines])
+
+    @property
+    def version(self) -> int:
+        return min(e.version for e in self.engines)
+
+    @property
+    def versions(self) -> list[int]:
+        return [e.version for e in self.engines]
+
+    def dispatch_params(self) -> list[torch.Tensor]:
+        return self.plan.merge([e.dispatch_params() for e in self.engines])
+
+    def reply(self, k: int) -> tuple[list[torch.Tensor], int]:
+        """Shard k's reply now: its dispatch point (a copy) and its version."""
+        e = self.engines[k]
+        return [p.detach().clone() for p in e.dispatch_params()], e.version
 
 
 class Simulation:
@@ -140,8 +198,21 @@ class Simulation:
         self.eval_model = build_model(cfg.model, tokenizer, seed=spec.seed)
         theta0 = [p.detach().clone() for p in trainable_params(self.eval_model)]
         self.num_workers = len(regions)  # K: fixed in a simulation
-        self.engine = build_outer_engine(spec.algorithm, theta0, names=param_names(self.eval_model),
-                                         num_workers=self.num_workers, lr=spec.lr)
+        names = param_names(self.eval_model)
+        self.sharded = spec.shards > 1 or spec.shard_delay is not None
+        if self.sharded:
+            from heloco_p2p.roles.shards import ShardPlan
+
+            if spec.algorithm.mode != "async" or spec.overlap:
+                raise ValueError(f"{spec.algorithm.name}: shards are modelled for asynchronous blocking rounds only")
+            plan = ShardPlan.for_shapes([tuple(t.shape) for t in theta0], spec.shards)
+            self.engine = ShardedEngine([build_outer_engine(spec.algorithm, part, names=n, num_workers=self.num_workers,
+                                                            lr=spec.lr)
+                                         for part, n in zip(plan.split(theta0), plan.split(names))], plan)
+            self._tau = [[0, 0, 0] for _ in range(spec.shards)]  # per shard: parts, sum and max of τ_k
+        else:
+            self.engine = build_outer_engine(spec.algorithm, theta0, names=names,
+                                             num_workers=self.num_workers, lr=spec.lr)
         self.dylu = build_dylu(spec.algorithm)
         self.now, self.tokens = 0.0, 0
         self.curve: list[dict] = []
@@ -170,6 +241,10 @@ class Simulation:
                 p.copy_(g)
         val = evaluate_regions(self.eval_model, self.val_blocks, batch_size=self.cfg.inner.batch_size)
         point = {"tokens": self.tokens, "virtual_seconds": at_time, "version": self.engine.version, "val_loss": val}
+        if self.sharded:  # each shard's version, and its parts' staleness so far
+            point["shard_versions"] = self.engine.versions
+            point["shard_staleness"] = {"mean": [s / n if n else 0.0 for n, s, _ in self._tau],
+                                        "max": [m for _, _, m in self._tau]}
         self.curve.append(point)
         return point
 
@@ -235,11 +310,16 @@ class Simulation:
                 self.dylu.update(w.index, 1.0 / (self.spec.step_time * w.slowness))
         if self.spec.overlap and self.spec.algorithm.mode == "sync":
             raise ValueError(f"{self.spec.algorithm.name}: overlapped rounds are modelled for asynchronous algorithms only")
-        (self._run_sync if self.spec.algorithm.mode == "sync" else
+        (self._run_async_sharded if self.sharded else self._run_sync if self.spec.algorithm.mode == "sync" else
          self._run_async_overlapped if self.spec.overlap else self._run_async)()
         workers = [{"worker": w.index, "region": w.region, "slowness": w.slowness, "rounds": w.rounds,
                     "tokens": w.tokens, "staleness_mean": (sum(w.staleness) / len(w.staleness)) if w.staleness else 0.0}
                    for w in self.workers]
+        if self.sharded:
+            for d, w in zip(workers, self.workers):
+                per = list(zip(*w.shard_staleness)) if w.shard_staleness else [()] * self.spec.shards
+                d["shard_staleness_mean"] = [sum(p) / len(p) if p else 0.0 for p in per]
+                d["shard_staleness_max"] = [max(p, default=0) for p in per]
         return SimResult(self.spec, self.at_tokens, self.at_time, self.curve, self.commits, workers)
 
     def _run_async(self) -> None:
@@ -290,6 +370,113 @@ class Simulation:
             self._evaluate_token_marks()
 
 
+    # -- the shard model ------------------------------------------------------------------------
+    def _start_sharded(self, w: Worker, at: float) -> float:
+        """Worker w starts a round at ``at`` from the union of its latest replies; returns when
+        its parts leave (its compute and ``comm_w``, as an unsharded round's commit time)."""
+        w.trainer.load_params(self.engine.plan.merge([params for params, _ in w.replies]))
+        w.shard_base = [v for _, v in w.replies]
+        H = self.spec.steps_per_round
+        w.steps = self.dylu.steps_for(w.index, H) if self.dylu is not None else H
+        return at + self._round_seconds(w, w.steps)
+
+    def _run_async_sharded(self) -> None:
+        """The event loop of the shard model (module docstring). Events: ``send`` (a round's
+        parts leave; the round is computed then), ``arrive`` (part k reaches its holder's link),
+        ``commit`` (part k has crossed it and is committed), ``start`` (the last reply is in; a
+        round whose replies are in at once starts in its last commit's event). Ties in time go
+        in the order the events were made (a counter), so S = 1 without delays commits as the
+        unsharded loop."""
+        S = self.spec.shards
+        delay = self.spec.shard_delay or {}
+        latency = delay.get("latency_s") or [[0.0] * S for _ in self.workers]
+        jitter = float(delay.get("jitter_s") or 0.0)
+        link = delay.get("link_seconds")
+        rng = random.Random(self.spec.seed)  # the delays' own stream: training never draws from it
+        free = [-math.inf] * S  # when each holder's link has carried its last part
+        heap: list = []
+        order = itertools.count()
+
+        def push(t: float, kind: str, w: int, k: int = -1) -> None:
+            heapq.heappush(heap, (t, next(order), kind, w, k))
+
+        for w in self.workers:
+            w.replies = [self.engine.reply(k) for k in range(S)]
+            push(self._start_sharded(w, 0.0), "send", w.index)
+        while not self._done():
+            t, _, kind, idx, k = heapq.heappop(heap)
+            self._evaluate_time_marks(until=t)
+            if self._done():
+                break
+            self.now = t
+            w = self.workers[idx]
+            if kind == "send":
+                delta, stats = w.trainer.run_round(None, w.steps)
+                delta, bits = self._send(w, delta)
+                w.flight = {"stats": stats, "bits": bits, "parts": self.engine.plan.split(delta),
+                            "infos": [None] * S, "t": [0.0] * S, "left": S}
+                for j in range(S):
+                    extra = rng.expovariate(1.0 / jitter) if jitter > 0 else 0.0
+                    push(t + latency[idx][j] + extra, "arrive", idx, j)
+            elif kind == "arrive":
+                if link is None:
+                    push(t, "commit", idx, k)
+                else:  # first come first served on the holder's link
+                    free[k] = max(t, free[k]) + link[k]
+                    push(free[k], "commit", idx, k)
+            elif kind == "start":
+                push(self._start_sharded(w, t), "send", idx)
+            else:
+                self._commit_part(w, k)
+                if w.flight["left"] == 0:
+                    at = max(tk + lat for tk, lat in zip(w.flight["t"], latency[idx]))  # the last reply is in
+                    self._round_done(w)
+                    if at > t:
+                        push(at, "start", idx)
+                    else:
+                        push(self._start_sharded(w, t), "send", idx)
+
+    def _commit_part(self, w: Worker, k: int) -> None:
+        f, engine = w.flight, self.engine.engines[k]
+        stats = f["stats"]
+        info = engine.commit(f["parts"][k], w.shard_base[k], worker=str(w.index),
+                             seconds=self._round_seconds(w, stats.steps), num_workers=self.num_workers)
+        f["parts"][k] = None
+        f["infos"][k], f["t"][k] = info, self.now
+        w.replies[k] = self.engine.reply(k)  # θ̄ of shard k right after this commit, at its new version
+        tau = self._tau[k]
+        tau[0], tau[1], tau[2] = tau[0] + 1, tau[1] + info.staleness, max(tau[2], info.staleness)
+        f["left"] -= 1
+
+    def _round_done(self, w: Worker) -> None:
+        """Every part of w's round is committed: count it, record it, update DyLU."""
+        f = w.flight
+        stats, infos, plan = f["stats"], f["infos"], self.engine.plan
+        taus = [i.staleness for i in infos]
+        w.rounds += 1
+        w.tokens += stats.tokens
+        w.staleness.append(max(taus))
+        w.shard_staleness.append(taus)
+        self.tokens += stats.tokens
+        cosines = [c for c in plan.merge([i.cosines for i in infos]) if c is not None]  # in block order, as one commit
+        cosine = sum(cosines) / len(cosines) if cosines else None
+        fair = [i.fairness_weight for i in infos]
+        rho = [i.staleness_weight for i in infos]
+        self.commits.append({"t": self.now, "worker": w.index, "region": w.region, "staleness": max(taus),
+                             "version": min(i.version for i in infos), "steps": stats.steps, "loss": stats.loss,
+                             "branches": dict(sorted(Counter(plan.merge([i.branches for i in infos])).items())),
+                             "cosine": _finite(cosine), "fairness_weight": _finite(sum(fair) / len(fair)),
+                             "staleness_weight": _finite(sum(rho) / len(rho)),
+                             "shard_staleness": taus, "shard_version": [i.version for i in infos],
+                             "shard_t": list(f["t"]), "shard_fairness_weight": [_finite(x) for x in fair]})
+        if f["bits"] is not None:
+            self.commits[-1].update(uplink_bits_per_param=f["bits"], residual_norm=w.uplink.residual_norm())
+        if self.dylu is not None:
+            compute = self._round_seconds(w, stats.steps) - self.spec.comm_seconds[w.index]
+            self.dylu.update(w.index, stats.steps / compute)
+        w.flight = None
+        self._evaluate_token_marks()
+
     # -- overlapped rounds ----------------------------------------------------------------------
     def _start_overlapped(self, w: Worker, at: float) -> float:
         """Worker w starts a round at ``at`` from its local θ; returns when its Δ is committed.
@@ -329,6 +516,10 @@ class Simulation:
 
         self._async_events(lambda w, first: self._start_overlapped(w, 0.0 if first else w.round_end),
                            self._run_overlapped_round, after_commit)
+
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
 
 def _batched(blocks: Iterator[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
     while True:

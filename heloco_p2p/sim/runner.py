@@ -78,6 +78,9 @@ def _spec_key(cfg: SimConfig, spec: SimSpec) -> str:
     d = asdict(spec)
     if d.get("uplink") is None:  # runs logged before the uplink option keep their keys
         d.pop("uplink", None)
+    if d.get("shards") == 1 and d.get("shard_delay") is None:  # and those before the shard model
+        d.pop("shards", None)
+        d.pop("shard_delay", None)
     return json.dumps({"spec": d, "run_config": cfg.run_config().digest(), "regions": list(cfg.regions)},
                       sort_keys=True)
 
@@ -151,13 +154,23 @@ def make_spec(cfg: SimConfig, algorithm: str, heterogeneity: str, data: str, see
         n_params = count_params(model)
         up = uplink_bytes([tuple(p.shape) for p in trainable_params(model)], uplink)
         comm = [(up + 4 * n_params) / cfg.bandwidth] * len(cfg.regions)  # Δ up, fp32 θ down
+    shards, shard_delay = cfg.shards_for(algorithm), None
+    delay = cfg.shard_delay_for(algorithm)
+    if delay is not None:
+        from heloco_p2p.sim.config import shard_shapes
+
+        link = None
+        if delay.link is not None:  # part k's bytes on the wire over its holder's link
+            link = [uplink_bytes(shapes, uplink) / delay.link for shapes in shard_shapes(run_cfg, shards)]
+        shard_delay = {"latency_s": delay.latencies(shards, len(cfg.regions)), "jitter_s": float(delay.jitter_s), "link_seconds": link}
     return SimSpec(algorithm=preset, lr=preset.lr if lr is None else lr, heterogeneity=heterogeneity,
                    slowness=list(levels[heterogeneity]), data=data, seed=seed,
                    steps_per_round=cfg.steps_for(algorithm), step_time=cfg.step_time, comm_seconds=comm,
                    token_budget=cfg.token_budget, time_budget=cfg.time_budgets.get(heterogeneity, cfg.time_budget),
                    eval_points=cfg.eval_points,
                    overlap=cfg.overlap_for(algorithm),
-                   uplink=None if uplink.compression == "none" else uplink.model_dump())
+                   uplink=None if uplink.compression == "none" else uplink.model_dump(),
+                   shards=shards, shard_delay=shard_delay)
 
 
 def uplink_bytes(shapes: list[tuple[int, ...]], uplink) -> int:
@@ -322,10 +335,22 @@ def _key(r: SimResult) -> dict:
 
 def _entries(r: SimResult) -> list[dict]:
     a = r.spec.algorithm
+    extra = {}
+    if r.spec.shards > 1 or r.spec.shard_delay is not None:  # the shard model: its staleness per shard
+        extra = {"shards": r.spec.shards, "shard_staleness": shard_staleness(r.commits, r.spec.shards)}
     return [{**_key(r), "budget": budget, "tokens": int(point["tokens"]), "virtual_seconds": float(point["virtual_seconds"]),
              "val_loss": point["val_loss"], "staleness_weight": a.staleness_weight, "dispatch": a.dispatch,
-             "weight_order": a.weight_order}
+             "weight_order": a.weight_order, **extra}
             for budget, point in (("tokens", r.at_tokens), ("time", r.at_time))]
+
+
+def shard_staleness(commits: list[dict], shards: int) -> dict:
+    """Per shard, the mean and max staleness of the parts committed in a run (its commits' lists),
+    and the same over all parts."""
+    per = [[c["shard_staleness"][k] for c in commits] for k in range(shards)]
+    every = [t for p in per for t in p]
+    return {"mean": [sum(p) / len(p) if p else 0.0 for p in per], "max": [max(p, default=0) for p in per],
+            "all_mean": sum(every) / len(every) if every else 0.0, "all_max": max(every, default=0)}
 
 
 def spec_dict(spec: SimSpec) -> dict:
