@@ -40,6 +40,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import sys
 import threading
@@ -317,6 +318,8 @@ def _f(x, spec=".2f") -> str:
 
 
 def render(results: dict) -> str:
+    """The section: the current series first (its command, clean runs, table, refusals and the
+    reading), then every earlier series and variant, folded."""
     runs, meta = results["runs"], results["meta"]
     invocations = results.get("invocations") or [meta]
     for r in runs:
@@ -327,46 +330,66 @@ def render(results: dict) -> str:
     clean_means = {k: statistics.fmean(r["mean_loss"] for r in rs if r["attack"] == "clean")
                    for k, rs in groups.items() if any(r["attack"] == "clean" for r in rs)}
     clean = [r for r in runs if r["attack"] == "clean"]
-    lines = []
-    for m in invocations:
-        lines += [f"Measured {m['date']} on {m['machine']} (load average {m['load']} at the start; "
-                  f"tree {m['tree']}):", "", "```", m["command"], "```", ""]
-    lines += [
-             f"The cast: the 4 honest peers of peers/*.yaml (de, es, fr, ru at speeds 1, 0.4, 0.6, 0.25) plus the "
-             f"attacker(s) (region {ATTACKER_REGION}, speed 1), configs/testnet.yaml, an open run; each run stops "
-             f"once every honest peer trained {meta['rounds']} rounds. Loss: the final θ on the validation blocks of "
-             f"the 4 honest languages (mean, and the worst language); untrained: "
-             f"{_f(clean[0]['untrained_mean'] if clean else None)}. Settings: the `--set` overrides of "
-             f"configs/testnet.yaml a run had (– none); each run is compared with the clean runs of its settings.", ""]
-    for key, rs in groups.items():
-        cl = [r for r in rs if r["attack"] == "clean"]
-        if cl:
-            means = [r["mean_loss"] for r in cl]
-            lines += [f"Clean runs, settings {_settings_text(key)} ({len(cl)}): mean loss "
-                      + ", ".join(_f(m) for m in means) + f" (spread {_f(max(means) - min(means))}); "
-                      + "worst language " + ", ".join(_f(r["worst_loss"]) for r in cl) + ".", ""]
+    current = results.get("current")
+    now = [r for r in runs if current and r.get("compare") == current and not r.get("settings")]
+    earlier = [r for r in runs if r not in now]
+
+    def measured(m: dict) -> list[str]:
+        return [f"Measured {m['date']} on {m['machine']} (load average {m['load']} at the start; "
+                f"tree {m['tree']}):", "", "```", m["command"], "```", ""]
+
+    def clean_lines(keys) -> list[str]:
+        out = []
+        for key in keys:
+            cl = [r for r in groups[key] if r["attack"] == "clean"]
+            if cl:
+                means = [r["mean_loss"] for r in cl]
+                out += [f"Clean runs, settings {_settings_text(key)} ({len(cl)}): mean loss "
+                        + ", ".join(_f(m) for m in means) + f" (spread {_f(max(means) - min(means))}); "
+                        + "worst language " + ", ".join(_f(r["worst_loss"]) for r in cl) + ".", ""]
+        return out
+
+    def reasons(rs) -> str:
+        return "Refusal reasons of the attackers' submissions, per run: " + "; ".join(
+            f"{r['attack']}/{'on' if r['defence'] else 'off'}: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(r['attacker_reasons'].items())) for r in rs if r["attack"] != "clean")
+
     header = ["| attack | defence | settings | tree | attacker commits (share) | attacker submissions accepted | "
               "mean loss (Δ vs clean) | worst language | honest refused | honest resends | screen ms | loss target |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    current = results.get("current")
-    now = [r for r in runs if current and r.get("compare") == current and not r.get("settings")]
-    if now:  # the latest series (the defaults under test) first, then every earlier one
-        lines += [f"**The current defaults** (series `{current}`):", ""] + header + [_row(r, clean_means) for r in now]
-        lines += ["", "**Every earlier series and variant** (each against the clean runs of its own settings and "
-                      "length):", ""]
-    lines += header + [_row(r, clean_means) for r in runs if r not in now]
-    lines += [""] + ([refusal_line(now, f"the series `{current}`"), ""] if now else []) + \
-        [refusal_line(runs, "every run with the defence on")]
-    lines += ["", "Target (per run): mean loss within 0.3 nats of the clean runs' mean and below the untrained loss on "
-              "every language; under 2% of the honest submissions refused is a rate over a series (above). Honest resends: submissions resent after "
-              "`busy`/`rate_limited` or a lost reply (the client's attempts − 1); the commit-share rule answers `busy`. "
-              "Screen ms: the loss screen's median time per screened commit at the coordinator, on this loaded machine.",
-              "", "Refusal reasons of the attackers' submissions, per run: "
-              + "; ".join(f"{r['attack']}/{'on' if r['defence'] else 'off'}: "
-                          + ", ".join(f"{k} {v}" for k, v in sorted(r['attacker_reasons'].items()))
-                          for r in runs if r["attack"] != "clean")]
-    if results.get("reading"):
-        lines += ["", results["reading"]]
+    cast = [f"The cast: the 4 honest peers of peers/*.yaml (de, es, fr, ru at speeds 1, 0.4, 0.6, 0.25) plus the "
+            f"attacker(s) (region {ATTACKER_REGION}, speed 1), configs/testnet.yaml, an open run; each run stops "
+            f"once every honest peer trained its rounds (8 unless the settings say otherwise). Loss: the final θ on "
+            f"the validation blocks of the 4 honest languages (mean, and the worst language); untrained: "
+            f"{_f(clean[0]['untrained_mean'] if clean else None)}. Settings: the `--set` overrides of "
+            f"configs/testnet.yaml a run had (– none); each run is compared with the clean runs of its settings.", "",
+            "Target (per run): mean loss within 0.3 nats of the clean runs' mean and below the untrained loss on "
+            "every language; under 2% of the honest submissions refused is a rate over a series. Honest resends: "
+            "submissions resent after `busy`/`rate_limited` or a lost reply (the client's attempts − 1); the "
+            "commit-share rule answers `busy`. Screen ms: the loss screen's median time per screened commit at the "
+            "coordinator, on this loaded machine.", ""]
+    lines: list[str] = []
+    reading = results.get("reading") or ""
+    if now:
+        last = [m for m in invocations if m.get("tree") == now[0]["tree"]] or [meta]
+        lines += [f"**The current defaults** (series `{current}`).", ""] + measured(last[-1]) + cast
+        lines += clean_lines([_settings(now[0])]) + header + [_row(r, clean_means) for r in now]
+        lines += ["", refusal_line(now, f"the series `{current}`"), "", reasons(now), ""]
+        head, sep, rest = reading.partition("**Earlier readings.**")
+        lines += [head.strip(), ""] if head.strip() else []
+        reading = (sep + rest).strip()
+        lines += ["<details><summary>Every earlier series and variant (each against the clean runs of its own "
+                  "settings and length)</summary>", ""]
+    else:
+        lines += cast
+    lines += [x for m in invocations if not now or m is not last[-1] for x in measured(m)]
+    lines += clean_lines([k for k in groups if not now or k != _settings(now[0])])
+    lines += header + [_row(r, clean_means) for r in earlier]
+    lines += ["", refusal_line(runs, "every run with the defence on"), "", reasons(earlier)]
+    if reading:
+        lines += ["", reading]
+    if now:
+        lines += ["", "</details>"]
     return "\n".join(lines)
 
 
@@ -448,7 +471,7 @@ def main() -> None:
     args = ap.parse_args()
     attacks = list(ATTACKS) if "all" in args.attack else args.attack
     defences = {"on": [True], "off": [False], "both": [True, False]}[args.defence]
-    command = "python scripts/poison.py " + " ".join(sys.argv[1:])
+    command = "python scripts/poison.py " + shlex.join(sys.argv[1:])
     results = {"runs": []}
     if args.json and args.json.exists():
         results = json.loads(args.json.read_text())
