@@ -53,7 +53,7 @@ from heloco_p2p.roles.rounds import RoundLoop
 from heloco_p2p.roles.schedule import RoundSchedule
 from heloco_p2p.roles.shard_node import ShardNode, ShardRouter
 from heloco_p2p.roles.shard_submit import ShardedSubmit
-from heloco_p2p.roles.shards import ShardError, ShardPlan, scalar_version
+from heloco_p2p.roles.shards import ShardError, ShardPlan, scalar_version, standby_rank
 from heloco_p2p.roles.submit import SubmitClient
 from heloco_p2p.roles.tally import SubmitTally
 from heloco_p2p.swarm.lifetime import guard_children, stop_reaper, trim_heap
@@ -303,7 +303,7 @@ class Peer:
         if router is not None:  # a peer coordinating another shard may stand by for this one, after free peers
             election.may_stand_by = lambda p, k=str(shard): p.role in REPLICA_ROLES + ("coordinator",) \
                 and p.shards.get(k) != "coordinator"
-            election.standby_rank = lambda p: int("coordinator" in p.shards.values())
+            election.standby_rank = lambda p: standby_rank(p.shards)
         start = (lambda: (self.global_params, self.held_kind)) if router is None else \
             (lambda: (None if self.global_params is None else self.plan.part(self.global_params, shard), self.held_kind))
         submitter = SubmitClient(node, election, service, self.cfg.swarm, region, names, self.stop_event,

@@ -321,3 +321,12 @@ def test_a_slow_shard_does_not_hold_the_round_past_the_grace():
     out = sub.submit(3, ones, (2, 1), _stats())
     assert [(o.shard, o.part.seq, o.part.base) for o in out] == [(0, 3, 2), (1, 2, 0), (1, 3, 1)]
     sub.close()
+
+
+def test_standbys_are_recruited_from_free_peers_with_the_fewest_standby_roles_first():
+    from heloco_p2p.roles.shards import standby_rank
+
+    records = {"holder": {"1": "coordinator"}, "twice": {"0": "standby", "2": "standby"}, "once": {"3": "standby"},
+               "free": {}, "holder_standby": {"1": "coordinator", "2": "standby"}}
+    order = sorted(records, key=lambda n: standby_rank(records[n]))
+    assert order == ["free", "once", "twice", "holder", "holder_standby"]

@@ -67,7 +67,7 @@ class Election:
     def may_stand_by(self, p: PeerRecord) -> bool:
         return p.role in REPLICA_ROLES
 
-    def standby_rank(self, p: PeerRecord) -> int:
+    def standby_rank(self, p: PeerRecord) -> int | tuple[int, ...]:
         return 0
 
     def refresh(self) -> LeaseRecord | None:

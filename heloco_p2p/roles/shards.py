@@ -131,3 +131,14 @@ class ShardPlan:
 def scalar_version(version) -> int:
     """One number for a held version: itself (one shard), or the lowest of S shard versions."""
     return min(version) if isinstance(version, (tuple, list)) else int(version)
+
+
+def standby_rank(shard_roles: dict) -> tuple[int, int]:
+    """Which peers a shard recruits as standby first (lower first), from the roles a peer's record
+    lists (``PeerRecord.shards``: shard → "coordinator" | "standby"): peers that coordinate no
+    shard before those that do (one holder's death then costs no other shard its replica), and
+    among them those standing by for the fewest shards, so that the replication of S shards is
+    spread over the free peers instead of landing on one (the first by peer id took every shard's
+    forwarded commits, a whole model per round on its one link)."""
+    roles = list(shard_roles.values())
+    return int("coordinator" in roles), sum(1 for r in roles if r == "standby")
