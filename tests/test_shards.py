@@ -330,3 +330,31 @@ def test_standbys_are_recruited_from_free_peers_with_the_fewest_standby_roles_fi
                "free": {}, "holder_standby": {"1": "coordinator", "2": "standby"}}
     order = sorted(records, key=lambda n: standby_rank(records[n]))
     assert order == ["free", "once", "twice", "holder", "holder_standby"]
+
+
+def test_a_stacked_standby_is_swapped_for_the_free_peer_standing_by_for_the_fewest_shards():
+    import asyncio
+    from types import SimpleNamespace
+
+    from heloco_p2p.roles.maintenance import Maintenance
+    from heloco_p2p.roles.shards import standby_rank
+
+    def rec(pid, shards, role="training"):
+        return SimpleNamespace(peer_id=pid, shards=shards, role=role)
+
+    # shard 2's standby "h1" coordinates shard 1; "a" (first by id) already stands by for two shards
+    live = [rec("a", {"0": "standby", "3": "standby"}), rec("b", {}), rec("h1", {"1": "coordinator"}, "standby"),
+            rec("h2", {"2": "coordinator"}, "coordinator")]
+    recruited = []
+
+    async def recruit(pid):
+        recruited.append(pid)
+        rep.standbys.append(pid)
+
+    rep = SimpleNamespace(standbys=["h1"], recruit=recruit, lock=asyncio.Lock())
+    election = SimpleNamespace(live_peers=lambda: live, standby_rank=lambda p: standby_rank(p.shards),
+                               may_stand_by=lambda p: True)
+    m = Maintenance.__new__(Maintenance)
+    m.node = SimpleNamespace(run=lambda coro, timeout=None: asyncio.run(coro))
+    assert m.free_standbys(election, SimpleNamespace(replication=rep)) == "b"
+    assert recruited == ["b"] and rep.standbys == ["b"]

@@ -186,7 +186,10 @@ class Maintenance:
         holders = {p.peer_id for p in live if "coordinator" in p.shards.values()}
         rep = service.replication
         stacked = [s for s in rep.standbys if s in holders]
-        free = [p.peer_id for p in live if p.peer_id not in rep.standbys and p.peer_id not in holders
+        # the free peer standing by for the fewest shards first (roles/shards.py standby_rank): every
+        # shard swapping to the same first free peer put all S shards' forwarded commits on its link
+        free = [p.peer_id for p in sorted(live, key=lambda p: (election.standby_rank(p), p.peer_id))
+                if p.peer_id not in rep.standbys and p.peer_id not in holders
                 and p.role in ("training", "standby") and election.may_stand_by(p)]
         if not stacked or not free:
             return None
