@@ -123,7 +123,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(opts, key, small if tiny else big)
     if tiny:
         opts.seq_len = 64  # write_test_config's
-        if opts.mbit is None:
+        if opts.mbit is None and not opts.calibrate:
             opts.mbit = 20.0
     elif opts.num_layers is None:
         opts.num_layers = DEFAULT_LAYERS
@@ -162,7 +162,7 @@ def calibrate(opts, workdir: Path) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     args = [sys.executable, str(Path(__file__).resolve()), "--step-worker", "--threads", str(opts.threads),
             "--calibrate-steps", str(opts.calibrate_steps), "--seq-len", str(opts.seq_len),
-            "--compression", opts.compression, "--num-layers", str(opts.num_layers)]
+            "--compression", opts.compression] + (["--tiny"] if opts.tiny else ["--num-layers", str(opts.num_layers)])
     procs = []
     try:
         for i in range(len(TRAINERS)):
@@ -632,7 +632,7 @@ def _main(opts, command: str) -> dict | None:
         wan.checked_config(with_shards(opts, s), REPLY)  # refuse a setting before anything starts
     out = opts.out or Path(tempfile.mkdtemp(prefix="shardnet-", dir="/tmp"))
     calib = None
-    if not opts.tiny and (opts.mbit is None or opts.steps_per_round is None):
+    if opts.calibrate or (not opts.tiny and (opts.mbit is None or opts.steps_per_round is None)):
         calib = calibrate(opts, out / "calibrate")
     if opts.calibrate:
         return None
