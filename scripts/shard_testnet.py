@@ -499,12 +499,13 @@ def shard_results(opts, runs: dict[str, dict], failover: dict | None, calib: dic
     one, four = runs.get("1"), runs.get("4")
     ratio = (four["busiest_link_bytes_per_round"] / one["busiest_link_bytes_per_round"]
              if one and four and one["busiest_link_bytes_per_round"] else None)
-    util = {k: [u for u in r["utilization"].values()] for k, r in runs.items()}
-    out["target"] = {
-        "busiest_ratio_4_to_1": ratio, "busiest_ratio_ok": ratio is not None and ratio <= 0.35,
+    util = {k: list(r["utilization"].values()) for k, r in runs.items()}
+    known = {k: [x for x in u if x is not None] for k, u in util.items()}
+    out["target"] = {  # None: not measured (that S not run, or a trainer with fewer than 3 rounds in the window)
+        "busiest_ratio_4_to_1": ratio, "busiest_ratio_ok": None if ratio is None else ratio <= 0.35,
         "min_utilization": {k: (min(u) if u and None not in u else None) for k, u in util.items()},
-        "utilization_ok_4": four is not None and None not in util["4"] and min(util["4"]) >= 0.95,
-        "s1_short": one is not None and (None in util["1"] or min(util["1"]) < 0.95)}
+        "utilization_ok_4": None if four is None or None in util["4"] else min(util["4"]) >= 0.95,
+        "s1_short": None if one is None or not known["1"] else min(known["1"]) < 0.95}
     out.update(calibration=calib, memory=memory, round_definition=ROUND_DEFINITION, command=command,
                date=datetime.date.today().isoformat(), tree=git_tree(ROOT), machine=bench_wire.machine(),
                load={"start": loads[0], "end": loads[1]})
@@ -577,18 +578,20 @@ def render(res: dict) -> str:
                   f"called for: {fo['unnecessary_failovers']}; parts refused as too large: "
                   f"{fo['rejected_norm_too_large']}."]
     tgt = res.get("target", {})
+    word = lambda ok, yes="met", no="not met": "not measured" if ok is None else (yes if ok else no)  # noqa: E731
     lines += ["", "Utilisation: time in inner steps / wall time between the first and the last round that ended in "
-              "the measured window (scripts/bench.py's steady_utilization). Commits per minute: distinct (version, "
-              "digest) per shard in the window. Holders and standbys: each node's last heartbeat (its `shards` "
-              "roles). The bytes a link carries per round scale linearly with the parameter count (every payload "
-              "is 8 bits per parameter of the shard's tensors, the replicas' forwarded commits too), so the ratio "
-              "busiest(S = 4) / busiest(S = 1) does not depend on the model's size; what does depend on it, at a "
-              "given link rate and CPU, is whether the hub's link is the bottleneck, which is why the link rate is "
-              "chosen from the compute per round (calibration above).",
-              "", f"Target of the issue: busiest(S = 4) / busiest(S = 1) ≤ 0.35 (measured {_f(tgt.get('busiest_ratio_4_to_1'))}: "
-              f"{'met' if tgt.get('busiest_ratio_ok') else 'not met'}); every trainer's utilisation ≥ 0.95 at S = 4 "
-              f"({'met' if tgt.get('utilization_ok_4') else 'not met'}) where S = 1 falls short "
-              f"({'it does' if tgt.get('s1_short') else 'it does not'})."]
+              "the measured window (scripts/bench.py's steady_utilization; – for a trainer with fewer than 3 rounds "
+              "there). Commits per minute: distinct (version, digest) per shard in the window. Holders and "
+              "standbys: each node's last heartbeat in the window (its `shards` roles). The payload bytes a link "
+              "carries per round scale linearly with the parameter count (every submission, reply and forwarded "
+              "commit is 8 bits per parameter of the shard's tensors; only the DHT's records, a few kB per "
+              "heartbeat, do not), so the ratio busiest(S = 4) / busiest(S = 1) does not depend on the model's "
+              "size; what does depend on it, at a given link rate and CPU, is whether the hub's link is the "
+              "bottleneck, which is why the link rate is chosen from the compute per round.",
+              "", f"Target of the issue: busiest(S = 4) / busiest(S = 1) ≤ 0.35 (measured "
+              f"{_f(tgt.get('busiest_ratio_4_to_1'))}: {word(tgt.get('busiest_ratio_ok'))}); every trainer's "
+              f"utilisation ≥ 0.95 at S = 4 ({word(tgt.get('utilization_ok_4'))}) where S = 1 falls short "
+              f"({word(tgt.get('s1_short'), 'it does', 'it does not')})."]
     return "\n".join(lines)
 
 
