@@ -72,7 +72,9 @@ TRAINERS = (("berlin", "de"), ("paris", "fr"), ("moscow", "ru"), ("madrid", "es"
 DEFAULT_LAYERS = 2  # 22.0M parameters: 8 processes fit a 24 GiB machine with margin
 REPLY = "8bit"  # what every S accepts (S > 1 refuses wrap8)
 ROUND_DEFINITION = ("one round = one acknowledged pseudo-gradient of every trainer: the trainers' acknowledged "
-                    "parts (ack events, duplicates excluded) in the measured window / (S × number of trainers); "
+                    "parts in the measured window (ack events, each (trainer, shard, seq) once: an ack answered "
+                    "'duplicate' to a resent part counts, it is the first ack that part got) / (S × number of "
+                    "trainers); "
                     "bytes per round = a veth's bytes in the window (tx + rx, Ethernet frames as tbf counts them, "
                     "replication and DHT traffic included) / rounds")
 
@@ -108,6 +110,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--calibrate", action="store_true", help="print the H and link rate the run would use, exit")
     ap.add_argument("--calibrate-steps", type=int, default=4)
     ap.add_argument("--step-worker", action="store_true", help=argparse.SUPPRESS)  # one process of the calibration
+    ap.add_argument("--rederive", action="store_true",
+                    help="recompute the per-round figures of --results' `shards` key from its runs' directories "
+                         "(nothing is started); with --write-results also the docs section")
     ap.add_argument("--rss-seconds", type=float, default=60.0)
     ap.add_argument("--peak-rss-gib", type=float, default=None, help="skip the RSS measurement: use this peak")
     ap.add_argument("--out", type=Path, default=None, help="run directories (default: a new /tmp/shardnet-* one)")
@@ -390,6 +395,34 @@ def commit_chain(events: dict[str, list[dict]], shard: int) -> dict[int, dict]:
     return chain
 
 
+def acked_parts(events: dict[str, list[dict]], name: str, window) -> list[dict]:
+    """``name``'s acknowledged parts in ``window``: its ack events, the first of each (shard, seq)
+    (a resent part answered 'duplicate' had no ack before)."""
+    t0, t1 = window
+    seen, out = set(), []
+    for a in events[name]:
+        if a.get("event") == "ack" and t0 <= a["time"] <= t1 and (_shard(a), a["seq"]) not in seen:
+            seen.add((_shard(a), a["seq"]))
+            out.append(a)
+    return out
+
+
+def round_figures(shards: int, events: dict[str, list[dict]], window, link_window: dict[str, dict]) -> dict:
+    """Rounds in ``window`` (ROUND_DEFINITION) and each veth's bytes per round, from the window's
+    bytes (``link_window``: name → {"tx", "rx"}) and the trainers' ack events; the resubmissions
+    (attempts after the first, each sends its part again) of the acknowledged parts."""
+    trainers = [n for n, _ in TRAINERS]
+    acked = {n: acked_parts(events, n, window) for n in trainers}
+    rounds = sum(len(a) for a in acked.values()) / (shards * len(trainers))
+    per_veth = {n: {"tx": b["tx"] / rounds if rounds else None, "rx": b["rx"] / rounds if rounds else None,
+                    "total": (b["tx"] + b["rx"]) / rounds if rounds else None} for n, b in link_window.items()}
+    busiest = max(per_veth, key=lambda n: per_veth[n]["total"] or 0)
+    return {"rounds": rounds, "busiest_link": busiest, "busiest_link_bytes_per_round": per_veth[busiest]["total"],
+            "bytes_per_veth_per_round": per_veth, "acked": acked,
+            "resubmissions": sum(max(0, int(a.get("attempts") or 1) - 1) for v in acked.values() for a in v),
+            "duplicate_acks": sum(1 for v in acked.values() for a in v if a.get("duplicate"))}
+
+
 def summarize(opts, shards, link, events, started, window, bytes0, bytes1, cpu0, cpu1, sampler, marks,
               workdir) -> dict:
     t0, t1 = window
@@ -397,14 +430,9 @@ def summarize(opts, shards, link, events, started, window, bytes0, bytes1, cpu0,
     trainers = [n for n, _ in TRAINERS]
     of = lambda name, kind: [e for e in events[name] if e.get("event") == kind]  # noqa: E731
     inside = lambda e: t0 <= e["time"] <= t1  # noqa: E731
-    acked = {n: [a for a in of(n, "ack") if not a.get("duplicate") and inside(a)] for n in trainers}
-    rounds = sum(len(a) for a in acked.values()) / (shards * len(trainers))
-    per_veth = {}
-    for n in link:
-        tx, rx = bytes1[n][0] - bytes0[n][0], bytes1[n][1] - bytes0[n][1]
-        per_veth[n] = {"tx": tx / rounds if rounds else None, "rx": rx / rounds if rounds else None,
-                       "total": (tx + rx) / rounds if rounds else None}
-    busiest = max(per_veth, key=lambda n: per_veth[n]["total"] or 0)
+    link_window = {n: {"tx": bytes1[n][0] - bytes0[n][0], "rx": bytes1[n][1] - bytes0[n][1]} for n in link}
+    fig = round_figures(shards, events, window, link_window)
+    acked, rounds, per_veth, busiest = fig["acked"], fig["rounds"], fig["bytes_per_veth_per_round"], fig["busiest_link"]
     commits: dict[str, set] = {str(k): set() for k in range(shards)}
     for evs in events.values():
         for e in evs:
@@ -428,7 +456,8 @@ def summarize(opts, shards, link, events, started, window, bytes0, bytes1, cpu0,
         "shards": shards, "window": [t0, t1], "minutes": minutes, "round_definition": ROUND_DEFINITION,
         "rounds": rounds, "busiest_link": busiest,
         "busiest_link_bytes_per_round": per_veth[busiest]["total"],
-        "bytes_per_veth_per_round": per_veth,
+        "bytes_per_veth_per_round": per_veth, "resubmissions": fig["resubmissions"],
+        "duplicate_acks": fig["duplicate_acks"],
         "link_bytes": {n: {"tx": bytes1[n][0] - bytes0[n][0], "rx": bytes1[n][1] - bytes0[n][1],
                            "peak_mbit": sampler.peak_mbit(n, t0, t1)} for n in link},
         "utilization": {n: p["utilization"] for n, p in per_trainer.items()},
@@ -496,20 +525,50 @@ def shard_results(opts, runs: dict[str, dict], failover: dict | None, calib: dic
         "H": cfg.inner.steps_per_round, "compression": opts.compression, "reply_compression": REPLY,
         "screen": False, "num_standbys": cfg.swarm.num_standbys, "lease_seconds": cfg.swarm.lease_seconds,
         "threads_per_peer": opts.threads, "minutes": opts.minutes}
+    out["target"] = targets(runs)
+    out.update(calibration=calib, memory=memory, round_definition=ROUND_DEFINITION, command=command,
+               date=datetime.date.today().isoformat(), tree=git_tree(ROOT), machine=bench_wire.machine(),
+               load={"start": loads[0], "end": loads[1]})
+    return out
+
+
+def targets(runs: dict[str, dict]) -> dict:
+    """The issue's target, from the runs of S = 1 and 4 (None: not measured: that S not run, or a
+    trainer with fewer than 3 rounds in the window)."""
     one, four = runs.get("1"), runs.get("4")
     ratio = (four["busiest_link_bytes_per_round"] / one["busiest_link_bytes_per_round"]
              if one and four and one["busiest_link_bytes_per_round"] else None)
     util = {k: list(r["utilization"].values()) for k, r in runs.items()}
     known = {k: [x for x in u if x is not None] for k, u in util.items()}
-    out["target"] = {  # None: not measured (that S not run, or a trainer with fewer than 3 rounds in the window)
-        "busiest_ratio_4_to_1": ratio, "busiest_ratio_ok": None if ratio is None else ratio <= 0.35,
-        "min_utilization": {k: (min(u) if u and None not in u else None) for k, u in util.items()},
-        "utilization_ok_4": None if four is None or None in util["4"] else min(util["4"]) >= 0.95,
-        "s1_short": None if one is None or not known["1"] else min(known["1"]) < 0.95}
-    out.update(calibration=calib, memory=memory, round_definition=ROUND_DEFINITION, command=command,
-               date=datetime.date.today().isoformat(), tree=git_tree(ROOT), machine=bench_wire.machine(),
-               load={"start": loads[0], "end": loads[1]})
-    return out
+    return {"busiest_ratio_4_to_1": ratio, "busiest_ratio_ok": None if ratio is None else ratio <= 0.35,
+            "min_utilization": {k: (min(u) if u and None not in u else None) for k, u in util.items()},
+            "utilization_ok_4": None if four is None or None in util["4"] else min(util["4"]) >= 0.95,
+            "s1_short": None if one is None or not known["1"] else min(known["1"]) < 0.95}
+
+
+def rederive(opts, command: str) -> dict:
+    """The per-round figures of the ``shards`` key of ``--results`` again, from each run's saved
+    window, window bytes and its directory's events (ROUND_DEFINITION as this tree has it); the
+    measurement's own fields (command, date, load) are kept, and ``rederived`` says when and how."""
+    results = json.loads(opts.results.read_text())
+    res = results["shards"]
+    runs = {k: res[k] for k in ("1", "2", "4") if k in res}
+    for k, run in runs.items():
+        names = list(run["link_bytes"])
+        events = {n: LocalSwarm(Path(run["dir"]), "").events(n) for n in names}
+        fig = round_figures(int(k), events, run["window"], run["link_bytes"])
+        for key in ("rounds", "busiest_link", "busiest_link_bytes_per_round", "bytes_per_veth_per_round",
+                    "resubmissions", "duplicate_acks"):
+            run[key] = fig[key]
+        for n, parts in fig["acked"].items():
+            run["trainers"][n]["acked_parts"] = len(parts)
+        run["round_definition"] = ROUND_DEFINITION
+    res["round_definition"] = ROUND_DEFINITION
+    res["target"] = targets(runs)
+    res["rederived"] = {"command": command, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+        timespec="seconds"), "tree": git_tree(ROOT)}
+    wan.merge_results(opts.results, res, key="shards")
+    return res
 
 
 def _f(x, spec=".2f") -> str:
@@ -547,7 +606,8 @@ def render(res: dict) -> str:
                   f"{calib['hub_uplink_seconds_per_round_s1']:.0f} s per round of every trainer.", ""]
     lines += ["| S | busiest link (node) | MB per round on it (tx + rx) | ratio to S = 1 | utilisation ("
               + ", ".join(trainers) + ") | commits/min per shard (total) | shard holders (standbys) | "
-              "takeovers in window | load start → end |", "|---|---|---|---|---|---|---|---|---|"]
+              "takeovers in window | parts resent (acks answered duplicate) | load start → end |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     base = runs.get("1", {}).get("busiest_link_bytes_per_round")
     for k, r in runs.items():
         place = r["placement"].get("placement_end") or r["placement"].get("placement_start") or {}
@@ -558,7 +618,8 @@ def render(res: dict) -> str:
             + ", ".join(_f(r["utilization"].get(n), ".3f") for n in trainers) + " | "
             + ", ".join(_f(v, ".1f") for v in cpm["per_shard"].values()) + f" ({_f(cpm['total'], '.1f')}) | "
             + "; ".join(f"{s}: {p['holder'] or '?'} ({', '.join(p['standbys']) or '–'})" for s, p in place.items())
-            + f" | {len(r['takeovers_in_window'])} | {', '.join(map(str, r['load']['start']))} → "
+            + f" | {len(r['takeovers_in_window'])} | {r.get('resubmissions', '–')} ({r.get('duplicate_acks', '–')}) | "
+              f"{', '.join(map(str, r['load']['start']))} → "
               f"{', '.join(map(str, r['load']['end']))} |")
     names = [p["name"] for p in cast["peers"]]
     lines += ["", "MB per round on every veth (tx + rx; round: " + res["round_definition"] + "):", "",
@@ -631,6 +692,14 @@ def main(argv=None) -> dict | None:
 
 
 def _main(opts, command: str) -> dict | None:
+    if opts.rederive:
+        res = rederive(opts, command)
+        report = render(res)
+        print(report)
+        print(f"[shards] rewrote {opts.results} (key shards) from its runs' directories")
+        if opts.write_results:
+            write_section(ROOT / "docs" / "results.md", report)
+        return res
     for s in sorted(set(opts.shard_list + ([opts.failover_shards] if opts.failover_shards else []))):
         wan.checked_config(with_shards(opts, s), REPLY)  # refuse a setting before anything starts
     out = opts.out or Path(tempfile.mkdtemp(prefix="shardnet-", dir="/tmp"))
