@@ -471,6 +471,16 @@ def summarize(opts, shards, link, events, started, window, bytes0, bytes1, cpu0,
         "load": {"start": marks["load_start"], "end": marks["load_end"]}, "dir": str(workdir)}
 
 
+FAILOVER_WAIT_AFTER = 60.0  # s after the heir's first commit that the trainers' waits are summed over
+
+
+def failover_waits(events: dict[str, list[dict]], killed_at: float, first_commit_at: float) -> dict[str, float]:
+    """trainer → seconds its rounds waited (overlapped mode: for the previous round's parts) in the
+    rounds that ended from the kill to FAILOVER_WAIT_AFTER s after the heir's first commit."""
+    return {n: sum(float(e.get("wait_seconds") or 0.0) for e in events[n] if e.get("event") == "round"
+                   and killed_at <= e["time"] <= first_commit_at + FAILOVER_WAIT_AFTER) for n, _ in TRAINERS}
+
+
 def failover_summary(shards: int, events: dict[str, list[dict]], marks: dict) -> dict:
     """The kill's figures: every acknowledged part of the killed shard (the whole run's ack
     events) checked against that shard's final chain (every node's commit events, the highest
@@ -504,6 +514,7 @@ def failover_summary(shards: int, events: dict[str, list[dict]], marks: dict) ->
         "takeovers": [{"node": n, "shard": _shard(e), "time": e["time"], "term": e.get("term")} for n, e in takeovers],
         "rejected_norm_too_large": len([e for n in trainers for e in events[n]
                                         if e.get("event") == "rejected" and e.get("reason") == "norm_too_large"]),
+        "trainer_wait_s": failover_waits(events, killed_at, first), "failover_end": marks["failover_end"],
         "placement_at_kill": marks["placement_at_kill"], "placement_after": marks["placement_after_failover"],
         "load": {"at_kill": marks["load_end"], "end": marks["load_after_failover"]}}
 
@@ -564,6 +575,11 @@ def rederive(opts, command: str) -> dict:
             run["trainers"][n]["acked_parts"] = len(parts)
         run["round_definition"] = ROUND_DEFINITION
     res["round_definition"] = ROUND_DEFINITION
+    fo = res.get("failover")
+    if fo and "trainer_wait_s" not in fo:
+        run = runs.get(str(fo["shards"])) or fo.get("run")
+        events = {n: LocalSwarm(Path(run["dir"]), "").events(n) for n in run["link_bytes"]}
+        fo["trainer_wait_s"] = failover_waits(events, fo["killed_at"], fo["killed_at"] + fo["kill_to_first_commit_s"])
     res["target"] = targets(runs)
     res["rederived"] = {"command": command, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"), "tree": git_tree(ROOT)}
@@ -637,7 +653,12 @@ def render(res: dict) -> str:
                   f"events, the highest term at each version): {fo['acknowledged_parts_checked']}, lost "
                   f"{fo['acknowledged_parts_lost']}; gaps in the chain: {len(fo['chain_gaps'])}; takeovers nothing "
                   f"called for: {fo['unnecessary_failovers']}; parts refused as too large: "
-                  f"{fo['rejected_norm_too_large']}."]
+                  f"{fo['rejected_norm_too_large']}."
+                  + (" The trainers' rounds that ended from the kill to 60 s after the heir's first commit waited "
+                     + ", ".join(f"{n} {w:.0f} s" for n, w in fo["trainer_wait_s"].items())
+                     + " in all for earlier parts (overlapped rounds: a round waits for the previous one's "
+                       "submission, whose part for the killed shard is held up to the grace of "
+                       "roles/shard_submit.py)." if fo.get("trainer_wait_s") else "")]
     tgt = res.get("target", {})
     word = lambda ok, yes="met", no="not met": "not measured" if ok is None else (yes if ok else no)  # noqa: E731
     lines += ["", "Utilisation: time in inner steps / wall time between the first and the last round that ended in "
