@@ -521,7 +521,7 @@ def failover_summary(shards: int, events: dict[str, list[dict]], marks: dict) ->
 
 # ------------------------------------------------------------------------------ results
 def shard_results(opts, runs: dict[str, dict], failover: dict | None, calib: dict | None, memory: dict | None,
-                  command: str, loads: list, params: int) -> dict:
+                  command: str, loads: list, params: int, tree: str) -> dict:
     out: dict = dict(runs)
     if failover is not None:
         out["failover"] = failover
@@ -538,7 +538,7 @@ def shard_results(opts, runs: dict[str, dict], failover: dict | None, calib: dic
         "threads_per_peer": opts.threads, "minutes": opts.minutes}
     out["target"] = targets(runs)
     out.update(calibration=calib, memory=memory, round_definition=ROUND_DEFINITION, command=command,
-               date=datetime.date.today().isoformat(), tree=git_tree(ROOT), machine=bench_wire.machine(),
+               date=datetime.date.today().isoformat(), tree=tree, machine=bench_wire.machine(),
                load={"start": loads[0], "end": loads[1]})
     return out
 
@@ -724,6 +724,7 @@ def _main(opts, command: str) -> dict | None:
     for s in sorted(set(opts.shard_list + ([opts.failover_shards] if opts.failover_shards else []))):
         wan.checked_config(with_shards(opts, s), REPLY)  # refuse a setting before anything starts
     out = opts.out or Path(tempfile.mkdtemp(prefix="shardnet-", dir="/tmp"))
+    tree = git_tree(ROOT)  # the code that runs (a commit made while it runs is not it)
     calib = None
     if opts.calibrate or (not opts.tiny and (opts.mbit is None or opts.steps_per_round is None)):
         calib = calibrate(opts, out / "calibrate")
@@ -758,7 +759,7 @@ def _main(opts, command: str) -> dict | None:
         print(f"[shards] failover: {fo['acknowledged_parts_lost']} of {fo['acknowledged_parts_checked']} acknowledged "
               f"parts lost; other shards {fo['other_shards_commits_during_failover']} commits during it; stall "
               f"{fo['stall_seconds']:.1f} s; unnecessary failovers {fo['unnecessary_failovers']}", flush=True)
-    res = shard_results(opts, runs, failover, calib, memory, command, [load_start, wan.load()], params)
+    res = shard_results(opts, runs, failover, calib, memory, command, [load_start, wan.load()], params, tree)
     wan.merge_results(opts.results, res, key="shards")
     report = render(res)
     print(report)
