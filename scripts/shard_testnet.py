@@ -289,7 +289,9 @@ def run_cast(opts, shards: int, workdir: Path, failover: bool = False) -> dict:
     extra = ["--threads", str(opts.threads)]
     started: dict[str, float] = {}
     marks: dict = {}
+    t_start = time.time()
     tag = f"S={shards}{' failover' if failover else ''}"
+    at = lambda: f"{time.time() - t_start:.0f} s"  # noqa: E731
     with netns.NetnsTestnet(list(link), rates=link) as net:
         sw = LocalSwarm(workdir, f"shardnet-{uuid.uuid4().hex[:8]}", netns=net)
         sampler = wan.Sampler(sw, net)
@@ -307,7 +309,7 @@ def run_cast(opts, shards: int, workdir: Path, failover: bool = False) -> dict:
                              lambda: _key(placement(sw, shards, stale)), 2 * beat)
             sw.wait_until(settled, opts.join_timeout, f"every shard held by a --no-train node with a standby ({tag})")
             marks["placement_before_trainers"] = placement(sw, shards, stale)
-            print(f"[shards] {tag}: placed " + _fmt_place(marks["placement_before_trainers"]) + "; starting the trainers",
+            print(f"[shards] {tag}, {at()}: placed " + _fmt_place(marks["placement_before_trainers"]) + "; starting the trainers",
                   flush=True)
             for n, r in TRAINERS:
                 started[n] = time.time()
@@ -323,7 +325,7 @@ def run_cast(opts, shards: int, workdir: Path, failover: bool = False) -> dict:
             bytes0 = {n: net.link_bytes(n) for n in link}
             cpu0 = {n: bench.group_cpu_seconds(sw.procs[n].pid) for n in servers}
             marks["placement_start"] = placement(sw, shards, stale)
-            print(f"[shards] {tag}: steady state ({_fmt_place(marks['placement_start'])}); measuring", flush=True)
+            print(f"[shards] {tag}, {at()}: steady state ({_fmt_place(marks['placement_start'])}); measuring", flush=True)
             sw.wait_until(lambda: time.time() >= t0 + 60 * opts.minutes, 60 * opts.minutes + 60, "the window's end")
             t1 = time.time()
             bytes1 = {n: net.link_bytes(n) for n in link}
@@ -339,7 +341,7 @@ def run_cast(opts, shards: int, workdir: Path, failover: bool = False) -> dict:
                 marks["killed"], marks["killed_shard"] = victim, victim_shard
                 marks["killed_at"] = time.time()
                 sw.kill(victim)
-                print(f"[shards] {tag}: SIGKILLed {victim}, the holder of shard {victim_shard}", flush=True)
+                print(f"[shards] {tag}, {at()}: SIGKILLed {victim}, the holder of shard {victim_shard}", flush=True)
 
                 def heir_commit():
                     takeovers = [(n, e) for n in sw.procs if n != victim for e in sw.events(n, "takeover")
@@ -355,7 +357,7 @@ def run_cast(opts, shards: int, workdir: Path, failover: bool = False) -> dict:
                 sw.wait_until(heir_commit, opts.join_timeout, f"a commit of shard {victim_shard} under its heir")
                 heir, ev, first_commit = heir_commit()
                 marks.update(heir=heir, takeover_at=ev["time"], heir_first_commit_at=first_commit["time"])
-                print(f"[shards] {tag}: {heir} took shard {victim_shard} over after "
+                print(f"[shards] {tag}, {at()}: {heir} took shard {victim_shard} over after "
                       f"{ev['time'] - marks['killed_at']:.1f} s, first commit after "
                       f"{first_commit['time'] - marks['killed_at']:.1f} s", flush=True)
                 t_tail = time.time()
@@ -365,8 +367,10 @@ def run_cast(opts, shards: int, workdir: Path, failover: bool = False) -> dict:
                 marks["placement_after_failover"] = placement(sw, shards, stale)
                 marks["load_after_failover"] = wan.load()
         finally:
+            t_close = time.time()
             sampler.stop()
             sw.close()
+    print(f"[shards] {tag}, {at()}: every node stopped (in {time.time() - t_close:.0f} s)", flush=True)
     events = {n: sw.events(n) for n in link}
     run = summarize(opts, shards, link, events, started, (t0, t1), bytes0, bytes1, cpu0, cpu1, sampler, marks,
                     workdir)

@@ -23,8 +23,8 @@ def test_tiny_sharded_cast_spreads_the_hub_and_a_killed_holder_loses_no_acknowle
     shardnet = load_script("shard_testnet")
     results = tmp_path / "results.json"
     results.write_text(json.dumps({"wan": {"model_params": 1}}))  # another benchmark's key: kept
-    out = shardnet.main(["--tiny", "--shards", "1,2", "--minutes", "0.25", "--failover-shards", "2",
-                         "--failover-tail", "0.1", "--out", str(tmp_path / "runs"), "--results", str(results)])
+    out = shardnet.main(["--tiny", "--shards", "1,2", "--minutes", "0.15", "--failover-shards", "2",
+                         "--failover-tail", "0.05", "--out", str(tmp_path / "runs"), "--results", str(results)])
     one, two, fo = out["1"], out["2"], out["failover"]
     servers = {n for n, _ in shardnet.SERVERS}
 
