@@ -84,11 +84,15 @@ RATE_WINDOW = 1.0
 
 # ------------------------------------------------------------------------------ the run config
 def run_tree(opts, reply: str) -> dict:
-    """The run config (a tree for config_from_dict) of one run of the cast."""
+    """The run config (a tree for config_from_dict) of one run of the cast. ``opts.swarm_extra``
+    (optional, a dict) updates the swarm section, one level deep (scripts/shard_testnet.py:
+    ``shards`` and ``defence.screen``)."""
     swarm = {"compression": opts.compression, "reply_compression": reply, "lease_seconds": opts.lease_seconds,
              "heartbeat_seconds": opts.lease_seconds / 6, "num_standbys": 1, "submit_timeout": opts.submit_timeout,
              "checkpoint_every": 100_000,  # a 125M checkpoint would take the coordinator's disk and CPU mid-run
              "defence": {"screen_blocks": 1, "screen_tokens": min(32, opts.seq_len)}}
+    for key, value in (getattr(opts, "swarm_extra", None) or {}).items():
+        swarm[key] = {**swarm[key], **value} if isinstance(value, dict) and isinstance(swarm.get(key), dict) else value
     if opts.tiny:
         with tempfile.TemporaryDirectory(prefix="wan-") as tmp:
             tree = read_yaml(write_test_config(Path(tmp) / "cfg.yaml", **swarm))
@@ -605,10 +609,10 @@ def wan_results(opts, runs: dict[str, dict], memory: dict | None, command: str, 
     }
 
 
-def merge_results(path: Path, wan: dict) -> None:
-    """bench/results.json with its ``wan`` key replaced (every other key kept as it is)."""
+def merge_results(path: Path, wan: dict, key: str = "wan") -> None:
+    """bench/results.json with its ``key`` key replaced (every other key kept as it is)."""
     results = json.loads(path.read_text()) if path.exists() else {}
-    results["wan"] = wan
+    results[key] = wan
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(results, indent=1) + "\n")
 
