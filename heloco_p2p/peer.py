@@ -304,6 +304,7 @@ class Peer:
             election.may_stand_by = lambda p, k=str(shard): p.role in REPLICA_ROLES + ("coordinator",) \
                 and p.shards.get(k) != "coordinator"
             election.standby_rank = lambda p: standby_rank(p.shards)
+            election.shard = shard
         start = (lambda: (self.global_params, self.held_kind)) if router is None else \
             (lambda: (None if self.global_params is None else self.plan.part(self.global_params, shard), self.held_kind))
         submitter = SubmitClient(node, election, service, self.cfg.swarm, region, names, self.stop_event,

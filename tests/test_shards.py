@@ -358,3 +358,14 @@ def test_a_stacked_standby_is_swapped_for_the_free_peer_standing_by_for_the_fewe
     m.node = SimpleNamespace(run=lambda coro, timeout=None: asyncio.run(coro))
     assert m.free_standbys(election, SimpleNamespace(replication=rep)) == "b"
     assert recruited == ["b"] and rep.standbys == ["b"]
+
+
+def test_shards_recruiting_at_once_take_different_peers_of_the_best_ranked_group():
+    from heloco_p2p.roles.shards import spread
+
+    order = ["p1", "p2", "p3", "q"]  # sorted: p1-p3 ranked equally, q after them
+    key = {"p1": 0, "p2": 0, "p3": 0, "q": 1}.get
+    firsts = [spread(order, key, k)[0] for k in range(4)]
+    assert firsts == ["p1", "p2", "p3", "p1"]
+    assert spread(order, key, 1) == ["p2", "p3", "p1", "q"]
+    assert spread(order, key, 0) == order and spread([], key, 2) == []

@@ -19,6 +19,7 @@ from typing import Callable
 
 from heloco_p2p.roles import lease as lease_rules
 from heloco_p2p.roles.coordinator import CoordinatorService
+from heloco_p2p.roles.shards import spread
 from heloco_p2p.swarm.records import LeaseRecord, PeerRecord
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ class Election:
 
     def standby_rank(self, p: PeerRecord) -> int | tuple[int, ...]:
         return 0
+
+    shard = 0  # a sharded run's shard index: equally ranked candidates are taken in an order rotated by it
 
     def refresh(self) -> LeaseRecord | None:
         """Read the lease claims from the DHT and believe one by THE rule (roles/lease.py). A later
@@ -184,7 +187,8 @@ class Election:
         # the least recently dropped first: a standby dropped because its link to this peer is cut
         # still heartbeats (others relay its records), and trying it first blocks the recruitment
         # of a reachable peer until the cut heals
-        order = sorted(candidates, key=lambda p: (self.standby_rank(p), rep.dropped_at.get(p.peer_id, -math.inf), p.peer_id))
+        rank = (lambda p: (self.standby_rank(p), rep.dropped_at.get(p.peer_id, -math.inf)))
+        order = spread(sorted(candidates, key=lambda p: (rank(p), p.peer_id)), rank, self.shard)
         for p in order[: want - len(rep.standbys)]:
             if not svc.active:  # stepped down meanwhile: recruit no one
                 break

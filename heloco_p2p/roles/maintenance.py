@@ -14,7 +14,7 @@ from typing import Callable
 from heloco_p2p.roles.coordinator import CoordinatorService
 from heloco_p2p.roles.election import Election
 from heloco_p2p.roles.rounds import RoundLoop
-from heloco_p2p.roles.shards import scalar_version
+from heloco_p2p.roles.shards import scalar_version, spread
 from heloco_p2p.roles.tally import SubmitTally
 from heloco_p2p.swarm.records import CommitLogRecord, LogEntryRecord, PeerRecord
 
@@ -188,9 +188,12 @@ class Maintenance:
         stacked = [s for s in rep.standbys if s in holders]
         # the free peer standing by for the fewest shards first (roles/shards.py standby_rank): every
         # shard swapping to the same first free peer put all S shards' forwarded commits on its link
-        free = [p.peer_id for p in sorted(live, key=lambda p: (election.standby_rank(p), p.peer_id))
+        free = [p for p in sorted(live, key=lambda p: (election.standby_rank(p), p.peer_id))
                 if p.peer_id not in rep.standbys and p.peer_id not in holders
                 and p.role in ("training", "standby") and election.may_stand_by(p)]
+        # shards swapping at the same moment (their records not yet showing each other's choice) take
+        # different peers of the best-ranked group
+        free = [p.peer_id for p in spread(free, election.standby_rank, getattr(election, "shard", 0))]
         if not stacked or not free:
             return None
 

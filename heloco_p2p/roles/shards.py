@@ -142,3 +142,15 @@ def standby_rank(shard_roles: dict) -> tuple[int, int]:
     forwarded commits, a whole model per round on its one link)."""
     roles = list(shard_roles.values())
     return int("coordinator" in roles), sum(1 for r in roles if r == "standby")
+
+
+def spread(order: list, key, shard: int) -> list:
+    """``order`` (sorted by ``key``) with its first group of equal keys rotated by ``shard``: S
+    shards that recruit at the same moment, from peer records that do not show each other's
+    choices yet, then take different peers of that group instead of all the first one."""
+    if not order or shard == 0:
+        return list(order)
+    first = key(order[0])
+    n = next((i for i, p in enumerate(order) if key(p) != first), len(order))
+    i = shard % n
+    return order[i:n] + order[:i] + order[n:]
