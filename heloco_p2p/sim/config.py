@@ -285,7 +285,7 @@ def shard_shapes(run_cfg: RunConfig, shards: int) -> list[list[tuple[int, ...]]]
 
     from heloco_p2p.local import build_model
     from heloco_p2p.local.model import trainable_params
-    from heloco_p2p.roles.shards import ShardPlan
+    from heloco_p2p.swarm.shard_plan import ShardPlan
 
     with torch.device("meta"):
         model = build_model(run_cfg.model)

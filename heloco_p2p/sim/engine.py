@@ -201,7 +201,7 @@ class Simulation:
         names = param_names(self.eval_model)
         self.sharded = spec.shards > 1 or spec.shard_delay is not None
         if self.sharded:
-            from heloco_p2p.roles.shards import ShardPlan
+            from heloco_p2p.swarm.shard_plan import ShardPlan
 
             if spec.algorithm.mode != "async" or spec.overlap:
                 raise ValueError(f"{spec.algorithm.name}: shards are modelled for asynchronous blocking rounds only")
