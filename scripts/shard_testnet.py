@@ -718,13 +718,8 @@ def main(argv=None) -> dict | None:
 
 def _main(opts, command: str) -> dict | None:
     if opts.rederive:
-        res = rederive(opts, command)
-        report = render(res)
-        print(report)
-        print(f"[shards] rewrote {opts.results} (key shards) from its runs' directories")
-        if opts.write_results:
-            write_section(ROOT / "docs" / "results.md", report)
-        return res
+        return _report(opts, rederive(opts, command), f"[shards] rewrote {opts.results} (key shards) from its runs' "
+                                                      "directories")
     for s in sorted(set(opts.shard_list + ([opts.failover_shards] if opts.failover_shards else []))):
         wan.checked_config(with_shards(opts, s), REPLY)  # refuse a setting before anything starts
     out = opts.out or Path(tempfile.mkdtemp(prefix="shardnet-", dir="/tmp"))
@@ -765,9 +760,15 @@ def _main(opts, command: str) -> dict | None:
               f"{fo['stall_seconds']:.1f} s; unnecessary failovers {fo['unnecessary_failovers']}", flush=True)
     res = shard_results(opts, runs, failover, calib, memory, command, [load_start, wan.load()], params, tree)
     wan.merge_results(opts.results, res, key="shards")
+    return _report(opts, res, f"[shards] wrote {opts.results} (key shards); run directories under {out}\n"
+                              f"[shards] command: {command}")
+
+
+def _report(opts, res: dict, done: str) -> dict:
+    """Print the section and ``done``; with --write-results, write it into docs/results.md."""
     report = render(res)
     print(report)
-    print(f"[shards] wrote {opts.results} (key shards); run directories under {out}\n[shards] command: {command}")
+    print(done)
     if opts.write_results:
         write_section(ROOT / "docs" / "results.md", report)
     return res

@@ -26,22 +26,16 @@ def test_testnet_writes_a_consistent_summary(tmp_path):
     summary = run_testnet(load_profiles(_cast(tmp_path)), str(cfg), minutes=1.5, out=out, live=False, eval_every=20)
     assert json.loads((out / "summary.json").read_text()) == summary
     assert summary["commits"] >= 10
-    # no faults: every commit was acknowledged, except at the stop: those held back while the peers
-    # stopped (the standby left first), which the coordinator's last checkpoint holds, and a commit
-    # whose sender was stopped before it logged the reply; at most one per peer, all at the chain's end
+    # no faults: every commit was acknowledged, except those held back while the peers stopped (the
+    # standby left first), which the coordinator's last checkpoint holds: at most one per peer
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     commits = [e for e in events if e.get("event") == "commit"]
     committed = {(e["peer"], e["seq"]) for e in commits}
     checkpointed = {(e["peer"], e["seq"]) for e in commits if e.get("checkpointed")}
     acked = {(e["peer"], e["seq"]) for e in events if e.get("event") == "ack"}
     assert len(committed) == summary["commits"] == len(commits)
-    assert acked <= committed and not acked & checkpointed
-    at_stop = committed - acked
-    n_peers = len(summary["peers"])
-    assert len(at_stop) <= n_peers
-    last = max(e["version"] for e in commits)
-    assert all(e["version"] > last - n_peers for e in commits if (e["peer"], e["seq"]) in at_stop), \
-        "a commit no one acknowledged before the end of the run"
+    assert acked | checkpointed == committed and not acked & checkpointed
+    assert len(checkpointed) <= len(summary["peers"])
     assert summary["accepted_rounds"] <= len(acked)  # a non-duplicate acknowledgement per commit at most
     assert summary["commits"] == sum(1 for line in (out / "metrics.jsonl").read_text().splitlines()
                                      if '"event": "commit"' in line)
