@@ -298,6 +298,7 @@ class Peer:
                                      lease_seconds=self.cfg.swarm.lease_seconds)
         tag = {} if router is None else {"shard": shard}
         service.on_commit = lambda summary: self.metrics.log({"event": "commit", **summary, **tag})
+        service.standby.on_replica = lambda held: self.metrics.log({"event": "replica", **held, **tag})
         log = self.metrics.log if router is None else (lambda e: self.metrics.log({**e, "shard": shard}))
         election = Election(node, self.cfg, service, self.stop_event, log, role=self._role)
         if router is not None:  # a peer coordinating another shard may stand by for this one, after free peers

@@ -234,10 +234,14 @@ def check_history(events: list[dict], final_checkpoint: Path | None) -> dict:
     by_version: dict[int, list[dict]] = defaultdict(list)
     for c in commits:
         by_version[c["version"]].append(c)
+    forks = sorted(v for v, cs in by_version.items() if len({c["digest"] for c in cs}) > 1)
+    # a standby's replica event stands for a commit whose holder was killed after the standby
+    # applied it and before logging it (the commit events decide wherever they exist)
+    for r in (e for e in events if e["event"] == "replica"):
+        by_version[r["version"]].append(r)
     top = max(by_version, default=0)
     gaps = [v for v in range(1, top + 1) if v not in by_version]
-    forks = sorted(v for v, cs in by_version.items() if len({c["digest"] for c in cs}) > 1)
-    final = {v: max(cs, key=lambda c: (c["term"], c["time"])) for v, cs in by_version.items()}
+    final = {v: max(cs, key=lambda c: (c["term"], c["event"] == "commit", c["time"])) for v, cs in by_version.items()}
     in_chain = {(c["peer"], c["seq"]): v for v, c in final.items()}
     twice = len(final) - len(in_chain)  # one submission committed at two versions of the chain
     acks = [e for e in events if e["event"] == "ack"]

@@ -387,12 +387,13 @@ def _fmt_place(place: dict) -> str:
 # ------------------------------------------------------------------------------ figures
 def commit_chain(events: dict[str, list[dict]], shard: int) -> dict[int, dict]:
     """version → the commit of ``shard`` that is the chain's at that version: of every node's
-    commit events, the one of the highest term (a later term replaces a version only where an
-    earlier holder's commit did not become the run's)."""
+    commit events (a holder's) and replica events (a standby's: a holder killed after its standby
+    applied a commit, before it logged it, has no commit event of it), the one of the highest term
+    (a later term replaces a version only where an earlier holder's commit did not become the run's)."""
     chain: dict[int, dict] = {}
     for evs in events.values():
         for e in evs:
-            if e.get("event") == "commit" and _shard(e) == shard:
+            if e.get("event") in ("commit", "replica") and _shard(e) == shard:
                 v = int(e["version"])
                 if v not in chain or int(e.get("term", 0)) > int(chain[v].get("term", 0)):
                     chain[v] = e
@@ -496,7 +497,8 @@ def failover_summary(shards: int, events: dict[str, list[dict]], marks: dict) ->
     chain = commit_chain(events, k)
     in_chain = {(e["peer"], e["seq"]) for e in chain.values()}
     acks = [a for n in trainers for a in events[n] if a.get("event") == "ack" and _shard(a) == k]
-    lost = [{"trainer": a.get("name"), "seq": a["seq"], "version": a["version"], "time": a["time"]}
+    lost = [{"trainer": a.get("name"), "seq": a["seq"], "version": a["version"], "time": a["time"],
+             "duplicate": bool(a.get("duplicate")), "term": a.get("term")}
             for a in acks if (a["peer"], a["seq"]) not in in_chain]
     versions = sorted(chain)
     gaps = [v for v in range(1, versions[-1] + 1) if v not in chain] if versions else []

@@ -383,3 +383,12 @@ def test_the_chaos_history_check_finds_gaps_forks_and_lost_acknowledgements():
     # a duplicate acknowledgement whose submission no commit holds
     dup = check_history(chain + [ack(3, "d3", seq=42, duplicate=True)], None)
     assert dup["acked_but_lost"] == 1 and dup["duplicate_acks"] == 1
+    # the holder was killed after its standby applied version 4 and before it logged it: the
+    # standby's replica event holds it, and the resubmission answered 'duplicate' by the heir is
+    # not lost; the heir's own version 5 follows with no gap
+    replica = {"event": "replica", "version": 4, "term": 1, "digest": "d4", "peer": "p1", "seq": 4, "time": 4.0}
+    heir = chain + [replica, ack(5, "d5", seq=4, duplicate=True), commit(5, 2, "d5", peer="p2", seq=1)]
+    held = check_history(heir, None)
+    assert (held["gaps"], held["forks"], held["acked_but_lost"]) == ([], [], 0)
+    assert check_history(chain + [ack(5, "d5", seq=4, duplicate=True), commit(5, 2, "d5", peer="p2", seq=1)],
+                         None)["gaps"] == [4]  # without the replica event: the gap the check reported before

@@ -116,8 +116,15 @@ def test_the_believed_holder_replicates_and_hands_over():
     header, payload = _commit_header(state, 1)
     holder.apply([torch.full(s, 0.01) for s in SHAPES], 0, "QmPeer", 0, 5, 0.1)
     header["digest"] = params_digest(holder.engine.params)
+    replicas = []
+    svc.standby.on_replica = replicas.append
     reply, _ = run(svc.standby.handle_replicate(header, payload, HOLDER))
     assert reply["status"] == "ok" and state.version == 1 and _same(_params(state), _params(holder))
+    # the standby's record of what it holds (the audit of a holder killed before it logged the commit)
+    assert replicas == [{"version": 1, "term": 1, "peer": header["peer"], "seq": header["seq"],
+                         "digest": header["digest"], "source": HOLDER}]
+    assert run(svc.standby.handle_replicate(header, payload, HOLDER))[0]["status"] == "ok"
+    assert len(replicas) == 1  # a resend is held already: not applied, not recorded twice
     handed = []
     svc.standby.on_handover = handed.append
     reply, _ = run(svc.standby.handle_handover({"term": 1, "version": 1, "standbys": []}, b"", HOLDER))

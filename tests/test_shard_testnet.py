@@ -11,11 +11,37 @@ from heloco_p2p.tools import netns
 
 from fakes import load_script
 
-pytestmark = pytest.mark.slow
-
 KEYS = ("1", "2", "failover", "cast", "command", "date", "machine", "load")
 
 
+def test_the_failover_check_finds_lost_parts_and_counts_a_standbys_replica_as_held():
+    """failover_summary's verdict is only worth something if it can say otherwise; a part whose
+    holder was killed after the standby applied it (no commit event of it, the heir's 'duplicate'
+    ack) is held, not lost."""
+    shardnet = load_script("shard_testnet")
+    commit = lambda v, term, seq, peer="t1", t=None: {"event": "commit", "shard": 1, "version": v, "term": term,  # noqa: E731
+                                                      "peer": peer, "seq": seq, "time": float(v) if t is None else t}
+    ack = lambda v, seq, dup=False: {"event": "ack", "shard": 1, "version": v, "peer": "t1", "seq": seq,  # noqa: E731
+                                     "name": "berlin", "time": v + 0.5, "duplicate": dup}
+    marks = {"killed_shard": 1, "killed_at": 3.2, "heir_first_commit_at": 6.0, "killed": "node-c", "heir": "node-b",
+             "failover_end": 20.0, "takeover_at": 5.0, "placement_at_kill": {}, "placement_after_failover": {},
+             "load_end": 0.0, "load_after_failover": 0.0}
+    trainers = {n: [] for n, _ in shardnet.TRAINERS}
+    base = {**trainers, "node-c": [commit(v, 1, v) for v in (1, 2, 3)],
+            "berlin": [ack(v, v) for v in (1, 2, 3)] + [ack(5, 4, dup=True)]}
+    heir = [{"event": "takeover", "shard": 1, "time": 5.0, "term": 2}, commit(5, 2, 1, peer="t2", t=6.0)]
+    replica = {"event": "replica", "shard": 1, "version": 4, "term": 1, "peer": "t1", "seq": 4, "time": 3.1}
+    held = shardnet.failover_summary(2, {**base, "node-b": heir + [replica]}, marks)
+    assert (held["acknowledged_parts_checked"], held["acknowledged_parts_lost"], held["chain_gaps"]) == (4, 0, [])
+    assert held["unnecessary_failovers"] == 0
+    lost = shardnet.failover_summary(2, {**base, "node-b": heir}, marks)
+    assert lost["acknowledged_parts_lost"] == 1 and lost["lost"][0]["seq"] == 4 and lost["chain_gaps"] == [4]
+    # version 3 committed again in the heir's term by another submission: its acknowledgement is lost
+    forked = shardnet.failover_summary(2, {**base, "node-b": heir + [replica, commit(3, 2, 7, peer="t2", t=5.5)]}, marks)
+    assert [x["seq"] for x in forked["lost"]] == [3]
+
+
+@pytest.mark.slow
 def test_tiny_sharded_cast_spreads_the_hub_and_a_killed_holder_loses_no_acknowledged_part(tmp_path):
     ok, why = netns.available()
     if not ok:

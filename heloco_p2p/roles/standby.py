@@ -36,6 +36,9 @@ class StandbyService:
         self.take_role = take_role
         self.term_sources: dict[int, str] = {}  # term -> the peer that replicated to us in it (its coordinator)
         self.on_handover = None  # blocking callback(term) once a leaving coordinator handed the role to us
+        # callback(dict) for each commit this replica applied: the audit of who holds what (an
+        # acknowledged commit whose holder died before logging it is recorded here)
+        self.on_replica = None
 
     async def handle_replicate(self, header: dict, payload: bytes, remote: str) -> messages.Reply:
         try:
@@ -108,6 +111,9 @@ class StandbyService:
             logger.warning("standby: digest differs at version %d; asking for the full state", self.state.version)
             return {"status": "out_of_sync", "version": self.state.version}, b""
         self.state.log.append(self.state.version, commit.term, commit.peer, commit.seq, commit.base_version, mine)
+        if self.on_replica is not None:
+            self.on_replica({"version": self.state.version, "term": commit.term, "peer": commit.peer,
+                             "seq": commit.seq, "digest": mine, "source": remote})
         loop.run_in_executor(None, trim_heap)  # the decoded Δ's memory
         return messages.ok(version=self.state.version)
 
