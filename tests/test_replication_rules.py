@@ -131,6 +131,26 @@ def test_the_believed_holder_replicates_and_hands_over():
     assert reply["status"] == "ok" and handed == [2] and svc.active and state.term == 2
 
 
+def test_a_full_state_load_records_the_commits_it_brought():
+    """A standby out of sync gets the whole state: the commits it did not hold (those its commit
+    log keeps) are on record as replica events, not those it held already."""
+    svc, state = _standby()
+    holder = _state()
+    for seq in range(3):
+        holder.apply([torch.full(s, 0.01) for s in SHAPES], holder.version, "QmPeer", seq, 5, 0.1)
+        holder.log.append(holder.version, 1, "QmPeer", seq, holder.version - 1, params_digest(holder.engine.params))
+        if seq == 0:
+            assert run(svc.standby.handle_replicate({"kind": "full", "term": 1, "version": 1}, holder.to_bytes(),
+                                                    HOLDER))[0]["status"] == "ok"
+    replicas = []
+    svc.standby.on_replica = replicas.append
+    reply, _ = run(svc.standby.handle_replicate({"kind": "full", "term": 1, "version": 3}, holder.to_bytes(), HOLDER))
+    assert reply["status"] == "ok" and state.version == 3
+    assert [(r["version"], r["seq"], r["full"], r["source"]) for r in replicas] == [(2, 1, True, HOLDER),
+                                                                                     (3, 2, True, HOLDER)]
+    assert replicas[-1]["digest"] == params_digest(holder.engine.params)
+
+
 def test_a_new_holder_is_believed_after_one_fresh_read_of_the_lease():
     svc, state = _standby(believed=(HOLDER, 1))
 

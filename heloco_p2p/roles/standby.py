@@ -74,6 +74,7 @@ class StandbyService:
         return None
 
     async def _load(self, incoming: dict, term: int, remote: str) -> messages.Reply:
+        before = self.state.version
         try:
             await asyncio.get_running_loop().run_in_executor(None, self.state.load_state_dict, incoming)
         except ValueError as exc:  # checked before anything changed: the replica is as it was
@@ -81,6 +82,11 @@ class StandbyService:
         self._follow(term, remote)
         self.state.term = term
         logger.info("standby: replica loaded at version %d (term %d)", self.state.version, term)
+        if self.on_replica is not None:  # the commits the full state brought (those its commit log keeps)
+            for e in list(self.state.log.entries):
+                if e.version > before:
+                    self.on_replica({"version": e.version, "term": e.term, "peer": e.peer, "seq": e.seq,
+                                     "digest": e.digest, "source": remote, "full": True})
         asyncio.get_running_loop().run_in_executor(None, trim_heap)  # the parsed state's copy of θ and m
         return messages.ok(version=self.state.version)
 
