@@ -229,6 +229,11 @@ class Peer:
         self.shards = [self._build_shard(k, router, params, part_names, limits, mode, tokenizer_file, o.region)
                        for k, (params, part_names) in enumerate(zip(self.plan.split(theta0), self.plan.split(names)))]
         del theta0
+        if not founder and saved is None:
+            # a joiner's commit state is only ever loaded whole (made a standby, or a checkpoint):
+            # until then it holds no θ (one copy of the model less on every training peer)
+            for stack in self.shards:
+                stack.commit_state.engine.release()
         first = self.shards[0]  # an unsharded run's one stack; with S > 1 the stack of shard 0
         self.commit_state, self.service, self.election = first.commit_state, first.service, first.election
         self.submitter, self.state_server = first.submitter, first.state_server

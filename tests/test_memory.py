@@ -31,7 +31,8 @@ def _copies_of(shape: tuple[int, ...]) -> int:
     parameter has (the embedding), the number of copies of θ held."""
     gc.collect()
     return len({t.untyped_storage().data_ptr() for t in gc.get_objects()
-                if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and tuple(t.shape) == shape})
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and tuple(t.shape) == shape
+                and not t.is_meta})  # a meta tensor (a released engine's layout) holds no memory
 
 
 def _heloco_state(tiny_cfg, screen: bool) -> tuple[CommitState, list[tuple[int, ...]], list[str]]:
@@ -170,3 +171,43 @@ def test_the_full_state_without_copies_loads_to_the_same_replica(tiny_cfg):
         assert params_digest(replica.engine.params) == params_digest(state.engine.params)
         assert params_digest(replica.engine.momentum) == params_digest(state.engine.momentum)
         assert replica.version == state.version and replica.applied == state.applied
+
+
+def test_a_joiners_released_commit_state_holds_no_theta_until_it_is_made_a_standby(tiny_cfg):
+    """A training peer that joined holds no θ in its commit state (released), refuses to commit or
+    serve from it, answers a forwarded commit out_of_sync, and once sent the full state holds the
+    coordinator's replica bitwise, with θ and m (2 copies) and commits on from there as usual."""
+    coord_state, shapes, names = _heloco_state(tiny_cfg, screen=False)
+    joiner_state, _, _ = _heloco_state(tiny_cfg, screen=False)
+    joiner_state.engine.release()
+    assert joiner_state.engine.hollow and _copies_of(shapes[0]) == 1  # the coordinator's θ only
+    for call in (joiner_state.engine.dispatch_params, joiner_state.state_dict):
+        try:
+            call()
+        except RuntimeError as exc:
+            assert "holds no state" in str(exc)
+        else:
+            raise AssertionError(f"{call.__name__} of a released engine did not raise")
+    limits = SubmissionLimits(submit_rate=0.0, defence=DefenceLimits(screen=False, share_factor=1e9))
+    standby = CoordinatorService(ScriptedNode({}, peer_id="QmStandby"), joiner_state, shapes, limits)
+    standby.term.believed = ("QmCoordinator", 1)
+    meta, payload = encode_tensors([torch.zeros(s) for s in shapes], "none")
+    forwarded = {"kind": "commit", "term": 1, "version_before": 0, "base_version": 0, "peer": "QmA", "seq": 0,
+                 "steps": 5, "tensors": meta, "digest": "0" * 32}
+    reply, _ = _run(standby.standby.handle_replicate(forwarded, payload, "QmCoordinator"))
+    assert reply["status"] == "out_of_sync" and joiner_state.engine.hollow  # version 0 = 0, but no replica
+    for seq, delta in enumerate(_deltas(shapes, 2)):
+        coord_state.apply(delta, coord_state.version, PEERS[seq], seq, 5, 1.0)
+    full = {"kind": "full", "term": 1, "version": coord_state.version}
+    del payload, reply
+    before = _copies_of(shapes[0])  # the coordinator's (θ, m, its scratch)
+    reply, _ = _run(standby.standby.handle_replicate(full, coord_state.to_bytes(), "QmCoordinator"))
+    assert reply["status"] == "ok" and not joiner_state.engine.hollow, reply
+    assert params_digest(joiner_state.engine.params) == params_digest(coord_state.engine.params)
+    assert all(torch.equal(a, b) for a, b in zip(joiner_state.engine.optimizer.momentum,
+                                                 coord_state.engine.optimizer.momentum))
+    assert _copies_of(shapes[0]) == before + 2  # θ and m of the replica: the parsed state kept no copy
+    delta = _deltas(shapes, 1, seed=5)[0]
+    coord_state.apply([d.clone() for d in delta], coord_state.version, "QmC", 9, 5, 1.0, num_workers=3)
+    joiner_state.apply(delta, joiner_state.version, "QmC", 9, 5, 1.0, num_workers=3)
+    assert params_digest(joiner_state.engine.params) == params_digest(coord_state.engine.params)

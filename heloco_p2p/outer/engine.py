@@ -195,6 +195,28 @@ class OuterEngine:
         self.num_workers = num_workers
         self.version = 0
         self._work: list[Tensor] | None = None  # scratch for corrected blocks and sync means; not state
+        self._devices: list[torch.device] | None = None  # set while hollow (release): where θ goes on load
+
+    # ------------------------------------------------------------------ holding no state
+    @property
+    def hollow(self) -> bool:
+        """Whether this engine holds no θ (``release``) until a state is loaded."""
+        return self._devices is not None
+
+    def release(self) -> None:
+        """Hold no θ and no optimizer buffers until ``load_state_dict`` (a peer that is not a
+        replica: a joiner's commit state is only ever loaded whole, never committed from genesis).
+        The layout (shapes, dtypes) stays, so a state is checked against it as before; committing,
+        dispatching or saving a hollow engine raises RuntimeError."""
+        if self._devices is None:
+            self._devices = [p.device for p in self.params]
+        self.params = [torch.empty(p.shape, dtype=p.dtype, device="meta") for p in self.params]
+        self.optimizer.buffers = {k: None for k in self.optimizer.buffers}
+        self._work = None
+
+    def _held(self) -> None:
+        if self._devices is not None:
+            raise RuntimeError("the outer engine holds no state (it was released): load a state first")
 
     # ------------------------------------------------------------------ the two commits
     def commit(self, pseudo_grad: Sequence[Tensor], base_version: int, worker: str | None = None,
@@ -214,6 +236,7 @@ class OuterEngine:
         :raises ValueError: bad base_version (negative or > version), layout, NaN/inf in Δ, bad
             seconds, or no K where the weight needs one; the state is then left bitwise unchanged
         """
+        self._held()
         v0 = self._check_base_version(base_version)
         delta = self._layout(pseudo_grad, "pseudo_grad")
         if seconds is not None and not (isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
@@ -234,6 +257,7 @@ class OuterEngine:
         :param base_version: the version all k rounds started from (normally the current one)
         :raises ValueError: as ``commit``; nothing changes
         """
+        self._held()
         v0 = self._check_base_version(base_version)
         if not isinstance(pseudo_grads, (list, tuple)) or not pseudo_grads:
             raise ValueError("pseudo_grads: expected a non-empty list of pseudo-gradients")
@@ -328,6 +352,7 @@ class OuterEngine:
         momentum returns new tensors, computed the same way every time (bitwise reproducible).
         Source: HeLoCo's Eq. 5 (Asif et al. 2026, arXiv 2606.00271; ALGORITHMS.md).
         """
+        self._held()
         m = self.optimizer.momentum
         coef = self.optimizer.dispatch_coefficient
         if self.dispatch == "current" or m is None or coef == 0.0:
@@ -365,6 +390,7 @@ class OuterEngine:
         :param copy: False: θ and the optimizer buffers are the live tensors themselves (no copy of
             θ and m: for a caller that serialises the dict at once and commits nothing meanwhile)
         """
+        self._held()
         return {
             "format": STATE_FORMAT,
             "version": self.version,
@@ -408,8 +434,13 @@ class OuterEngine:
         check_optimizer_state(self.optimizer, state.get("optimizer"), self.params)
         fair = type(self.fairness)(**self.fairness.args)
         fair.load_state_dict(state.get("fairness") or {})  # checked on a copy: nothing changes on error
-        for p, t in zip(self.params, params):
-            p.copy_(t)
+        if self._devices is not None:  # hollow: θ is allocated now, where it was before the release
+            self.params = [t.detach().to(d).clone(memory_format=torch.contiguous_format)
+                           for t, d in zip(params, self._devices)]
+            self._devices = None
+        else:
+            for p, t in zip(self.params, params):
+                p.copy_(t)
         self.optimizer.load_state_dict(state["optimizer"], self.params)
         self.fairness = fair
         self.version = version

@@ -115,7 +115,7 @@ class Checkpoints:
         coordinates or stands by; returns the version written, or None. Leaving (``force``) with the
         current state already on disk returns its version too: that checkpoint holds every commit."""
         ck = self.writer
-        if ck is None or not (force or service.active or role == "standby"):
+        if ck is None or state.engine.hollow or not (force or service.active or role == "standby"):
             return None
         if not ck.due(state.term, state.version, force):
             return state.version if force and ck.last == (state.term, state.version) else None

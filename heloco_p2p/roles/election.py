@@ -292,7 +292,8 @@ class Election:
             self._holder_answered_since = None
             return
         rank = lease.standbys.index(self.node.peer_id)
-        if expired_for < rank * sw.lease_seconds / 2 or self.service.state.version < lease.version:
+        if expired_for < rank * sw.lease_seconds / 2 or self.service.state.version < lease.version or \
+                self.service.state.engine.hollow:  # no replica loaded yet: nothing to coordinate from
             return
         if time.monotonic() - self._woke_at < sw.lease_seconds:
             return  # just woke up: the lease read may be older than the swarm; look again for a lease period

@@ -613,7 +613,7 @@ class StateServer:
         """Whether this peer serves its commit state (coordinator, or a standby at least as new as
         what it last received) rather than what it last received."""
         svc = self.service
-        return svc.active or (self.role() == "standby" and svc.state.version >= version)
+        return svc.active or (self.role() == "standby" and svc.state.version >= version and not svc.state.engine.hollow)
 
     async def serve_state(self, header: dict, payload: bytes, remote: str):
         """Coordinators and standbys serve where a round starts now (``dispatch_params``: θ̄ with

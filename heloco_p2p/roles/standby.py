@@ -93,7 +93,7 @@ class StandbyService:
     async def _apply(self, commit: messages.CommitForward, payload: bytes, remote: str) -> messages.Reply:
         if self._holds(commit):  # a resend after a lost reply: held already, never applied twice
             return messages.ok(version=self.state.version)
-        if commit.version_before != self.state.version:
+        if commit.version_before != self.state.version or self.state.engine.hollow:  # hollow: no replica yet
             return {"status": "out_of_sync", "version": self.state.version}, b""
         if commit.base_version > self.state.version:
             return messages.rejected("bad_version", f"base version {commit.base_version} is ahead of {self.state.version}")
