@@ -201,11 +201,13 @@ class SwarmConfig(_Section):
     ``compression: topk`` sends pseudo-gradients sparse and low-bit with error feedback on the
     sender (swarm/sparse.py, swarm/uplink.py): per chunk of ``topk_chunk`` values the
     ``topk_density`` share of largest magnitudes, each in ``topk_bits`` bits plus its index, one
-    bf16 scale per chunk; ``Uplink.bits_per_param`` / ``sparse.bits_per_param`` give the cost."""
+    bf16 scale per chunk; ``topk_bits: 1`` sends the sign only (scaled by the chunk's mean kept
+    magnitude), and a chunk that keeps all its values (``topk_density: 1``) sends no indices
+    (bits 1, chunk 128: 1.125 bits per parameter); ``sparse.bits_per_param`` gives the cost."""
 
     compression: Literal["none", "fp16", "8bit", "topk"] = "none"  # pseudo-gradients on the wire
     topk_density: float = Field(0.02, gt=0, le=1)  # share of each chunk's values sent (topk)
-    topk_bits: int = Field(2, ge=2, le=8)  # bits per sent value, sign included (topk)
+    topk_bits: int = Field(2, ge=1, le=8)  # bits per sent value, sign included; 1: sign only (topk)
     topk_chunk: int = Field(128, ge=16, le=4096)  # values per chunk, a power of two (topk)
     # θ̄ in replies: "none" (fp32, exact), "fp16", "8bit" (lossy, re-encoded per reply), or "wrap8" (8 bits per
     # parameter on a power-of-two grid chosen once per version, within half a grid step of θ̄: swarm/downlink.py)

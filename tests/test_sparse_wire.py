@@ -278,7 +278,7 @@ def test_random_damage_to_a_topk_payload_is_a_wire_error_or_a_tensor_of_the_layo
 @pytest.mark.parametrize("overrides, needle", [
     ({"swarm.compression": "topk", "swarm.topk_chunk": 100}, "topk_chunk must be a power of two in [16, 4096]"),
     ({"swarm.compression": "topk", "swarm.topk_chunk": 8}, "swarm.topk_chunk"),
-    ({"swarm.compression": "topk", "swarm.topk_bits": 1}, "swarm.topk_bits"),
+    ({"swarm.compression": "topk", "swarm.topk_bits": 0}, "swarm.topk_bits"),  # 1 is the sign code
     ({"swarm.compression": "topk", "swarm.topk_bits": 9}, "swarm.topk_bits"),
     ({"swarm.compression": "topk", "swarm.topk_density": 0.0}, "swarm.topk_density"),
     ({"swarm.compression": "topk", "swarm.topk_density": 1.5}, "swarm.topk_density"),
@@ -357,7 +357,7 @@ def test_sim_config_uplink_per_variant_and_its_validation(tmp_path):
     assert sparse.uplink == {"compression": "topk", "density": 0.03, "bits": 2, "chunk": 128, "error_feedback": True}
     # communication time: Δ up at ~0.4 bits/param instead of 32, θ down at 32
     assert sparse.comm_seconds[0] < 0.55 * dense.comm_seconds[0]
-    tree["variants"]["mla_topk"]["uplink"]["bits"] = 1
+    tree["variants"]["mla_topk"]["uplink"]["bits"] = 0  # 1..8 (1: the sign code)
     path.write_text(yaml.safe_dump(tree))
     with pytest.raises(ConfigError) as e:
         load_sim_config(path)

@@ -44,7 +44,8 @@ class UplinkConfig(_Strict):
     swarm: each Δ goes through the wire's encoder and decoder before the outer step, and with
     ``topk`` each worker keeps its error-feedback residual (swarm/uplink.py; every simulated
     commit is applied, so the residual is always kept). ``error_feedback: false`` is the ablation
-    without it."""
+    without it. ``bits`` 1..8 (1: the sign only, scaled by the chunk's mean kept magnitude);
+    ``density: 1.0`` keeps every value and sends no indices (bits 1, chunk 128: 1.125 bits/param)."""
 
     compression: Literal["none", "fp16", "8bit", "topk"] = "none"
     density: float = 0.02
