@@ -31,10 +31,11 @@ from hivemind.utils import get_dht_time
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 5  # 2: lease claims count only when signed by their holder (record_key)
+PROTOCOL_VERSION = 6  # 2: lease claims count only when signed by their holder (record_key)
 # 3: replicate and handover only from the believed lease holder; acknowledged means replicated (min_replicas)
 # 4: the commit log (a hash chain, replicated with the state and published by the coordinator)
 # 5: the θ digest is a tree (roles/commit_state.params_digest); forwarded commits carry the norm clip's scale
+# 6: topk blobs of chunks that keep every value carry no indices; topk_bits 1 (a sign code, mean scale)
 
 StrictFloat, StrictInt, StrictStr, StrictBool = pydantic.StrictFloat, pydantic.StrictInt, pydantic.StrictStr, pydantic.StrictBool
 
