@@ -346,9 +346,70 @@ def measure_submit_path(name: str) -> dict:
         per = lambda norm: 2 * out["decode_ms"] + 3 * norm + 2 * out["commit_ms"] + 2 * out["digest_ms"] + out["encode_reply_ms"]  # noqa: E731
         out["submission_ms"] = per(out["norm_ms"])
         out["submission_float64_norm_ms"] = per(out["norm_float64_copies_ms"])
+        theta = [p.detach().clone() for p in engine.params]
+        steps.clear()  # the old path's engine and fp32 payload are freed before today's path is built
+        out["now"] = _submit_path_now(theta, delta, shapes)
         return out
     finally:
         torch.set_num_threads(threads)
+
+
+def _submit_path_now(theta: list[torch.Tensor], delta: list[torch.Tensor], shapes) -> dict:
+    """The coordinator's steps per submission as roles/coordinator.py runs them today (8-bit
+    uplink, wrap8 replies, the engine working in the consumed Δ, one θ digest), CPU ms, one thread,
+    best of 2; ``before_forward_ms``: the steps before the commit is forwarded to the standbys
+    (decode, norm, commit, digest, θ̄); ``beside_forward_ms``: the wrap8 payload and the dispatch
+    digest, which run while the commit travels to the standbys (roles/coordinator.py);
+    ``standby_ms``: the standby's decode, norm, commit and digest.
+    The engine is the published ``heloco`` (look-ahead dispatch: θ̄ is computed per version)."""
+    from heloco_p2p.algorithms import build_outer_engine, get_algorithm
+    from heloco_p2p.roles.commit_state import params_digest, tensor_norm
+    from heloco_p2p.swarm.downlink import DownlinkWindow
+    from heloco_p2p.swarm.wire import decode_tensors, encode_tensors
+
+    expected = [(s, torch.float32) for s in shapes]
+    engine = build_outer_engine(get_algorithm("heloco"), theta, num_workers=3)
+    del theta
+    engine.commit([d.clone() for d in delta], 0)  # the momentum exists: θ̄ = θ − η·μ·m differs from θ
+    meta8, payload8 = encode_tensors(delta, "8bit")
+    window = DownlinkWindow()
+    window.start(engine.dispatch_params(), engine.version, 1)
+    state = {}
+
+    def decode():
+        state["delta"] = decode_tensors(meta8, payload8, expected)
+
+    def commit():
+        if "delta" not in state:
+            decode()
+        engine.commit(state.pop("delta"), engine.version, consume=True)
+
+    def dispatch():
+        state["dispatched"] = engine.dispatch_params()
+
+    def wrap8():
+        window.advance(state.get("dispatched") or engine.dispatch_params(), engine.version, 1)
+
+    steps = {"decode_8bit": decode, "norm": lambda: tensor_norm(state.get("delta") or delta), "commit_consumed": commit,
+             "digest": lambda: params_digest(engine.params), "dispatch": dispatch, "wrap8_payload": wrap8,
+             "dispatch_digest": lambda: params_digest(state.get("dispatched") or engine.params)}
+    prepare = {"commit_consumed": decode,  # its input, not timed
+               "wrap8_payload": lambda: (commit(), dispatch())}  # a new version each time (the payload is cached)
+    out = {}
+    for key, fn in steps.items():
+        best = float("inf")
+        for _ in range(2):
+            if key in prepare:
+                prepare[key]()
+            t = time.process_time()
+            fn()
+            best = min(best, time.process_time() - t)
+        out[f"{key}_ms"] = 1e3 * best
+    out["before_forward_ms"] = sum(out[f"{k}_ms"] for k in ("decode_8bit", "norm", "commit_consumed", "digest", "dispatch"))
+    out["beside_forward_ms"] = out["wrap8_payload_ms"] + out["dispatch_digest_ms"]
+    out["coordinator_ms"] = out["before_forward_ms"] + out["beside_forward_ms"]
+    out["standby_ms"] = out["decode_8bit_ms"] + out["norm_ms"] + out["commit_consumed_ms"] + out["digest_ms"]
+    return out
 
 
 # ---------------------------------------------------------------------------------- 4 wire
@@ -576,6 +637,19 @@ def render(detail: dict) -> str:
         lines.append(f"| {name} ({r['params'] / 1e6:.1f}M) | {r['decode_ms']:.1f} | {r['norm_ms']:.1f} "
                      f"({r['norm_float64_copies_ms']:.1f}) | {r['commit_ms']:.1f} | {r['digest_ms']:.1f} | "
                      f"{r['encode_reply_ms']:.1f} | {r['submission_ms']:.0f} ({r['submission_float64_norm_ms']:.0f}) |")
+    now = {n: r["now"] for n, r in c.get("submit_path", {}).items() if "now" in r}
+    if now:
+        lines += ["", "The same submission on today's path (8-bit Δ decoded, the engine working in it, one θ digest, "
+                      "θ̄ dispatched; the wrap8 reply, built once per version for every reply, and the dispatch "
+                      "digest run while the commit travels to the standbys), CPU ms:", "",
+                  "| layout | decode 8bit | norm | commit | digest | dispatch θ̄ | before the forward | wrap8 payload | "
+                  "dispatch digest | beside the forward | coordinator in all | standby |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name, r in now.items():
+            lines.append(f"| {name} | {r['decode_8bit_ms']:.1f} | {r['norm_ms']:.1f} | {r['commit_consumed_ms']:.1f} | "
+                         f"{r['digest_ms']:.1f} | {r['dispatch_ms']:.1f} | {r['before_forward_ms']:.0f} | "
+                         f"{r['wrap8_payload_ms']:.1f} | {r['dispatch_digest_ms']:.1f} | {r['beside_forward_ms']:.0f} | "
+                         f"{r['coordinator_ms']:.0f} | {r['standby_ms']:.0f} |")
     lines += ["", "**4. Wire** (one submission; message = framed request + ack on loopback, raw = the same bytes "
                   "on a bare hivemind stream):", "",
               "| model | compression | bytes/param | rel. L2 error | encode ms | decode ms | message ms | raw ms | raw MB/s |",
