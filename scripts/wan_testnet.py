@@ -497,6 +497,38 @@ def render_memory(memory: dict) -> str:
     return "\n".join(lines)
 
 
+def role_peaks(results: Path, params: int) -> dict[str, int] | None:
+    """The newest ``--rss-roles`` run of bench/results.json's ``wan_memory`` at ``params`` parameters:
+    role → its process group's Pss peak (shared pages counted once), or None when there is none."""
+    try:
+        runs = json.loads(results.read_text()).get("wan_memory", {}).get("runs", [])
+    except (OSError, ValueError):
+        return None
+    runs = [r for r in runs if r.get("model_params") == params and r.get("roles")]
+    if not runs:
+        return None
+    roles = runs[-1]["roles"]
+    trainer = max((r["group_pss_bytes"] for r in roles.values() if r.get("role") == "training"), default=None)
+    if trainer is None or "coordinator" not in roles or "standby" not in roles:
+        return None
+    return {"coordinator": roles["coordinator"]["group_pss_bytes"], "standby": roles["standby"]["group_pss_bytes"],
+            "trainer": trainer, "label": runs[-1].get("label")}
+
+
+def check_role_memory(peaks: dict, trainers: int, fraction: float = 0.95) -> dict:
+    """The cast's need as the sum of its roles' measured peaks (``role_peaks``): a coordinator, a
+    standby and ``trainers`` trainers; refused above ``fraction`` of MemAvailable."""
+    avail = mem_available()
+    need = peaks["coordinator"] + peaks["standby"] + trainers * peaks["trainer"]
+    record = {"role_peak_pss_bytes": {k: v for k, v in peaks.items() if k != "label"}, "role_peaks_run": peaks["label"],
+              "peers": 2 + trainers, "mem_available_bytes": avail, "needed_bytes": need}
+    if need > fraction * avail:
+        raise SystemExit(f"the cast's role peaks sum to {need / 2**30:.1f} GiB (run {peaks['label']!r}), above "
+                         f"{100 * fraction:.0f}% of MemAvailable ({avail / 2**30:.1f} GiB): refusing to start. Free "
+                         "memory, or run a smaller model (--num-layers)")
+    return record
+
+
 def check_memory(peak: int, peers: int, fraction: float = 0.9) -> dict:
     avail = mem_available()
     need = peers * peak
@@ -651,7 +683,14 @@ def render(wan: dict, memory_roles: dict | None = None) -> str:
             f"{_f(statistics.median(ready) if ready else None, '.0f')} / {_f(statistics.median(first) if first else None, '.0f')} | "
             + ", ".join(f"{r['links'][n]['peak_mbit']['down']:.1f} of {rates[n]['down']:g}" for n in trainers) + " |")
     mem = wan.get("memory")
-    if mem:
+    if mem and "role_peak_pss_bytes" in mem:
+        peaks = mem["role_peak_pss_bytes"]
+        lines += ["", f"Memory: the roles' peaks (process group Pss, `--rss-roles` run {mem['role_peaks_run']!r}) "
+                  f"coordinator {peaks['coordinator'] / 2**30:.2f}, standby {peaks['standby'] / 2**30:.2f}, trainer "
+                  f"{peaks['trainer'] / 2**30:.2f} GiB; the cast of {mem['peers']} needs "
+                  f"{mem['needed_bytes'] / 2**30:.1f} GiB if every peak coincided, of "
+                  f"{mem['mem_available_bytes'] / 2**30:.1f} GiB available."]
+    elif mem:
         lines += ["", f"One peer's peak RSS (its process group): {mem['peak_rss_bytes'] / 2**30:.2f} GiB; "
                   f"{mem['peers']} peers need {mem['needed_bytes'] / 2**30:.1f} GiB of "
                   f"{mem['mem_available_bytes'] / 2**30:.1f} GiB available."]
@@ -696,6 +735,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--rss-acks", type=int, default=3, help="--rss-roles: accepted submissions per trainer")
     ap.add_argument("--rss-label", default=None, help="--rss-roles: the run's name in bench/results.json (the tree)")
     ap.add_argument("--peak-rss-gib", type=float, default=None, help="skip the RSS measurement: use this peak")
+    ap.add_argument("--role-peaks", action="store_true",
+                    help="check memory against the sum of each role's peak (Pss) from the newest --rss-roles run "
+                         "at this size in --results, instead of 5 × one peer's peak")
     ap.add_argument("--out", type=Path, default=None, help="run directories (default: a new /tmp/wan-* directory)")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results.json",
                     help="the results file whose `wan` key is written")
@@ -731,7 +773,15 @@ def main(argv=None) -> dict | None:
             path.write_text(replace_section(path.read_text(), MEMORY_HEADING, render_memory(memory)))
         return None
     memory = None
-    if opts.rss_only or not opts.tiny:
+    if opts.role_peaks and not opts.tiny:
+        peaks = role_peaks(opts.results, sum(math.prod(s) for s in layout(opts)))
+        if peaks is None:
+            raise SystemExit(f"--role-peaks: {opts.results} has no --rss-roles run at this model size; run "
+                             "`python scripts/wan_testnet.py --rss-roles` with the same --num-layers first")
+        memory = check_role_memory(peaks, len(TRAINERS))
+        print(f"[wan] memory: role peaks (Pss, run {peaks['label']!r}) sum to {memory['needed_bytes'] / 2**30:.1f} GiB "
+              f"of {memory['mem_available_bytes'] / 2**30:.1f} GiB available", flush=True)
+    elif opts.rss_only or not opts.tiny:
         peak = int(opts.peak_rss_gib * 2**30) if opts.peak_rss_gib and not opts.rss_only else \
             measure_rss(opts, out / "rss")
         if opts.rss_only:
