@@ -488,8 +488,8 @@ def failover_waits(events: dict[str, list[dict]], killed_at: float, first_commit
 
 def failover_summary(shards: int, events: dict[str, list[dict]], marks: dict) -> dict:
     """The kill's figures: every acknowledged part of the killed shard (the whole run's ack
-    events) checked against that shard's final chain (every node's commit events, the highest
-    term at each version), the other shards' commits while it had no holder, its stall, and the
+    events) checked against that shard's final chain (every node's commit and replica events,
+    the highest term at each version: ``commit_chain``), the other shards' commits while it had no holder, its stall, and the
     takeovers nothing called for (any but the killed shard's first after the kill, from the
     kill to the end of the run's tail; the shutdown's handovers are not takeovers)."""
     k, killed_at, first = marks["killed_shard"], marks["killed_at"], marks["heir_first_commit_at"]
@@ -656,7 +656,7 @@ def render(res: dict) -> str:
                   f"kill (the shard's stall, from its last commit before the kill: {fo['stall_seconds']:.0f} s). "
                   f"Meanwhile the other shard(s) made {fo['other_shards_commits_during_failover']} commits. "
                   f"Acknowledged parts of the killed shard checked against its final chain (every node's commit "
-                  f"events, the highest term at each version): {fo['acknowledged_parts_checked']}, lost "
+                  f"and replica events, the highest term at each version): {fo['acknowledged_parts_checked']}, lost "
                   f"{fo['acknowledged_parts_lost']}; gaps in the chain: {len(fo['chain_gaps'])}; takeovers nothing "
                   f"called for: {fo['unnecessary_failovers']}; parts refused as too large: "
                   f"{fo['rejected_norm_too_large']}."
