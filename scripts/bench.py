@@ -347,7 +347,6 @@ def measure_submit_path(name: str) -> dict:
         out["submission_ms"] = per(out["norm_ms"])
         out["submission_float64_norm_ms"] = per(out["norm_float64_copies_ms"])
         theta = [p.detach().clone() for p in engine.params]
-        steps.clear()  # the old path's engine and fp32 payload are freed before today's path is built
         out["now"] = _submit_path_now(theta, delta, shapes)
         return out
     finally:

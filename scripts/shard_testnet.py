@@ -121,13 +121,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--write-results", action="store_true", help=f"replace '{HEADING}' in docs/results.md")
     opts = ap.parse_args(argv)
     tiny = opts.tiny
-    for key, big, small in (("minutes", 6.0, 0.4), ("failover_after", 2.0, 0.2), ("failover_tail", 2.0, 0.2),
-                            ("lease_seconds", 45.0, 6.0), ("submit_timeout", 900.0, 120.0),
-                            ("join_timeout", 900.0, 180.0)):
-        if getattr(opts, key) is None:
-            setattr(opts, key, small if tiny else big)
+    wan.size_defaults(opts, (("minutes", 6.0, 0.4), ("failover_after", 2.0, 0.2), ("failover_tail", 2.0, 0.2),
+                             ("lease_seconds", 45.0, 6.0), ("submit_timeout", 900.0, 120.0), ("join_timeout", 900.0, 180.0)))
     if tiny:
-        opts.seq_len = 64  # write_test_config's
         if opts.mbit is None and not opts.calibrate:
             opts.mbit = 20.0
     elif opts.num_layers is None:

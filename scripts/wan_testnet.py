@@ -518,27 +518,27 @@ def role_peaks(results: Path, params: int) -> dict[str, int] | None:
 def check_role_memory(peaks: dict, trainers: int, fraction: float = 0.95) -> dict:
     """The cast's need as the sum of its roles' measured peaks (``role_peaks``): a coordinator, a
     standby and ``trainers`` trainers; refused above ``fraction`` of MemAvailable."""
-    avail = mem_available()
     need = peaks["coordinator"] + peaks["standby"] + trainers * peaks["trainer"]
     record = {"role_peak_pss_bytes": {k: v for k, v in peaks.items() if k != "label"}, "role_peaks_run": peaks["label"],
-              "peers": 2 + trainers, "mem_available_bytes": avail, "needed_bytes": need}
-    if need > fraction * avail:
-        raise SystemExit(f"the cast's role peaks sum to {need / 2**30:.1f} GiB (run {peaks['label']!r}), above "
-                         f"{100 * fraction:.0f}% of MemAvailable ({avail / 2**30:.1f} GiB): refusing to start. Free "
-                         "memory, or run a smaller model (--num-layers)")
-    return record
+              "peers": 2 + trainers}
+    return _within_memory(need, record, fraction, f"the cast's role peaks (run {peaks['label']!r})",
+                          "Free memory, or run a smaller model (--num-layers)")
 
 
 def check_memory(peak: int, peers: int, fraction: float = 0.9) -> dict:
+    return _within_memory(peers * peak, {"peak_rss_bytes": peak, "peers": peers}, fraction,
+                          f"{peers} peers × {peak / 2**30:.2f} GiB peak RSS",
+                          "Free memory, run on a larger machine or a smaller model (--tiny); the peak is that of one "
+                          "peer that trains and coordinates at once, so --peak-rss-gib (e.g. its Pss) may replace it")
+
+
+def _within_memory(need: int, record: dict, fraction: float, what: str, advice: str) -> dict:
+    """``record`` with MemAvailable and ``need``; SystemExit when ``need`` is above ``fraction`` of it."""
     avail = mem_available()
-    need = peers * peak
-    record = {"peak_rss_bytes": peak, "peers": peers, "mem_available_bytes": avail, "needed_bytes": need}
     if need > fraction * avail:
-        raise SystemExit(f"{peers} peers × {peak / 2**30:.2f} GiB peak RSS = {need / 2**30:.1f} GiB, above "
-                         f"{100 * fraction:.0f}% of MemAvailable ({avail / 2**30:.1f} GiB): refusing to start. Free "
-                         "memory, run on a larger machine or a smaller model (--tiny); the peak is that of one peer "
-                         "that trains and coordinates at once, so --peak-rss-gib (e.g. its Pss) may replace it")
-    return record
+        raise SystemExit(f"{what}: {need / 2**30:.1f} GiB, above {100 * fraction:.0f}% of MemAvailable "
+                         f"({avail / 2**30:.1f} GiB): refusing to start. {advice}")
+    return {**record, "mem_available_bytes": avail, "needed_bytes": need}
 
 
 # ------------------------------------------------------------------------------ calibration
@@ -743,15 +743,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="the results file whose `wan` key is written")
     ap.add_argument("--write-results", action="store_true", help=f"replace '{HEADING}' in docs/results.md")
     opts = ap.parse_args(argv)
-    tiny = opts.tiny
-    for key, big, small in (("minutes", 15.0, 1.0), ("trainer_mbit", 50.0, 20.0), ("server_mbit", 200.0, 80.0),
-                            ("lease_seconds", 45.0, 6.0), ("submit_timeout", 900.0, 120.0),
-                            ("join_timeout", 900.0, 180.0)):
-        if getattr(opts, key) is None:
-            setattr(opts, key, small if tiny else big)
-    if tiny:
-        opts.seq_len = 64  # write_test_config's
+    size_defaults(opts, (("minutes", 15.0, 1.0), ("trainer_mbit", 50.0, 20.0), ("server_mbit", 200.0, 80.0),
+                         ("lease_seconds", 45.0, 6.0), ("submit_timeout", 900.0, 120.0), ("join_timeout", 900.0, 180.0)))
     return opts
+
+
+def size_defaults(opts, table) -> None:
+    """Fill the options left unset: (key, the full-size default, the ``--tiny`` default) rows; a
+    tiny run also takes write_test_config's block length."""
+    for key, big, small in table:
+        if getattr(opts, key) is None:
+            setattr(opts, key, small if opts.tiny else big)
+    if opts.tiny:
+        opts.seq_len = 64  # write_test_config's
 
 
 def main(argv=None) -> dict | None:

@@ -211,7 +211,7 @@ class OuterEngine:
         if self._devices is None:
             self._devices = [p.device for p in self.params]
         self.params = [torch.empty(p.shape, dtype=p.dtype, device="meta") for p in self.params]
-        self.optimizer.buffers = {k: None for k in self.optimizer.buffers}
+        self.optimizer.drop_buffers()
         self._work = None
 
     def _held(self) -> None:

@@ -79,6 +79,10 @@ class OuterOptimizer(Registered):
     def _step(self, params: list[Tensor], g: list[Tensor], scale: float) -> None:
         raise NotImplementedError
 
+    def drop_buffers(self) -> None:
+        """Hold no buffers (they are made again on the next step, or come with ``load_state_dict``)."""
+        self.buffers = {name: None for name in self.BUFFERS}
+
     def _buffer(self, name: str, like: list[Tensor]) -> list[Tensor]:
         if self.buffers[name] is None:
             self.buffers[name] = [torch.zeros_like(p) for p in like]
