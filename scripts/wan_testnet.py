@@ -642,8 +642,12 @@ def wan_results(opts, runs: dict[str, dict], memory: dict | None, command: str, 
 
 
 def merge_results(path: Path, wan: dict, key: str = "wan") -> None:
-    """bench/results.json with its ``key`` key replaced (every other key kept as it is)."""
+    """bench/results.json with its ``key`` key replaced (every other key kept as it is). ``lowbit``
+    (the simulator's uplink figures, which no testnet run measures) is kept from the old value."""
     results = json.loads(path.read_text()) if path.exists() else {}
+    old = results.get(key)
+    if isinstance(old, dict) and "lowbit" in old and "lowbit" not in wan:
+        wan = {**wan, "lowbit": old["lowbit"]}
     results[key] = wan
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(results, indent=1) + "\n")

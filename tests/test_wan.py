@@ -12,8 +12,6 @@ from heloco_p2p.tools import netns
 
 from fakes import load_script
 
-pytestmark = pytest.mark.slow
-
 KEYS = ("model_params", "link_mbit", "utilization", "utilization_fp32_reply", "bits_per_param_up",
         "bits_per_param_down", "per_compression", "drift_rel_l2_max", "join_seconds",
         "coordinator_cpu_s_per_submission", "cast", "command", "date", "machine", "load")
@@ -28,6 +26,7 @@ def _reply_compression(wan) -> str:
         return "8bit"
 
 
+@pytest.mark.slow
 def test_tiny_cast_on_shaped_links_trains_and_stays_under_its_link_rates(tmp_path):
     ok, why = netns.available()
     if not ok:
@@ -65,3 +64,14 @@ def test_tiny_cast_on_shaped_links_trains_and_stays_under_its_link_rates(tmp_pat
     assert saved["utilization"] == {"berlin": 0.99}
     assert set(KEYS) <= set(saved["wan"])
     assert saved["wan"]["model_params"] == out["model_params"] > 0
+
+
+def test_a_new_wan_run_keeps_the_simulators_lowbit_figures_and_every_other_key(tmp_path):
+    wan = load_script("wan_testnet")
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"wan": {"model_params": 1, "lowbit": {"loss_ratio_vs_fp32": 1.0065}}, "other": 3}))
+    wan.merge_results(path, {"model_params": 2})
+    assert json.loads(path.read_text()) == {"wan": {"model_params": 2, "lowbit": {"loss_ratio_vs_fp32": 1.0065}},
+                                            "other": 3}
+    wan.merge_results(path, {"model_params": 3, "lowbit": {"loss_ratio_vs_fp32": 1.0}})  # a run that has its own
+    assert json.loads(path.read_text())["wan"]["lowbit"] == {"loss_ratio_vs_fp32": 1.0}
