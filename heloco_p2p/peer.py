@@ -208,6 +208,11 @@ class Peer:
                                               wait=0.0 if ((o.config or saved) and not o.initial_peers) else 10.0,
                                               pinned=o.genesis_digest, vouched=vouched_by(self.node, o.initial_peers))
         founder = genesis is None
+        if founder and o.client_mode:
+            raise JoinError(f"no run {o.run_id!r} found in the DHT, and a --client-mode peer cannot start one: "
+                            "the founder is the run's first coordinator, and no peer can dial a --client-mode "
+                            "peer. Start the run on a reachable peer (without --client-mode), or check "
+                            "--initial-peers and --run-id if the run exists")
         if saved is not None:
             self.cfg, self.tokenizer = self.checkpoints.run_files(genesis, o.config, o.overrides)
         elif founder:
@@ -256,7 +261,7 @@ class Peer:
         self.maintenance = Maintenance(self.node, self.cfg, self.election, self.service, self.rounds_loop, self.tally,
                                        self.held, self._checkpoint, self.metrics.log, name=self.name, region=o.region,
                                        device=str(self.trainer.device), trains=not o.no_train,
-                                       initial_peers=o.initial_peers,
+                                       initial_peers=o.initial_peers, client=o.client_mode,
                                        shards=[(st.election, st.service) for st in self.shards[1:]])
         self.maintenance.start()
         self._renewers = [threading.Thread(target=st.election.renew_loop, name=f"lease-{st.shard}" if st.shard else "lease",
@@ -306,6 +311,8 @@ class Peer:
         service.standby.on_replica = lambda held: self.metrics.log({"event": "replica", **held, **tag})
         log = self.metrics.log if router is None else (lambda e: self.metrics.log({**e, "shard": shard}))
         election = Election(node, self.cfg, service, self.stop_event, log, role=self._role)
+        if self.opts.client_mode:  # nobody can dial this peer: it trains and submits, it never holds a role
+            election.serves = service.standby.accepts_replicas = False
         if router is not None:  # a peer coordinating another shard may stand by for this one, after free peers
             election.may_stand_by = lambda p, k=str(shard): p.role in REPLICA_ROLES + ("coordinator",) \
                 and p.shards.get(k) != "coordinator"

@@ -493,6 +493,39 @@ def test_a_reachable_peer_is_recruited_before_the_standby_just_dropped():
     assert recruited == ["QmZ-reachable", "QmA-cut"]
 
 
+def test_a_client_mode_peer_is_never_recruited_and_refuses_a_full_state():
+    """A --client-mode peer (record ``client: true``) cannot be dialled: the coordinator recruits the
+    reachable peer instead, and a full state sent to a client-mode peer anyway is refused and not
+    loaded; such a peer never claims the lease either (``Election.serves``)."""
+    svc, state, node = _coordinator(standbys=())
+    now = time.time()
+    client = _training_record("QmA-client", now - 1.0).copy(update={"client": True})
+    recruited = []
+
+    async def recruit(pid):
+        recruited.append(pid)
+        svc.replication.standbys.append(pid)
+
+    svc.replication.recruit = recruit
+    el = _election(svc, 6.0, lambda: [client, _training_record("QmZ-reachable", now - 1.0)])
+    el.choose_standbys()
+    assert recruited == ["QmZ-reachable"]
+    svc.replication.standbys.clear()
+    el.live_peers = lambda: [client]
+    el.choose_standbys()  # the client-mode peer is the only one left: still not recruited
+    assert recruited == ["QmZ-reachable"] and svc.replication.standbys == []
+
+    standby, held = _standby()
+    standby.standby.accepts_replicas = False
+    before, version = _params(held), held.version
+    holder = _state()
+    holder.apply([torch.full(s, 0.01) for s in SHAPES], 0, "QmPeer", 0, 5, 0.1)
+    reply, _ = run(standby.standby.handle_replicate({"kind": "full", "term": 1, "version": 1}, holder.to_bytes(),
+                                                    HOLDER))
+    assert reply["status"] == "rejected" and reply["reason"] == "client_mode"
+    assert _same(_params(held), before) and held.version == version and held.term == 0
+
+
 def test_a_failed_recruitment_is_retried_after_a_lease_once_the_peer_heartbeats_again():
 
 

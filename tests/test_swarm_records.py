@@ -44,6 +44,23 @@ def test_records_round_trip_between_peers(two_nodes):
     assert [c.term for c in claims[:2]] == [5, 2] and claims[0].peer_id == b.peer_id
 
 
+def test_a_client_mode_record_is_stored_and_read_with_and_without_shards(two_nodes):
+    """``client`` is stored only when true (a record of a normal peer is unchanged), and each
+    combination of the optional fields passes the schema: client alone, and client with shards."""
+    from heloco_p2p.swarm.records import record_dict
+
+    a, b, _ = two_nodes
+    assert "client" not in record_dict(peer_record(a.peer_id)) and "shards" not in record_dict(peer_record(a.peer_id))
+    assert a.records.publish_peer(peer_record(a.peer_id, client=True), ttl=30)
+    assert {p.peer_id: p for p in b.records.peers()}[a.peer_id].client is True
+    assert a.records.publish_peer(peer_record(a.peer_id, client=True, shards={"1": "standby"}), ttl=30)
+    seen = {p.peer_id: p for p in b.records.peers()}[a.peer_id]
+    assert seen.client is True and seen.shards == {"1": "standby"}
+    assert a.records.publish_peer(peer_record(a.peer_id, region="it"), ttl=30)
+    seen = {p.peer_id: p for p in b.records.peers()}[a.peer_id]
+    assert seen.client is False and seen.region == "it"
+
+
 def test_a_peer_cannot_overwrite_another_peers_record(two_nodes):
     a, b, _ = two_nodes
     a.records.publish_peer(peer_record(a.peer_id, tokens=111), ttl=30)
@@ -98,3 +115,16 @@ def test_rejoin_pings_peers_back_into_the_routing_table(two_nodes):
     dead_id = dead.peer_id
     dead.shutdown()
     assert a.rejoin([dead_id, b.peer_id]).result(60) == 1
+
+
+def test_a_client_mode_peer_cannot_found_a_run(tmp_path):
+    """The founder is the run's first coordinator; a --client-mode peer cannot be dialled, so it is
+    refused with what to do instead of starting a run no one can join."""
+    from click.testing import CliRunner
+
+    from heloco_p2p.cli import main
+
+    result = CliRunner().invoke(main, ["join", "--run-id", "client-founder", "--config", "configs/tiny.yaml",
+                                       "--client-mode", "--identity", str(tmp_path / "id"), "--log-level", "WARNING"])
+    assert result.exit_code == 2, result.output
+    assert "a --client-mode peer cannot start one" in result.output and "without --client-mode" in result.output

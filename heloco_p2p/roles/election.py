@@ -71,6 +71,7 @@ class Election:
     def standby_rank(self, p: PeerRecord) -> int | tuple[int, ...]:
         return 0
 
+    serves = True  # False for a --client-mode peer: nobody can dial it, so it never claims the lease
     shard = 0  # a sharded run's shard index: equally ranked candidates are taken in an order rotated by it
 
     def refresh(self) -> LeaseRecord | None:
@@ -181,7 +182,7 @@ class Election:
         if len(rep.standbys) >= want:
             return
         now = time.time()
-        candidates = [p for p in live if p.peer_id not in rep.standbys and p.role != "catching_up"
+        candidates = [p for p in live if p.peer_id not in rep.standbys and p.role != "catching_up" and not p.client
                       and now - self._recruit_failed.get(p.peer_id, -math.inf) > self.cfg.swarm.lease_seconds
                       and p.heartbeat > rep.dropped_at.get(p.peer_id, -math.inf)]  # alive since it was dropped
         # the least recently dropped first: a standby dropped because its link to this peer is cut
@@ -288,7 +289,7 @@ class Election:
         if lease is None or svc.active:
             return
         expired_for = lease_rules.lapsed_for(lease, now, sw.lease_seconds)
-        if expired_for < 0 or self.node.peer_id not in lease.standbys:
+        if expired_for < 0 or self.node.peer_id not in lease.standbys or not self.serves:
             self._holder_answered_since = None
             return
         rank = lease.standbys.index(self.node.peer_id)

@@ -46,11 +46,13 @@ class Maintenance:
     def __init__(self, node, cfg, election: Election, service: CoordinatorService, rounds: RoundLoop,
                  tally: SubmitTally, held: Callable[[], tuple], checkpoint: Callable[[], int | None],
                  log_metric: Callable[[dict], None], *, name: str, region: str, device: str, trains: bool,
-                 initial_peers: list[str] = (), shards: list[tuple[Election, CoordinatorService]] = ()):
+                 initial_peers: list[str] = (), shards: list[tuple[Election, CoordinatorService]] = (),
+                 client: bool = False):
         self.node, self.cfg, self.election, self.service = node, cfg, election, service
         self.stacks = [(election, service), *shards]  # one (election, service) per shard
         self.rounds, self.tally, self.held, self.checkpoint, self.log_metric = rounds, tally, held, checkpoint, log_metric
         self.name, self.region, self.device, self.trains = name, region, device, trains
+        self.client = client  # --client-mode: the record says so, and no coordinator recruits this peer
         self.initial_peers = list(initial_peers)  # asked again when this peer reads no live peer
         self.record: PeerRecord | None = None  # the last heartbeat published (``withdraw`` overwrites it)
         self._thread: threading.Thread | None = None
@@ -130,7 +132,7 @@ class Maintenance:
                             tokens=int(tally.tokens), loss=loss, staleness=int(tally.last_staleness),
                             accepted=int(tally.accepted), rejected=int(tally.rejected), bytes_in=int(node.bytes_in),
                             bytes_out=int(node.bytes_out), heartbeat=time.time(), maddrs=node.visible_maddrs(),
-                            shards=self.shard_roles())
+                            shards=self.shard_roles(), client=self.client)
         self.record = record
         node.records.publish_peer(record, ttl=4 * self.cfg.swarm.heartbeat_seconds)
         self.log_metric({"event": "heartbeat", **{k: v for k, v in record.dict().items() if k != "maddrs"}})

@@ -39,12 +39,16 @@ class StandbyService:
         # callback(dict) for each commit this replica applied: the audit of who holds what (an
         # acknowledged commit whose holder died before logging it is recorded here)
         self.on_replica = None
+        self.accepts_replicas = True  # False for a --client-mode peer (it could never take the role over)
 
     async def handle_replicate(self, header: dict, payload: bytes, remote: str) -> messages.Reply:
         try:
             msg = messages.parse_replicate(header)
         except WireError as exc:
             return messages.rejected(exc.code, exc.message)
+        if isinstance(msg, messages.FullStateHeader) and not self.accepts_replicas:
+            return messages.rejected("client_mode", "this peer joined with --client-mode: no peer can dial it, so it "
+                                                    "cannot stand by or take the role over")
         if msg.term >= self.term.highest_seen and not await self.term.sent_by_holder(remote, msg.term):
             return self.term.not_holder(msg.term)  # before a full state is even parsed
         loop = asyncio.get_running_loop()

@@ -31,11 +31,12 @@ from hivemind.utils import get_dht_time
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 6  # 2: lease claims count only when signed by their holder (record_key)
+PROTOCOL_VERSION = 7  # 2: lease claims count only when signed by their holder (record_key)
 # 3: replicate and handover only from the believed lease holder; acknowledged means replicated (min_replicas)
 # 4: the commit log (a hash chain, replicated with the state and published by the coordinator)
 # 5: the θ digest is a tree (roles/commit_state.params_digest); forwarded commits carry the norm clip's scale
 # 6: topk blobs of chunks that keep every value carry no indices; topk_bits 1 (a sign code, mean scale)
+# 7: a peer record says ``client`` (a --client-mode peer: never recruited as a standby, never coordinates)
 
 StrictFloat, StrictInt, StrictStr, StrictBool = pydantic.StrictFloat, pydantic.StrictInt, pydantic.StrictStr, pydantic.StrictBool
 
@@ -84,6 +85,9 @@ class PeerRecord(_PeerFields):
     # swarm.shards > 1: this peer's role in each shard it coordinates or stands by for ("0": "coordinator",
     # "1": "standby"); not stored when empty (an unsharded run: OPTIONAL_EMPTY)
     shards: Dict[StrictStr, StrictStr] = {}
+    # joined with --client-mode: no peer can dial it, so it is never made a standby and never claims
+    # the lease; not stored when false (OPTIONAL_EMPTY)
+    client: StrictBool = False
 
 
 class LeaseRecord(pydantic.BaseModel):
@@ -160,7 +164,7 @@ class CommitLogRecord(pydantic.BaseModel):
 MAX_SHARDS = 32  # lease and commit-log keys exist for shards 1..MAX_SHARDS-1 (roles/shards.py)
 # fields added after a record kind existed, left out of the stored value while empty: an unsharded
 # run's records (and their MACs) are what they were before sharding existed
-OPTIONAL_EMPTY = ("shards",)
+OPTIONAL_EMPTY = ("shards", "client")
 
 
 def shard_field(field: str, shard: int) -> str:
@@ -172,8 +176,9 @@ def shard_field(field: str, shard: int) -> str:
 _shard_keys = {shard_field(f, k): (Dict[BytesWithPublicKey, model], ...)
                for k in range(1, MAX_SHARDS) for f, model in (("coordinator", LeaseRecord), ("commitlog", CommitLogRecord))}
 # hivemind's SchemaValidator accepts a record only if parsing it changes nothing, so a record with a
-# field left out (OPTIONAL_EMPTY) and one with it set are validated by two schemas: the records as
-# they were (no ``shards``), and those of a sharded run (``shards`` required)
+# field left out (OPTIONAL_EMPTY) and one with it set are validated by different schemas: one schema
+# per combination of the optional fields a record kind has (the records as they were before any of
+# them existed are the combination with none)
 RunSchema = pydantic.create_model(
     "RunSchema", __module__=__name__,
     genesis=(Dict[BytesWithPublicKey, _GenesisFields], ...),
@@ -185,26 +190,36 @@ RunSchema = pydantic.create_model(
 )
 
 
-class ShardedGenesis(_GenesisFields):
-    shards: List[StrictInt]
+def _with_required(base: type, full: type, fields: tuple[str, ...]) -> type:
+    """``base`` plus ``fields`` of ``full``, each required (a stored optional field is never empty)."""
+    return pydantic.create_model(f"{base.__name__}_{'_'.join(fields)}", __module__=__name__, __base__=base,
+                                 **{f: (full.__fields__[f].outer_type_, ...) for f in fields})
 
 
-class ShardedPeer(_PeerFields):
-    shards: Dict[StrictStr, StrictStr]
+def _variant_schemas() -> list[type]:
+    """The run schemas for records that store one or more OPTIONAL_EMPTY fields: per record kind,
+    every non-empty combination of its optional fields (genesis: shards; peers: shards, client)."""
+    kinds = {"genesis": (_GenesisFields, GenesisRecord), "peers": (_PeerFields, PeerRecord)}
+    schemas = []
+    for kind, (base, full) in kinds.items():
+        optional = [f for f in OPTIONAL_EMPTY if f in full.__fields__]
+        for mask in range(1, 2 ** len(optional)):
+            fields = tuple(f for i, f in enumerate(optional) if mask >> i & 1)
+            schemas.append(pydantic.create_model(
+                f"RunSchema_{kind}_{'_'.join(fields)}", __module__=__name__,
+                **{kind: (Dict[BytesWithPublicKey, _with_required(base, full, fields)], ...)}))
+    return schemas
 
 
-ShardedRunSchema = pydantic.create_model(
-    "ShardedRunSchema", __module__=__name__,
-    genesis=(Dict[BytesWithPublicKey, ShardedGenesis], ...),
-    peers=(Dict[BytesWithPublicKey, ShardedPeer], ...),
-)
+VARIANT_SCHEMAS = _variant_schemas()
 
 
 def make_validators(run_id: str, private_key) -> tuple[list, RSASignatureValidator]:
     """Record validators for a DHT that takes part in ``run_id``: schema + owner signatures."""
     signer = RSASignatureValidator(private_key)
     schema = SchemaValidator(RunSchema, allow_extra_keys=True, prefix=run_id)
-    schema.merge_with(SchemaValidator(ShardedRunSchema, allow_extra_keys=True, prefix=run_id))
+    for variant in VARIANT_SCHEMAS:
+        schema.merge_with(SchemaValidator(variant, allow_extra_keys=True, prefix=run_id))
     return [schema, signer], signer
 
 
