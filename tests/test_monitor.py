@@ -53,7 +53,7 @@ def test_snapshot_json_has_exactly_the_documented_keys():
     assert all(tuple(p) == PEER_KEYS for p in snap["peers"])
     assert set(PEER_KEYS) == {"peer_id", "name", "region", "role", "device", "speed", "inner_steps", "staleness_last",
                               "staleness_mean", "tokens", "last_loss", "bytes_in", "bytes_out", "last_seen", "alive",
-                              "rejected", "reachability"}
+                              "rejected", "reachability", "client"}
     assert json.loads(json.dumps(snap, allow_nan=False)) == snap
     a = snap["peers"][0]
     assert (a["name"], a["speed"], a["inner_steps"], a["tokens"], a["last_loss"], a["bytes_in"], a["bytes_out"],
@@ -176,6 +176,13 @@ def test_reachability_comes_from_the_announced_addresses():
     assert reachability(["/ip4/1.2.3.4/tcp/1/p2p/QmR/p2p-circuit/p2p/QmA"]) == "relayed"
     assert reachability([]) == "none"
     assert snapshot([peer("a", maddrs=[])], [], NOW)["peers"][0]["reachability"] == "none"
+
+
+def test_a_client_mode_peer_is_marked_client_and_the_others_are_not():
+    rows = {p["name"]: p for p in snapshot([peer("a"), peer("phone", client=True, maddrs=[])], [], NOW)["peers"]}
+    assert rows["phone"]["client"] is True and rows["phone"]["reachability"] == "none"
+    assert rows["a"]["client"] is False and rows["a"]["reachability"] == "direct"
+    assert all(tuple(p) == PEER_KEYS for p in rows.values())
 
 
 class FakeRecords:

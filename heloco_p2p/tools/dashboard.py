@@ -12,8 +12,9 @@ the last result under a lock, so a slow DHT never blocks a page load or a scrape
     ...
     server.stop(); dash.stop()
 
-``/api/swarm.json`` holds the keys of ``monitor --json`` (``coordinator``, ``peers``) plus
-``history`` (see ``History.export``) and ``run`` (run id, genesis, poll time and error).
+``/api/swarm.json`` holds the keys of ``monitor --json`` (``coordinator``, ``peers``; ``shards``
+and ``placement`` in a sharded run) plus ``history`` (see ``History.export``) and ``run`` (run
+id, genesis, poll time and error).
 ``/metrics`` is the Prometheus text format with one series per peer (labels ``peer_id``,
 ``name``, ``region``) and per language (label ``region``); ``METRICS`` lists every name.
 Validation losses enter through ``Dashboard.record_validation`` (the testnet's evaluator calls

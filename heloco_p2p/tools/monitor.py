@@ -5,7 +5,7 @@ it cannot disturb training. What it shows is a pure function of the records it r
 
     snap = snapshot(peers, claims, now=time.time(), silent_after=10, lease_seconds=10)
     snap["coordinator"]   # {"peer_id", "term", "version", "commits_per_min", "standbys"} or None
-    snap["peers"]         # one dict per peer, keys PEER_KEYS, sorted by name
+    snap["peers"]         # one dict per peer, keys PEER_KEYS (+ "shards" in a sharded run), sorted by name
     snap["commit_log"]    # Monitor only: the audit of the published commit logs (roles/commit_log.py), or None
 
 ``Monitor`` polls ``RunRecords`` and keeps what a single read cannot give: the mean staleness
@@ -36,7 +36,7 @@ COORDINATOR_KEYS = ("peer_id", "term", "version", "commits_per_min", "standbys",
                     "waiting_for_standby")
 PEER_KEYS = ("peer_id", "name", "region", "role", "device", "speed", "inner_steps", "staleness_last",
              "staleness_mean", "tokens", "last_loss", "bytes_in", "bytes_out", "last_seen", "alive", "rejected",
-             "reachability")
+             "reachability", "client")
 
 # peer_id -> (accepted count when last sampled, samples, sum of staleness over the samples)
 StalenessHistory = Mapping[str, tuple[int, int, int]]
@@ -142,6 +142,7 @@ def peer_row(r: PeerRecord, now: float, silent_after: float, history: StalenessH
         # coordinator's lease reports for it (by reason) when that is more
         "rejected": {"total": max(r.rejected, sum((refused or {}).values())), **dict(sorted((refused or {}).items()))},
         "reachability": reachability(r.maddrs),
+        "client": bool(r.client),  # joined with --client-mode: nobody dials it; it never stands by or coordinates
     }
     if r.shards:  # swarm.shards > 1: its role in each shard it coordinates or stands by for
         row["shards"] = dict(r.shards)

@@ -41,9 +41,13 @@ function displayNames(peers) {
 
 function setText(id, text) { document.getElementById(id).textContent = text; }
 
+// a sharded run (swarm.shards > 1): the snapshot has one view per shard, shard 0 first
+function isSharded(state) { return Array.isArray(state.shards) && state.shards.length > 1; }
+
 function renderSummary(state, names) {
   const c = state.coordinator;
   const alive = state.peers.filter(p => p.alive).length;
+  setText("coordinator-label", isSharded(state) ? "coordinator (shard 0)" : "coordinator");
   setText("coordinator", c ? (names[c.peer_id] || c.peer_id.slice(-8)) : "none (election?)");
   document.getElementById("coordinator").dataset.peerId = c ? c.peer_id : "";
   setText("term", c ? String(c.term) : "–");
@@ -70,6 +74,64 @@ function appendCells(tr, cells) {
   }
 }
 
+// The role cell: the peer's role, or (an alive peer of a sharded run) its role in each shard it
+// coordinates or stands by for, e.g. "coordinator (shard 1) · standby (shard 0)".
+function roleCell(p, role) {
+  const shards = p.alive && p.shards ? Object.entries(p.shards).sort((x, y) => Number(x[0]) - Number(y[0])) : [];
+  if (!shards.length) return [role, "role-" + role];
+  const coordinates = shards.some(([, r]) => r === "coordinator");
+  return [shards.map(([k, r]) => `${r} (shard ${k})`).join(" · "), coordinates ? "role-coordinator" : "role-" + role];
+}
+
+// commit log head of one shard, as the terminal monitor words it
+function commitLogText(log) {
+  if (!log) return "–";
+  if (log.forks.length) {
+    const f = log.forks[0];
+    return `FORK at version ${f.version} (terms ${f.terms.join(", ")}): ${log.forks.length} versions differ`;
+  }
+  if (log.problems.length) return "BROKEN: " + log.problems[0];
+  return log.head ? `versions ${log.first}–${log.last}, head ${log.head.slice(0, 12)}` : "–";
+}
+
+// One row per shard (swarm.shards > 1) and the placement warning; hidden for an unsharded run.
+function renderShards(state, names) {
+  const sharded = isSharded(state);
+  document.getElementById("shards-section").hidden = !sharded;
+  const body = document.querySelector("#shards tbody");
+  body.replaceChildren();
+  const warning = document.getElementById("shards-placement");
+  warning.hidden = true;
+  warning.textContent = "";
+  if (!sharded) return;
+  const name = pid => names[pid] || pid.slice(-8);
+  for (const view of state.shards) {
+    const tr = document.createElement("tr");
+    tr.dataset.shard = String(view.shard);
+    const c = view.coordinator;
+    if (c) {
+      tr.dataset.peerId = c.peer_id;
+      appendCells(tr, [[String(view.shard), "num"], [name(c.peer_id), "role-coordinator"], [String(c.term), "num"],
+        [String(c.version), "num"], [c.commits_per_min.toFixed(1), "num"],
+        [c.standbys.map(name).join(", ") || "none", ""], [commitLogText(view.commit_log), ""]]);
+    } else {
+      tr.className = "no-coordinator";
+      appendCells(tr, [[String(view.shard), "num"], ["no coordinator (election under way?)", "role-silent"],
+        ["–", "num"], ["–", "num"], ["–", "num"], ["–", ""], [commitLogText(view.commit_log), ""]]);
+    }
+    body.appendChild(tr);
+  }
+  const placement = state.placement;
+  const stacked = placement ? Object.entries(placement.stacked || {}) : [];
+  if (stacked.length) {
+    const held = stacked.map(([pid, ks]) => `${name(pid)} holds shards ${ks.join(", ")}`).join("; ");
+    const why = placement.fewer_peers ? "fewer peers that accept connections than shards"
+                                      : "a handover to a free standby is due";
+    warning.textContent = `${held} (${why})`;
+    warning.hidden = false;
+  }
+}
+
 function renderPeers(state, names) {
   const now = state.run.polled_at || Date.now() / 1000;
   const body = document.querySelector("#peers tbody");
@@ -81,13 +143,13 @@ function renderPeers(state, names) {
     tr.dataset.peerId = p.peer_id;
     const reasons = Object.entries(p.rejected).filter(([k]) => k !== "total").map(([k, v]) => `${k} ${v}`).join(", ");
     const cells = [
-      [names[p.peer_id], ""], [p.region, ""], [role, "role-" + role], [fixed(p.speed, 2), "num"],
+      [names[p.peer_id], ""], [p.region, ""], roleCell(p, role), [fixed(p.speed, 2), "num"],
       [String(p.inner_steps), "num"],
       [p.staleness_last === null ? "–" : `${p.staleness_last} / ${fixed(p.staleness_mean, 1)}`, "num"],
       [count(p.tokens), "num"], [fixed(p.last_loss, 3), "num"],
       [String(p.rejected.total) + (reasons ? ` (${reasons})` : ""), "num"],
       [`${bytes(p.bytes_in)} / ${bytes(p.bytes_out)}`, "num"], [age(now - p.last_seen) + " ago", "num"],
-      [p.reachability, ""], [p.device, ""],
+      [p.reachability + (p.client ? " · client" : ""), ""], [p.device, ""],
     ];
     appendCells(tr, cells);
     body.appendChild(tr);
@@ -181,6 +243,7 @@ function renderChart(container, spec) {
 function render(state) {
   const names = displayNames(state.peers);
   renderSummary(state, names);
+  renderShards(state, names);
   renderPeers(state, names);
   renderCredit(state, names);
   const container = document.getElementById("charts");
