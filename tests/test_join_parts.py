@@ -287,6 +287,31 @@ def test_a_version_the_coordinator_no_longer_holds_makes_the_joiner_plan_again(n
     assert header["version"] == 3 and all(torch.equal(a, b) for a, b in zip(params, _dispatch(server)))
 
 
+def test_a_version_number_a_failover_reused_is_copied_again_not_served_from_the_old_term():
+    """The dead coordinator's last commit (version 1, term 1) was never replicated; the next term
+    commits another version 1. A standby's kept copy of term 1's version 1 must not be served as
+    the current state: the plan, its digest and the parts are of term 2's values."""
+    server = _server()
+    state = server.service.state
+    state.engine.version, state.term = 1, 1
+    old_plan, _ = _serve(server, {"plan": True, "parts": 2, "compression": "none"})
+    assert old_plan["term"] == 1
+    with torch.no_grad():  # term 2 reuses version 1 for other values
+        for p in state.engine.params:
+            p.add_(0.5)
+    state.term = 2
+    plan, _ = _serve(server, {"plan": True, "parts": 2, "compression": "none"})
+    assert plan["version"] == 1 and plan["term"] == 2 and plan["digest"] != old_plan["digest"]
+    reply, data = _serve(server, {"part": 0, "parts": 2, "version": 1, "digest": plan["digest"]})
+    assert reply["status"] == "ok" and reply["term"] == 2
+    part = unpack_params(data, [((reply["stop"] - reply["start"],), torch.float32)])[0]
+    flat = torch.cat([p.reshape(-1) for p in _dispatch(server)])
+    assert reply["start"] == 0 and torch.equal(part, flat[: reply["stop"]])  # term 2's θ̄, not term 1's
+    # a joiner still holding the old plan is told its version 1 differs here
+    reply, data = _serve(server, {"part": 1, "parts": 2, "version": 1, "digest": old_plan["digest"]})
+    assert reply["status"] == "mismatch" and data == b""
+
+
 def test_a_busy_peer_is_asked_again_later_and_dropped_only_when_it_stays_busy(node_for):
     coordinator, standby = _server("coordinator"), _server("standby")
     busy = {"n": 0}
@@ -395,7 +420,7 @@ def test_plans_of_many_versions_and_part_counts_keep_a_bounded_memory():
         for parts in range(1, 12):
             for model in ("dispatch", "theta"):
                 assert _serve(server, {"plan": True, "parts": parts, "model": model})[0]["status"] == "ok"
-    assert len(server.pinned) == MAX_PINNED and {v for _, v in server.pinned} == {4}
+    assert len(server.pinned) == MAX_PINNED and {v for _, v, _ in server.pinned} == {4}
     assert all(len(pin.part_digests) == MAX_PLANS_KEPT for pin in server.pinned.values())
 
 

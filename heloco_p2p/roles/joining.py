@@ -599,7 +599,10 @@ class StateServer:
         self.config_yaml, self.tokenizer_file, self.service = config_yaml, tokenizer_file, service
         self.role, self.held, self.record_key = role, held, record_key
         self.config_digest = config_digest
-        self.pinned: dict[tuple[str, int], PinnedState] = {}  # (model, version) -> its copy (the event loop's)
+        # (model, version, term) -> its copy (the event loop's). The term is part of the key: after a
+        # failover a version number the dead coordinator committed unreplicated is reused by the next
+        # term for other values, and a copy of the old one must not be served as the current one
+        self.pinned: dict[tuple[str, int, int], PinnedState] = {}
         self._pin_lock: asyncio.Lock | None = None  # made on the event loop that serves
 
     async def serve_genesis(self, header: dict, payload: bytes, remote: str):
@@ -706,17 +709,21 @@ class StateServer:
         landing while it waited does not fail the plan."""
         self._prune()
         async with self._pin_lock:
-            current = self._current_version()
+            current, term = self._current_version(), self.service.state.term
             want = current if version is None else version
-            pin = self.pinned.get((model, want))
-            if pin is None and want != current:
-                return None
+            if want == current:
+                pin = self.pinned.get((model, want, term))
+            else:  # an older version: the copy of the newest term that kept it (the digest decides the rest)
+                kept = [k for k in self.pinned if k[:2] == (model, want)]
+                pin = self.pinned[max(kept, key=lambda k: k[2])] if kept else None
+                if pin is None:
+                    return None
         if pin is None:
             pin = await self._snapshot(model)
             if pin is None or (version is not None and pin.version != version):
                 return None
             async with self._pin_lock:
-                pin = self.pinned.setdefault((model, pin.version), pin)
+                pin = self.pinned.setdefault((model, pin.version, pin.term), pin)
                 while len(self.pinned) > MAX_PINNED:
                     del self.pinned[min(self.pinned, key=lambda k: self.pinned[k].used)]
         pin.used = time.monotonic()
