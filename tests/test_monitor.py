@@ -370,3 +370,19 @@ def test_the_monitor_shows_every_shards_holder_term_version_and_standbys_and_say
     console.print(render(snap, "demo", NOW))
     text = console.export_text()
     assert "shard 1 coordinator a" in text and "a holds shards 0, 1 (fewer peers that accept connections than shards)" in text
+
+
+def test_a_metrics_line_still_being_written_is_left_for_the_next_read(tmp_path):
+    """A peer appends its events while tests and tools read them: a last line without its newline
+    is not parsed (it would fail as JSON) and is returned whole once it is complete."""
+    from heloco_p2p.tools.launcher import LocalSwarm
+
+    sw = LocalSwarm(tmp_path, "partial")
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"event": "ack", "seq": 1}\n{"event": "ack", "se')
+    assert [e["seq"] for e in sw.events("a", "ack")] == [1]
+    with open(path, "a") as f:
+        f.write('q": 2}\n')
+    assert [e["seq"] for e in sw.events("a", "ack")] == [1, 2]
+    path.write_text("")
+    assert sw.events("a") == []

@@ -104,7 +104,11 @@ class LocalSwarm:
         path = self.dir / f"{name}.jsonl"
         if not path.exists():
             return []
-        out = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        text = path.read_text()
+        lines = text.split("\n")
+        if not text.endswith("\n"):
+            lines.pop()  # a line the peer is still writing: read it next time, whole
+        out = [json.loads(line) for line in lines if line.strip()]
         return [e for e in out if kind is None or e.get("event") == kind]
 
     def all_events(self, kind: str) -> list[dict]:
