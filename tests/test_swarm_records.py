@@ -128,3 +128,20 @@ def test_a_client_mode_peer_cannot_found_a_run(tmp_path):
                                        "--client-mode", "--identity", str(tmp_path / "id"), "--log-level", "WARNING"])
     assert result.exit_code == 2, result.output
     assert "a --client-mode peer cannot start one" in result.output and "without --client-mode" in result.output
+
+
+def test_the_record_validators_pickle_with_every_schema_variant():
+    """hivemind may send validators to its DHT process (``SchemaValidator.__setstate__``): every
+    generated schema must be importable by name, and the copy holds every one of them."""
+    import pickle
+
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    from heloco_p2p.swarm.records import VARIANT_SCHEMAS, make_validators
+
+    schema, _ = make_validators("rec", RSAPrivateKey())
+    copy = pickle.loads(pickle.dumps(schema[0]))
+    assert len(copy._schemas) == 1 + len(VARIANT_SCHEMAS) == 5  # none; genesis shards; peers shards/client/both
+    names = sorted(s.__name__ for s in VARIANT_SCHEMAS)
+    assert names == ["RunSchema_genesis_shards", "RunSchema_peers_client", "RunSchema_peers_shards",
+                     "RunSchema_peers_shards_client"]

@@ -192,8 +192,10 @@ RunSchema = pydantic.create_model(
 
 def _with_required(base: type, full: type, fields: tuple[str, ...]) -> type:
     """``base`` plus ``fields`` of ``full``, each required (a stored optional field is never empty)."""
-    return pydantic.create_model(f"{base.__name__}_{'_'.join(fields)}", __module__=__name__, __base__=base,
-                                 **{f: (full.__fields__[f].outer_type_, ...) for f in fields})
+    model = pydantic.create_model(f"{base.__name__}_{'_'.join(fields)}", __module__=__name__, __base__=base,
+                                  **{f: (full.__fields__[f].outer_type_, ...) for f in fields})
+    globals()[model.__name__] = model  # importable by name, so a validator holding it pickles
+    return model
 
 
 def _variant_schemas() -> list[type]:
@@ -205,9 +207,10 @@ def _variant_schemas() -> list[type]:
         optional = [f for f in OPTIONAL_EMPTY if f in full.__fields__]
         for mask in range(1, 2 ** len(optional)):
             fields = tuple(f for i, f in enumerate(optional) if mask >> i & 1)
-            schemas.append(pydantic.create_model(
-                f"RunSchema_{kind}_{'_'.join(fields)}", __module__=__name__,
-                **{kind: (Dict[BytesWithPublicKey, _with_required(base, full, fields)], ...)}))
+            schema = pydantic.create_model(f"RunSchema_{kind}_{'_'.join(fields)}", __module__=__name__,
+                                           **{kind: (Dict[BytesWithPublicKey, _with_required(base, full, fields)], ...)})
+            globals()[schema.__name__] = schema
+            schemas.append(schema)
     return schemas
 
 
