@@ -514,6 +514,14 @@ def test_a_client_mode_peer_is_never_recruited_and_refuses_a_full_state():
     el.live_peers = lambda: [client]
     el.choose_standbys()  # the client-mode peer is the only one left: still not recruited
     assert recruited == ["QmZ-reachable"] and svc.replication.standbys == []
+    # and it does not count as a peer that could hold a replica: nobody can, so the coordinator is
+    # lone (acknowledges without one) instead of answering busy while it waits for a standby forever
+    fresh, _, _ = _coordinator(standbys=())
+    fresh.replication.recruit = recruit
+    lone = _election(fresh, 6.0, lambda: [client])
+    lone.choose_standbys()
+    assert fresh.replication.others_alive == 0 and fresh.replication.required() == 0
+    assert not fresh.replication.waiting_for_standby()
 
     standby, held = _standby()
     standby.standby.accepts_replicas = False

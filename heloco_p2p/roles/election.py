@@ -71,6 +71,11 @@ class Election:
     def standby_rank(self, p: PeerRecord) -> int | tuple[int, ...]:
         return 0
 
+    def replica_holders(self) -> list[PeerRecord]:
+        """Live peers that could hold a replica: ``may_stand_by``, and dialable (a --client-mode
+        peer is not). Their count is ``others_alive``: a coordinator with none is lone."""
+        return [p for p in self.live_peers() if not p.client and self.may_stand_by(p)]
+
     serves = True  # False for a --client-mode peer: nobody can dial it, so it never claims the lease
     shard = 0  # a sharded run's shard index: equally ranked candidates are taken in an order rotated by it
 
@@ -172,7 +177,7 @@ class Election:
         again soon after it heals, when it may be the only candidate left."""
         svc, want = self.service, self.cfg.swarm.num_standbys
         rep = svc.replication
-        live = [p for p in self.live_peers() if self.may_stand_by(p)]
+        live = self.replica_holders()
         rep.others_alive = len(live)
         if rep.waiting_for_standby():
             logger.warning("waiting for a standby: %d of %d hold the state; submissions are answered busy",
@@ -182,7 +187,7 @@ class Election:
         if len(rep.standbys) >= want:
             return
         now = time.time()
-        candidates = [p for p in live if p.peer_id not in rep.standbys and p.role != "catching_up" and not p.client
+        candidates = [p for p in live if p.peer_id not in rep.standbys and p.role != "catching_up"
                       and now - self._recruit_failed.get(p.peer_id, -math.inf) > self.cfg.swarm.lease_seconds
                       and p.heartbeat > rep.dropped_at.get(p.peer_id, -math.inf)]  # alive since it was dropped
         # the least recently dropped first: a standby dropped because its link to this peer is cut
@@ -301,7 +306,7 @@ class Election:
         if self._holder_still_coordinates(lease):
             return
         term = max(lease.term, svc.term.highest_seen) + 1
-        svc.replication.others_alive = len([p for p in self.live_peers() if self.may_stand_by(p)])
+        svc.replication.others_alive = len(self.replica_holders())
         svc.replication.standbys = [s for s in lease.standbys if s != self.node.peer_id]
         svc.activate(term)
         self.role = "coordinator"
